@@ -1,0 +1,108 @@
+"""The `pearl-edu` command: a thin shell over the functions the notebooks call.
+
+    pearl-edu plan CONFIG [--json]
+    pearl-edu merge CONFIG OUTPUT_DIR [--device auto|cpu|cuda[:N]] [--shard-size 5GB] [--force]
+    pearl-edu verify DIR_A DIR_B [--atol X]
+
+Errors caused by the input are printed as one line and exit with status 2; ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from pearl_edu._version import __version__
+from pearl_edu.errors import PearlEduError
+
+EXIT_BAD_INPUT = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pearl-edu",
+        description="Merge language models the way mergekit does, streaming one tensor at a time.",
+    )
+    parser.add_argument("--version", action="version", version=f"pearl-edu {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("plan", help="print which tensor gets which t, without reading weights")
+    p.add_argument("config", help="mergekit YAML file, or the name of a shipped recipe")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=_run_plan)
+
+    m = sub.add_parser("merge", help="merge the models of a config into OUTPUT_DIR")
+    m.add_argument("config", help="mergekit YAML file, or the name of a shipped recipe")
+    m.add_argument("output_dir", help="folder to write the merged model into")
+    m.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    m.add_argument("--shard-size", default="5GB", help="largest output shard (default 5GB)")
+    m.add_argument("--force", action="store_true", help="replace a non-empty OUTPUT_DIR")
+    m.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.set_defaults(func=_run_merge)
+
+    v = sub.add_parser("verify", help="compare two model folders tensor by tensor")
+    v.add_argument("dir_a")
+    v.add_argument("dir_b")
+    v.add_argument("--atol", type=float, default=0.0, help="largest difference accepted")
+    v.add_argument("--quiet", action="store_true", help="no progress bar")
+    v.set_defaults(func=_run_verify)
+    return parser
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    raise PearlEduError("pearl-edu plan is not available in this version")
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    raise PearlEduError("pearl-edu merge is not available in this version")
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from pearl_edu.verify import verify
+
+    bar = None
+
+    def show_progress(done: int, total: int, name: str) -> None:
+        # The bar appears with the first compared tensor, so that an error about the
+        # input folders is printed alone.
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="verify", unit="tensor", file=sys.stderr, leave=False)
+        bar.update(done - bar.n)
+
+    try:
+        progress = None if args.quiet else show_progress
+        report = verify(args.dir_a, args.dir_b, atol=args.atol, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(report.summary())
+    # Like diff(1): 0 when the models agree, 1 when they differ (2 is for bad input).
+    return 0 if report.ok else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except PearlEduError as err:
+        if args.debug:
+            raise
+        print(f"pearl-edu: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("pearl-edu: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,177 @@
+"""The project's own promises: layout, dependency lists, notebooks in the book, CLI basics."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+import pearl_edu
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+def _requirement_names(requirements: list[str]) -> dict[str, str]:
+    """Map normalised package name -> full requirement string."""
+    names = {}
+    for req in requirements:
+        name = re.split(r"[<>=!~ \[;@]", req.strip(), maxsplit=1)[0]
+        names[re.sub(r"[-_.]+", "-", name).lower()] = req.replace(" ", "")
+    return names
+
+
+def test_layout_of_the_design_card():
+    for path in [
+        "book",
+        "notebooks",
+        "pearl_edu",
+        "tests",
+        "bench",
+        "_config.yml",
+        "_toc.yml",
+        "environment.yml",
+        "pyproject.toml",
+        "Makefile",
+        "README.md",
+        ".ci/run",
+    ]:
+        assert (ROOT / path).exists(), f"{path} is missing from the repository root"
+
+
+def test_environment_yml_names_the_same_packages_as_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = list(project["dependencies"])
+    for extra in project["optional-dependencies"].values():
+        wanted += extra
+
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    conda_names = [d for d in env["dependencies"] if isinstance(d, str)]
+
+    from_pip = {k: v for k, v in _requirement_names(pip_section).items() if k != "-e"}
+    assert from_pip == _requirement_names(wanted), (
+        "environment.yml's pip section and pyproject.toml must list the same requirements"
+    )
+    assert any(name.startswith("python") for name in conda_names)
+    assert "-e ." in [p.strip() for p in pip_section] or "." in pip_section, (
+        "environment.yml must install the package itself"
+    )
+
+
+def _toc_files(entries) -> list[str]:
+    files = []
+    for entry in entries or []:
+        if "file" in entry:
+            files.append(entry["file"])
+        files += _toc_files(entry.get("sections"))
+        files += _toc_files(entry.get("chapters"))
+        for part in entry.get("parts", []):
+            files += _toc_files(part.get("chapters"))
+    return files
+
+
+def toc_files() -> list[str]:
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = [toc["root"]]
+    files += _toc_files(toc.get("chapters"))
+    for part in toc.get("parts", []):
+        files += _toc_files(part.get("chapters"))
+    return [re.sub(r"\.(ipynb|md)$", "", f) for f in files]
+
+
+def test_there_are_notebooks():
+    assert NOTEBOOKS, "notebooks/ holds no chapter"
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_notebook_is_in_the_toc(notebook):
+    stem = notebook.relative_to(ROOT).with_suffix("").as_posix()
+    assert stem in toc_files(), f"{notebook.name} is not listed in _toc.yml"
+
+
+def test_every_toc_entry_exists():
+    for stem in toc_files():
+        matches = [p for p in (ROOT / Path(stem).parent).glob(Path(stem).name + ".*")]
+        assert matches, f"_toc.yml lists {stem}, which does not exist"
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_code_cell_is_saved_executed(notebook):
+    """Strict nbval passes trivially on cells saved without outputs; refuse such notebooks."""
+    cells = json.loads(notebook.read_text())["cells"]
+    code = [c for c in cells if c["cell_type"] == "code" and "".join(c["source"]).strip()]
+    assert code, f"{notebook.name} has no code cells"
+    unexecuted = [i for i, c in enumerate(cells) if c in code and not c.get("execution_count")]
+    assert not unexecuted, f"{notebook.name}: cells {unexecuted} were saved unexecuted"
+    counts = [c["execution_count"] for c in code]
+    assert counts == sorted(counts), f"{notebook.name} was not run top to bottom"
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_notebook_imports_pearl_edu_first(notebook):
+    cells = json.loads(notebook.read_text())["cells"]
+    first = next(c for c in cells if c["cell_type"] == "code")
+    assert "import pearl_edu" in "".join(first["source"])
+
+
+def test_colab_install_url_is_the_books_repository():
+    """The repository URL lives in _config.yml; notebooks that install from it must agree."""
+    url = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]["url"]
+    for notebook in NOTEBOOKS:
+        for found in re.findall(r"git\+(https://[^\s\"'\\]+)", notebook.read_text()):
+            assert found == url, f"{notebook.name} installs from {found}, not {url}"
+
+
+def test_cli_version_and_help():
+    for argv in (["--version"], ["--help"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "pearl_edu", *argv], capture_output=True, text=True, check=True
+        )
+        assert "pearl-edu" in done.stdout
+    version = subprocess.run(
+        [sys.executable, "-m", "pearl_edu", "--version"], capture_output=True, text=True
+    ).stdout
+    assert version.strip() == f"pearl-edu {pearl_edu.__version__}"
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "pearl-edu"
+    done = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True)
+    for command in ("plan", "merge", "verify"):
+        assert command in done.stdout
+
+
+def test_leaderboard_is_read_from_the_cards_table():
+    rows = pearl_edu.leaderboard()
+    assert rows[0].model == "louisbrulenaudet/Pearl-7B-slerp"
+    assert rows[0].scores["Average"] == 72.75
+    assert rows[0].scores["GSM8K"] == 73.62
+    assert len(rows) == 6
+    assert all(len(r.scores) == 8 for r in rows)
+
+
+def test_shipped_recipe_is_pearls():
+    text = pearl_edu.recipe_text()
+    recipe = yaml.safe_load(text)
+    assert recipe["merge_method"] == "slerp"
+    assert recipe["base_model"] == "mlabonne/OmniBeagle-7B"
+    with pytest.raises(FileNotFoundError, match="pearl-7b-slerp"):
+        pearl_edu.recipe_path("no-such-recipe")
+
+
+def test_importing_pearl_edu_needs_no_network():
+    code = (
+        "import socket\n"
+        "def refuse(*a, **k): raise AssertionError('network used at import')\n"
+        "socket.socket.connect = refuse\n"
+        "socket.create_connection = refuse\n"
+        "import pearl_edu; pearl_edu.setup()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

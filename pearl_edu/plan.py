@@ -1,0 +1,689 @@
+r"""Plan a merge: which output tensor comes from which inputs, with which ``t``.
+
+The second step of a merge (config -> plan -> read -> math -> write). It needs the config
+and the models' headers (tensor names, shapes, dtypes) but not a single weight, so a plan
+can be printed and plotted before anything heavy happens. This is the only module that
+knows about filters, gradients and layer ranges.
+
+Where ``t`` comes from (mergekit's meaning):
+
+- A layer at offset $i$ inside a slice of $n$ layers sits at $x = i / (n - 1)$ ($x = 1$
+  when $n = 1$). A gradient $L$ is the piecewise-linear curve through $L$ placed at evenly
+  spaced points of $[0, 1]$, read at $x$: ``numpy.interp(x, linspace(0, 1, len(L)), L)``.
+- The first ``{filter, value}`` entry whose filter is a substring of the tensor name wins.
+  A slice's own ``parameters`` come first; when none of its entries matches (or it has no
+  such parameter), the top-level ``parameters`` are asked.
+- Tensors outside the layers are read at $x = 0$: the embeddings with the first slice's
+  models and parameters, the final norm and ``lm_head`` with the last slice's.
+
+Architectures are recognised by tensor names, not by a list of model types: anything named
+``<prefix>.layers.<i>.<rest>`` is a layer tensor (Llama, Mistral, Qwen2 and their kin); the
+other tensors are embeddings (names containing ``embed``) or come after the layers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from pearl_edu.config import FilterRule, MergeConfig, ParamSpec
+from pearl_edu.errors import ConfigError, ModelError
+from pearl_edu.methods import METHODS
+
+# Column label of the catch-all entry (a filter rule without `filter`).
+OTHER = "other"
+LM_HEAD = "lm_head.weight"
+# A model with tied embeddings has no lm_head; its input embeddings play that role.
+TIED_TO = "model.embed_tokens.weight"
+LAYER_TENSOR = re.compile(r"^(?P<prefix>.*\blayers)\.(?P<index>\d+)\.(?P<rest>.+)$")
+# Buffers that some checkpoints store but that are not weights; mergekit skips them too.
+NOT_WEIGHTS = ("rotary_emb.inv_freq",)
+
+
+class TensorInfo(Protocol):
+    """What the plan needs of one tensor in a header: its shape and dtype."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class Header(Protocol):
+    """What the plan needs of a model header (see :func:`pearl_edu.io.read_header`)."""
+
+    tensors: Mapping[str, TensorInfo]
+    config: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class TensorInput:
+    """One input of an output tensor: which tensor of which model."""
+
+    model: str
+    tensor: str
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """Everything needed to produce one output tensor, decided before reading weights.
+
+    ``inputs[base_index]`` is the base model's tensor (``t = 0`` for SLERP); ``params`` are
+    the method's parameters for this tensor and ``matched_filter`` says, per parameter,
+    which filter gave the value (None for a catch-all or a plain number). ``layer`` is the
+    output layer (None outside the layers) and ``x`` its position in its slice. ``dtype``
+    is the dtype the tensor is written in.
+    """
+
+    name: str
+    inputs: tuple[TensorInput, ...]
+    base_index: int
+    method: str
+    params: dict[str, float]
+    layer: int | None
+    matched_filter: dict[str, str | None]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    x: float = 0.0
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the output tensor in bytes."""
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """The whole merge, tensor by tensor, in the order the output is written.
+
+    ``base_model`` is the model whose ``config.json``, tokenizer and generation config the
+    output copies (with ``num_hidden_layers`` set to ``num_layers``).
+    """
+
+    config: MergeConfig
+    tensors: list[TensorPlan]
+    num_layers: int
+    base_model: str
+
+    @property
+    def total_bytes(self) -> int:
+        """Size of all output tensors in bytes."""
+        return sum(tensor.nbytes for tensor in self.tensors)
+
+    def outside_layers(self) -> list[TensorPlan]:
+        """The tensors that belong to no layer (embeddings, final norm, lm_head)."""
+        return [tensor for tensor in self.tensors if tensor.layer is None]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as plain data for JSON (dtypes by name, e.g. ``"bfloat16"``)."""
+        return {
+            "num_layers": self.num_layers,
+            "base_model": self.base_model,
+            "total_bytes": self.total_bytes,
+            "tensors": [
+                {
+                    "name": t.name,
+                    "layer": t.layer,
+                    "x": t.x,
+                    "inputs": [{"model": i.model, "tensor": i.tensor} for i in t.inputs],
+                    "base_index": t.base_index,
+                    "method": t.method,
+                    "params": t.params,
+                    "matched_filter": t.matched_filter,
+                    "shape": list(t.shape),
+                    "dtype": str(t.dtype).removeprefix("torch."),
+                }
+                for t in self.tensors
+            ],
+        }
+
+
+# ---------------------------------------------------------------------------------------
+# Where t comes from
+
+
+def layer_position(offset: int, slice_layers: int) -> float:
+    r"""Position of a layer inside its slice, $x = i / (n - 1)$, with $x = 1$ when $n = 1$."""
+    return offset / (slice_layers - 1) if slice_layers > 1 else 1.0
+
+
+def gradient_value(values: Sequence[float], x: float) -> float:
+    r"""A gradient read at $x$: piecewise-linear through ``values`` spread over $[0, 1]$.
+
+    $$ g(x) = \operatorname{interp}\bigl(x;\ (\tfrac{k}{m - 1}, L_k)_{k=0}^{m-1}\bigr) $$
+    """
+    return float(np.interp(x, np.linspace(0.0, 1.0, len(values)), values))
+
+
+def rule_value(rule: FilterRule, x: float) -> float:
+    """The value of one filter rule at layer position ``x`` (a number, or a gradient)."""
+    if isinstance(rule.value, tuple):
+        return gradient_value(rule.value, x)
+    return rule.value
+
+
+def parameter_value(
+    parameter: str, tensor_name: str, x: float, scopes: Sequence[Mapping[str, ParamSpec]]
+) -> tuple[float, str | None] | None:
+    """The value of ``parameter`` for a tensor, and the filter that gave it.
+
+    ``scopes`` are the ``parameters`` mappings from highest precedence to lowest (a slice's,
+    then the top level). Returns None when no scope has an entry matching the tensor.
+    """
+    for scope in scopes:
+        spec = scope.get(parameter)
+        rule = spec.rule_for(tensor_name) if spec is not None else None
+        if rule is not None:
+            return rule_value(rule, x), rule.filter
+    return None
+
+
+def interpolation_t(
+    tensor_name: str, x: float, scopes: Sequence[Mapping[str, ParamSpec]]
+) -> tuple[float, str | None] | None:
+    """SLERP's ``t`` for a tensor at layer position ``x`` (see :func:`parameter_value`)."""
+    return parameter_value("t", tensor_name, x, scopes)
+
+
+def slice_scopes(config: MergeConfig, slice_index: int) -> list[Mapping[str, ParamSpec]]:
+    """A slice's parameter scopes, highest precedence first: the slice's, then top-level.
+
+    Parameters under a model entry are per-model parameters (``weight``, ``density``) of
+    later methods; mergekit ignores them for shared parameters such as ``t``.
+    """
+    return [config.slices[slice_index].parameters, config.parameters]
+
+
+# ---------------------------------------------------------------------------------------
+# The schedule: t per layer and filter, from the YAML alone
+
+
+@dataclass(frozen=True)
+class ScheduleRow:
+    """The parameter values of one output layer, per parameter and filter label."""
+
+    layer: int
+    slice_index: int
+    x: float
+    values: dict[str, dict[str, float | None]]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Per-layer values of every parameter for every filter of a config.
+
+    ``columns[parameter]`` lists the filter labels in the order the config names them,
+    with ``"other"`` for the catch-all. ``outside_layers`` gives the values of the usual
+    tensors outside the layers (Llama-style names), read at ``x = 0``.
+    """
+
+    columns: dict[str, tuple[str, ...]]
+    rows: tuple[ScheduleRow, ...]
+    outside_layers: dict[str, dict[str, float | None]]
+
+    def column(self, parameter: str, label: str) -> list[float | None]:
+        """The values of one parameter for one filter label, layer by layer."""
+        return [row.values[parameter][label] for row in self.rows]
+
+    def table(self) -> str:
+        """A readable table: one row per layer, one column per parameter and filter."""
+        headers = ["layer", "slice", "x"] + [
+            f"{parameter}[{label}]"
+            for parameter, labels in self.columns.items()
+            for label in labels
+        ]
+        lines = [headers]
+        for row in self.rows:
+            cells = [str(row.layer), str(row.slice_index), f"{row.x:.3f}"]
+            cells += [
+                _cell(row.values[p][label])
+                for p, labels in self.columns.items()
+                for label in labels
+            ]
+            lines.append(cells)
+        widths = [max(len(line[i]) for line in lines) for i in range(len(headers))]
+        return "\n".join(
+            "  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True))
+            for line in lines
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The schedule as plain data for JSON."""
+        return {
+            "columns": {parameter: list(labels) for parameter, labels in self.columns.items()},
+            "layers": [
+                {"layer": r.layer, "slice": r.slice_index, "x": r.x, **r.values} for r in self.rows
+            ],
+            "outside_layers": self.outside_layers,
+        }
+
+
+def _cell(value: float | None) -> str:
+    """A table cell: four decimals, or '-' where no entry matches."""
+    return "-" if value is None else f"{value:.4f}"
+
+
+def schedule(config: MergeConfig, num_layers: int | None = None) -> Schedule:
+    """The per-layer value of every parameter for every filter, from the config alone.
+
+    Slices give their lengths through ``layer_range``; a ``models:`` config does not, so
+    its number of layers must be passed as ``num_layers`` (from the models' headers).
+    A tensor "matching filter F" is represented by a tensor named F; "other" by a name
+    that matches no filter.
+    """
+    columns = _filter_columns(config)
+    rows = []
+    layer = 0
+    for index, sl in enumerate(config.slices):
+        count = sl.sources[0].num_layers or num_layers
+        if count is None:
+            raise ConfigError(
+                f"{config.source}: models: no layer_range to count layers from; the schedule "
+                "needs the models' headers: make the models available as local folders (or pass "
+                "num_layers)"
+            )
+        scopes = slice_scopes(config, index)
+        for offset in range(count):
+            x = layer_position(offset, count)
+            values = {p: _values_by_label(p, labels, x, scopes) for p, labels in columns.items()}
+            rows.append(ScheduleRow(layer=layer, slice_index=index, x=x, values=values))
+            layer += 1
+    outside = {}
+    for name in ("model.embed_tokens.weight", "model.norm.weight", LM_HEAD):
+        scopes = slice_scopes(config, 0 if "embed" in name else len(config.slices) - 1)
+        outside[name] = {p: _value_or_none(p, name, 0.0, scopes) for p in columns}
+    return Schedule(columns=columns, rows=tuple(rows), outside_layers=outside)
+
+
+def _filter_columns(config: MergeConfig) -> dict[str, tuple[str, ...]]:
+    """Per parameter, the filter labels the config uses, in order ("other" last)."""
+    scopes = [sl.parameters for sl in config.slices] + [config.parameters]
+    columns: dict[str, list[str]] = {}
+    for scope in scopes:
+        for parameter, spec in scope.items():
+            labels = columns.setdefault(parameter, [])
+            for flt in spec.filters():
+                if (flt or OTHER) not in labels:
+                    labels.append(flt or OTHER)
+    return {
+        p: tuple(sorted(labels, key=lambda label: label == OTHER)) for p, labels in columns.items()
+    }
+
+
+def _values_by_label(
+    parameter: str, labels: Sequence[str], x: float, scopes: Sequence[Mapping[str, ParamSpec]]
+) -> dict[str, float | None]:
+    """One parameter's value for a representative tensor of each filter label."""
+    # The empty name contains no filter, so only catch-all entries match it.
+    return {
+        label: _value_or_none(parameter, "" if label == OTHER else label, x, scopes)
+        for label in labels
+    }
+
+
+def _value_or_none(
+    parameter: str, tensor_name: str, x: float, scopes: Sequence[Mapping[str, ParamSpec]]
+) -> float | None:
+    found = parameter_value(parameter, tensor_name, x, scopes)
+    return None if found is None else found[0]
+
+
+# ---------------------------------------------------------------------------------------
+# Model layouts, read from tensor names
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """A model's tensors sorted into layers and the rest, recognised by their names."""
+
+    model: str
+    tensors: Mapping[str, TensorInfo]
+    layer_prefix: str
+    layers: tuple[tuple[str, ...], ...]  # per layer index, the names after the index
+    outside: tuple[str, ...]
+
+    @property
+    def num_layers(self) -> int:
+        """How many layers the model has (counted from its tensor names)."""
+        return len(self.layers)
+
+    def layer_tensor(self, index: int, rest: str) -> str:
+        """Full name of a tensor of layer ``index``, e.g. ``model.layers.3.mlp.up_proj.weight``."""
+        return f"{self.layer_prefix}.{index}.{rest}"
+
+
+def model_layout(model: str, header: Header) -> ModelLayout:
+    """Sort a model's tensor names into layers and the tensors outside them."""
+    by_layer: dict[int, list[str]] = {}
+    prefixes = set()
+    outside = []
+    for name in header.tensors:
+        if name.endswith(NOT_WEIGHTS):
+            continue
+        match = LAYER_TENSOR.match(name)
+        if match is None:
+            outside.append(name)
+            continue
+        prefixes.add(match["prefix"])
+        by_layer.setdefault(int(match["index"]), []).append(match["rest"])
+    if len(prefixes) > 1:
+        raise ModelError(f"{model}: layers under several prefixes ({', '.join(sorted(prefixes))})")
+    count = max(by_layer, default=-1) + 1
+    missing = [i for i in range(count) if i not in by_layer]
+    if missing:
+        raise ModelError(f"{model}: no tensors for layer {missing[0]} of {count}")
+    declared = header.config.get("num_hidden_layers")
+    if declared is not None and declared != count:
+        raise ModelError(
+            f"{model}: config.json says num_hidden_layers={declared} but the weights have "
+            f"{count} layers"
+        )
+    return ModelLayout(
+        model=model,
+        tensors=header.tensors,
+        layer_prefix=prefixes.pop() if prefixes else "model.layers",
+        layers=tuple(tuple(sorted(by_layer[i], key=natural_key)) for i in range(count)),
+        outside=tuple(outside),
+    )
+
+
+def natural_key(name: str) -> list[Any]:
+    """Sort key that orders ``experts.2`` before ``experts.10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+# ---------------------------------------------------------------------------------------
+# The plan
+
+
+def plan(config: MergeConfig, headers: Mapping[str, Header]) -> MergePlan:
+    """Plan every output tensor of a merge from the config and the models' headers.
+
+    ``headers[model]`` is the header of each model of ``config.models()``. Output order:
+    embeddings, then the layers in order (tensor names sorted naturally within a layer),
+    then the final norm and ``lm_head``.
+    """
+    layouts = {model: _layout(config, model, headers) for model in config.models()}
+    slice_lengths = [_slice_length(config, i, layouts) for i in range(len(config.slices))]
+    first, last = 0, len(config.slices) - 1
+
+    planned = [
+        _plan_outside_tensor(config, first, name, layouts)
+        for name in _outside_names(config, first, layouts, before_layers=True)
+    ]
+    out_layer = 0
+    for index, count in enumerate(slice_lengths):
+        for offset in range(count):
+            planned += _plan_layer(config, index, offset, count, out_layer, layouts)
+            out_layer += 1
+    planned += [
+        _plan_outside_tensor(config, last, name, layouts)
+        for name in _outside_names(config, last, layouts, before_layers=False)
+    ]
+    return MergePlan(
+        config=config,
+        tensors=planned,
+        num_layers=out_layer,
+        base_model=config.slice_base(first) or config.slices[first].sources[0].model,
+    )
+
+
+def _layout(config: MergeConfig, model: str, headers: Mapping[str, Header]) -> ModelLayout:
+    if model not in headers:
+        raise ModelError(f"{config.source}: no header for model {model!r}")
+    return model_layout(model, headers[model])
+
+
+def _slice_length(config: MergeConfig, index: int, layouts: Mapping[str, ModelLayout]) -> int:
+    """Number of layers of a slice, checking every range against the model's layers."""
+    lengths = {}
+    for j, source in enumerate(config.slices[index].sources):
+        available = layouts[source.model].num_layers
+        start, end = source.layer_range or (0, available)
+        if end > available:
+            raise ModelError(
+                f"{config.source}: slices[{index}].sources[{j}].layer_range: [{start}, {end}] "
+                f"goes beyond {source.model}, which has {available} layers"
+            )
+        lengths[source.model] = end - start
+    if len(set(lengths.values())) > 1:
+        counts = ", ".join(f"{model} has {n}" for model, n in lengths.items())
+        raise ModelError(f"{config.source}: models: every model must have as many layers; {counts}")
+    return next(iter(lengths.values()))
+
+
+def _plan_layer(
+    config: MergeConfig,
+    index: int,
+    offset: int,
+    count: int,
+    out_layer: int,
+    layouts: Mapping[str, ModelLayout],
+) -> list[TensorPlan]:
+    """The tensors of one output layer, from layer ``start + offset`` of each source."""
+    sources = config.slices[index].sources
+    base = _base_index(config, index)
+    reference = layouts[sources[base].model]
+    in_layers = [(source.layer_range or (0, 0))[0] + offset for source in sources]
+    names = reference.layers[in_layers[base]]
+    x = layer_position(offset, count)
+    planned = []
+    for rest in names:
+        inputs = tuple(
+            TensorInput(source.model, layouts[source.model].layer_tensor(layer, rest))
+            for source, layer in zip(sources, in_layers, strict=True)
+        )
+        output_name = reference.layer_tensor(out_layer, rest)
+        planned.append(_tensor_plan(config, index, output_name, inputs, out_layer, x, layouts))
+    return planned
+
+
+def _outside_names(
+    config: MergeConfig, index: int, layouts: Mapping[str, ModelLayout], *, before_layers: bool
+) -> list[str]:
+    """Names outside the layers for one end of the model, in writing order.
+
+    Embeddings go before the layers; the rest after, ``lm_head`` last. A name is planned
+    when any model of the slice has it (``lm_head`` of a tied model comes from its
+    embeddings, as in mergekit).
+    """
+    names = dict.fromkeys(
+        name for model in config.slices[index].models() for name in layouts[model].outside
+    )
+    chosen = [name for name in names if ("embed" in name) == before_layers]
+    return sorted(chosen, key=lambda name: (name.startswith("lm_head"), natural_key(name)))
+
+
+def _plan_outside_tensor(
+    config: MergeConfig, index: int, name: str, layouts: Mapping[str, ModelLayout]
+) -> TensorPlan:
+    """Plan a tensor outside the layers (named the same in every model), read at x = 0."""
+    inputs = tuple(
+        TensorInput(model, _name_in_model(layouts[model], name))
+        for model in config.slices[index].models()
+    )
+    return _tensor_plan(config, index, name, inputs, None, 0.0, layouts)
+
+
+def _name_in_model(layout: ModelLayout, wanted: str) -> str:
+    """The tensor to read for ``wanted``: itself, or the embeddings for a tied lm_head."""
+    if wanted in layout.tensors:
+        return wanted
+    if wanted == LM_HEAD and TIED_TO in layout.tensors:
+        return TIED_TO
+    raise ModelError(f"{layout.model}: has no tensor {wanted!r}, which another model has")
+
+
+def _tensor_plan(
+    config: MergeConfig,
+    index: int,
+    name: str,
+    inputs: tuple[TensorInput, ...],
+    layer: int | None,
+    x: float,
+    layouts: Mapping[str, ModelLayout],
+) -> TensorPlan:
+    """Resolve the method's parameters for one tensor and check its input shapes."""
+    metas = [_tensor_info(layouts[i.model], i.tensor) for i in inputs]
+    base = _base_index(config, index)
+    _check_shapes(name, inputs, metas)
+    params, filters = _resolve_params(config, index, name, x)
+    return TensorPlan(
+        name=name,
+        inputs=inputs,
+        base_index=base,
+        method=config.merge_method,
+        params=params,
+        layer=layer,
+        matched_filter=filters,
+        shape=tuple(metas[base].shape),
+        dtype=_output_dtype(config, metas[base].dtype),
+        x=x,
+    )
+
+
+def _tensor_info(layout: ModelLayout, name: str) -> TensorInfo:
+    if name not in layout.tensors:
+        raise ModelError(f"{layout.model}: has no tensor {name!r}, which the merge needs")
+    return layout.tensors[name]
+
+
+def _base_index(config: MergeConfig, index: int) -> int:
+    """Position of the slice's base model among its sources (0 when there is no base)."""
+    base = config.slice_base(index)
+    models = config.slices[index].models()
+    return models.index(base) if base in models else 0
+
+
+def _check_shapes(name: str, inputs: Sequence[TensorInput], metas: Sequence[TensorInfo]) -> None:
+    """Refuse inputs of different shapes, before any weight is read."""
+    first = tuple(metas[0].shape)
+    for tensor_input, meta in zip(inputs[1:], metas[1:], strict=True):
+        if tuple(meta.shape) != first:
+            shape = tuple(meta.shape)
+            # Embeddings and lm_head have one row per token: only the rows differing means
+            # the vocabularies differ (mergekit 0.1.5 refuses too; older versions cropped).
+            vocabulary_only = len(shape) == len(first) and shape[1:] == first[1:]
+            hint = (
+                "the vocabularies differ; align the tokenizers and resize the embeddings first"
+                if vocabulary_only and ("embed" in name or "lm_head" in name)
+                else "merge only models of the same architecture and size"
+            )
+            raise ModelError(
+                f"{name}: shapes differ: {inputs[0].model} {first} vs "
+                f"{tensor_input.model} {shape}; {hint}"
+            )
+
+
+def _resolve_params(
+    config: MergeConfig, index: int, name: str, x: float
+) -> tuple[dict[str, float], dict[str, str | None]]:
+    """The method's parameters for one tensor, and which filter gave each."""
+    method = METHODS[config.merge_method]
+    scopes = slice_scopes(config, index)
+    params: dict[str, float] = {}
+    filters: dict[str, str | None] = {}
+    for parameter, default in method.parameters.items():
+        found = parameter_value(parameter, name, x, scopes)
+        if found is None and default is None:
+            raise ConfigError(
+                f"{config.source}: parameters.{parameter}: no entry matches tensor {name}; "
+                "add a catch-all entry such as '- value: 0.5'"
+            )
+        params[parameter], filters[parameter] = found if found else (default, None)
+    return params, filters
+
+
+def _output_dtype(config: MergeConfig, base_dtype: torch.dtype) -> torch.dtype:
+    """``out_dtype``, else the config's ``dtype``, else the base tensor's dtype."""
+    name = config.out_dtype or config.dtype
+    return getattr(torch, name) if name else base_dtype
+
+
+# ---------------------------------------------------------------------------------------
+# Showing a plan (what `pearl-edu plan` prints)
+
+
+def show_plan(
+    config: MergeConfig,
+    merge_plan: MergePlan | None = None,
+    *,
+    unread: Sequence[str] = (),
+    as_json: bool = False,
+) -> str:
+    """The text (or JSON) that ``pearl-edu plan`` prints for a config.
+
+    With ``merge_plan`` (built from the models' headers) it lists every tensor outside the
+    layers and, in JSON, every tensor; without it, the schedule comes from ``layer_range``
+    alone and ``unread`` names the models that were not available locally.
+    """
+    num_layers = merge_plan.num_layers if merge_plan else None
+    sched = schedule(config, num_layers)
+    if as_json:
+        data: dict[str, Any] = {
+            "config": config.source,
+            "merge_method": config.merge_method,
+            "config_hash": config.config_hash(),
+            "slices": _slice_summaries(config),
+            "models_read": merge_plan is not None,
+            "unread_models": list(unread),
+            "schedule": sched.to_dict(),
+        }
+        if merge_plan is not None:
+            data["plan"] = merge_plan.to_dict()
+        return json.dumps(data, indent=2)
+
+    lines = [f"{config.source}: {config.merge_method}, dtype {config.dtype or 'of each input'}"]
+    for summary in _slice_summaries(config):
+        lines.append(
+            f"  slice {summary['slice']}: base {summary['base_model']} (t = 0); "
+            + ", ".join(f"{s['model']} layers {s['layer_range']}" for s in summary["sources"])
+        )
+    if merge_plan is None:
+        lines.append(
+            f"{len(sched.rows)} output layers, from layer_range alone "
+            f"(models not read: {', '.join(unread) or 'none'})"
+        )
+    else:
+        lines.append(
+            f"{merge_plan.num_layers} output layers, {len(merge_plan.tensors)} tensors, "
+            f"{merge_plan.total_bytes / 1e9:.3f} GB"
+        )
+    lines += ["", sched.table(), "", "outside the layers (x = 0):"]
+    if merge_plan is None:
+        for name, values in sched.outside_layers.items():
+            lines.append(f"  {name}  " + "  ".join(f"{p} = {_cell(v)}" for p, v in values.items()))
+    else:
+        for tensor in merge_plan.outside_layers():
+            lines.append(f"  {tensor.name}  " + _param_cells(tensor))
+    return "\n".join(lines)
+
+
+def _param_cells(tensor: TensorPlan) -> str:
+    """``t = 0.5000 (other)`` for each parameter of a planned tensor."""
+    return "  ".join(
+        f"{p} = {_cell(v)} ({tensor.matched_filter.get(p) or OTHER})"
+        for p, v in tensor.params.items()
+    )
+
+
+def _slice_summaries(config: MergeConfig) -> list[dict[str, Any]]:
+    """Per slice: its base model and its sources with their layer ranges."""
+    return [
+        {
+            "slice": index,
+            "base_model": config.slice_base(index),
+            "sources": [
+                {
+                    "model": s.model,
+                    "layer_range": list(s.layer_range) if s.layer_range else "all",
+                }
+                for s in sl.sources
+            ],
+        }
+        for index, sl in enumerate(config.slices)
+    ]

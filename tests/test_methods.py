@@ -1,0 +1,282 @@
+"""The per-tensor math: SLERP and LERP, their properties, and agreement with mergekit."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pearl_edu import methods
+from pearl_edu.errors import ModelError
+from pearl_edu.methods import lerp, merge_tensor, slerp
+
+FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _pair(seed: int, shape: tuple[int, ...], correlation: float = 0.3, dtype=torch.float32):
+    """Two random tensors with a chosen cosine-ish similarity, deterministic from seed."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(shape, generator=gen)
+    b = correlation * a + torch.randn(shape, generator=gen)
+    return a.to(dtype), b.to(dtype)
+
+
+def _angle(u: torch.Tensor, v: torch.Tensor) -> float:
+    u64, v64 = u.double().flatten(), v.double().flatten()
+    cos = torch.dot(u64, v64) / (u64.norm() * v64.norm())
+    return math.acos(max(-1.0, min(1.0, cos.item())))
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm()
+
+
+seeds = st.integers(min_value=0, max_value=2**31 - 1)
+ts = st.floats(min_value=0.0, max_value=1.0, allow_nan=False)
+sizes = st.integers(min_value=2, max_value=300)
+
+
+# --- properties --------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=seeds, size=sizes, dtype=st.sampled_from(FLOAT_DTYPES))
+def test_endpoints_give_the_inputs(seed, size, dtype):
+    v0, v1 = _pair(seed, (size,), dtype=dtype)
+    # The weights are exactly (1, 0) and (0, 1): sin(theta) / sin(theta) and sin(0).
+    assert torch.equal(slerp(v0, v1, 0.0), v0)
+    assert torch.equal(slerp(v0, v1, 1.0), v1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=seeds, size=st.integers(min_value=8, max_value=300), t=ts)
+def test_angle_of_result_is_t_times_angle_for_unit_vectors(seed, size, t):
+    gen = torch.Generator().manual_seed(seed)
+    v0 = _unit(torch.randn(size, generator=gen, dtype=torch.float64)).float()
+    v1 = _unit(torch.randn(size, generator=gen, dtype=torch.float64)).float()
+    theta = _angle(v0, v1)
+    if abs(math.cos(theta)) > methods.DOT_THRESHOLD:
+        return  # the lerp fallback region is tested separately
+    result = slerp(v0, v1, t)
+    assert _angle(v0, result) == pytest.approx(t * theta, abs=2e-3)
+    assert _angle(result, v1) == pytest.approx((1 - t) * theta, abs=2e-3)
+    # On the unit sphere, SLERP stays on it.
+    assert result.double().norm().item() == pytest.approx(1.0, abs=1e-4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=seeds, size=sizes, t=ts, scale=st.floats(min_value=1e-4, max_value=5e-3))
+def test_nearly_parallel_tensors_give_exactly_lerp(seed, size, t, scale):
+    gen = torch.Generator().manual_seed(seed)
+    v0 = torch.randn(size, generator=gen)
+    v1 = v0 + scale * torch.randn(size, generator=gen) * v0.abs().mean()
+    assert abs(math.cos(_angle(v0, v1))) > methods.DOT_THRESHOLD
+    assert torch.equal(slerp(v0, v1, t), lerp(v0, v1, t))
+    # Opposite directions fall back to lerp too.
+    assert torch.equal(slerp(v0, -v0, t), lerp(v0, -v0, t))
+
+
+def test_lerp_weights_the_original_tensors():
+    v0 = torch.tensor([2.0, 0.0])
+    v1 = torch.tensor([4.0, 0.0])
+    assert torch.equal(slerp(v0, v1, 0.25), torch.tensor([2.5, 0.0]))
+
+
+def test_result_is_not_renormalized_when_norms_differ():
+    v0 = torch.tensor([1.0, 0.0])
+    v1 = torch.tensor([0.0, 3.0])
+    result = slerp(v0, v1, 0.5)
+    # theta = pi/2: weights sin(pi/4)/1 on both ORIGINAL vectors.
+    expected = torch.tensor([math.sin(math.pi / 4), 3 * math.sin(math.pi / 4)])
+    torch.testing.assert_close(result, expected)
+    assert result.norm().item() != pytest.approx(1.0)
+
+
+def test_zero_tensor_is_left_undivided_and_gives_a_right_angle():
+    v0 = torch.zeros(5)
+    v1 = torch.arange(5, dtype=torch.float32)
+    t = 0.3
+    # dot = 0 so theta = pi/2; the zero vector contributes nothing.
+    expected = math.sin(t * math.pi / 2) * v1
+    torch.testing.assert_close(slerp(v0, v1, t), expected)
+    assert torch.equal(slerp(v0, torch.zeros(5), t), torch.zeros(5))
+
+
+def test_t_is_not_clamped():
+    v0, v1 = (_unit(v) for v in _pair(3, (50,)))
+    theta = _angle(v0, v1)
+    result = slerp(v0, v1, 1.5)  # goes past v1 along the same great circle
+    assert _angle(v0, result) == pytest.approx(1.5 * theta, abs=1e-3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=seeds, size=sizes, t=ts, dtype=st.sampled_from(FLOAT_DTYPES))
+def test_dtype_shape_and_device_are_those_of_v0(seed, size, t, dtype):
+    v0, v1 = _pair(seed, (size, 3), dtype=dtype)
+    v1 = v1.float()  # inputs of different dtypes are allowed; the result follows v0
+    for result in (slerp(v0, v1, t), lerp(v0, v1, t)):
+        assert result.dtype == dtype
+        assert result.shape == v0.shape
+        assert result.device == v0.device
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_runs_on_cuda_and_agrees_with_cpu():
+    v0, v1 = _pair(0, (300, 70), dtype=torch.bfloat16)
+    on_gpu = slerp(v0.cuda(), v1.cuda(), 0.3)
+    assert on_gpu.device.type == "cuda"
+    assert on_gpu.dtype == torch.bfloat16
+    assert torch.equal(on_gpu.cpu(), slerp(v0, v1, 0.3))
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=seeds, size=sizes, t=ts)
+def test_symmetry(seed, size, t):
+    v0, v1 = _pair(seed, (size,))
+    torch.testing.assert_close(slerp(v0, v1, t), slerp(v1, v0, 1 - t), rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_loop_covers_every_element(monkeypatch):
+    # With tiny chunks the loop runs many times, including a short last chunk.
+    v0, v1 = _pair(5, (7, 11))
+    whole = slerp(v0, v1, 0.4)
+    monkeypatch.setattr(methods, "CHUNK_ELEMENTS", 10)
+    assert torch.equal(slerp(v0, v1, 0.4), whole)
+
+
+def test_empty_tensors():
+    v0 = torch.empty(0, 4, dtype=torch.bfloat16)
+    assert slerp(v0, v0, 0.5).shape == (0, 4)
+
+
+def test_shapes_that_differ_are_refused():
+    with pytest.raises(ModelError, match=r"\(4, 2\) vs \(2, 4\)"):
+        slerp(torch.ones(4, 2), torch.ones(2, 4), 0.5)
+    with pytest.raises(ModelError) as err:
+        merge_tensor(
+            "slerp",
+            [torch.ones(32000, 8), torch.ones(32007, 8)],
+            0,
+            {"t": 0.5},
+            name="lm_head.weight",
+        )
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("lm_head.weight: ")
+    assert "(32000, 8)" in message and "(32007, 8)" in message
+
+
+# --- the definition, computed independently ---------------------------------------------
+
+
+def _reference_slerp(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:
+    """The definition in float64 NumPy, weights rounded to float32 as the engine applies them.
+
+    The engine sums in float32 in mergekit's order, so it agrees with this to float32
+    precision, not bit for bit."""
+    a = v0.double().numpy().ravel()
+    b = v1.double().numpy().ravel()
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    cos = np.dot(a / (na if na > 1e-8 else 1.0), b / (nb if nb > 1e-8 else 1.0))
+    if abs(cos) > 0.9995:
+        w0, w1 = 1.0 - t, t
+    else:
+        theta = np.arccos(cos)
+        w0, w1 = np.sin((1 - t) * theta) / np.sin(theta), np.sin(t * theta) / np.sin(theta)
+    a32, b32 = a.astype(np.float32), b.astype(np.float32)
+    out = np.float32(w0) * a32 + np.float32(w1) * b32
+    return torch.from_numpy(out.reshape(v0.shape)).to(v0.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_the_float64_definition(dtype):
+    v0, v1 = _pair(11, (3000, 700), correlation=0.5, dtype=dtype)  # 2.1M elements, 3 chunks
+    for t in (0.0, 0.25, 0.5, 0.9):
+        ours, exact = slerp(v0, v1, t), _reference_slerp(v0, v1, t)
+        if t == 0.0:
+            assert torch.equal(ours, exact)
+        # float32 sums of 10^6 terms carry ~1e-5 relative error into the two weights; in
+        # bfloat16 that can flip a rounding by one step (2^-8 relative) on a few elements.
+        step = 2e-5 if dtype == torch.float32 else 2**-7
+        torch.testing.assert_close(ours, exact, rtol=step, atol=1e-5)
+
+
+# --- agreement with mergekit's own slerp -------------------------------------------------
+
+
+def _mergekit_slerp(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:
+    """mergekit 0.1.5's own slerp function, called as its merge method calls it.
+
+    Its first axis is a batch of output tensors, each taken as one flat vector; a single
+    tensor is passed as a batch of one, exactly as mergekit does when it merges a model.
+    """
+    from mergekit.merge_methods.slerp import slerp as mergekit_slerp
+
+    flat = mergekit_slerp(torch.tensor(t), v0.reshape(1, -1), v1.reshape(1, -1))
+    return flat.reshape(v0.shape).to(v0.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t", [0.0, 0.3, 0.5, 1.0])
+def test_agrees_with_mergekit_on_small_tensors(dtype, t):
+    for seed in range(5):
+        v0, v1 = _pair(seed, (64, 48), correlation=0.4, dtype=dtype)
+        assert torch.equal(slerp(v0, v1, t), _mergekit_slerp(v0, v1, t))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_agrees_with_mergekit_bit_for_bit_on_a_multi_chunk_tensor(dtype):
+    # float32 sums of 10^6 terms depend on their order; pearl_edu sums in mergekit's order
+    # (chunk norms, then the norm of the norms; normalized chunk dots, then their sum), so
+    # every bit agrees, where float64 sums would flip the rounding of ~0.3% of bf16 outputs.
+    v0, v1 = _pair(11, (2000, 1100), correlation=0.5, dtype=dtype)  # 2.2M elements, 3 chunks
+    for t in (0.3, 0.5, 0.77):
+        assert torch.equal(slerp(v0, v1, t), _mergekit_slerp(v0, v1, t))
+
+
+def test_agrees_with_mergekit_in_the_lerp_region_bit_for_bit():
+    v0, _ = _pair(1, (256, 64), dtype=torch.bfloat16)
+    v1 = (v0.float() * 1.01).to(torch.bfloat16)
+    for t in (0.2, 0.5, 0.7):
+        assert torch.equal(slerp(v0, v1, t), _mergekit_slerp(v0, v1, t))
+
+
+def test_mergekit_agrees_on_every_tensor_of_a_batch():
+    # mergekit batches several output tensors along a new first axis; each tensor of the
+    # batch is still one flat vector, which is the meaning pearl_edu implements.
+    from mergekit.merge_methods.slerp import slerp as mergekit_slerp
+
+    pairs = [_pair(seed, (16, 32), correlation=0.5) for seed in (7, 8)]
+    batch0 = torch.stack([v0 for v0, _ in pairs])
+    batch1 = torch.stack([v1 for _, v1 in pairs])
+    theirs = mergekit_slerp(torch.tensor([0.3, 0.6]), batch0, batch1)
+    for k, (v0, v1) in enumerate(pairs):
+        ours = slerp(v0, v1, [0.3, 0.6][k])
+        torch.testing.assert_close(ours, theirs[k], rtol=2e-6, atol=1e-6)  # batch sums differ
+        # Taking each row as its own vector would be a different merge altogether.
+        by_rows = torch.stack([slerp(r0, r1, [0.3, 0.6][k]) for r0, r1 in zip(v0, v1, strict=True)])
+        assert not torch.allclose(by_rows, theirs[k], atol=1e-4)
+
+
+# --- the registry ------------------------------------------------------------------------
+
+
+def test_merge_tensor_uses_the_base_index():
+    v0, v1 = _pair(4, (40,))
+    assert torch.equal(merge_tensor("slerp", [v0, v1], 0, {"t": 0.3}), slerp(v0, v1, 0.3))
+    assert torch.equal(merge_tensor("slerp", [v1, v0], 1, {"t": 0.3}), slerp(v0, v1, 0.3))
+
+
+def test_registry_describes_slerp():
+    assert "slerp" in methods.known_methods()
+    spec = methods.METHODS["slerp"]
+    assert spec.required_parameters() == ["t"]
+    assert (spec.min_models, spec.max_models, spec.needs_base) == (2, 2, True)
+    with pytest.raises(ValueError, match="already registered"):
+        methods.register(spec)
+    with pytest.raises(ValueError, match="unknown merge method 'ties'"):
+        merge_tensor("ties", [torch.ones(2), torch.ones(2)], 0, {})

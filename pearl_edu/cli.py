@@ -53,11 +53,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_plan(args: argparse.Namespace) -> int:
-    raise PearlEduError("pearl-edu plan is not available in this version")
+    from pathlib import Path
+
+    from pearl_edu.config import load_config
+    from pearl_edu.io import read_header
+    from pearl_edu.plan import plan, show_plan
+
+    config = load_config(args.config)
+    # Only folders on this machine are read: `plan` never downloads, so Hub ids that are
+    # not present locally leave us with the schedule that layer_range alone determines.
+    unread = [model for model in config.models() if not Path(model).is_dir()]
+    merge_plan = None
+    if not unread:
+        headers = {model: read_header(model) for model in config.models()}
+        merge_plan = plan(config, headers)
+    print(show_plan(config, merge_plan, unread=unread, as_json=args.json))
+    return 0
 
 
 def _run_merge(args: argparse.Namespace) -> int:
-    raise PearlEduError("pearl-edu merge is not available in this version")
+    from pearl_edu.merge import merge
+
+    result = merge(
+        args.config,
+        args.output_dir,
+        device=args.device,
+        shard_size=args.shard_size,
+        force=args.force,
+        progress=False if args.quiet else None,
+    )
+    resumed = f", {result.resumed_tensors} resumed" if result.resumed_tensors else ""
+    print(
+        f"merged {result.num_tensors} tensors{resumed} into {result.output_dir} "
+        f"({len(result.weight_files)} weight files) on {result.device} "
+        f"in {result.seconds:.1f} s"
+    )
+    return 0
 
 
 def _run_verify(args: argparse.Namespace) -> int:

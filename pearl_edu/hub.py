@@ -1,0 +1,106 @@
+"""Turning a model reference from a config into a local folder.
+
+A reference is either a local folder or a Hugging Face repository id such as
+``mlabonne/OmniBeagle-7B``. A repository is downloaded once into the Hugging Face cache
+(``HF_HOME``), and only the files a merge needs: the weights in one format (safetensors
+when the repository has them, otherwise the ``.bin`` shards), the json files (config,
+index, generation config, tokenizer config) and the tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from pearl_edu.errors import HubError, ModelError
+
+# What a repo id looks like: "owner/name", letters, digits, "-", "_" and ".".
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+METADATA_PATTERNS = ["*.json", "tokenizer.model", "tokenizer*", "*.tiktoken", "*.txt"]
+SAFETENSORS_PATTERNS = ["model*.safetensors"]
+BIN_PATTERNS = ["pytorch_model*.bin"]
+
+
+def resolve_model(ref: str | Path) -> Path:
+    """The local folder of a model: ``ref`` itself, or the downloaded snapshot of a repo.
+
+    Raises `ModelError` for a path that does not exist and `HubError` for a repository
+    that cannot be downloaded (offline, unknown, gated), saying what to do.
+    """
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if path.exists():
+        raise ModelError(f"model {ref}: is a file; expected a model folder or a repo id")
+    text = str(ref)
+    if not looks_like_repo_id(text):
+        raise ModelError(f"model folder {ref} does not exist")
+    return download(text)
+
+
+def looks_like_repo_id(ref: str) -> bool:
+    """True for ``owner/name``; false for paths such as ``./x``, ``/x/y`` or ``~/x``."""
+    return bool(REPO_ID.match(ref)) and not ref.startswith((".", "/", "~"))
+
+
+def download(repo_id: str) -> Path:
+    """Download (or find in the cache) the files of ``repo_id`` that a merge needs."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
+
+    try:
+        patterns = METADATA_PATTERNS + weight_patterns(repo_id)
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except GatedRepoError:
+        raise HubError(
+            f"{repo_id}: the repository is gated; accept its terms on huggingface.co and "
+            "log in with `hf auth login`"
+        ) from None
+    except RepositoryNotFoundError:
+        raise HubError(
+            f"{repo_id}: no such repository on the Hugging Face Hub (or it is private: "
+            "log in with `hf auth login`); for a local model give a folder that exists"
+        ) from None
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
+        raise HubError(
+            f"{repo_id}: not in the Hugging Face cache ({hf_home()}) and the Hub cannot be "
+            "reached (offline or HF_HUB_OFFLINE=1); download it once with a network, or "
+            "give a local folder"
+        ) from None
+    except (HfHubHTTPError, OSError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise HubError(f"{repo_id}: download failed ({first_line[:200]})") from None
+
+
+def weight_patterns(repo_id: str) -> list[str]:
+    """Download one weight format only: safetensors if the repo has it, else ``.bin``.
+
+    Offline the file list is unknown; both patterns are then given, and the cache
+    holds whichever was downloaded before.
+    """
+    from huggingface_hub import list_repo_files
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return SAFETENSORS_PATTERNS + BIN_PATTERNS
+    try:
+        files = list_repo_files(repo_id)
+    except Exception:  # no network, or an error snapshot_download will report better
+        return SAFETENSORS_PATTERNS + BIN_PATTERNS
+    if any(name.startswith("model") and name.endswith(".safetensors") for name in files):
+        return SAFETENSORS_PATTERNS
+    return BIN_PATTERNS
+
+
+def hf_home() -> str:
+    """Where the Hugging Face cache lives, for messages."""
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)

@@ -1,0 +1,523 @@
+"""Reading and writing model weights one tensor at a time.
+
+A model folder is described by its **header**: every tensor's name, shape, dtype and where
+its bytes lie, read from the safetensors headers (a few kilobytes) without touching a
+single weight. `ModelReader` then reads one tensor at a time with positioned reads
+(``os.preadv``) into a buffer the caller can reuse, so the memory a merge holds is a few
+tensors, never a model or a shard. Memory maps are deliberately not used for safetensors:
+every page a map touches stays resident, and a merge touches every page.
+
+Pickle checkpoints (``pytorch_model*.bin``) are opened with
+``torch.load(..., weights_only=True)``, which refuses any pickle that would run code, and
+``mmap=True``, which keeps the weights on disk until they are read.
+
+`ShardedWriter` writes the merged tensors into safetensors shards whose headers are known
+before the first tensor is merged (the plan gives every shape and dtype), so each tensor
+goes to disk as soon as it exists. A shard is written as ``<file>.tmp`` and renamed when
+complete: a shard file that exists is a complete shard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import re
+import struct
+import zipfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from pearl_edu.errors import ModelError, OutputError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+
+# safetensors' names for torch dtypes (https://github.com/huggingface/safetensors, format.md).
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+# A safetensors header is JSON; anything above this is not a header but a corrupt file.
+MAX_HEADER_BYTES = 100_000_000
+# Pages of a memory map stay resident once touched; a pickle checkpoint is mapped afresh
+# after this many bytes are read from it, which releases them.
+BIN_REMAP_BYTES = 64 * 1024**2
+
+
+# --------------------------------------------------------------------------------------
+# Headers: what a model folder contains, without reading weights
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Where one tensor lives: its file, and for safetensors the byte offset of its data."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+    offset: int | None  # absolute offset in `file`; None for pickle (.bin) files
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class ModelHeader:
+    """A model folder's tensors (name -> `TensorMeta`) and its parsed ``config.json``."""
+
+    path: Path
+    tensors: dict[str, TensorMeta]
+    config: dict
+    format: Literal["safetensors", "bin"]
+
+    @property
+    def files(self) -> list[Path]:
+        """The weight files, in the order their first tensor appears."""
+        return list(dict.fromkeys(meta.file for meta in self.tensors.values()))
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of weight data (what a full read of the model costs)."""
+        return sum(meta.nbytes for meta in self.tensors.values())
+
+
+def read_header(model_dir: str | Path) -> ModelHeader:
+    """Describe every tensor of a model folder from its headers alone (no weights read).
+
+    Safetensors is preferred when a folder has both formats, as transformers does.
+    Raises `ModelError` naming the folder or file when something is missing or damaged.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelError(f"model folder {model_dir} does not exist (or is not a folder)")
+    config = read_config(model_dir)
+    fmt, files = find_weight_files(model_dir)
+    tensors: dict[str, TensorMeta] = {}
+    for file in files:
+        metas = safetensors_metas(file) if fmt == "safetensors" else bin_metas(file)
+        for meta in metas:
+            if meta.name in tensors:
+                raise ModelError(
+                    f"{file}: tensor {meta.name} is also in {tensors[meta.name].file.name}"
+                )
+            tensors[meta.name] = meta
+    return ModelHeader(path=model_dir, tensors=tensors, config=config, format=fmt)
+
+
+def read_config(model_dir: Path) -> dict:
+    """The parsed ``config.json`` of a model folder, or ``{}`` when it has none."""
+    path = model_dir / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelError(f"{path}: not valid JSON ({err})") from None
+
+
+def find_weight_files(model_dir: Path) -> tuple[Literal["safetensors", "bin"], list[Path]]:
+    """The weight files of a folder, found the way transformers finds them.
+
+    An index json lists the shards; otherwise a single ``model.safetensors`` or
+    ``pytorch_model.bin``. Other ``.bin`` files (``training_args.bin``) are not weights.
+    """
+    for fmt, index_name, single_name in (
+        ("safetensors", SAFETENSORS_INDEX, SAFETENSORS_SINGLE),
+        ("bin", BIN_INDEX, BIN_SINGLE),
+    ):
+        index_path = model_dir / index_name
+        if index_path.is_file():
+            return fmt, files_in_index(index_path)
+        if (model_dir / single_name).is_file():
+            return fmt, [model_dir / single_name]
+    raise ModelError(
+        f"{model_dir}: no weights found; expected {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, "
+        f"{BIN_SINGLE} or {BIN_INDEX}"
+    )
+
+
+def files_in_index(index_path: Path) -> list[Path]:
+    """The shard files an index json names, each checked to exist."""
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise ModelError(
+            f"{index_path}: not a valid index json with a weight_map ({err})"
+        ) from None
+    files = [index_path.parent / name for name in dict.fromkeys(weight_map.values())]
+    for file in files:
+        if not file.is_file():
+            raise ModelError(f"{file}: weight file listed in {index_path.name} is missing")
+    return files
+
+
+def safetensors_metas(file: Path) -> list[TensorMeta]:
+    """Parse a safetensors header: 8 bytes of little-endian length, then that much JSON."""
+    file_size = file.stat().st_size
+    with open(file, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ModelError(f"{file}: truncated, {file_size} bytes is too short for a header")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > MAX_HEADER_BYTES or 8 + header_len > file_size:
+            raise ModelError(
+                f"{file}: not a safetensors file or truncated (header of {header_len} bytes, "
+                f"file of {file_size} bytes)"
+            )
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ModelError(f"{file}: safetensors header is not valid JSON ({err})") from None
+
+    data_start = 8 + header_len
+    metas = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))
+        if dtype is None:
+            raise ModelError(f"{file}: tensor {name} has unsupported dtype {entry.get('dtype')}")
+        shape = tuple(int(n) for n in entry["shape"])
+        begin, end = entry["data_offsets"]
+        expected = math.prod(shape) * dtype.itemsize
+        if end - begin != expected:
+            raise ModelError(
+                f"{file}: tensor {name} has {end - begin} bytes, expected {expected} for "
+                f"shape {list(shape)} {entry['dtype']}"
+            )
+        metas.append(TensorMeta(name, shape, dtype, file, data_start + begin, expected))
+
+    needed = data_start + max((m.offset - data_start + m.nbytes for m in metas), default=0)
+    if file_size < needed:
+        raise ModelError(f"{file}: truncated, expected {needed} bytes, found {file_size}")
+    return metas
+
+
+def load_bin(file: Path) -> dict[str, torch.Tensor]:
+    """Open a pickle checkpoint safely: tensors only, memory-mapped, no code executed.
+
+    ``weights_only=True`` makes torch's unpickler refuse anything but tensors and plain
+    containers, so a checkpoint crafted to run code fails here instead of running it.
+    """
+    if not file.is_file():
+        raise ModelError(f"{file}: weight file is missing")
+    check_zip_checkpoint(file)
+    try:
+        state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        culprit = f" ({found.group(1)})" if found else ""
+        raise ModelError(
+            f"{file}: refused, the pickle holds objects other than tensors{culprit} that "
+            "could run code when loaded; nothing was executed. Use safetensors weights "
+            "instead, or convert this file to safetensors if you trust its source"
+        ) from None
+    except Exception as err:  # torch raises several types for a damaged archive
+        raise ModelError(f"{file}: cannot read PyTorch checkpoint ({first_line(err)})") from None
+    if not isinstance(state, dict) or not all(
+        isinstance(value, torch.Tensor) for value in state.values()
+    ):
+        raise ModelError(f"{file}: expected a dict of tensor name -> tensor")
+    return state
+
+
+def check_zip_checkpoint(file: Path) -> None:
+    """Refuse, with a reason, a ``.bin`` that is not an intact zip-format checkpoint.
+
+    ``torch.save`` has written zip archives since torch 1.6; only those can be
+    memory-mapped. A zip without its closing directory was cut short.
+    """
+    with open(file, "rb") as f:
+        magic = f.read(4)
+    if zipfile.is_zipfile(file):
+        return
+    if magic == b"PK\x03\x04":
+        raise ModelError(f"{file}: truncated or damaged (the zip archive has no end record)")
+    if magic[:1] == b"\x80":
+        raise ModelError(
+            f"{file}: a legacy (pre-zip) pickle checkpoint, which cannot be read lazily; "
+            "re-save it with torch >= 1.6 or convert it to safetensors"
+        )
+    raise ModelError(f"{file}: not a PyTorch checkpoint (expected a zip archive)")
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, for one-line errors."""
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
+def bin_metas(file: Path) -> list[TensorMeta]:
+    """Describe the tensors of a pickle checkpoint (memory-mapped, so no weights are read)."""
+    state = load_bin(file)
+    return [
+        TensorMeta(name, tuple(t.shape), t.dtype, file, None, t.numel() * t.element_size())
+        for name, t in state.items()
+    ]
+
+
+# --------------------------------------------------------------------------------------
+# Reading one tensor at a time
+# --------------------------------------------------------------------------------------
+
+
+class ModelReader:
+    """Reads tensors of one model on demand, into a caller's reusable buffer if given.
+
+    >>> reader = ModelReader(read_header("my-model"))
+    >>> w = reader.read("model.norm.weight")
+
+    Safe to use from one background thread while another thread uses the tensors it has
+    already returned (positioned reads share no file position).
+    """
+
+    def __init__(self, header: ModelHeader) -> None:
+        self.header = header
+        self._fds: dict[Path, int] = {}
+        self._bin_states: dict[Path, dict[str, torch.Tensor]] = {}
+        self._bin_bytes_read: dict[Path, int] = {}
+
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor ``name`` in its stored dtype and shape.
+
+        ``out`` is an optional uint8 buffer of at least the tensor's size; when given, the
+        result is a view into it (valid until the buffer is reused).
+        """
+        meta = self.header.tensors.get(name)
+        if meta is None:
+            raise ModelError(f"{self.header.path}: has no tensor named {name}")
+        if out is None:
+            out = torch.empty(meta.nbytes, dtype=torch.uint8)
+        if out.dtype != torch.uint8 or out.numel() < meta.nbytes or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous uint8 buffer of >= {meta.nbytes} bytes")
+        raw = out[: meta.nbytes]
+        if meta.offset is not None:
+            self._pread_into(meta, raw)
+        else:
+            self._copy_from_bin(meta, raw)
+        return raw.view(meta.dtype).view(meta.shape)
+
+    def close(self) -> None:
+        """Close the open files and drop the memory maps of pickle checkpoints."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._bin_states.clear()
+
+    def __enter__(self) -> ModelReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _pread_into(self, meta: TensorMeta, raw: torch.Tensor) -> None:
+        fd = self._fds.get(meta.file)
+        if fd is None:
+            try:
+                fd = self._fds[meta.file] = os.open(meta.file, os.O_RDONLY)
+            except OSError as err:
+                raise ModelError(f"{meta.file}: cannot open weight file ({err.strerror})") from None
+        view = memoryview(raw.numpy())
+        done = 0
+        while done < meta.nbytes:  # a positioned read may return fewer bytes than asked
+            got = os.preadv(fd, [view[done:]], meta.offset + done)
+            if got == 0:
+                raise ModelError(
+                    f"{meta.file}: truncated, tensor {meta.name} needs bytes up to "
+                    f"{meta.offset + meta.nbytes}, file ends at {meta.offset + done}"
+                )
+            done += got
+
+    def _copy_from_bin(self, meta: TensorMeta, raw: torch.Tensor) -> None:
+        if meta.file not in self._bin_states:
+            self._bin_states[meta.file] = load_bin(meta.file)
+            self._bin_bytes_read[meta.file] = 0
+        stored = self._bin_states[meta.file][meta.name]
+        raw.view(meta.dtype).view(meta.shape).copy_(stored)
+        del stored
+        self._bin_bytes_read[meta.file] += meta.nbytes
+        if self._bin_bytes_read[meta.file] >= BIN_REMAP_BYTES:
+            del self._bin_states[meta.file]  # unmaps the file; the next read maps it again
+
+
+# --------------------------------------------------------------------------------------
+# Writing safetensors shards whose layout is known in advance
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """Name, shape and dtype of one tensor to be written."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One output file: its name, its tensors in file order, and its exact header bytes."""
+
+    file_name: str
+    tensors: tuple[OutputTensor, ...]
+    header: bytes = field(repr=False)
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def file_bytes(self) -> int:
+        """Size of the finished file: the 8-byte length, the header, the data."""
+        return 8 + len(self.header) + self.data_bytes
+
+
+def layout_shards(tensors: Sequence[OutputTensor], max_shard_bytes: int) -> list[Shard]:
+    """Group tensors, in order, into shards of at most ``max_shard_bytes`` of data.
+
+    A tensor larger than the limit gets a shard of its own. One shard is named
+    ``model.safetensors``; several ``model-00001-of-0000N.safetensors``, as HF names them.
+    """
+    groups: list[list[OutputTensor]] = [[]]
+    for tensor in tensors:
+        current = sum(t.nbytes for t in groups[-1])
+        if groups[-1] and current + tensor.nbytes > max_shard_bytes:
+            groups.append([])
+        groups[-1].append(tensor)
+    if len(groups) == 1:
+        names = [SAFETENSORS_SINGLE]
+    else:
+        names = [
+            f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)
+        ]
+    return [
+        Shard(name, tuple(group), safetensors_header(group))
+        for name, group in zip(names, groups, strict=True)
+    ]
+
+
+def safetensors_header(tensors: Iterable[OutputTensor]) -> bytes:
+    """The JSON header of a safetensors file holding ``tensors`` back to back, in order.
+
+    Padded with spaces to a multiple of 8 bytes, as the safetensors library does, so that
+    the data that follows stays aligned.
+    """
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for tensor in tensors:
+        header[tensor.name] = {
+            "dtype": SAFETENSORS_NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + tensor.nbytes],
+        }
+        offset += tensor.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    return text + b" " * (-len(text) % 8)
+
+
+class ShardedWriter:
+    """Streams tensors into the shards of a precomputed layout, one finished file at a time.
+
+    Tensors must arrive in layout order. The first tensor of a shard opens
+    ``<file>.tmp`` and writes the header; the last one flushes it to disk and renames it to
+    ``<file>``. Shards listed in ``done`` (finished by an earlier, interrupted run) are
+    expected to be skipped by the caller.
+    """
+
+    def __init__(self, folder: Path, shards: Sequence[Shard], done: Iterable[str] = ()) -> None:
+        self.folder = Path(folder)
+        self.shards = list(shards)
+        self.done = set(done)
+        self._position = {
+            t.name: (index, slot)
+            for index, shard in enumerate(self.shards)
+            for slot, t in enumerate(shard.tensors)
+        }
+        self._file = None
+        self._shard_index: int | None = None
+        self._next_slot = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append ``tensor`` (on the CPU, of the layout's shape and dtype) to its shard."""
+        index, slot = self._position[name]
+        shard = self.shards[index]
+        expected = shard.tensors[slot]
+        if tuple(tensor.shape) != expected.shape or tensor.dtype != expected.dtype:
+            raise OutputError(
+                f"{name}: merged tensor is {tuple(tensor.shape)} {tensor.dtype}, the layout "
+                f"expects {expected.shape} {expected.dtype}"
+            )
+        if index != self._shard_index:
+            self._open(index)
+        if slot != self._next_slot:
+            raise OutputError(f"{name}: written out of order in {shard.file_name}")
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._file.write(memoryview(data))
+        self._next_slot += 1
+        if self._next_slot == len(shard.tensors):
+            self._finish()
+
+    def close(self) -> None:
+        """Abandon an unfinished shard (its ``.tmp`` stays for inspection; reruns rewrite it)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def index(self) -> dict:
+        """The ``model.safetensors.index.json`` contents for this layout."""
+        weight_map = {t.name: s.file_name for s in self.shards for t in s.tensors}
+        total = sum(s.data_bytes for s in self.shards)
+        return {"metadata": {"total_size": total}, "weight_map": weight_map}
+
+    def write_index(self) -> Path | None:
+        """Write the index json when there are several shards (one file needs none)."""
+        if len(self.shards) < 2:
+            return None
+        path = self.folder / SAFETENSORS_INDEX
+        path.write_text(json.dumps(self.index(), indent=2, sort_keys=True) + "\n")
+        return path
+
+    def _open(self, index: int) -> None:
+        if self._file is not None:
+            raise OutputError(
+                f"{self.shards[self._shard_index].file_name}: started "
+                f"{self.shards[index].file_name} before finishing it"
+            )
+        shard = self.shards[index]
+        self._shard_index, self._next_slot = index, 0
+        self._file = open(self.folder / f"{shard.file_name}.tmp", "wb")
+        self._file.write(struct.pack("<Q", len(shard.header)))
+        self._file.write(shard.header)
+
+    def _finish(self) -> None:
+        shard = self.shards[self._shard_index]
+        self._file.flush()
+        os.fsync(self._file.fileno())  # on disk before the name says "complete"
+        self._file.close()
+        self._file = None
+        os.replace(self.folder / f"{shard.file_name}.tmp", self.folder / shard.file_name)
+        self.done.add(shard.file_name)

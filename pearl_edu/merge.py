@@ -1,0 +1,626 @@
+"""The streaming merge: config -> plan -> read -> math -> write, one tensor at a time.
+
+The heart of this module is the loop in `merge`::
+
+    for job, inputs in read_ahead(jobs, readers, dtype=..., device=...):
+        merged = merge_tensor(job.method, inputs, job.base_index, job.params, name=job.name)
+        write_behind.write(job.name, output_tensor(merged, job.dtype, inputs))
+
+Everything else is there to make that loop safe and fast:
+
+- **memory and speed**: inputs are read into reused buffers, a tensor at a time; a
+  background thread reads the next tensor's inputs while the current one is merged (two
+  sets of buffers, and never more than `READ_AHEAD_BYTES` read ahead, so the embeddings of
+  a 7B model are not held twice), and another writes the previous result to disk.
+- **a folder that only looks complete when it is complete**: everything is written into
+  a hidden sibling folder ``.<name>.partial`` and renamed to ``<name>`` at the end.
+- **resume**: each shard is written as ``.tmp`` and renamed when complete, and a manifest
+  records which merge the partial folder belongs to; rerunning the same merge after an
+  interruption (even ``kill -9``) skips the finished shards and produces byte-identical
+  files, because the layout is fixed in advance and the math is deterministic.
+
+For testing resume, the internal environment variable ``PEARL_EDU_KILL_AFTER_TENSORS=N``
+makes the process kill itself with SIGKILL after writing N tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from pearl_edu._version import __version__
+from pearl_edu.config import MergeConfig, load_config
+from pearl_edu.devices import resolve_device
+from pearl_edu.errors import ConfigError, ModelError, OutputError
+from pearl_edu.hub import resolve_model
+from pearl_edu.io import (
+    ModelHeader,
+    ModelReader,
+    OutputTensor,
+    Shard,
+    ShardedWriter,
+    layout_shards,
+    read_header,
+)
+from pearl_edu.methods import merge_tensor
+from pearl_edu.plan import MergePlan, TensorPlan, plan
+
+MANIFEST = ".pearl-edu-merge.json"
+# Read ahead at most this many bytes of inputs while the current tensor is merged.
+READ_AHEAD_BYTES = 512 * 1024**2
+# Files copied from the base model, when present, so the merged folder is usable as is.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "chat_template.jinja",
+)
+DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+}
+DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What `merge` did: where the model is, what was written and how long it took."""
+
+    output_dir: Path
+    weight_files: tuple[str, ...]
+    num_tensors: int
+    bytes_written: int
+    resumed_tensors: int  # taken from shards finished by an earlier, interrupted run
+    device: torch.device
+    seconds: float
+
+
+def merge(
+    config: MergeConfig | str | Path,
+    output_dir: str | Path,
+    *,
+    device: str = "auto",
+    shard_size: str | int = "5GB",
+    force: bool = False,
+    progress: bool | None = None,
+) -> MergeResult:
+    """Merge the models of ``config`` into the Hugging Face model folder ``output_dir``.
+
+    ``config`` is a `MergeConfig`, or anything `load_config` accepts (a YAML path, YAML
+    text, a shipped recipe's name). ``progress=None`` shows a progress bar only on a
+    terminal; ``False`` never. Bad input raises a `PearlEduError` before anything is
+    written.
+    """
+    started = time.perf_counter()
+    # config -> plan: every mistake is reported here, before anything is written.
+    if not isinstance(config, MergeConfig):
+        config = load_config(config)
+    compute_device = resolve_device(device)
+    max_shard_bytes = parse_size(shard_size)
+    compute_dtype = torch_dtype(config.dtype, key="dtype") if config.dtype else None
+    model_dirs = {ref: resolve_model(ref) for ref in config.models()}
+    output_dir = Path(output_dir).expanduser().absolute()
+    check_output_dir(output_dir, model_dirs.values(), force=force)
+    headers = {ref: read_header(path) for ref, path in model_dirs.items()}
+    merge_plan = plan(config, headers)
+    check_input_shapes(merge_plan.tensors, headers)
+
+    # The output files are laid out in advance; an interrupted run may have finished some.
+    shards = layout_shards(
+        [OutputTensor(job.name, tuple(job.shape), job.dtype) for job in merge_plan.tensors],
+        max_shard_bytes,
+    )
+    partial = partial_dir(output_dir)
+    finished = prepare_partial_dir(partial, merge_identity(merge_plan, shards, headers), shards)
+    shard_of = {t.name: shard.file_name for shard in shards for t in shard.tensors}
+    jobs = [job for job in merge_plan.tensors if shard_of[job.name] not in finished]
+
+    # read -> math -> write, one tensor at a time.
+    writer = ShardedWriter(partial, shards, done=finished)
+    readers = {ref: ModelReader(header) for ref, header in headers.items()}
+    total = sum(shard.data_bytes for shard in shards)
+    remaining = sum(job.nbytes for job in jobs)
+    bar = progress_bar(total, initial=total - remaining, enabled=progress)
+    write_behind = WriteBehind(writer)
+    try:
+        for job, inputs in read_ahead(jobs, readers, dtype=compute_dtype, device=compute_device):
+            merged = merge_tensor(job.method, inputs, job.base_index, job.params, name=job.name)
+            write_behind.write(job.name, output_tensor(merged, job.dtype, inputs))
+            bar.update(job.nbytes)
+        write_behind.finish()
+    finally:
+        bar.close()
+        write_behind.close()
+        writer.close()
+        for reader in readers.values():
+            reader.close()
+
+    writer.write_index()
+    base_dir = model_dirs[merge_plan.base_model]
+    write_model_files(partial, config, merge_plan, base_dir, output_dir.name)
+    publish(partial, output_dir)
+    return MergeResult(
+        output_dir=output_dir,
+        weight_files=tuple(shard.file_name for shard in shards),
+        num_tensors=len(merge_plan.tensors),
+        bytes_written=remaining,
+        resumed_tensors=len(merge_plan.tensors) - len(jobs),
+        device=compute_device,
+        seconds=time.perf_counter() - started,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Reading ahead: the next tensor's inputs are read while the current one is merged
+# --------------------------------------------------------------------------------------
+
+
+class BufferSet:
+    """One reusable uint8 buffer per input of a job; the reader reads straight into them.
+
+    Fresh memory is slow (the kernel zeroes every page on first touch: a 117 MB tensor
+    reads about 4x slower into a new buffer than into a reused one), so each buffer is
+    allocated once at ``keep_bytes``, the largest ordinary input. Larger tensors (a 7B
+    model's embeddings) get a buffer of their own that is dropped after use.
+    """
+
+    def __init__(self, keep_bytes: int, pinned: bool) -> None:
+        self.keep_bytes = keep_bytes
+        self.pinned = pinned
+        self.buffers: list[torch.Tensor] = []
+
+    def buffer(self, index: int, nbytes: int) -> torch.Tensor:
+        """A buffer of at least ``nbytes`` for input ``index``."""
+        while len(self.buffers) <= index:
+            self.buffers.append(torch.empty(0, dtype=torch.uint8))
+        size = self.buffers[index].numel()
+        if size < nbytes or size > max(nbytes, self.keep_bytes):
+            self.buffers[index] = torch.empty(0, dtype=torch.uint8)  # free before allocating
+            new_size = max(nbytes, self.keep_bytes)
+            self.buffers[index] = torch.empty(new_size, dtype=torch.uint8, pin_memory=self.pinned)
+        return self.buffers[index]
+
+
+def read_ahead(
+    jobs: Sequence[TensorPlan],
+    readers: Mapping[str, ModelReader],
+    *,
+    dtype: torch.dtype | None,
+    device: torch.device,
+    budget_bytes: int = READ_AHEAD_BYTES,
+) -> Iterator[tuple[TensorPlan, list[torch.Tensor]]]:
+    """Yield ``(job, inputs)`` in order, reading the next job's inputs in a background thread.
+
+    Inputs are cast to ``dtype`` (the config's ``dtype``) as they are loaded, before any
+    arithmetic, and moved to ``device``. They are valid until the next iteration: their
+    buffers are then reused. Two buffer sets alternate, and the thread starts reading a
+    job early only while the bytes in flight stay within ``budget_bytes``.
+    """
+
+    def input_bytes(job: TensorPlan) -> list[int]:
+        return [readers[i.model].header.tensors[i.tensor].nbytes for i in job.inputs]
+
+    def job_bytes(job: TensorPlan) -> int:
+        return sum(input_bytes(job))
+
+    # Jobs that fit the budget twice over are double-buffered; the largest of their
+    # inputs sets the size of the buffers that are kept.
+    ordinary = [job for job in jobs if 2 * job_bytes(job) <= budget_bytes]
+    keep_bytes = max((n for job in ordinary for n in input_bytes(job)), default=0)
+    pinned = device.type == "cuda"
+    free_sets: queue.Queue[BufferSet] = queue.Queue()
+    for _ in range(2):
+        free_sets.put(BufferSet(keep_bytes, pinned))
+    ready: queue.Queue[Any] = queue.Queue()
+    in_flight = InFlightBytes(budget_bytes)
+    stop = threading.Event()
+    finished = object()
+
+    def read_all() -> None:
+        try:
+            for job in jobs:
+                buffers = free_sets.get()
+                in_flight.acquire(job_bytes(job), stop)
+                if stop.is_set():
+                    return
+                inputs = [
+                    load_input(readers[i.model], i.tensor, buffers, k, dtype, device)
+                    for k, i in enumerate(job.inputs)
+                ]
+                ready.put((job, inputs, buffers))
+            ready.put(finished)
+        except BaseException as err:  # handed to the merging thread, which raises it
+            ready.put(err)
+
+    thread = threading.Thread(target=read_all, name="pearl-edu-reader", daemon=True)
+    thread.start()
+    try:
+        while (item := ready.get()) is not finished:
+            if isinstance(item, BaseException):
+                raise item
+            job, inputs, buffers = item
+            yield job, inputs
+            del inputs  # the caller is done with them: give their memory back
+            in_flight.release(job_bytes(job))
+            free_sets.put(buffers)
+    finally:
+        stop.set()
+        in_flight.wake()
+        free_sets.put(BufferSet(0, pinned))  # unblock a reader waiting for buffers
+        thread.join()
+
+
+def load_input(
+    reader: ModelReader,
+    name: str,
+    buffers: BufferSet,
+    index: int,
+    dtype: torch.dtype | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """Read one input tensor into its buffer, then cast it and move it for the math."""
+    nbytes = reader.header.tensors[name].nbytes
+    tensor = reader.read(name, out=buffers.buffer(index, nbytes))
+    return tensor.to(device=device, dtype=dtype or tensor.dtype, non_blocking=True)
+
+
+class InFlightBytes:
+    """Counts the input bytes read but not yet merged, and makes the reader wait."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.count = 0
+        self.condition = threading.Condition()
+
+    def acquire(self, nbytes: int, stop: threading.Event) -> None:
+        """Wait until ``nbytes`` more fit the budget (a job alone always fits)."""
+        with self.condition:
+            while self.count and self.count + nbytes > self.budget and not stop.is_set():
+                self.condition.wait()
+            self.count += nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self.condition:
+            self.count -= nbytes
+            self.condition.notify_all()
+
+    def wake(self) -> None:
+        with self.condition:
+            self.condition.notify_all()
+
+
+def output_tensor(
+    merged: torch.Tensor, dtype: torch.dtype, inputs: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """The merged tensor as it is written: on the CPU, in the plan's output dtype.
+
+    Never a view of an input: input buffers are reused by the reader thread while this
+    tensor waits to be written (a method may return an input unchanged, e.g. at t = 0).
+    """
+    result = merged.to(device="cpu", dtype=dtype)
+    storage = result.untyped_storage().data_ptr()
+    if any(storage == x.untyped_storage().data_ptr() for x in inputs):
+        result = result.clone()
+    return result
+
+
+class WriteBehind:
+    """Writes merged tensors to disk in a background thread while the next one is merged.
+
+    At most ``pending`` tensors wait in line, which bounds the memory they hold. An error
+    in the thread (a full disk) is raised in the merging thread at its next `write` or
+    at `finish`.
+    """
+
+    def __init__(self, writer: ShardedWriter, pending: int = 1) -> None:
+        self.writer = writer
+        self.queue: queue.Queue[tuple[str, torch.Tensor] | None] = queue.Queue(maxsize=pending)
+        self.error: BaseException | None = None
+        self.written = 0
+        self.thread = threading.Thread(target=self._write_all, name="pearl-edu-writer")
+        self.thread.start()
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue ``tensor`` for writing (waits while the line is full)."""
+        self._raise_error()
+        self.queue.put((name, tensor))
+
+    def finish(self) -> None:
+        """Wait until every queued tensor is on disk; raise the thread's error if any."""
+        self.close()
+        self._raise_error()
+
+    def close(self) -> None:
+        """Stop the thread after the tensors already queued (safe to call twice)."""
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+
+    def _write_all(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is not None:
+                continue  # keep draining so that the merging thread never blocks
+            try:
+                self.writer.write(*item)
+                self.written += 1
+                kill_self_if_testing(self.written)
+            except BaseException as err:  # raised again in the merging thread
+                self.error = err
+
+    def _raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+# --------------------------------------------------------------------------------------
+# Checks made before anything is written
+# --------------------------------------------------------------------------------------
+
+
+SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(size: str | int) -> int:
+    """Bytes in ``size``: an int, or text such as ``"5GB"``, ``"500MB"``, ``"2GiB"``.
+
+    ``KB``/``MB``/``GB`` are powers of 1000 and ``KiB``/``MiB``/``GiB`` powers of 1024,
+    as in mergekit.
+    """
+    if isinstance(size, int) and not isinstance(size, bool):
+        number = size
+    else:
+        match = SIZE_PATTERN.match(str(size))
+        if match is None:
+            raise ConfigError(
+                f"shard size {size!r} is not understood: expected bytes such as 5GB, 500MB, "
+                "2GiB or 1000000"
+            )
+        value, unit = match.group(1), (match.group(2) or "b").lower()
+        power = "bkmgt".index(unit[0])  # b = 0, k = 1, m = 2, ...
+        base = 1024 if "i" in unit else 1000
+        number = int(float(value) * base**power)
+    if number <= 0:
+        raise ConfigError(f"shard size {size!r} must be more than 0 bytes")
+    return number
+
+
+def torch_dtype(name: str, *, key: str) -> torch.dtype:
+    """The torch dtype of a config's dtype name (``bfloat16``, ``float16``, ``float32``)."""
+    dtype = DTYPES.get(str(name).lower().removeprefix("torch."))
+    if dtype is None:
+        raise ConfigError(f"{key}: {name!r} is not a dtype; expected bfloat16, float16 or float32")
+    return dtype
+
+
+def check_output_dir(output_dir: Path, model_dirs: Sequence[Path], *, force: bool) -> None:
+    """Refuse an output that would overwrite a model (its own input) or someone's files."""
+    target = output_dir.resolve()
+    for model_dir in model_dirs:
+        source = Path(model_dir).resolve()
+        if target == source or target.is_relative_to(source):
+            raise OutputError(f"output folder {output_dir} is inside input model folder {source}")
+        if source.is_relative_to(target):
+            raise OutputError(f"output folder {output_dir} contains input model folder {source}")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OutputError(f"output {output_dir} exists and is not a folder")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not force:
+        raise OutputError(f"output folder {output_dir} is not empty; pass --force to replace it")
+
+
+def check_input_shapes(jobs: Sequence[TensorPlan], headers: Mapping[str, ModelHeader]) -> None:
+    """Refuse, before reading any weight, to merge tensors whose shapes differ."""
+    for job in jobs:
+        shapes = {i.model: headers[i.model].tensors[i.tensor].shape for i in job.inputs}
+        if len(set(shapes.values())) > 1:
+            listed = ", ".join(f"{model} {list(shape)}" for model, shape in shapes.items())
+            raise ModelError(
+                f"{job.name}: shapes differ ({listed}); merge only models of the same "
+                "architecture and size (for different vocabularies, align the tokenizers "
+                "and resize the embeddings first)"
+            )
+
+
+# --------------------------------------------------------------------------------------
+# The partial folder, resume and publishing
+# --------------------------------------------------------------------------------------
+
+
+def partial_dir(output_dir: Path) -> Path:
+    """The hidden sibling folder the merge is written into: ``.<name>.partial``."""
+    return output_dir.parent / f".{output_dir.name}.partial"
+
+
+def merge_identity(
+    merge_plan: MergePlan, shards: Sequence[Shard], headers: Mapping[str, ModelHeader]
+) -> str:
+    """A hash of everything that determines the output bytes, to recognise a rerun.
+
+    The plan (names, inputs, methods, parameters, dtypes), the shard layout, the
+    config, pearl_edu's version and the input weight files (path, size, modification time).
+    """
+    description = {
+        "version": __version__,
+        "config": merge_plan.config.raw,
+        "tensors": [
+            [
+                job.name,
+                job.method,
+                sorted(job.params.items()),
+                [[i.model, i.tensor] for i in job.inputs],
+                job.base_index,
+                list(job.shape),
+                str(job.dtype),
+            ]
+            for job in merge_plan.tensors
+        ],
+        "shards": [[s.file_name, hashlib.sha256(s.header).hexdigest()] for s in shards],
+        "inputs": {
+            ref: [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in header.files]
+            for ref, header in headers.items()
+        },
+    }
+    text = json.dumps(description, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def prepare_partial_dir(partial: Path, identity: str, shards: Sequence[Shard]) -> set[str]:
+    """Create (or reopen) the partial folder; return the shard files already finished.
+
+    A partial folder from the same merge is resumed; one from another merge (another
+    config, other inputs) is started afresh. A folder of that name not made by
+    pearl_edu is refused rather than deleted.
+    """
+    manifest = partial / MANIFEST
+    if partial.exists():
+        if manifest.is_file() and read_identity(manifest) == identity:
+            for leftover in partial.glob("*.tmp"):
+                leftover.unlink()
+            return {
+                shard.file_name
+                for shard in shards
+                if (partial / shard.file_name).is_file()
+                and (partial / shard.file_name).stat().st_size == shard.file_bytes
+            }
+        if not manifest.is_file() and any(partial.iterdir()):
+            raise OutputError(f"{partial} exists and was not made by pearl-edu; remove it")
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    temporary = partial / f"{MANIFEST}.tmp"
+    record = {"identity": identity, "shards": [shard.file_name for shard in shards]}
+    temporary.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    os.replace(temporary, manifest)
+    return set()
+
+
+def read_identity(manifest: Path) -> str | None:
+    """The merge identity recorded in a manifest, or None when it cannot be read."""
+    try:
+        return json.loads(manifest.read_text(encoding="utf-8")).get("identity")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
+def publish(partial: Path, output_dir: Path) -> None:
+    """Rename the finished partial folder to ``output_dir``, replacing what was there.
+
+    The manifest goes last: a crash just before that leaves a complete model with one
+    stray hidden file, never a partial folder that a rerun would not recognise.
+    """
+    retired = output_dir.parent / f".{output_dir.name}.replaced"
+    if output_dir.exists():
+        shutil.rmtree(retired, ignore_errors=True)
+        os.replace(output_dir, retired)
+    os.replace(partial, output_dir)
+    (output_dir / MANIFEST).unlink()
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------
+# The files beside the weights: config, tokenizer, model card
+# --------------------------------------------------------------------------------------
+
+
+def write_model_files(
+    folder: Path, config: MergeConfig, merge_plan: MergePlan, base_dir: Path, model_name: str
+) -> None:
+    """Write config.json, generation config, tokenizer, README.md and mergekit_config.yml."""
+    write_hf_config(folder, base_dir, merge_plan)
+    for name in ("generation_config.json", *TOKENIZER_FILES):
+        if (base_dir / name).is_file():
+            shutil.copyfile(base_dir / name, folder / name)
+    config_yaml = yaml.safe_dump(config.raw, sort_keys=False, default_flow_style=None)
+    (folder / "mergekit_config.yml").write_text(config_yaml, encoding="utf-8")
+    (folder / "README.md").write_text(model_card(config, config_yaml, model_name), encoding="utf-8")
+
+
+def write_hf_config(folder: Path, base_dir: Path, merge_plan: MergePlan) -> None:
+    """The base model's ``config.json`` with the output dtype and layer count updated."""
+    source = base_dir / "config.json"
+    hf_config = json.loads(source.read_text(encoding="utf-8")) if source.is_file() else {}
+    dtype_counts = Counter(job.dtype for job in merge_plan.tensors)
+    dtype = dtype_counts.most_common(1)[0][0]
+    for key in ("torch_dtype", "dtype"):
+        hf_config[key] = DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    hf_config["num_hidden_layers"] = merge_plan.num_layers
+    text = json.dumps(hf_config, indent=2) + "\n"
+    (folder / "config.json").write_text(text, encoding="utf-8")
+
+
+def model_card(config: MergeConfig, config_yaml: str, model_name: str) -> str:
+    """A README.md in the shape of mergekit's model cards: method, inputs, the YAML."""
+    models = config.models()
+    front_matter = yaml.safe_dump(
+        {
+            "base_model": models,
+            "library_name": "transformers",
+            "tags": ["mergekit", "merge", "pearl-edu"],
+        },
+        sort_keys=False,
+    )
+    listed = "\n".join(f"* {model}" for model in models)
+    base = f" with {config.base_model} as the base (t = 0)" if config.base_model else ""
+    return (
+        f"---\n{front_matter}---\n"
+        f"# {model_name}\n\n"
+        f"This is a merge of pre-trained language models made with pearl_edu {__version__}, "
+        "which reads mergekit's configuration format with mergekit's meaning.\n\n"
+        "## Merge details\n\n"
+        f"Merge method: `{config.merge_method}`{base}.\n\n"
+        f"Models merged:\n\n{listed}\n\n"
+        "## Configuration\n\n"
+        "The following YAML configuration was used to produce this model:\n\n"
+        f"```yaml\n{config_yaml}```\n"
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Progress and the testing hook
+# --------------------------------------------------------------------------------------
+
+
+def progress_bar(total: int, *, initial: int, enabled: bool | None) -> Any:
+    """A tqdm bar over bytes merged; ``None`` shows it only on a terminal."""
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc="merging",
+        disable=None if enabled is None else not enabled,
+    )
+
+
+def kill_self_if_testing(tensors_written: int) -> None:
+    """Simulate ``kill -9`` after N tensors when ``PEARL_EDU_KILL_AFTER_TENSORS=N`` is set."""
+    limit = os.environ.get("PEARL_EDU_KILL_AFTER_TENSORS")
+    if limit and tensors_written >= int(limit):
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 from pearl_edu.errors import HubError, ModelError
 
@@ -45,6 +47,29 @@ def looks_like_repo_id(ref: str) -> bool:
     return bool(REPO_ID.match(ref)) and not ref.startswith((".", "/", "~"))
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub's host answers a TCP connection within ``timeout`` seconds.
+
+    False at once when ``HF_HUB_OFFLINE`` is set. Checking first spares an offline reader
+    the client's minute of retries before the same answer.
+    """
+    from huggingface_hub import constants
+
+    if _offline_by_choice():
+        return False
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _offline_by_choice() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
 def download(repo_id: str) -> Path:
     """Download (or find in the cache) the files of ``repo_id`` that a merge needs."""
     from huggingface_hub import snapshot_download
@@ -56,9 +81,12 @@ def download(repo_id: str) -> Path:
         RepositoryNotFoundError,
     )
 
+    online = hub_reachable()
     try:
-        patterns = METADATA_PATTERNS + weight_patterns(repo_id)
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        patterns = METADATA_PATTERNS + weight_patterns(repo_id, online=online)
+        return Path(
+            snapshot_download(repo_id, allow_patterns=patterns, local_files_only=not online)
+        )
     except GatedRepoError:
         raise HubError(
             f"{repo_id}: the repository is gated; accept its terms on huggingface.co and "
@@ -80,7 +108,7 @@ def download(repo_id: str) -> Path:
         raise HubError(f"{repo_id}: download failed ({first_line[:200]})") from None
 
 
-def weight_patterns(repo_id: str) -> list[str]:
+def weight_patterns(repo_id: str, *, online: bool = True) -> list[str]:
     """Download one weight format only: safetensors if the repo has it, else ``.bin``.
 
     Offline the file list is unknown; both patterns are then given, and the cache
@@ -88,7 +116,7 @@ def weight_patterns(repo_id: str) -> list[str]:
     """
     from huggingface_hub import list_repo_files
 
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+    if not online or _offline_by_choice():
         return SAFETENSORS_PATTERNS + BIN_PATTERNS
     try:
         files = list_repo_files(repo_id)

@@ -75,3 +75,22 @@ def test_offline_uses_a_cached_snapshot(offline_empty_cache):
     snapshot.mkdir(parents=True)
     (snapshot / "config.json").write_text("{}")
     assert resolve_model("org/tiny") == snapshot
+
+
+def test_hub_reachable_is_false_offline(monkeypatch):
+    import socket
+
+    from pearl_edu.hub import hub_reachable
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub_reachable() is False
+
+    # With offline mode off, an endpoint nobody listens on is unreachable too.
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed_port}")
+    assert hub_reachable(timeout=1.0) is False

@@ -1,0 +1,327 @@
+"""Time `pearl-edu merge` against `mergekit-yaml` and against the I/O floor.
+
+    python bench/bench_merge.py [--layers 2 4] [--runs 3] [--keep]
+
+For each layer count it makes two Mistral-7B-shaped random bfloat16 models under
+``bench/out/`` (2 layers: 1.4 GB each, 4 layers: 2.3 GB each), writes a Pearl-like SLERP
+config, reads every input once so the page cache is warm, then runs, in turn and
+``--runs`` times each:
+
+- ``pearl-edu merge`` on the CPU,
+- ``mergekit-yaml --no-copy-tokenizer``,
+- the I/O floor (``bench/io_floor.py``: read both inputs, write one output, no math),
+  with ``fsync`` like pearl_edu's writer and without it like mergekit.
+
+Each run is wrapped in GNU time (``/usr/bin/time -v``) for its peak resident memory.
+Outputs are deleted between runs and ``sync`` is called outside the timings. Results go to
+``bench/results.json`` (every run, the medians, the ratios and the targets: the
+``summary`` list is one flat record per layer count, ready to plot) and ``bench/results.md``
+(the table the book includes). ``bench/out/`` is deleted at the end unless ``--keep``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+sys.path.insert(0, str(BENCH_DIR))
+
+from make_models import make_model_pair  # noqa: E402
+
+GNU_TIME = "/usr/bin/time"
+BIN = Path(sys.executable).parent
+TOOLS = ("pearl-edu", "mergekit", "floor", "floor-nosync")
+# The engine's goals, checked against the medians.
+TARGETS = {
+    "pearl_over_mergekit_max": 0.3,
+    "pearl_over_floor_max": 1.5,
+    "pearl_peak_rss_mb_max": 1536,
+    "pearl_rss_growth_max": 0.10,
+}
+
+SLERP_CONFIG = """\
+# Pearl-7B-slerp's recipe on {layers}-layer stand-ins of its parents.
+slices:
+  - sources:
+      - model: {a}
+        layer_range: [0, {layers}]
+      - model: {b}
+        layer_range: [0, {layers}]
+merge_method: slerp
+base_model: {a}
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: bfloat16
+"""
+
+
+def command_for(tool: str, config: Path, models: tuple[Path, Path], out: Path) -> list[str]:
+    """The command line that runs ``tool`` on one benchmark case."""
+    if tool == "pearl-edu":
+        return [
+            str(BIN / "pearl-edu"),
+            "merge",
+            str(config),
+            str(out),
+            "--device",
+            "cpu",
+            "--quiet",
+        ]
+    if tool == "mergekit":
+        return [str(BIN / "mergekit-yaml"), str(config), str(out), "--no-copy-tokenizer", "--quiet"]
+    floor = [sys.executable, str(BENCH_DIR / "io_floor.py"), str(models[0]), str(models[1])]
+    return floor + [str(out)] + (["--no-fsync"] if tool == "floor-nosync" else [])
+
+
+def timed_run(command: list[str], engine: Path) -> dict:
+    """Run ``command`` under GNU time; return its wall and CPU seconds and peak RSS in MB.
+
+    CPU time (user + system) is reported beside wall time because it is much less
+    disturbed by other programs running on the same machine. ``engine`` is the folder
+    that holds the copy of ``pearl_edu`` to run (see `snapshot_engine`).
+    """
+    started = time.perf_counter()
+    result = subprocess.run(
+        [GNU_TIME, "-v", *command],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(engine)},
+    )
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"{command[0]} failed:\n{result.stderr[-3000:]}")
+    report = gnu_time_fields(result.stderr)
+    user, system = float(report["User time (seconds)"]), float(report["System time (seconds)"])
+    return {
+        "seconds": seconds,
+        "cpu_seconds": user + system,
+        "peak_rss_mb": int(report["Maximum resident set size (kbytes)"]) * 1024 / 1e6,
+    }
+
+
+def gnu_time_fields(time_report: str) -> dict[str, str]:
+    """The "name: value" lines of GNU time's verbose report."""
+    fields = {}
+    for line in time_report.splitlines():
+        name, sep, value = line.strip().rpartition(": ")
+        if sep:
+            fields[name] = value
+    for wanted in ("User time (seconds)", "Maximum resident set size (kbytes)"):
+        if wanted not in fields:
+            raise SystemExit(f"GNU time printed no '{wanted}' line")
+    return fields
+
+
+def warm_page_cache(paths: list[Path]) -> None:
+    """Read every file once so that all tools start with the inputs in memory."""
+    buffer = bytearray(64 * 1024**2)
+    for folder in paths:
+        for file in sorted(folder.iterdir()):
+            with open(file, "rb", buffering=0) as f:
+                while f.readinto(buffer):
+                    pass
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.suffix == ".safetensors")
+
+
+def bench_one(layers: int, runs: int, out_root: Path, engine: Path) -> tuple[list[dict], dict]:
+    """Make the models for ``layers``, run every tool ``runs`` times, return runs and summary."""
+    case_dir = out_root / f"layers-{layers}"
+    models = (case_dir / "model_a", case_dir / "model_b")
+    if not all((m / "config.json").is_file() for m in models):
+        print(f"[{layers} layers] writing two Mistral-7B-shaped models ...", flush=True)
+        shutil.rmtree(case_dir, ignore_errors=True)
+        make_model_pair(case_dir, num_layers=layers, seed=layers)
+    config = case_dir / "slerp.yml"
+    config.write_text(SLERP_CONFIG.format(layers=layers, a=models[0], b=models[1]))
+    warm_page_cache(list(models))
+
+    records = []
+    for run in range(runs):
+        # The order rotates so that no tool always runs right after the same other one.
+        order = TOOLS[run % len(TOOLS) :] + TOOLS[: run % len(TOOLS)]
+        for tool in order:
+            out = case_dir / "merged"
+            # Also pearl-edu's hidden partial folder, or a run could resume an old one.
+            for leftover in (out, *case_dir.glob(".merged*")):
+                shutil.rmtree(leftover, ignore_errors=True)
+            subprocess.run(["sync"], check=True)
+            measured = timed_run(command_for(tool, config, models, out), engine)
+            records.append({"layers": layers, "tool": tool, "run": run, **measured})
+            print(
+                f"[{layers} layers] run {run} {tool:13s} {measured['seconds']:7.2f} s wall "
+                f"{measured['cpu_seconds']:7.2f} s CPU {measured['peak_rss_mb']:7.0f} MB",
+                flush=True,
+            )
+    output_bytes = folder_bytes(case_dir / "merged")
+    shutil.rmtree(case_dir / "merged", ignore_errors=True)
+    return records, summarize(layers, records, sum(map(folder_bytes, models)), output_bytes)
+
+
+def summarize(layers: int, records: list[dict], input_bytes: int, output_bytes: int) -> dict:
+    """Medians per tool and the ratios the targets are about, as one flat record."""
+
+    def median(tool: str, key: str) -> float:
+        return statistics.median(r[key] for r in records if r["tool"] == tool)
+
+    row = {"layers": layers, "input_gb": input_bytes / 1e9, "output_gb": output_bytes / 1e9}
+    for tool in TOOLS:
+        key = tool.replace("-", "_")
+        row[f"{key}_s"] = median(tool, "seconds")
+        row[f"{key}_cpu_s"] = median(tool, "cpu_seconds")
+        row[f"{key}_rss_mb"] = median(tool, "peak_rss_mb")
+    row["pearl_over_mergekit"] = row["pearl_edu_s"] / row["mergekit_s"]
+    row["pearl_over_floor"] = row["pearl_edu_s"] / row["floor_s"]
+    row["pearl_over_mergekit_cpu"] = row["pearl_edu_cpu_s"] / row["mergekit_cpu_s"]
+    return row
+
+
+def check_targets(summary: list[dict]) -> dict:
+    """Which of the engine's targets the medians meet."""
+    worst_rss = max(row["pearl_edu_rss_mb"] for row in summary)
+    smallest, largest = summary[0], summary[-1]
+    growth = largest["pearl_edu_rss_mb"] / smallest["pearl_edu_rss_mb"] - 1
+    return {
+        "pearl_over_mergekit": all(
+            r["pearl_over_mergekit"] <= TARGETS["pearl_over_mergekit_max"] for r in summary
+        ),
+        "pearl_over_floor": all(
+            r["pearl_over_floor"] <= TARGETS["pearl_over_floor_max"] for r in summary
+        ),
+        "pearl_peak_rss": worst_rss <= TARGETS["pearl_peak_rss_mb_max"],
+        "pearl_rss_growth": growth < TARGETS["pearl_rss_growth_max"],
+        "pearl_rss_growth_measured": growth,
+    }
+
+
+def markdown_table(summary: list[dict]) -> str:
+    """The results as a Markdown table (medians; CPU time is user + system)."""
+    lines = [
+        "| layers | inputs | pearl-edu | mergekit | I/O floor (fsync / none) "
+        "| pearl / mergekit | pearl / floor | CPU time pearl-edu / mergekit "
+        "| peak RSS pearl-edu | peak RSS mergekit |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in summary:
+        lines.append(
+            f"| {r['layers']} | {r['input_gb']:.1f} GB | {r['pearl_edu_s']:.1f} s "
+            f"| {r['mergekit_s']:.1f} s | {r['floor_s']:.1f} s / {r['floor_nosync_s']:.1f} s "
+            f"| {r['pearl_over_mergekit']:.2f}x | {r['pearl_over_floor']:.2f}x "
+            f"| {r['pearl_edu_cpu_s']:.0f} s / {r['mergekit_cpu_s']:.0f} s "
+            f"| {r['pearl_edu_rss_mb']:.0f} MB | {r['mergekit_rss_mb']:.0f} MB |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def snapshot_engine(folder: Path) -> Path:
+    """Copy ``pearl_edu`` into ``folder``, so that every run measures the same source.
+
+    The runs put ``folder`` first on ``PYTHONPATH``; edits to the working tree while the
+    benchmark runs then change nothing.
+    """
+    shutil.copytree(REPO_ROOT / "pearl_edu", folder / "pearl_edu")
+    return folder
+
+
+def engine_fingerprint(root: Path) -> str:
+    """A hash of the ``pearl_edu`` source files under ``root``, to name the measured state."""
+    digest = hashlib.sha256()
+    for path in sorted((root / "pearl_edu").rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    import torch
+
+    memory_kb = next(
+        int(line.split()[1])
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemTotal")
+    )
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "ram_gb": round(memory_kb / 1e6, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "mergekit": metadata.version("mergekit"),
+        "pearl_edu": metadata.version("pearl-edu"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=BENCH_DIR / "out")
+    parser.add_argument("--results", type=Path, default=BENCH_DIR / "results.json")
+    parser.add_argument("--keep", action="store_true", help="keep bench/out/ (the models)")
+    parser.add_argument("--note", default="", help="conditions worth recording with the results")
+    args = parser.parse_args()
+    if not Path(GNU_TIME).is_file():
+        raise SystemExit(
+            f"{GNU_TIME} (GNU time) is needed for peak memory; install it with "
+            "'sudo apt-get install time' (Debian/Ubuntu)"
+        )
+
+    all_runs, summary = [], []
+    with tempfile.TemporaryDirectory(prefix="pearl-edu-engine-") as snapshot:
+        engine = snapshot_engine(Path(snapshot))
+        fingerprint = engine_fingerprint(engine)
+        try:
+            for layers in args.layers:
+                runs, row = bench_one(layers, args.runs, args.out, engine)
+                all_runs += runs
+                summary.append(row)
+        finally:
+            if not args.keep:
+                shutil.rmtree(args.out, ignore_errors=True)
+
+    results = {
+        "about": "Median wall time and peak RSS of a Pearl-like SLERP merge of two "
+        "Mistral-7B-shaped bfloat16 models with few layers, warm page cache.",
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "note": args.note,
+        "machine": machine(),
+        "pearl_edu_source_sha256": fingerprint,
+        "runs_per_tool": args.runs,
+        "targets": TARGETS,
+        "targets_met": check_targets(summary),
+        "summary": summary,
+        "runs": all_runs,
+    }
+    args.results.write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown_table(summary)
+    args.results.with_suffix(".md").write_text(table)
+    print()
+    print(table)
+    print(json.dumps(results["targets_met"], indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The I/O floor of a two-model merge: read both inputs, write one output, no math.
+
+    python bench/io_floor.py MODEL_A MODEL_B OUTPUT_DIR [--no-fsync]
+
+Every merge must at least read each input tensor once and write each output tensor once.
+This script does exactly that and nothing else: for every tensor of model A it reads A's
+bytes and B's bytes into two reused buffers with positioned reads, and writes A's bytes
+into an output file of the same layout. Each output file is flushed to disk (``fsync``)
+when complete, as pearl_edu's writer does; ``--no-fsync`` leaves that to the kernel, as
+mergekit does. The time it takes is what a merge costs with infinitely fast math.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import struct
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from pearl_edu.io import read_header  # noqa: E402  (header parsing only; reads are below)
+
+
+def copy_through(model_a: Path, model_b: Path, out_dir: Path, *, fsync: bool = True) -> int:
+    """Read every tensor of both models and write A's layout to ``out_dir``; return bytes written."""
+    header_a, header_b = read_header(model_a), read_header(model_b)
+    out_dir.mkdir(parents=True, exist_ok=False)
+    largest = max(meta.nbytes for meta in header_a.tensors.values())
+    buffer_a, buffer_b = bytearray(largest), bytearray(largest)
+    written = 0
+    for file in header_a.files:
+        tensors = [m for m in header_a.tensors.values() if m.file == file]
+        with open(out_dir / file.name, "wb") as out, open(file, "rb") as source:
+            out.write(file_header(source))
+            for meta_a in tensors:
+                meta_b = header_b.tensors[meta_a.name]
+                view_a = memoryview(buffer_a)[: meta_a.nbytes]
+                pread_exactly(meta_a.file, meta_a.offset, view_a)
+                pread_exactly(meta_b.file, meta_b.offset, memoryview(buffer_b)[: meta_b.nbytes])
+                out.write(view_a)
+                written += meta_a.nbytes
+            if fsync:
+                out.flush()
+                os.fsync(out.fileno())
+    # The small files that make the output a model folder: the same as A's.
+    for name in ("config.json", "model.safetensors.index.json"):
+        if (model_a / name).is_file():
+            shutil.copyfile(model_a / name, out_dir / name)
+    return written
+
+
+def file_header(source) -> bytes:
+    """The 8-byte length and the JSON header of an open safetensors file."""
+    prefix = source.read(8)
+    (length,) = struct.unpack("<Q", prefix)
+    return prefix + source.read(length)
+
+
+_open_files: dict[Path, int] = {}
+
+
+def pread_exactly(file: Path, offset: int, view: memoryview) -> None:
+    """Fill ``view`` with the bytes of ``file`` from ``offset`` (positioned reads)."""
+    fd = _open_files.get(file)
+    if fd is None:
+        fd = _open_files[file] = os.open(file, os.O_RDONLY)
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise OSError(f"{file}: ends before byte {offset + len(view)}")
+        done += got
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model_a", type=Path)
+    parser.add_argument("model_b", type=Path)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--no-fsync", action="store_true", help="do not flush outputs to disk")
+    args = parser.parse_args()
+    written = copy_through(args.model_a, args.model_b, args.out_dir, fsync=not args.no_fsync)
+    print(f"wrote {written / 1e9:.2f} GB")
+
+
+if __name__ == "__main__":
+    main()

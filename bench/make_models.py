@@ -1,0 +1,189 @@
+"""Write a pair of Mistral-7B-shaped random models, fast, deterministically, tensor by tensor.
+
+    python bench/make_models.py OUT_DIR --layers 2
+
+writes ``OUT_DIR/model_a`` and ``OUT_DIR/model_b``: Hugging Face folders with Mistral-7B's
+shapes (hidden 4096, intermediate 14336, 32/8 heads, vocab 32000) and ``--layers`` decoder
+layers, bfloat16 safetensors shards plus an index. ``model_b`` is ``model_a`` plus noise,
+like two fine-tunes of one parent: SLERP sees an angle of about 27 degrees, well away
+from its linear fallback. One tensor of each model is in memory at a time, so the full
+32-layer pair (2 x 14.5 GB) can be made on a machine with a few GB of RAM.
+
+Shape arguments let tests make the same kind of pair at toy size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import struct
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from pearl_edu.toy import hf_config, tensor_shapes  # noqa: E402
+
+# Mistral-7B-v0.1, the shape of both of Pearl-7B-slerp's parents.
+MISTRAL_7B = dict(
+    hidden_size=4096, intermediate_size=14336, num_heads=32, num_kv_heads=8, vocab_size=32000
+)
+INIT_STD = 0.02
+NORM_SPREAD = 0.1
+# model_b = model_a + SIBLING_NOISE * N(0, std^2): cos(angle) = 1 / sqrt(1 + 0.5^2) = 0.89.
+SIBLING_NOISE = 0.5
+DEFAULT_SHARD_BYTES = 5 * 10**9
+
+
+def make_model_pair(
+    out_dir: str | Path,
+    *,
+    num_layers: int,
+    seed: int = 0,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    hidden_size: int = MISTRAL_7B["hidden_size"],
+    intermediate_size: int = MISTRAL_7B["intermediate_size"],
+    num_heads: int = MISTRAL_7B["num_heads"],
+    num_kv_heads: int = MISTRAL_7B["num_kv_heads"],
+    vocab_size: int = MISTRAL_7B["vocab_size"],
+    device: str = "cpu",
+) -> tuple[Path, Path]:
+    """Write ``model_a`` and ``model_b`` under ``out_dir`` and return their paths.
+
+    ``device="cuda"`` draws the random numbers on the GPU, many times faster for the
+    full-size pair; the values then differ from the CPU's (each is deterministic).
+    """
+    config = hf_config(
+        arch="mistral",
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        vocab_size=vocab_size,
+        tie_embeddings=False,
+    )
+    config["torch_dtype"] = config["dtype"] = "bfloat16"
+    shapes = tensor_shapes(config)
+    shards = split_by_bytes(shapes, shard_bytes)
+
+    dirs = (Path(out_dir) / "model_a", Path(out_dir) / "model_b")
+    for model_dir in dirs:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        write_json(model_dir / "config.json", config)
+        write_json(model_dir / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2})
+
+    generator = torch.Generator(device=device).manual_seed(seed)
+    tensors = sibling_tensors(shapes, generator)
+    weight_map = {}
+    for file_name, names in shards.items():
+        header = safetensors_header({name: shapes[name] for name in names})
+        with open(dirs[0] / file_name, "wb") as file_a, open(dirs[1] / file_name, "wb") as file_b:
+            file_a.write(header)
+            file_b.write(header)
+            for name in names:
+                made, a, b = next(tensors)
+                assert made == name, "tensors are generated in shard order"
+                file_a.write(a.view(torch.uint8).numpy())
+                file_b.write(b.view(torch.uint8).numpy())
+        weight_map.update(dict.fromkeys(names, file_name))
+
+    if len(shards) > 1:
+        total = sum(2 * numel(shape) for shape in shapes.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        for model_dir in dirs:
+            write_json(model_dir / "model.safetensors.index.json", index)
+    return dirs
+
+
+def sibling_tensors(
+    shapes: dict[str, tuple[int, ...]], generator: torch.Generator
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Yield (name, a, b) in ``shapes`` order: a random bf16 tensor a, and b = a + noise.
+
+    The tensors are drawn on the generator's device and returned on the CPU.
+    """
+    device = generator.device
+    for name, shape in shapes.items():
+        a = torch.randn(shape, generator=generator, device=device)
+        if name.endswith("norm.weight"):
+            a = 1.0 + NORM_SPREAD * a
+            noise_scale = NORM_SPREAD * SIBLING_NOISE
+        else:
+            a = INIT_STD * a
+            noise_scale = INIT_STD * SIBLING_NOISE
+        b = torch.randn(shape, generator=generator, device=device).mul_(noise_scale).add_(a)
+        yield name, a.to("cpu", torch.bfloat16), b.to("cpu", torch.bfloat16)
+
+
+def split_by_bytes(shapes: dict[str, tuple[int, ...]], shard_bytes: int) -> dict[str, list[str]]:
+    """Group tensors, in order, into shards of at most ``shard_bytes`` (bf16), HF-named."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        nbytes = 2 * numel(shape)
+        if groups[-1] and size + nbytes > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    if len(groups) == 1:
+        return {"model.safetensors": groups[0]}
+    count = len(groups)
+    return {f"model-{i:05d}-of-{count:05d}.safetensors": g for i, g in enumerate(groups, 1)}
+
+
+def safetensors_header(shapes: dict[str, tuple[int, ...]]) -> bytes:
+    """The 8-byte length plus JSON header of a bf16 safetensors file holding ``shapes``."""
+    entries: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in shapes.items():
+        end = offset + 2 * numel(shape)
+        entries[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data that follows starts 8-byte aligned
+    return struct.pack("<Q", len(text)) + text
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--layers", type=int, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shard-gb", type=float, default=DEFAULT_SHARD_BYTES / 1e9)
+    parser.add_argument("--hidden-size", type=int, default=MISTRAL_7B["hidden_size"])
+    parser.add_argument("--intermediate-size", type=int, default=MISTRAL_7B["intermediate_size"])
+    parser.add_argument("--vocab-size", type=int, default=MISTRAL_7B["vocab_size"])
+    parser.add_argument("--device", default="cpu", help="where to draw the random numbers")
+    args = parser.parse_args()
+    dirs = make_model_pair(
+        args.out_dir,
+        num_layers=args.layers,
+        seed=args.seed,
+        shard_bytes=int(args.shard_gb * 1e9),
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        vocab_size=args.vocab_size,
+        device=args.device,
+    )
+    print(*dirs)
+
+
+if __name__ == "__main__":
+    main()

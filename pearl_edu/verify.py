@@ -1,0 +1,348 @@
+"""Compare two model folders tensor by tensor, without loading either model whole.
+
+`verify` answers the question a reader asks after re-running a merge: "is my model the
+same as the published one?". It streams both folders through `pearl_edu.io`, one tensor
+at a time, and compares the values in float64 in chunks, so memory stays a few tensors.
+
+For every tensor present in both models it records the largest absolute difference,
+
+$$ \\max_i |a_i - b_i|, $$
+
+how many elements differ at all, and how far apart the two values are in units in the
+last place (ULP) of the tensor's dtype: two bfloat16 numbers that are neighbours on the
+bfloat16 number line are 1 ULP apart. "One ULP on a few elements" is what two correct
+implementations of the same float32 math produce when they round a sum in a different
+order; anything larger points at a real difference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from pearl_edu.errors import ModelError
+
+# Elements compared per step: 4M float64 values are 32 MB, small next to a 7B tensor.
+CHUNK_ELEMENTS = 4 * 1024 * 1024
+
+# Integer types with the same width as each float type, to read a float's bit pattern.
+_SAME_WIDTH_INT = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+}
+
+
+class _HasShape(Protocol):
+    """A tensor, or a header's description of one."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+Progress = Callable[[int, int, str], None]
+"""Called as ``progress(done, total, tensor_name)`` after each tensor is compared."""
+
+
+@dataclass(frozen=True)
+class TensorComparison:
+    """How one tensor present in both models compares."""
+
+    name: str
+    shape_a: tuple[int, ...]
+    shape_b: tuple[int, ...]
+    dtype_a: torch.dtype
+    dtype_b: torch.dtype
+    num_elements: int
+    num_differing: int = 0
+    max_abs_diff: float = 0.0
+    max_ulp_diff: int | None = 0
+    """ULP distance in the common dtype; None when shapes or dtypes differ, or for integers."""
+
+    @property
+    def same_layout(self) -> bool:
+        """Same shape and same dtype, the precondition for the models to be the same."""
+        return self.shape_a == self.shape_b and self.dtype_a == self.dtype_b
+
+    @property
+    def identical(self) -> bool:
+        """Same shape, same dtype, same value in every element."""
+        return self.same_layout and self.num_differing == 0
+
+    def within(self, atol: float) -> bool:
+        """Same shape and dtype, and no element further apart than ``atol``."""
+        return self.same_layout and self.max_abs_diff <= atol
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """The result of comparing two model folders; ``ok`` says whether they agree."""
+
+    dir_a: Path
+    dir_b: Path
+    atol: float
+    tensors: tuple[TensorComparison, ...]
+    only_in_a: tuple[str, ...] = field(default=())
+    only_in_b: tuple[str, ...] = field(default=())
+
+    @property
+    def identical(self) -> bool:
+        """The same tensor names, shapes, dtypes, and the same value in every element."""
+        return self._same_names and all(t.identical for t in self.tensors)
+
+    @property
+    def ok(self) -> bool:
+        """The same tensor names, shapes and dtypes, and values within ``atol``."""
+        return self._same_names and all(t.within(self.atol) for t in self.tensors)
+
+    @property
+    def _same_names(self) -> bool:
+        return not self.only_in_a and not self.only_in_b
+
+    @property
+    def differing(self) -> list[TensorComparison]:
+        """Tensors that are not identical, the largest difference first."""
+        found = [t for t in self.tensors if not t.identical]
+        return sorted(found, key=_badness, reverse=True)
+
+    @property
+    def num_elements(self) -> int:
+        """Elements compared, over all tensors present in both models."""
+        return sum(t.num_elements for t in self.tensors)
+
+    @property
+    def num_differing(self) -> int:
+        """Elements whose values differ (all elements of a tensor whose shapes differ)."""
+        return sum(t.num_differing for t in self.tensors)
+
+    @property
+    def max_abs_diff(self) -> float:
+        """The largest absolute difference; infinite when some tensor's shapes differ."""
+        return max((t.max_abs_diff for t in self.tensors), default=0.0)
+
+    @property
+    def max_ulp_diff(self) -> int | None:
+        """The largest ULP distance; None when some tensor could not be measured in ULPs."""
+        ulps = [t.max_ulp_diff for t in self.tensors]
+        if any(u is None for u in ulps):
+            return None
+        return max(ulps, default=0)  # type: ignore[type-var]
+
+    def summary(self, max_rows: int = 20) -> str:
+        """A readable text report: the differing tensors as a table, then the totals."""
+        lines = [f"A: {self.dir_a}", f"B: {self.dir_b}"]
+        lines += _missing_lines("only in A", self.only_in_a, max_rows)
+        lines += _missing_lines("only in B", self.only_in_b, max_rows)
+        differing = self.differing
+        if differing:
+            lines.append("")
+            lines += _difference_table(differing[:max_rows])
+            if len(differing) > max_rows:
+                lines.append(f"... and {len(differing) - max_rows} more differing tensors")
+        lines.append("")
+        lines += self._totals()
+        return "\n".join(lines)
+
+    def _totals(self) -> list[str]:
+        fraction = self.num_differing / self.num_elements if self.num_elements else 0.0
+        ulp = self.max_ulp_diff
+        lines = [
+            f"tensors compared: {len(self.tensors)}, differing: {len(self.differing)}",
+            f"elements compared: {self.num_elements:,}, differing: {self.num_differing:,}"
+            f" ({fraction:.3%})",
+            f"largest absolute difference: {self.max_abs_diff:.6g}"
+            + (f" ({ulp} ULP)" if ulp is not None else ""),
+        ]
+        if self.identical:
+            verdict = "identical"
+        elif self.ok:
+            verdict = f"equal within atol={self.atol:g}"
+        else:
+            verdict = "DIFFERENT"
+        lines.append(f"result: {verdict}")
+        return lines
+
+
+def verify(
+    dir_a: str | Path,
+    dir_b: str | Path,
+    *,
+    atol: float = 0.0,
+    progress: Progress | None = None,
+) -> VerifyReport:
+    """Compare two model folders tensor by tensor and report every difference.
+
+    Only headers are read up front; values are read one tensor at a time from each model
+    and compared in chunks of float64, so memory stays a few tensors whatever the model size.
+    """
+    from pearl_edu.io import ModelReader, read_header
+
+    if not math.isfinite(atol) or atol < 0:
+        raise ModelError(f"atol must be a finite number >= 0, got {atol}")
+    header_a, header_b = read_header(dir_a), read_header(dir_b)
+    names_a, names_b = set(header_a.tensors), set(header_b.tensors)
+    common = [name for name in header_a.tensors if name in names_b]
+
+    comparisons = []
+    with ModelReader(header_a) as reader_a, ModelReader(header_b) as reader_b:
+        for done, name in enumerate(common, start=1):
+            meta_a, meta_b = header_a.tensors[name], header_b.tensors[name]
+            comparisons.append(_compare_one(name, meta_a, meta_b, reader_a, reader_b))
+            if progress is not None:
+                progress(done, len(common), name)
+
+    return VerifyReport(
+        dir_a=Path(dir_a),
+        dir_b=Path(dir_b),
+        atol=atol,
+        tensors=tuple(comparisons),
+        only_in_a=tuple(sorted(names_a - names_b)),
+        only_in_b=tuple(sorted(names_b - names_a)),
+    )
+
+
+def compare_tensors(name: str, a: torch.Tensor, b: torch.Tensor) -> TensorComparison:
+    """Compare two tensors: largest absolute difference, differing elements, ULP distance.
+
+    Shapes must match for values to be compared; a shape mismatch is recorded, not raised.
+    NaNs in the same places count as equal; a NaN facing a number counts as an infinite
+    difference.
+    """
+    if a.shape != b.shape:
+        return _shape_mismatch(name, a, b)
+    comparison = TensorComparison(
+        name=name,
+        shape_a=tuple(a.shape),
+        shape_b=tuple(b.shape),
+        dtype_a=a.dtype,
+        dtype_b=b.dtype,
+        num_elements=a.numel(),
+    )
+    measure_ulps = a.dtype == b.dtype and a.dtype in _SAME_WIDTH_INT
+    if a.dtype == b.dtype and torch.equal(a, b):
+        return comparison  # the common case, in one cheap pass: nothing to measure
+
+    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
+    num_differing, max_abs, max_ulp = 0, 0.0, 0
+    for start in range(0, flat_a.numel(), CHUNK_ELEMENTS):
+        chunk_a = flat_a[start : start + CHUNK_ELEMENTS]
+        chunk_b = flat_b[start : start + CHUNK_ELEMENTS]
+        differs, abs_diff = _elementwise_difference(chunk_a, chunk_b)
+        num_differing += int(differs.sum())
+        max_abs = max(max_abs, float(abs_diff.max()))
+        if measure_ulps:
+            max_ulp = max(max_ulp, int(ulp_distance(chunk_a, chunk_b).max()))
+    return replace(
+        comparison,
+        num_differing=num_differing,
+        max_abs_diff=max_abs,
+        max_ulp_diff=max_ulp if measure_ulps else None,
+    )
+
+
+def _shape_mismatch(name: str, a: _HasShape, b: _HasShape) -> TensorComparison:
+    """The record of two tensors that cannot be compared value by value."""
+    return TensorComparison(
+        name=name,
+        shape_a=tuple(a.shape),
+        shape_b=tuple(b.shape),
+        dtype_a=a.dtype,
+        dtype_b=b.dtype,
+        num_elements=math.prod(a.shape),
+        num_differing=math.prod(a.shape),
+        max_abs_diff=math.inf,
+        max_ulp_diff=None,
+    )
+
+
+def _compare_one(name: str, meta_a, meta_b, reader_a, reader_b) -> TensorComparison:
+    """Compare one tensor of the two models, reading values only when the shapes agree."""
+    if tuple(meta_a.shape) != tuple(meta_b.shape):
+        return _shape_mismatch(name, meta_a, meta_b)
+    return compare_tensors(name, reader_a.read(name), reader_b.read(name))
+
+
+def _elementwise_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which elements differ, and |a - b| in float64 (exact for every float dtype here)."""
+    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    both_nan = a64.isnan() & b64.isnan()
+    differs = (a64 != b64) & ~both_nan
+    # A NaN against a number is a difference without a size: call it infinite. Equal
+    # elements (infinities included, whose difference would be NaN) count as zero.
+    abs_diff = torch.nan_to_num((a64 - b64).abs(), nan=math.inf, posinf=math.inf)
+    abs_diff = torch.where(differs, abs_diff, 0.0)
+    return differs, abs_diff
+
+
+def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many steps of the dtype's number line separate ``a`` from ``b``, elementwise.
+
+    Both must have the same floating dtype (float16, bfloat16, float32 or float64); the
+    result is int64. Neighbouring values are 1 apart; +0 and -0 are 0 apart.
+
+    A float's bit pattern read as a sign-magnitude integer is ordered like the floats it
+    encodes; turning it into an ordinary signed integer makes neighbours differ by one.
+    """
+    return (_ordered_bits(a) - _ordered_bits(b)).abs()
+
+
+def _ordered_bits(x: torch.Tensor) -> torch.Tensor:
+    """The bit pattern of ``x`` as an int64 that increases by one from a float to the next."""
+    int_dtype = _SAME_WIDTH_INT[x.dtype]
+    bits = x.contiguous().view(int_dtype).to(torch.int64)
+    magnitude_mask = (1 << (torch.iinfo(int_dtype).bits - 1)) - 1
+    # Negative floats have the sign bit set: their magnitude counts downwards from zero.
+    return torch.where(bits < 0, -(bits & magnitude_mask), bits)
+
+
+def _badness(t: TensorComparison) -> tuple[bool, float, int]:
+    """Sort key: layout mismatches first, then by largest difference, then by count."""
+    return (not t.same_layout, t.max_abs_diff, t.num_differing)
+
+
+def _missing_lines(label: str, names: tuple[str, ...], max_rows: int) -> list[str]:
+    if not names:
+        return []
+    lines = [f"{len(names)} tensors {label}:"] + [f"  {name}" for name in names[:max_rows]]
+    if len(names) > max_rows:
+        lines.append(f"  ... and {len(names) - max_rows} more")
+    return lines
+
+
+def _difference_table(rows: list[TensorComparison]) -> list[str]:
+    """Format differing tensors as an aligned text table."""
+    header = ("tensor", "max |a-b|", "ULP", "differing", "note")
+    body = [
+        (
+            t.name,
+            f"{t.max_abs_diff:.4g}",
+            "-" if t.max_ulp_diff is None else str(t.max_ulp_diff),
+            f"{t.num_differing:,}/{t.num_elements:,}",
+            _layout_note(t),
+        )
+        for t in rows
+    ]
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *body]
+    ]
+
+
+def _layout_note(t: TensorComparison) -> str:
+    notes = []
+    if t.shape_a != t.shape_b:
+        notes.append(f"shape {list(t.shape_a)} vs {list(t.shape_b)}")
+    if t.dtype_a != t.dtype_b:
+        notes.append(f"dtype {_dtype_name(t.dtype_a)} vs {_dtype_name(t.dtype_b)}")
+    return ", ".join(notes)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -1,0 +1,151 @@
+"""Tests of the benchmark's own parts, at toy size: model making, I/O floor, tables, GPU check."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pearl_edu.io import read_header
+from pearl_edu.toy import hf_config, load_state_dict, tensor_shapes
+from pearl_edu.verify import verify
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import bench_merge  # noqa: E402
+import io_floor  # noqa: E402
+from make_models import make_model_pair  # noqa: E402
+
+TOY = dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, vocab_size=96)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> tuple[Path, Path]:
+    # 20 kB shards: the toy model is spread over several files, with an index.
+    return make_model_pair(
+        tmp_path_factory.mktemp("bench") / "pair", num_layers=2, shard_bytes=20_000, **TOY
+    )
+
+
+def test_model_pair_has_real_names_shapes_and_sharding(pair):
+    model_a, model_b = pair
+    config = hf_config(arch="mistral", num_layers=2, tie_embeddings=False, **TOY)
+    expected = tensor_shapes(config)
+    for model_dir in pair:
+        header = read_header(model_dir)
+        assert {n: m.shape for n, m in header.tensors.items()} == expected
+        assert {m.dtype for m in header.tensors.values()} == {torch.bfloat16}
+        assert len(header.files) > 1
+        assert (model_dir / "model.safetensors.index.json").is_file()
+    assert read_header(model_a).config["num_hidden_layers"] == 2
+
+
+def test_model_b_is_a_sibling_of_model_a(pair):
+    a, b = (load_state_dict(m) for m in pair)
+    q = "model.layers.1.self_attn.q_proj.weight"
+    cosine = torch.nn.functional.cosine_similarity(
+        a[q].double().flatten(), b[q].double().flatten(), 0
+    )
+    # b = a + 0.5 * std * noise: cos = 1 / sqrt(1.25) = 0.894, up to sampling error.
+    assert abs(float(cosine) - 0.894) < 0.02
+    norm = "model.norm.weight"
+    assert float(a[norm].float().mean()) == pytest.approx(1.0, abs=0.05)
+
+
+def test_model_pair_is_deterministic(tmp_path, pair):
+    again = make_model_pair(tmp_path / "again", num_layers=2, shard_bytes=20_000, **TOY)
+    assert verify(pair[0], again[0]).identical
+    assert verify(pair[1], again[1]).identical
+    other_seed = make_model_pair(tmp_path / "other", num_layers=2, seed=1, **TOY)
+    assert not verify(pair[0], other_seed[0]).ok
+
+
+def test_io_floor_reads_both_and_writes_a_copy_of_a(tmp_path, pair):
+    written = io_floor.copy_through(pair[0], pair[1], tmp_path / "floor")
+    assert written == read_header(pair[0]).total_bytes
+    assert verify(pair[0], tmp_path / "floor").identical
+
+
+def test_summary_ratios_and_targets():
+    records = [
+        {
+            "layers": n,
+            "tool": tool,
+            "run": run,
+            "seconds": seconds * n,
+            "cpu_seconds": 2 * seconds * n,
+            "peak_rss_mb": rss,
+        }
+        for n in (2, 4)
+        for run in range(3)
+        for tool, seconds, rss in (
+            ("pearl-edu", 2.0 + run, 800 + n),
+            ("mergekit", 10.0, 3000),
+            ("floor", 1.5, 100),
+            ("floor-nosync", 1.0, 100),
+        )
+    ]
+    rows = [
+        bench_merge.summarize(n, [r for r in records if r["layers"] == n], 10**9, 5 * 10**8)
+        for n in (2, 4)
+    ]
+    assert rows[0]["pearl_edu_s"] == 6.0  # median of 4, 6, 8
+    assert rows[0]["pearl_over_mergekit"] == pytest.approx(0.3)
+    assert rows[0]["pearl_over_floor"] == pytest.approx(2.0)
+    met = bench_merge.check_targets(rows)
+    assert met["pearl_over_mergekit"] is True and met["pearl_over_floor"] is False
+    assert met["pearl_peak_rss"] is True
+    assert met["pearl_rss_growth_measured"] == pytest.approx(804 / 802 - 1)
+    table = bench_merge.markdown_table(rows).splitlines()
+    assert len(table) == 4 and table[2].startswith("| 2 | 1.0 GB | 6.0 s | 20.0 s")
+    assert "| 12 s / 40 s |" in table[2]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
+def test_gpu_check_fails_fast_without_cuda(tmp_path):
+    result = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_check.sh"), str(tmp_path / "work")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "needs" in result.stderr and "MAKE_ONLY=1" in result.stderr
+    assert not (tmp_path / "work").exists(), "nothing is written before the CUDA check"
+
+
+def test_gpu_check_model_step_runs_on_the_cpu(tmp_path):
+    toy_args = "--hidden-size 64 --intermediate-size 128 --vocab-size 96"
+    result = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_check.sh"), str(tmp_path / "work")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "MAKE_ONLY": "1", "LAYERS": "2", "KEEP": "1", "MODEL_ARGS": toy_args},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "stopping after the models" in result.stdout
+    header = read_header(tmp_path / "work" / "model_b")
+    assert header.config["num_hidden_layers"] == 2
+    assert header.tensors["model.embed_tokens.weight"].shape == (96, 64)
+
+
+def test_gpu_check_whole_script_with_a_cpu_standing_in_for_the_gpu(tmp_path):
+    toy_args = "--hidden-size 64 --intermediate-size 128 --vocab-size 96"
+    result = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_check.sh"), str(tmp_path / "work")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "GPU_DEVICE": "cpu", "LAYERS": "2", "MODEL_ARGS": toy_args},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "result: identical" in result.stdout
+    assert "| pearl-edu merge, cpu" in result.stdout
+    assert "OK: the cpu and cpu merges agree" in result.stdout
+    assert not (tmp_path / "work").exists(), "the work folder is deleted unless KEEP=1"

@@ -1,0 +1,85 @@
+"""Tests of `pearl-edu verify`: its exit status and what it prints."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import save_file
+
+from pearl_edu.cli import main
+from pearl_edu.toy import load_state_dict, make_tiny_model
+
+Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A model, a copy sharded differently, and a copy with one tensor nudged by 1e-3."""
+    root = tmp_path_factory.mktemp("cli_verify")
+    model = make_tiny_model(root / "model", seed=1)
+    same = make_tiny_model(root / "same", seed=1, shard_count=2)
+    nudged = root / "nudged"
+    nudged.mkdir()
+    shutil.copy(model / "config.json", nudged / "config.json")
+    weights = load_state_dict(model)
+    weights[Q_PROJ] = weights[Q_PROJ] + 1e-3
+    save_file(weights, nudged / "model.safetensors")
+    return model, same, nudged
+
+
+def test_identical_models_exit_0(models, capsys):
+    model, same, _ = models
+    assert main(["verify", str(model), str(same), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "result: identical" in out
+    assert "differing: 0" in out
+
+
+def test_differing_models_exit_1_and_print_the_table(models, capsys):
+    model, _, nudged = models
+    assert main(["verify", str(model), str(nudged), "--quiet"]) == 1
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("tensor"))
+    assert lines[header + 1].split()[0] == Q_PROJ
+    assert "tensors compared: 21, differing: 1" in out
+    assert "result: DIFFERENT" in out
+
+
+def test_atol_accepts_small_differences(models, capsys):
+    model, _, nudged = models
+    assert main(["verify", str(model), str(nudged), "--atol", "0.01", "--quiet"]) == 0
+    assert "result: equal within atol=0.01" in capsys.readouterr().out
+    assert main(["verify", str(model), str(nudged), "--atol", "1e-6", "--quiet"]) == 1
+
+
+def test_bad_input_exits_2_with_one_line(models, tmp_path, capsys):
+    model, _, _ = models
+    assert main(["verify", str(model), str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert err.startswith("pearl-edu: error:") and "missing" in err
+
+    not_a_model = tmp_path / "notes"
+    not_a_model.mkdir()
+    (not_a_model / "README.md").write_text("not a model\n")
+    assert main(["verify", str(not_a_model), str(model)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "notes" in err
+
+
+def test_the_installed_command_runs_with_a_progress_bar(models):
+    model, same, _ = models
+    result = subprocess.run(
+        [sys.executable, "-m", "pearl_edu", "verify", str(model), str(same)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "result: identical" in result.stdout
+    assert "verify" in result.stderr  # the progress bar goes to stderr, not into the report

@@ -1,0 +1,198 @@
+"""Tests of `pearl_edu.verify`: comparing two model folders tensor by tensor."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+from pearl_edu.errors import ModelError
+from pearl_edu.toy import load_state_dict, make_tiny_model
+from pearl_edu.verify import compare_tensors, ulp_distance, verify
+
+# The package exports the function `verify`, which hides the module of the same name.
+verify_module = importlib.import_module("pearl_edu.verify")
+
+NORM = "model.layers.0.input_layernorm.weight"
+Q_PROJ = "model.layers.1.self_attn.q_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("verify") / "model", seed=3)
+
+
+def edited_copy(model: Path, dest: Path, edit) -> Path:
+    """Copy ``model`` to ``dest`` as one safetensors file after ``edit(weights)``."""
+    weights = load_state_dict(model)
+    edit(weights)
+    dest.mkdir()
+    shutil.copy(model / "config.json", dest / "config.json")
+    save_file({k: v.contiguous() for k, v in weights.items()}, dest / "model.safetensors")
+    return dest
+
+
+def next_up(x: torch.Tensor) -> torch.Tensor:
+    """The next representable value above each element, in x's own dtype."""
+    bits = x.view(torch.int16)
+    # For positive floats the next value up has the next bit pattern.
+    assert bool((x > 0).all())
+    return (bits + 1).view(x.dtype)
+
+
+def test_a_model_is_identical_to_itself(model):
+    report = verify(model, model)
+    assert report.identical and report.ok
+    assert report.num_differing == 0 and report.max_abs_diff == 0.0
+    assert report.max_ulp_diff == 0
+    assert len(report.tensors) == len(load_state_dict(model))
+    assert "result: identical" in report.summary()
+
+
+def test_sharding_and_file_format_do_not_matter(tmp_path, model):
+    sharded = make_tiny_model(tmp_path / "sharded", seed=3, shard_count=3)
+    pickled = make_tiny_model(tmp_path / "pickled", seed=3, fmt="bin")
+    assert verify(model, sharded).identical
+    assert verify(sharded, pickled).identical
+
+
+def test_a_different_seed_differs_everywhere(tmp_path, model):
+    other = make_tiny_model(tmp_path / "other", seed=4)
+    report = verify(model, other)
+    assert not report.ok
+    assert len(report.differing) == len(report.tensors)
+    # Random weights almost never coincide: nearly every element differs.
+    assert report.num_differing > 0.9 * report.num_elements
+
+
+def test_one_ulp_on_one_element_is_found_and_measured(tmp_path, model):
+    original = load_state_dict(model)[Q_PROJ]
+    index = int(original.flatten().abs().argmax())
+    value = original.flatten()[index].abs().reshape(1)
+    bumped_value = next_up(value)
+
+    def bump(weights):
+        flat = weights[Q_PROJ].flatten().clone()
+        flat[index] = bumped_value[0] * torch.sign(flat[index])
+        weights[Q_PROJ] = flat.reshape(original.shape)
+
+    edited = edited_copy(model, tmp_path / "edited", bump)
+    report = verify(model, edited)
+    expected_diff = float(bumped_value[0].double() - value[0].double())
+    assert not report.identical and not report.ok
+    assert [t.name for t in report.differing] == [Q_PROJ]
+    (q,) = report.differing
+    assert q.num_differing == 1 and q.max_ulp_diff == 1
+    assert q.max_abs_diff == pytest.approx(expected_diff, rel=0, abs=0)
+    assert verify(model, edited, atol=expected_diff).ok
+    assert not verify(model, edited, atol=expected_diff / 2).ok
+
+
+def test_missing_and_extra_tensors_are_reported(tmp_path, model):
+    edited = edited_copy(model, tmp_path / "edited", lambda w: w.pop(NORM))
+    report = verify(model, edited, atol=1e9)
+    assert report.only_in_a == (NORM,) and report.only_in_b == ()
+    assert not report.ok, "a missing tensor is a difference whatever atol says"
+    assert verify(edited, model).only_in_b == (NORM,)
+    assert f"1 tensors only in A:\n  {NORM}" in report.summary()
+
+
+def test_shape_and_dtype_mismatches_are_reported(tmp_path, model):
+    def reshape_and_recast(weights):
+        weights[NORM] = weights[NORM][:-1].clone()
+        weights[Q_PROJ] = weights[Q_PROJ].to(torch.float32)
+
+    edited = edited_copy(model, tmp_path / "edited", reshape_and_recast)
+    report = verify(model, edited, atol=1e9)
+    assert not report.ok
+    by_name = {t.name: t for t in report.differing}
+    assert set(by_name) == {NORM, Q_PROJ}
+    assert by_name[NORM].max_abs_diff == math.inf
+    # bfloat16 -> float32 is exact, so the values agree but the dtype does not.
+    assert by_name[Q_PROJ].num_differing == 0 and by_name[Q_PROJ].max_ulp_diff is None
+    summary = report.summary()
+    assert "shape [64] vs [63]" in summary
+    assert "dtype bfloat16 vs float32" in summary
+    assert "result: DIFFERENT" in summary
+
+
+def test_compare_in_chunks_gives_the_same_answer(monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(1000, generator=generator).to(torch.bfloat16)
+    b = a.clone()
+    b[::7] = torch.randn(b[::7].shape, generator=generator).to(torch.bfloat16)
+    whole = compare_tensors("x", a, b)
+    monkeypatch.setattr(verify_module, "CHUNK_ELEMENTS", 64)
+    chunked = compare_tensors("x", a, b)
+    assert whole == chunked
+    assert whole.num_differing == int((a != b).sum())
+    assert whole.max_abs_diff == float((a.double() - b.double()).abs().max())
+
+
+def test_nans_in_the_same_place_are_equal_and_elsewhere_infinitely_different():
+    a = torch.tensor([1.0, math.nan, 3.0])
+    assert compare_tensors("x", a, a.clone()).num_differing == 0
+    b = torch.tensor([1.0, 2.0, 3.0])
+    result = compare_tensors("x", a, b)
+    assert result.num_differing == 1 and result.max_abs_diff == math.inf
+
+
+def test_equal_infinities_are_equal():
+    a = torch.tensor([math.inf, -math.inf, 0.0])
+    assert compare_tensors("x", a, a.clone()).identical
+
+
+def test_ulps_count_across_zero():
+    tiny = torch.finfo(torch.bfloat16).smallest_normal
+    a = torch.tensor([0.0, 0.0, tiny], dtype=torch.bfloat16)
+    b = torch.tensor([-0.0, tiny, -tiny], dtype=torch.bfloat16)
+    ulps = ulp_distance(a, b)
+    # +0 and -0 are the same number; the smallest normal lies above 127 subnormals and 0.
+    assert ulps.tolist() == [0, 128, 256]
+
+
+@given(st.floats(width=32, allow_nan=False, allow_infinity=False))
+def test_neighbouring_float32_values_are_one_ulp_apart(x):
+    a = torch.tensor([x], dtype=torch.float32)
+    b = torch.nextafter(a, torch.tensor([math.inf]))
+    if math.isinf(float(b)):
+        return
+    assert int(ulp_distance(a, b)[0]) == 1
+
+
+def test_summary_lists_the_worst_tensors_first_and_caps_the_table(tmp_path, model):
+    other = make_tiny_model(tmp_path / "other", seed=4)
+    report = verify(model, other)
+    summary = report.summary(max_rows=3)
+    table_rows = [line for line in summary.splitlines() if line.startswith("model.")]
+    assert len(table_rows) == 3
+    worst = [t.name for t in report.differing[:3]]
+    assert [row.split()[0] for row in table_rows] == worst
+    diffs = [t.max_abs_diff for t in report.differing]
+    assert diffs == sorted(diffs, reverse=True)
+    assert f"... and {len(report.differing) - 3} more differing tensors" in summary
+
+
+def test_progress_is_called_once_per_tensor(model):
+    calls = []
+    verify(model, model, progress=lambda done, total, name: calls.append((done, total, name)))
+    total = len(load_state_dict(model))
+    assert [c[0] for c in calls] == list(range(1, total + 1))
+    assert {c[1] for c in calls} == {total}
+
+
+def test_bad_input_raises_model_errors(tmp_path, model):
+    with pytest.raises(ModelError, match="does not exist"):
+        verify(tmp_path / "nowhere", model)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="no weights found"):
+        verify(model, tmp_path / "empty")
+    with pytest.raises(ModelError, match="atol"):
+        verify(model, model, atol=-1.0)

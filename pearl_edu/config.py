@@ -14,10 +14,16 @@ The meaning is mergekit's:
   number, a gradient (a list of numbers spread over the layers of a slice) or an ordered
   list of ``{filter, value}`` entries, the first whose filter is a substring of the tensor
   name winning, an entry without ``filter`` matching everything.
+- Per-model parameters (``weight``, ``density``) are looked up for each input: first under
+  its own entry in ``sources``/``models``, then the slice's ``parameters``, then the
+  top-level ones. Shared parameters (``t``, ``normalize``, ``lambda``) ignore model entries.
+- In the ``models:`` form, a ``base_model`` that is not listed is added as the last model.
+- ``random_seed`` (or ``seed``), default 0, seeds the random methods (DARE).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping
@@ -52,8 +58,14 @@ TOP_LEVEL_KEYS = frozenset(
         "tokenizer",
         "chat_template",
         "name",
+        # The seed of random methods (DARE); mergekit takes it on the command line instead.
+        "random_seed",
+        "seed",
     }
 )
+SEED_KEYS = ("random_seed", "seed")
+# Parameters that are fractions of a tensor's entries.
+FRACTION_PARAMETERS = frozenset({"density"})
 SLICE_KEYS = frozenset({"sources", "base_model", "parameters"})
 SOURCE_KEYS = frozenset({"model", "layer_range", "parameters"})
 MODEL_KEYS = frozenset({"model", "parameters"})
@@ -144,6 +156,7 @@ class MergeConfig:
     out_dtype: str | None
     source: str
     raw: dict
+    random_seed: int = 0
 
     def models(self) -> list[str]:
         """Distinct model references, in order of first appearance."""
@@ -192,16 +205,20 @@ def parse_config(raw: Mapping[str, Any], where: str = "<config>") -> MergeConfig
     """Validate an already-parsed YAML mapping (see :func:`load_config`)."""
     _reject_unknown_keys(raw, TOP_LEVEL_KEYS, where, "")
     method = _merge_method(raw, where)
+    base_model = _optional_model_ref(raw, "base_model", where, "base_model")
     slices = _slices(raw, where)
+    if "models" in raw:
+        slices = (_with_base_model(slices[0], base_model),)
     config = MergeConfig(
         merge_method=method,
         slices=slices,
-        base_model=_optional_model_ref(raw, "base_model", where, "base_model"),
+        base_model=base_model,
         parameters=_parameters(raw.get("parameters"), where, "parameters"),
         dtype=_dtype(raw, "dtype", where),
         out_dtype=_dtype(raw, "out_dtype", where),
         source=where,
         raw=dict(raw),
+        random_seed=_random_seed(raw, where),
     )
     _check_method_requirements(config)
     return config
@@ -285,6 +302,14 @@ def _models_form(models: Any, where: str) -> SliceConfig:
     return SliceConfig(sources=tuple(sources))
 
 
+def _with_base_model(models_slice: SliceConfig, base_model: str | None) -> SliceConfig:
+    """The ``models:`` slice with the base model added last when it is not listed (mergekit)."""
+    if base_model is None or base_model in models_slice.models():
+        return models_slice
+    base = SourceConfig(model=base_model, layer_range=None)
+    return dataclasses.replace(models_slice, sources=(*models_slice.sources, base))
+
+
 def _slice(entry: Any, where: str, key: str) -> SliceConfig:
     """One entry of ``slices:``, with its layer ranges checked."""
     _require_mapping(entry, where, key)
@@ -365,6 +390,19 @@ def _dtype(raw: Mapping[str, Any], name: str, where: str) -> str | None:
     return plain
 
 
+def _random_seed(raw: Mapping[str, Any], where: str) -> int:
+    """The seed of random methods: ``random_seed`` or ``seed`` (an integer), default 0."""
+    given = [key for key in SEED_KEYS if raw.get(key) is not None]
+    if len(given) > 1:
+        raise ConfigError(f"{where}: seed: give either random_seed or seed, not both")
+    if not given:
+        return 0
+    value = raw[given[0]]
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{where}: {given[0]}: expected an integer, got {value!r}")
+    return value
+
+
 # ---------------------------------------------------------------------------------------
 # Parameters
 
@@ -416,6 +454,18 @@ def _number(name: str, value: Any, where: str, key: str) -> float:
         if name in BOOLEAN_PARAMETERS:
             return float(value)
         raise ConfigError(f"{where}: {key}: expected a number, got {value!r}")
+    number = _finite_number(value, where, key)
+    if name in BOOLEAN_PARAMETERS and number not in (0.0, 1.0):
+        raise ConfigError(f"{where}: {key}: expected true or false, got {value!r}")
+    if name in FRACTION_PARAMETERS and not 0.0 <= number <= 1.0:
+        raise ConfigError(
+            f"{where}: {key}: expected a fraction of entries to keep, from 0 to 1, got {value!r}"
+        )
+    return number
+
+
+def _finite_number(value: Any, where: str, key: str) -> float:
+    """A finite int or float (or a string that reads as one, as YAML gives ``1e-3``)."""
     if isinstance(value, str):  # YAML reads 1e-3 as a string; mergekit accepts it
         try:
             value = float(value)
@@ -443,13 +493,45 @@ def _check_method_requirements(config: MergeConfig) -> None:
         count = len(sl.sources)
         if count < method.min_models or (method.max_models and count > method.max_models):
             expected = _count_words(method.min_models, method.max_models)
-            raise ConfigError(f"{where}: {key}: {name} needs {expected}; got {count}")
+            added = (
+                f", counting base_model {config.base_model}, which is added because it is "
+                "not listed"
+                if key == "models" and _base_was_added(config)
+                else ""
+            )
+            raise ConfigError(f"{where}: {key}: {name} needs {expected}; got {count}{added}")
         if method.needs_base:
             _check_base(config, i, key)
         for param in method.required_parameters():
             if param not in sl.parameters and param not in config.parameters:
                 raise ConfigError(
                     f"{where}: parameters.{param}: missing; {name} needs it "
+                    f"(for example 'parameters: {{{param}: 0.5}}')"
+                )
+        _check_input_parameters(config, i, key)
+
+
+def _base_was_added(config: MergeConfig) -> bool:
+    """Whether the ``models:`` list leaves out ``base_model`` (so the base was added)."""
+    listed = [e if isinstance(e, str) else e.get("model") for e in config.raw.get("models", [])]
+    return config.base_model is not None and config.base_model not in listed
+
+
+def _check_input_parameters(config: MergeConfig, slice_index: int, key: str) -> None:
+    """Every input that takes per-model parameters must be given the required ones."""
+    method = METHODS[config.merge_method]
+    sl = config.slices[slice_index]
+    base = config.slice_base(slice_index)
+    for j, source in enumerate(sl.sources):
+        if source.model == base and not method.base_has_input_parameters:
+            continue
+        for param in method.required_input_parameters():
+            scopes = (source.parameters, sl.parameters, config.parameters)
+            if not any(param in scope for scope in scopes):
+                where_key = f"{key}[{j}]" if key == "models" else f"{key}.sources[{j}]"
+                raise ConfigError(
+                    f"{config.source}: {where_key}.parameters.{param}: missing for "
+                    f"{source.model}; {config.merge_method} needs a {param} for each model "
                     f"(for example 'parameters: {{{param}: 0.5}}')"
                 )
 
@@ -461,7 +543,8 @@ def _check_base(config: MergeConfig, slice_index: int, key: str) -> None:
     models = config.slices[slice_index].models()
     if base is None:
         raise ConfigError(
-            f"{where}: base_model: missing; {name} needs one of {models} as base_model (t = 0)"
+            f"{where}: base_model: missing; {name} needs one of {models} as base_model"
+            + (" (t = 0)" if name == "slerp" else "")
         )
     if base not in models:
         raise ConfigError(
@@ -474,7 +557,7 @@ def _count_words(low: int, high: int | None) -> str:
     if high == low:
         return f"exactly {low} models"
     if high is None:
-        return f"at least {low} models"
+        return f"at least {low} model{'s' if low != 1 else ''}"
     return f"{low} to {high} models"
 
 

@@ -1,9 +1,9 @@
-"""The math of a merge: one output tensor from its input tensors.
+r"""The math of a merge: one output tensor from its input tensors.
 
 This module knows nothing of files, configs or layers. The engine calls
 :func:`merge_tensor` once per output tensor; the methods it dispatches to are registered in
-:data:`METHODS`, so that new methods (linear, task arithmetic, TIES, DARE) slot in beside
-SLERP without touching the engine.
+:data:`METHODS`: SLERP, linear, task arithmetic, TIES, DARE (``dare_linear``) and DARE with
+TIES' sign election (``dare_ties``).
 
 SLERP follows mergekit's meaning exactly (see the book's equation ``eq:slerp``): the whole
 tensor is one vector, the angle comes from normalized copies, the weights are applied to the
@@ -15,10 +15,22 @@ bit (see ``_cosine`` for why the order matters).
 Large tensors are processed in chunks of about a million elements, so that no full-size
 float32 copy of a 58M-element bfloat16 weight is ever made: memory stays at the output
 tensor plus a few small buffers.
+
+The other methods follow mergekit 0.1.5's arithmetic step by step (same operations, same
+order, same dtypes), so that they too agree with mergekit bit for bit on the CPU. They work
+on whole tensors: TIES must rank all of a task vector's entries to trim it, and the task
+vectors of all models are stacked to elect signs, so a merge of n models holds about n + 2
+copies of the largest tensor.
+
+Task vectors: with the base model's tensor $\theta_\text{base}$, each other model's tensor
+gives $\delta_i = \theta_i - \theta_\text{base}$, what fine-tuning changed. Task arithmetic
+adds them back with weights; TIES first trims each to its largest entries and lets the
+models vote on a sign per entry; DARE drops entries at random instead of trimming.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -34,6 +46,12 @@ NORM_EPS = 1e-8
 # Elements per chunk: 4 MiB of float32 per buffer, small enough to stay in cache-friendly
 # sizes and large enough that the Python loop costs nothing measurable.
 CHUNK_ELEMENTS = 1 << 20
+# Below these, an L1 norm counts as zero (no rescaling) and a sum of weights as zero
+# (no division): mergekit's thresholds.
+L1_EPS = 1e-7
+WEIGHT_SUM_EPS = 1e-8
+# Tensor seeds stay below 2**62, so that seed + input index fits a generator's 64 bits.
+SEED_RANGE = 1 << 62
 
 
 def lerp(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:
@@ -110,17 +128,33 @@ def _cosine(a: torch.Tensor, b: torch.Tensor, *, eps: float, work: torch.dtype) 
     float64 would give a more accurate cosine, and outputs that differ from mergekit's.)
     """
     rows_a, rows_b = a.reshape(1, -1), b.reshape(1, -1)
+    # Reused scratch rows: a fresh 4 MiB tensor per chunk would cost page faults, not math.
+    size = min(CHUNK_ELEMENTS, a.numel())
+    scratch_a, scratch_b, products = (
+        torch.empty((1, size), dtype=work, device=a.device) for _ in range(3)
+    )
+
+    def load(scratch: torch.Tensor, rows: torch.Tensor, part: slice) -> torch.Tensor:
+        chunk = scratch[:, : part.stop - part.start]
+        chunk.copy_(rows[:, part])  # the same values as rows[:, part].to(work)
+        return chunk
+
     norm_parts_a, norm_parts_b = [], []
     for part in _chunks(a.numel()):
-        norm_parts_a.append(torch.linalg.vector_norm(rows_a[:, part].to(work), dim=1, keepdim=True))
-        norm_parts_b.append(torch.linalg.vector_norm(rows_b[:, part].to(work), dim=1, keepdim=True))
+        norm_parts_a.append(
+            torch.linalg.vector_norm(load(scratch_a, rows_a, part), dim=1, keepdim=True)
+        )
+        norm_parts_b.append(
+            torch.linalg.vector_norm(load(scratch_b, rows_b, part), dim=1, keepdim=True)
+        )
     norm_a = _norm_or_one(torch.linalg.vector_norm(torch.stack(norm_parts_a), dim=0), eps)
     norm_b = _norm_or_one(torch.linalg.vector_norm(torch.stack(norm_parts_b), dim=0), eps)
     dot_parts = []
     for part in _chunks(a.numel()):
-        x = rows_a[:, part].to(work) / norm_a
-        y = rows_b[:, part].to(work) / norm_b
-        dot_parts.append((x * y).sum(dim=1, keepdim=True))
+        x = load(scratch_a, rows_a, part).div_(norm_a)
+        y = load(scratch_b, rows_b, part).div_(norm_b)
+        xy = torch.mul(x, y, out=products[:, : x.shape[1]])
+        dot_parts.append(xy.sum(dim=1, keepdim=True))
     # The clamp matters only beyond the fallback threshold, where the result is lerp anyway.
     return torch.stack(dot_parts).sum(dim=0).clamp(-1, 1).reshape(())
 
@@ -174,7 +208,283 @@ def _check_same_shape(v0: torch.Tensor, v1: torch.Tensor, *, name: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# Linear: a weighted average of whole models.
+
+
+def linear(
+    tensors: Sequence[torch.Tensor], weights: Sequence[float], *, normalize: bool = True
+) -> torch.Tensor:
+    r"""Weighted sum of tensors, divided by the sum of the weights when ``normalize``.
+
+    $$ \operatorname{linear}(x_1, \dots, x_n) = \frac{\sum_i w_i\, x_i}{\sum_i w_i}
+       \quad\text{(or just } \textstyle\sum_i w_i\, x_i \text{ without normalize)} $$
+
+    Arithmetic is float32 (float64 for float64 inputs); the result has the inputs' common
+    dtype. The sum is accumulated input by input with ``addcmul_``, exactly as mergekit
+    does, so the results agree bit for bit.
+    """
+    if len(tensors) != len(weights):
+        raise ValueError(f"linear: {len(tensors)} tensors but {len(weights)} weights")
+    common = _common_dtype(tensors)
+    work = _work_dtype(tensors[0].to(common))
+    # Coefficients shaped to broadcast over the tensor, as mergekit's batched kernel has them.
+    coefficients = torch.tensor(list(weights), dtype=work, device=tensors[0].device)
+    scalar_shape = (1,) * tensors[0].dim()
+    result = torch.zeros(tensors[0].shape, dtype=work, device=tensors[0].device)
+    for tensor, coefficient in zip(tensors, coefficients.unbind(0), strict=True):
+        result.addcmul_(tensor.to(common), coefficient.reshape(scalar_shape))
+    if normalize:
+        result.div_(coefficients.sum().reshape(scalar_shape))
+    return result.to(common)
+
+
+# ---------------------------------------------------------------------------------------
+# Task vectors: what fine-tuning added to the base model, pruned, weighted and summed.
+
+
+def magnitude_prune(delta: torch.Tensor, density: float, *, rescale: bool = False) -> torch.Tensor:
+    r"""Keep the ``density`` fraction of ``delta``'s entries largest in magnitude (TIES' trim).
+
+    $$ \operatorname{trim}(\delta)_j = \delta_j\, [\, |\delta_j| \text{ is among the }
+       k = \max(1, \lfloor \rho N \rfloor) \text{ largest} \,] $$
+
+    ``density >= 1`` keeps everything and ``density <= 0`` nothing. Among equal magnitudes,
+    which ones survive is decided by ``torch.argsort``, as in mergekit (for bit-identical
+    results), not by position. ``rescale`` scales the survivors back to the L1 norm of
+    ``delta`` (see :func:`random_drop`).
+    """
+    if density >= 1:
+        return delta
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros_like(delta)
+    keep = max(1, int(density * delta.numel()))
+    magnitudes = delta.abs().reshape(-1)
+    if magnitudes.device.type == "cpu":
+        magnitudes = magnitudes.float()  # argsort of bfloat16 is slow on the CPU
+    largest = torch.argsort(magnitudes, descending=True)[:keep]
+    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
+    mask[largest] = 1
+    return _rescaled(delta, mask.reshape_as(delta), rescale)
+
+
+def random_drop(
+    delta: torch.Tensor, density: float, generator: torch.Generator, *, rescale: bool = True
+) -> torch.Tensor:
+    r"""DARE's drop: keep each entry with probability ``density``, then rescale the survivors.
+
+    With $m_j \sim \operatorname{Bernoulli}(\rho)$ and, when ``rescale``, the scale that keeps
+    the L1 norm (mergekit's choice; the DARE paper divides by $\rho$, which keeps it only
+    on average):
+
+    $$ \operatorname{drop}(\delta) = \frac{\lVert \delta \rVert_1}{\lVert m \odot \delta
+       \rVert_1}\; m \odot \delta $$
+
+    ``density >= 1`` returns ``delta`` unchanged. The mask is drawn on the CPU from
+    ``generator`` (a CPU generator), so the same seed drops the same entries on any device.
+    """
+    if density >= 1:
+        return delta
+    # mergekit works in bfloat16 for bfloat16 tensors and in float32 otherwise.
+    work = torch.bfloat16 if delta.dtype == torch.bfloat16 else torch.float32
+    draws = torch.rand(delta.shape, generator=generator, dtype=torch.float32)
+    mask = (draws < density).to(device=delta.device, dtype=work)
+    dropped = _rescaled(delta.to(work), mask, rescale)
+    return dropped.to(delta.dtype)
+
+
+def _rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
+    """``tensor * mask``, scaled back to the L1 norm of ``tensor`` when ``rescale``.
+
+    Nothing is rescaled when either norm is below 1e-7 (nothing to keep, or nothing kept).
+    """
+    masked = tensor * mask
+    if not rescale:
+        return masked
+    before, after = tensor.abs().sum(), masked.abs().sum()
+    if before < L1_EPS or after < L1_EPS:
+        return masked
+    return masked * (before / after)
+
+
+def elect_signs(weighted_deltas: torch.Tensor, *, int8_mask: bool = False) -> torch.Tensor:
+    r"""TIES' sign election: where each weighted delta agrees with the sign of their sum.
+
+    For stacked weighted deltas $w_i \delta_i$ (first axis: the models):
+
+    $$ s = \operatorname{sgn}\Bigl(\sum_i w_i \delta_i\Bigr) \ (\text{zero counts as } +1),
+       \qquad \operatorname{agree}_{ij} = [\operatorname{sgn}(w_i \delta_{ij}) = s_j] $$
+
+    An entry that is exactly zero (pruned, or unchanged by fine-tuning) never agrees.
+    ``int8_mask`` only saves memory: the result is the same.
+    """
+    mask_dtype = torch.int8 if int8_mask else weighted_deltas.dtype
+    signs = weighted_deltas.sign().to(mask_dtype)
+    elected = (weighted_deltas.sum(dim=0) >= 0).to(mask_dtype) * 2 - 1
+    return signs == elected
+
+
+def task_arithmetic(
+    base: torch.Tensor,
+    deltas: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    sign_election: bool = False,
+    normalize: bool = False,
+    scale: float = 1.0,
+    int8_mask: bool = False,
+) -> torch.Tensor:
+    r"""Add weighted task vectors to the base: the last step of task arithmetic, TIES and DARE.
+
+    $$ \theta = \theta_\text{base} + \lambda\, \frac{\sum_i w_i\, \delta_i}{D} $$
+
+    where $\delta_i$ are the (already pruned or dropped) task vectors, $\lambda$ is
+    ``scale`` (the YAML's ``lambda``) and $D = \sum_i w_i$ with ``normalize`` (1 without).
+    With ``sign_election`` (TIES), only entries agreeing with the elected sign are summed
+    and $D$ is the sum of the weights of the agreeing entries, element by element.
+    A divisor of 0 is replaced by 1. Arithmetic is in the inputs' common dtype, as in
+    mergekit (so bfloat16 inputs are merged in bfloat16).
+    """
+    if len(deltas) != len(weights):
+        raise ValueError(f"task arithmetic: {len(deltas)} task vectors but {len(weights)} weights")
+    if not deltas:
+        return base
+    stacked = torch.stack([delta.to(base.dtype) for delta in deltas])
+    # The weights take the tensors' dtype (bfloat16 rounds 0.3 to 0.30078125), as in mergekit.
+    weights_ = torch.tensor(list(weights), dtype=base.dtype, device=base.device)
+    weights_ = weights_.reshape((len(deltas),) + (1,) * base.dim())
+    stacked.mul_(weights_)
+    if sign_election:
+        agree = elect_signs(stacked, int8_mask=int8_mask)
+        mixed = (stacked * agree).sum(dim=0)
+        divisor = (weights_ * agree).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = stacked.sum(dim=0)
+        divisor = weights_.sum(dim=0)
+        divisor[divisor.abs() < WEIGHT_SUM_EPS] = 1
+    if normalize:
+        mixed /= divisor
+    if scale != 1:
+        mixed *= scale
+    return (base + mixed).to(base.dtype)
+
+
+def ties(
+    base: torch.Tensor,
+    others: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    *,
+    normalize: bool = True,
+    scale: float = 1.0,
+    rescale: bool = False,
+    int8_mask: bool = False,
+) -> torch.Tensor:
+    r"""TIES merging: trim each task vector, elect signs, average the agreeing entries.
+
+    $$ \theta = \theta_\text{base} + \lambda\,
+       \frac{\sum_i w_i\, \operatorname{trim}_{\rho_i}(\delta_i)\, [\text{agrees}]}
+            {\sum_i w_i\, [\text{agrees}]} $$
+
+    with $\delta_i = \theta_i - \theta_\text{base}$ and $\operatorname{trim}$ from
+    :func:`magnitude_prune`. ``rescale`` scales each trimmed delta back to its L1 norm.
+    """
+    base, others = _aligned(base, others)
+    deltas = [
+        magnitude_prune(other - base, density, rescale=rescale)
+        for other, density in zip(others, densities, strict=True)
+    ]
+    return task_arithmetic(
+        base,
+        deltas,
+        weights,
+        sign_election=True,
+        normalize=normalize,
+        scale=scale,
+        int8_mask=int8_mask,
+    )
+
+
+def dare(
+    base: torch.Tensor,
+    others: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    generators: Sequence[torch.Generator],
+    *,
+    sign_election: bool = False,
+    normalize: bool = False,
+    scale: float = 1.0,
+    rescale: bool = True,
+    int8_mask: bool = False,
+) -> torch.Tensor:
+    r"""DARE: drop task-vector entries at random, rescale, then add (``dare_linear``).
+
+    $$ \theta = \theta_\text{base} + \lambda\, \frac{\sum_i w_i\,
+       \operatorname{drop}_{\rho_i}(\delta_i)}{D} $$
+
+    with :func:`random_drop` using ``generators[i]`` for model ``i``. With
+    ``sign_election`` it is ``dare_ties``: the dropped deltas go through TIES' election.
+    """
+    base, others = _aligned(base, others)
+    deltas = [
+        random_drop(other - base, density, generator, rescale=rescale)
+        for other, density, generator in zip(others, densities, generators, strict=True)
+    ]
+    return task_arithmetic(
+        base,
+        deltas,
+        weights,
+        sign_election=sign_election,
+        normalize=normalize,
+        scale=scale,
+        int8_mask=int8_mask,
+    )
+
+
+def _common_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    """The dtype every input is promoted to before the math (bfloat16 + float16 -> float32)."""
+    dtype = tensors[0].dtype
+    for tensor in tensors[1:]:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
+def _aligned(
+    base: torch.Tensor, others: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The base and the other tensors, all in their common dtype (mergekit promotes too)."""
+    common = _common_dtype([base, *others])
+    return base.to(common), [other.to(common) for other in others]
+
+
+def tensor_seed(seed: int, tensor_name: str) -> int:
+    """The seed of one output tensor: a hash of the merge's seed and the tensor's name.
+
+    Each tensor's random drops then depend neither on the order in which tensors are
+    merged nor on whether the merge was interrupted and resumed.
+    """
+    digest = hashlib.sha256(f"{seed}:{tensor_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % SEED_RANGE
+
+
+def input_generators(seed: int, count: int) -> list[torch.Generator]:
+    """One CPU generator per input of a tensor, seeded ``seed``, ``seed + 1``, ...
+
+    One stream per input keeps an input's drops independent of the other inputs' densities.
+    """
+    return [torch.Generator().manual_seed(seed + index) for index in range(count)]
+
+
+# ---------------------------------------------------------------------------------------
 # The registry: what the config and the engine know about each method.
+
+
+# What the engine calls: (tensors, base index, shared parameters, per-input parameters, seed).
+MergeFunction = Callable[
+    [Sequence[torch.Tensor], int, Mapping[str, float], Sequence[Mapping[str, float]], int],
+    torch.Tensor,
+]
 
 
 @dataclass(frozen=True)
@@ -183,20 +493,35 @@ class MergeMethod:
 
     ``parameters`` are the method's shared parameters (one value per output tensor, such
     as SLERP's ``t``), each mapped to its default, or to ``None`` when it is required.
-    ``merge`` takes the input tensors, the index of the base model's tensor among them
-    and the resolved parameters, and returns the merged tensor.
+    ``input_parameters`` are per-input parameters (one value per input model, such as
+    ``weight`` and ``density``); they apply to every input, or to every input but the base
+    when ``base_has_input_parameters`` is false. ``random`` methods draw from a seed.
+    ``merge`` takes the input tensors, the index of the base model's tensor among them,
+    the shared parameters, the per-input parameters (one mapping per input) and the
+    tensor's seed, and returns the merged tensor.
     """
 
     name: str
-    merge: Callable[[Sequence[torch.Tensor], int, Mapping[str, float]], torch.Tensor]
+    merge: MergeFunction
     parameters: Mapping[str, float | None] = field(default_factory=dict)
     min_models: int = 2
     max_models: int | None = None
     needs_base: bool = False
+    input_parameters: Mapping[str, float | None] = field(default_factory=dict)
+    base_has_input_parameters: bool = False
+    random: bool = False
 
     def required_parameters(self) -> list[str]:
         """Names of the parameters a config must give (those with no default)."""
         return [name for name, default in self.parameters.items() if default is None]
+
+    def required_input_parameters(self) -> list[str]:
+        """Names of the per-input parameters every input (but the base) must be given."""
+        return [name for name, default in self.input_parameters.items() if default is None]
+
+    def takes_input_parameters(self, index: int, base_index: int) -> bool:
+        """Whether input ``index`` has per-input parameters (the base may not)."""
+        return self.base_has_input_parameters or index != base_index
 
 
 METHODS: dict[str, MergeMethod] = {}
@@ -221,11 +546,16 @@ def merge_tensor(
     base_index: int,
     params: Mapping[str, float],
     *,
+    input_params: Sequence[Mapping[str, float]] | None = None,
+    seed: int | None = None,
     name: str = "tensor",
 ) -> torch.Tensor:
     """Merge one output tensor from its inputs: the single entry point of the engine.
 
-    ``tensors[base_index]`` is the base model's tensor; ``name`` is used in error messages.
+    ``tensors[base_index]`` is the base model's tensor; ``input_params[i]`` holds the
+    per-input parameters of ``tensors[i]`` (missing ones take the method's defaults);
+    ``seed`` is this tensor's seed for random methods (by default derived from seed 0 and
+    ``name``, see :func:`tensor_seed`); ``name`` is also used in error messages.
     Raises :class:`~pearl_edu.errors.ModelError` naming the tensor when shapes differ.
     """
     if method not in METHODS:
@@ -234,17 +564,110 @@ def merge_tensor(
         raise ValueError(f"{name}: base_index {base_index} is out of range for {len(tensors)}")
     for other in tensors:
         _check_same_shape(tensors[base_index], other, name=name)
-    return METHODS[method].merge(tensors, base_index, params)
+    spec = METHODS[method]
+    per_input = _with_input_defaults(spec, len(tensors), base_index, input_params, name)
+    tensor_seed_ = tensor_seed(0, name) if seed is None else seed
+    return spec.merge(tensors, base_index, params, per_input, tensor_seed_)
+
+
+def _with_input_defaults(
+    spec: MergeMethod,
+    count: int,
+    base_index: int,
+    given: Sequence[Mapping[str, float]] | None,
+    name: str,
+) -> list[dict[str, float]]:
+    """Per-input parameters completed with the method's defaults; a missing required one fails."""
+    given = given if given is not None else [{}] * count
+    if len(given) != count:
+        raise ValueError(f"{name}: {count} tensors but {len(given)} sets of input parameters")
+    completed = []
+    for index, values in enumerate(given):
+        if not spec.takes_input_parameters(index, base_index):
+            completed.append({})
+            continue
+        row = {}
+        for parameter, default in spec.input_parameters.items():
+            if parameter not in values and default is None:
+                raise ValueError(f"{name}: input {index} has no {parameter!r} ({spec.name})")
+            row[parameter] = float(values.get(parameter, default))  # type: ignore[arg-type]
+        completed.append(row)
+    return completed
 
 
 def _slerp_method(
-    tensors: Sequence[torch.Tensor], base_index: int, params: Mapping[str, float]
+    tensors: Sequence[torch.Tensor],
+    base_index: int,
+    params: Mapping[str, float],
+    input_params: Sequence[Mapping[str, float]],
+    seed: int,
 ) -> torch.Tensor:
     """SLERP from the base tensor (``t = 0``) towards the other one (``t = 1``)."""
     v0 = tensors[base_index]
     v1 = tensors[1 - base_index]
     return slerp(v0, v1, float(params["t"]))
 
+
+def _linear_method(
+    tensors: Sequence[torch.Tensor],
+    base_index: int,
+    params: Mapping[str, float],
+    input_params: Sequence[Mapping[str, float]],
+    seed: int,
+) -> torch.Tensor:
+    """Linear: every input (the base too, when there is one) with its own weight."""
+    weights = [values["weight"] for values in input_params]
+    return linear(tensors, weights, normalize=bool(params["normalize"]))
+
+
+def _task_vector_method(*, pruning: str | None, sign_election: bool) -> MergeFunction:
+    """The engine's entry for task arithmetic (no pruning), TIES (magnitude) or DARE (random)."""
+
+    def merge(
+        tensors: Sequence[torch.Tensor],
+        base_index: int,
+        params: Mapping[str, float],
+        input_params: Sequence[Mapping[str, float]],
+        seed: int,
+    ) -> torch.Tensor:
+        base = tensors[base_index]
+        others = [tensor for index, tensor in enumerate(tensors) if index != base_index]
+        rows = [values for index, values in enumerate(input_params) if index != base_index]
+        weights = [values["weight"] for values in rows]
+        densities = [values["density"] for values in rows]
+        options = {
+            "normalize": bool(params["normalize"]),
+            "scale": float(params["lambda"]),
+            "rescale": bool(params["rescale"]),
+            "int8_mask": bool(params["int8_mask"]),
+        }
+        if pruning == "magnitude":
+            return ties(base, others, weights, densities, **options)
+        if pruning == "random":
+            generators = input_generators(seed, len(others))
+            return dare(
+                base, others, weights, densities, generators, sign_election=sign_election, **options
+            )
+        options.pop("rescale")  # nothing is pruned, so there is nothing to rescale
+        base, others = _aligned(base, others)
+        deltas = [other - base for other in others]
+        return task_arithmetic(base, deltas, weights, sign_election=sign_election, **options)
+
+    return merge
+
+
+def _task_vector_parameters(*, normalize: bool, rescale: bool) -> dict[str, float | None]:
+    """Shared parameters of the task-vector methods, with mergekit's defaults."""
+    return {
+        "normalize": float(normalize),
+        "lambda": 1.0,
+        "rescale": float(rescale),
+        "int8_mask": 0.0,
+    }
+
+
+# A task-vector method needs a weight for every model but the base; density defaults to 1.
+TASK_VECTOR_INPUTS: dict[str, float | None] = {"weight": None, "density": 1.0}
 
 register(
     MergeMethod(
@@ -256,3 +679,30 @@ register(
         needs_base=True,
     )
 )
+register(
+    MergeMethod(
+        name="linear",
+        merge=_linear_method,
+        parameters={"normalize": 1.0},
+        min_models=1,
+        input_parameters={"weight": None},
+        base_has_input_parameters=True,
+    )
+)
+for _name, _pruning, _election, _normalize, _rescale in (
+    ("task_arithmetic", None, False, False, False),
+    ("ties", "magnitude", True, True, False),
+    ("dare_linear", "random", False, False, True),
+    ("dare_ties", "random", True, False, True),
+):
+    register(
+        MergeMethod(
+            name=_name,
+            merge=_task_vector_method(pruning=_pruning, sign_election=_election),
+            parameters=_task_vector_parameters(normalize=_normalize, rescale=_rescale),
+            min_models=1,
+            needs_base=True,
+            input_parameters=TASK_VECTOR_INPUTS,
+            random=_pruning == "random",
+        )
+    )

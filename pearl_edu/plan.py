@@ -1,4 +1,4 @@
-r"""Plan a merge: which output tensor comes from which inputs, with which ``t``.
+r"""Plan a merge: which output tensor comes from which inputs, with which parameters.
 
 The second step of a merge (config -> plan -> read -> math -> write). It needs the config
 and the models' headers (tensor names, shapes, dtypes) but not a single weight, so a plan
@@ -15,6 +15,12 @@ Where ``t`` comes from (mergekit's meaning):
   such parameter), the top-level ``parameters`` are asked.
 - Tensors outside the layers are read at $x = 0$: the embeddings with the first slice's
   models and parameters, the final norm and ``lm_head`` with the last slice's.
+- Per-model parameters (``weight``, ``density``) are resolved for each input in the same
+  way, with one more scope first: the model's own entry in the slice's sources (or in
+  ``models:``). They are matched against the input's tensor name, as mergekit does (which
+  differs from the output name when a slice takes layers from elsewhere in a model).
+- Random methods (DARE) get a seed per tensor, from the config's ``random_seed`` and the
+  tensor's name.
 
 Architectures are recognised by tensor names, not by a list of model types: anything named
 ``<prefix>.layers.<i>.<rest>`` is a layer tensor (Llama, Mistral, Qwen2 and their kin); the
@@ -32,9 +38,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from pearl_edu.config import FilterRule, MergeConfig, ParamSpec
+from pearl_edu.config import BOOLEAN_PARAMETERS, FilterRule, MergeConfig, ParamSpec
 from pearl_edu.errors import ConfigError, ModelError
-from pearl_edu.methods import METHODS
+from pearl_edu.methods import METHODS, tensor_seed
 
 # Column label of the catch-all entry (a filter rule without `filter`).
 OTHER = "other"
@@ -73,10 +79,13 @@ class TensorPlan:
     """Everything needed to produce one output tensor, decided before reading weights.
 
     ``inputs[base_index]`` is the base model's tensor (``t = 0`` for SLERP); ``params`` are
-    the method's parameters for this tensor and ``matched_filter`` says, per parameter,
-    which filter gave the value (None for a catch-all or a plain number). ``layer`` is the
-    output layer (None outside the layers) and ``x`` its position in its slice. ``dtype``
-    is the dtype the tensor is written in.
+    the method's shared parameters for this tensor and ``matched_filter`` says, per
+    parameter, which filter gave the value (None for a catch-all, a plain number or a
+    default). ``input_params[i]`` and ``input_filters[i]`` are the same for the per-model
+    parameters of ``inputs[i]`` (empty for the base when the method gives it none, and for
+    methods without per-model parameters). ``seed`` is the tensor's seed for random
+    methods (None otherwise). ``layer`` is the output layer (None outside the layers) and
+    ``x`` its position in its slice. ``dtype`` is the dtype the tensor is written in.
     """
 
     name: str
@@ -89,6 +98,9 @@ class TensorPlan:
     shape: tuple[int, ...]
     dtype: torch.dtype
     x: float = 0.0
+    input_params: tuple[dict[str, float], ...] = ()
+    input_filters: tuple[dict[str, str | None], ...] = ()
+    seed: int | None = None
 
     @property
     def nbytes(self) -> int:
@@ -134,6 +146,9 @@ class MergePlan:
                     "method": t.method,
                     "params": t.params,
                     "matched_filter": t.matched_filter,
+                    "input_params": list(t.input_params),
+                    "input_filters": list(t.input_filters),
+                    "seed": t.seed,
                     "shape": list(t.shape),
                     "dtype": str(t.dtype).removeprefix("torch."),
                 }
@@ -159,9 +174,15 @@ def gradient_value(values: Sequence[float], x: float) -> float:
     return float(np.interp(x, np.linspace(0.0, 1.0, len(values)), values))
 
 
-def rule_value(rule: FilterRule, x: float) -> float:
-    """The value of one filter rule at layer position ``x`` (a number, or a gradient)."""
+def rule_value(rule: FilterRule, x: float, *, discrete: bool = False) -> float:
+    """The value of one filter rule at layer position ``x`` (a number, or a gradient).
+
+    A ``discrete`` gradient (of a flag such as ``normalize``) is not interpolated: it steps,
+    taking entry ``int(x * (len - 1))``, as mergekit does for booleans.
+    """
     if isinstance(rule.value, tuple):
+        if discrete:
+            return rule.value[int(x * (len(rule.value) - 1))]
         return gradient_value(rule.value, x)
     return rule.value
 
@@ -178,7 +199,7 @@ def parameter_value(
         spec = scope.get(parameter)
         rule = spec.rule_for(tensor_name) if spec is not None else None
         if rule is not None:
-            return rule_value(rule, x), rule.filter
+            return rule_value(rule, x, discrete=parameter in BOOLEAN_PARAMETERS), rule.filter
     return None
 
 
@@ -196,6 +217,27 @@ def slice_scopes(config: MergeConfig, slice_index: int) -> list[Mapping[str, Par
     later methods; mergekit ignores them for shared parameters such as ``t``.
     """
     return [config.slices[slice_index].parameters, config.parameters]
+
+
+def input_scopes(
+    config: MergeConfig, slice_index: int, model: str
+) -> list[Mapping[str, ParamSpec]]:
+    """A model's per-model parameter scopes in a slice, highest precedence first.
+
+    The model's own entries among the slice's sources, then the slice's parameters, then
+    the top-level ones (mergekit's order).
+    """
+    sl = config.slices[slice_index]
+    own = [source.parameters for source in sl.sources if source.model == model]
+    return [*own, sl.parameters, config.parameters]
+
+
+def takes_input_parameters(config: MergeConfig, slice_index: int, model: str) -> bool:
+    """Whether a model of a slice gets per-model parameters (the base may not)."""
+    method = METHODS[config.merge_method]
+    if not method.input_parameters:
+        return False
+    return method.base_has_input_parameters or model != config.slice_base(slice_index)
 
 
 # ---------------------------------------------------------------------------------------
@@ -276,6 +318,7 @@ def schedule(config: MergeConfig, num_layers: int | None = None) -> Schedule:
     that matches no filter.
     """
     columns = _filter_columns(config)
+    per_model = _input_columns(config)
     rows = []
     layer = 0
     for index, sl in enumerate(config.slices):
@@ -290,18 +333,34 @@ def schedule(config: MergeConfig, num_layers: int | None = None) -> Schedule:
         for offset in range(count):
             x = layer_position(offset, count)
             values = {p: _values_by_label(p, labels, x, scopes) for p, labels in columns.items()}
+            values |= _input_values_by_label(config, index, per_model, x)
             rows.append(ScheduleRow(layer=layer, slice_index=index, x=x, values=values))
             layer += 1
     outside = {}
     for name in ("model.embed_tokens.weight", "model.norm.weight", LM_HEAD):
         scopes = slice_scopes(config, 0 if "embed" in name else len(config.slices) - 1)
         outside[name] = {p: _value_or_none(p, name, 0.0, scopes) for p in columns}
+        index = 0 if "embed" in name else len(config.slices) - 1
+        outside[name] |= {
+            key: column.value(config, index, name, 0.0) for key, column in per_model.items()
+        }
+    columns |= {key: column.labels for key, column in per_model.items()}
     return Schedule(columns=columns, rows=tuple(rows), outside_layers=outside)
 
 
 def _filter_columns(config: MergeConfig) -> dict[str, tuple[str, ...]]:
-    """Per parameter, the filter labels the config uses, in order ("other" last)."""
+    """Per shared parameter, the filter labels the config uses, in order ("other" last).
+
+    The method's per-model parameters get columns of their own (see `_input_columns`).
+    """
+    per_model = METHODS[config.merge_method].input_parameters
     scopes = [sl.parameters for sl in config.slices] + [config.parameters]
+    shared = [{p: spec for p, spec in scope.items() if p not in per_model} for scope in scopes]
+    return _labels_by_parameter(shared)
+
+
+def _labels_by_parameter(scopes: Sequence[Mapping[str, ParamSpec]]) -> dict[str, tuple[str, ...]]:
+    """Per parameter named in ``scopes``, its filter labels in order ("other" last)."""
     columns: dict[str, list[str]] = {}
     for scope in scopes:
         for parameter, spec in scope.items():
@@ -311,6 +370,75 @@ def _filter_columns(config: MergeConfig) -> dict[str, tuple[str, ...]]:
                     labels.append(flt or OTHER)
     return {
         p: tuple(sorted(labels, key=lambda label: label == OTHER)) for p, labels in columns.items()
+    }
+
+
+@dataclass(frozen=True)
+class InputColumn:
+    """The schedule's columns for one per-model parameter of one model (``weight@b``)."""
+
+    parameter: str
+    model: str
+    labels: tuple[str, ...]
+
+    def value(
+        self, config: MergeConfig, slice_index: int, tensor_name: str, x: float
+    ) -> float | None:
+        """The value for a tensor of a slice; None where the model takes no such value."""
+        if self.model not in config.slices[slice_index].models():
+            return None
+        if not takes_input_parameters(config, slice_index, self.model):
+            return None
+        scopes = input_scopes(config, slice_index, self.model)
+        return _value_or_none(self.parameter, tensor_name, x, scopes)
+
+
+def _input_columns(config: MergeConfig) -> dict[str, InputColumn]:
+    """Columns for the method's per-model parameters that the config names, per model.
+
+    Keyed ``parameter@model`` (the model's folder or repository name), for every model that
+    takes per-model parameters in some slice.
+    """
+    per_model = METHODS[config.merge_method].input_parameters
+    labels = _model_labels(config)
+    columns = {}
+    for parameter in per_model:
+        for model in config.models():
+            slices = [
+                i
+                for i, sl in enumerate(config.slices)
+                if model in sl.models() and takes_input_parameters(config, i, model)
+            ]
+            scopes = [
+                {parameter: scope[parameter]}
+                for i in slices
+                for scope in input_scopes(config, i, model)
+                if parameter in scope
+            ]
+            if scopes:
+                found = _labels_by_parameter(scopes)[parameter]
+                columns[f"{parameter}@{labels[model]}"] = InputColumn(parameter, model, found)
+    return columns
+
+
+def _model_labels(config: MergeConfig) -> dict[str, str]:
+    """Short names of the models (their last path part), or the full ones if those clash."""
+    short = {model: model.rstrip("/").rsplit("/", 1)[-1] for model in config.models()}
+    if len(set(short.values())) < len(short):
+        return {model: model for model in short}
+    return short
+
+
+def _input_values_by_label(
+    config: MergeConfig, slice_index: int, columns: Mapping[str, InputColumn], x: float
+) -> dict[str, dict[str, float | None]]:
+    """Per-model parameter values of one layer, for a representative tensor of each label."""
+    return {
+        key: {
+            label: column.value(config, slice_index, "" if label == OTHER else label, x)
+            for label in column.labels
+        }
+        for key, column in columns.items()
     }
 
 
@@ -532,6 +660,13 @@ def _tensor_plan(
     base = _base_index(config, index)
     _check_shapes(name, inputs, metas)
     params, filters = _resolve_params(config, index, name, x)
+    # Per-model parameters are matched against each input's own tensor name (mergekit).
+    lookup_names = [name if layer is None else i.tensor for i in inputs]
+    per_input = [
+        _resolve_input_params(config, index, i.model, lookup, x)
+        for i, lookup in zip(inputs, lookup_names, strict=True)
+    ]
+    _check_weights(config, name, params, [values for values, _ in per_input])
     return TensorPlan(
         name=name,
         inputs=inputs,
@@ -541,8 +676,11 @@ def _tensor_plan(
         layer=layer,
         matched_filter=filters,
         shape=tuple(metas[base].shape),
-        dtype=_output_dtype(config, metas[base].dtype),
+        dtype=_output_dtype(config, _result_dtype(config, metas, base)),
         x=x,
+        input_params=tuple(values for values, _ in per_input),
+        input_filters=tuple(found for _, found in per_input),
+        seed=tensor_seed(config.random_seed, name) if METHODS[config.merge_method].random else None,
     )
 
 
@@ -598,6 +736,55 @@ def _resolve_params(
     return params, filters
 
 
+def _resolve_input_params(
+    config: MergeConfig, index: int, model: str, tensor_name: str, x: float
+) -> tuple[dict[str, float], dict[str, str | None]]:
+    """One input's per-model parameters for one tensor, and which filter gave each."""
+    if not takes_input_parameters(config, index, model):
+        return {}, {}
+    method = METHODS[config.merge_method]
+    scopes = input_scopes(config, index, model)
+    params: dict[str, float] = {}
+    filters: dict[str, str | None] = {}
+    for parameter, default in method.input_parameters.items():
+        found = parameter_value(parameter, tensor_name, x, scopes)
+        if found is None and default is None:
+            raise ConfigError(
+                f"{config.source}: parameters.{parameter}: no entry for {model} matches tensor "
+                f"{tensor_name}; add a catch-all entry such as '- value: 0.5'"
+            )
+        params[parameter], filters[parameter] = found if found else (default, None)
+    return params, filters
+
+
+def _check_weights(
+    config: MergeConfig, name: str, params: Mapping[str, float], inputs: Sequence[Mapping]
+) -> None:
+    """Refuse a normalized linear merge whose weights sum to 0 (it would divide by 0)."""
+    if config.merge_method != "linear" or not params.get("normalize"):
+        return
+    if sum(values["weight"] for values in inputs) == 0:
+        raise ConfigError(
+            f"{config.source}: parameters.weight: the weights for tensor {name} sum to 0, and "
+            "linear with normalize: true divides by their sum; change a weight or set "
+            "normalize: false"
+        )
+
+
+def _result_dtype(config: MergeConfig, metas: Sequence[TensorInfo], base: int) -> torch.dtype:
+    """The dtype a method returns: the base's for SLERP, else all inputs' common dtype.
+
+    Linear, task arithmetic, TIES and DARE promote their inputs to a common dtype before
+    the math (bfloat16 and float16 give float32), and return that dtype, as in mergekit.
+    """
+    if config.merge_method == "slerp":
+        return metas[base].dtype
+    dtype = metas[0].dtype
+    for meta in metas[1:]:
+        dtype = torch.promote_types(dtype, meta.dtype)
+    return dtype
+
+
 def _output_dtype(config: MergeConfig, base_dtype: torch.dtype) -> torch.dtype:
     """``out_dtype``, else the config's ``dtype``, else the base tensor's dtype."""
     name = config.out_dtype or config.dtype
@@ -638,9 +825,12 @@ def show_plan(
         return json.dumps(data, indent=2)
 
     lines = [f"{config.source}: {config.merge_method}, dtype {config.dtype or 'of each input'}"]
+    if METHODS[config.merge_method].random:
+        lines[0] += f", random seed {config.random_seed}"
+    base_note = " (t = 0)" if config.merge_method == "slerp" else ""
     for summary in _slice_summaries(config):
         lines.append(
-            f"  slice {summary['slice']}: base {summary['base_model']} (t = 0); "
+            f"  slice {summary['slice']}: base {summary['base_model']}{base_note}; "
             + ", ".join(f"{s['model']} layers {s['layer_range']}" for s in summary["sources"])
         )
     if merge_plan is None:
@@ -664,11 +854,19 @@ def show_plan(
 
 
 def _param_cells(tensor: TensorPlan) -> str:
-    """``t = 0.5000 (other)`` for each parameter of a planned tensor."""
-    return "  ".join(
+    """``t = 0.5000 (other)`` for each parameter, ``weight@b = ...`` for each per-model one."""
+    cells = [
         f"{p} = {_cell(v)} ({tensor.matched_filter.get(p) or OTHER})"
         for p, v in tensor.params.items()
-    )
+    ]
+    labels = [i.model.rstrip("/").rsplit("/", 1)[-1] for i in tensor.inputs]
+    for label, values, filters in zip(
+        labels, tensor.input_params, tensor.input_filters, strict=True
+    ):
+        cells += [
+            f"{p}@{label} = {_cell(v)} ({filters.get(p) or OTHER})" for p, v in values.items()
+        ]
+    return "  ".join(cells)
 
 
 def _slice_summaries(config: MergeConfig) -> list[dict[str, Any]]:

@@ -278,5 +278,5 @@ def test_registry_describes_slerp():
     assert (spec.min_models, spec.max_models, spec.needs_base) == (2, 2, True)
     with pytest.raises(ValueError, match="already registered"):
         methods.register(spec)
-    with pytest.raises(ValueError, match="unknown merge method 'ties'"):
-        merge_tensor("ties", [torch.ones(2), torch.ones(2)], 0, {})
+    with pytest.raises(ValueError, match="unknown merge method 'nearswap'"):
+        merge_tensor("nearswap", [torch.ones(2), torch.ones(2)], 0, {})

@@ -41,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--shard-size", default="5GB", help="largest output shard (default 5GB)")
     m.add_argument("--force", action="store_true", help="replace a non-empty OUTPUT_DIR")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for the math (default: all cores but one, left to reading and writing)",
+    )
     m.set_defaults(func=_run_merge)
 
     v = sub.add_parser("verify", help="compare two model folders tensor by tensor")
@@ -81,6 +87,7 @@ def _run_merge(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         force=args.force,
         progress=False if args.quiet else None,
+        threads=args.threads,
     )
     resumed = f", {result.resumed_tensors} resumed" if result.resumed_tensors else ""
     print(

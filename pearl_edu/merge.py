@@ -25,6 +25,8 @@ makes the process kill itself with SIGKILL after writing N tensors.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import json
 import os
@@ -57,7 +59,7 @@ from pearl_edu.io import (
     layout_shards,
     read_header,
 )
-from pearl_edu.methods import merge_tensor
+from pearl_edu.methods import METHODS, merge_tensor
 from pearl_edu.plan import MergePlan, TensorPlan, plan
 
 MANIFEST = ".pearl-edu-merge.json"
@@ -109,13 +111,15 @@ def merge(
     shard_size: str | int = "5GB",
     force: bool = False,
     progress: bool | None = None,
+    threads: int | None = None,
 ) -> MergeResult:
     """Merge the models of ``config`` into the Hugging Face model folder ``output_dir``.
 
     ``config`` is a `MergeConfig`, or anything `load_config` accepts (a YAML path, YAML
     text, a shipped recipe's name). ``progress=None`` shows a progress bar only on a
-    terminal; ``False`` never. Bad input raises a `PearlEduError` before anything is
-    written.
+    terminal; ``False`` never. ``threads`` is how many CPU threads the math may use on the
+    CPU; by default all but one, which is left to the reading and writing threads (see
+    `math_threads`). Bad input raises a `PearlEduError` before anything is written.
     """
     started = time.perf_counter()
     # config -> plan: every mistake is reported here, before anything is written.
@@ -148,12 +152,24 @@ def merge(
     remaining = sum(job.nbytes for job in jobs)
     bar = progress_bar(total, initial=total - remaining, enabled=progress)
     write_behind = WriteBehind(writer)
+    return_freed_memory_to_the_system()
     try:
-        for job, inputs in read_ahead(jobs, readers, dtype=compute_dtype, device=compute_device):
-            merged = merge_tensor(job.method, inputs, job.base_index, job.params, name=job.name)
-            write_behind.write(job.name, output_tensor(merged, job.dtype, inputs))
-            bar.update(job.nbytes)
-        write_behind.finish()
+        with math_threads(threads, compute_device):
+            for job, inputs in read_ahead(
+                jobs, readers, dtype=compute_dtype, device=compute_device
+            ):
+                merged = merge_tensor(
+                    job.method,
+                    inputs,
+                    job.base_index,
+                    job.params,
+                    input_params=job.input_params or None,
+                    seed=job.seed,
+                    name=job.name,
+                )
+                write_behind.write(job.name, output_tensor(merged, job.dtype, inputs))
+                bar.update(job.nbytes)
+            write_behind.finish()
     finally:
         bar.close()
         write_behind.close()
@@ -174,6 +190,42 @@ def merge(
         device=compute_device,
         seconds=time.perf_counter() - started,
     )
+
+
+@contextlib.contextmanager
+def math_threads(threads: int | None, device: torch.device) -> Iterator[int]:
+    """Run the CPU math on ``threads`` threads (default: all but one), then restore.
+
+    The reader and writer threads need a core of their own: on a 2-core machine, torch's
+    parallel loops on both cores wait on each other whenever the I/O threads run, and a
+    merge measured three times slower than with the math on one core. (The number of
+    threads can change the last bits of a float32 sum; mergekit's results did not differ on
+    the tensors measured, see the book's performance appendix.)
+    """
+    previous = torch.get_num_threads()
+    wanted = threads if threads is not None else max(1, previous - 1)
+    if wanted < 1:
+        raise ConfigError(f"threads: expected a positive number, got {threads}")
+    if device.type != "cpu":
+        yield previous
+        return
+    torch.set_num_threads(wanted)
+    try:
+        yield wanted
+    finally:
+        torch.set_num_threads(previous)
+
+
+def return_freed_memory_to_the_system() -> None:
+    """Serve large blocks from their own memory maps, so freeing them returns the memory.
+
+    glibc raises its mmap threshold after large frees (up to 32 MiB), after which freed
+    tensors stay in the process's heap and the resident size grows with the model: pinning
+    the threshold at 4 MiB keeps the peak at a few tensors. Elsewhere than glibc, nothing.
+    """
+    m_mmap_threshold = -3
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(m_mmap_threshold, 4 * 1024**2)
 
 
 # --------------------------------------------------------------------------------------
@@ -584,7 +636,14 @@ def model_card(config: MergeConfig, config_yaml: str, model_name: str) -> str:
         sort_keys=False,
     )
     listed = "\n".join(f"* {model}" for model in models)
-    base = f" with {config.base_model} as the base (t = 0)" if config.base_model else ""
+    t_note = " (t = 0)" if config.merge_method == "slerp" else ""
+    base = f" with {config.base_model} as the base{t_note}" if config.base_model else ""
+    seed = (
+        f"Random seed: `{config.random_seed}` (each tensor draws from a seed made of this "
+        "one and the tensor's name, so the merge is reproducible).\n\n"
+        if METHODS[config.merge_method].random
+        else ""
+    )
     return (
         f"---\n{front_matter}---\n"
         f"# {model_name}\n\n"
@@ -592,6 +651,7 @@ def model_card(config: MergeConfig, config_yaml: str, model_name: str) -> str:
         "which reads mergekit's configuration format with mergekit's meaning.\n\n"
         "## Merge details\n\n"
         f"Merge method: `{config.merge_method}`{base}.\n\n"
+        f"{seed}"
         f"Models merged:\n\n{listed}\n\n"
         "## Configuration\n\n"
         "The following YAML configuration was used to produce this model:\n\n"

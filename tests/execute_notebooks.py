@@ -18,9 +18,15 @@ from nbclient import NotebookClient
 
 def execute(path: Path) -> float:
     notebook = nbformat.read(path, as_version=4)
+    for cell in notebook.cells:  # timestamps of an earlier run would only add noise to diffs
+        cell.metadata.pop("execution", None)
     started = time.perf_counter()
     NotebookClient(
-        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": path.parent}}
+        notebook,
+        timeout=600,
+        kernel_name="python3",
+        record_timing=False,
+        resources={"metadata": {"path": path.parent}},
     ).execute()
     nbformat.write(notebook, path)
     return time.perf_counter() - started

@@ -532,3 +532,20 @@ def test_buffers_are_allocated_once_and_oversized_ones_dropped():
     after = buffers.buffer(0, 10)
     assert after.numel() == 1000  # the oversized buffer is not kept
     assert buffers.buffer(1, 20).numel() == 1000
+
+
+def test_math_threads_leaves_a_core_for_io_and_restores_the_setting():
+    import torch
+
+    from pearl_edu.errors import ConfigError
+    from pearl_edu.merge import math_threads
+
+    before = torch.get_num_threads()
+    with math_threads(None, torch.device("cpu")) as used:
+        assert used == max(1, before - 1) == torch.get_num_threads()
+    assert torch.get_num_threads() == before
+    with math_threads(1, torch.device("cpu")) as used:
+        assert used == 1 == torch.get_num_threads()
+    assert torch.get_num_threads() == before
+    with pytest.raises(ConfigError, match="threads"), math_threads(0, torch.device("cpu")):
+        pass

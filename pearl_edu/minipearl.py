@@ -1,0 +1,694 @@
+r"""Mini-Pearl: Pearl-7B-slerp's story re-enacted with models small enough to train on a laptop.
+
+Pearl-7B-slerp merges a generalist (OmniBeagle-7B) with a maths specialist
+(WizardMath-7B), both fine-tuned from one pre-trained model (Mistral-7B). This module
+plays the whole story at toy scale, offline and deterministically:
+
+1. **data**: sentences from a small English-like grammar (the "general" skill) and
+   two-digit additions written ``07+35=042`` (the "maths" skill), split into training and
+   held-out sets;
+2. **tokenizer**: one token per character, built with `tokenizers` and saved as the
+   ``tokenizer.json`` that `transformers.PreTrainedTokenizerFast` loads;
+3. **models**: a few-layer Mistral from `transformers`, pre-trained briefly on simple
+   sentences and additions without carries, then fine-tuned twice from the same weights:
+   on sentences with more words (the generalist) and on all additions (the specialist);
+4. **evaluation**: next-token accuracy on held-out sentences, and exact-match accuracy of
+   the greedy answers to held-out additions;
+5. **merging**: Pearl's own recipe with the models and layer count replaced, so that
+   `pearl_edu.merge` merges the two parents exactly as mergekit merged the real ones.
+
+Every random choice comes from an explicit seed, so the same settings give the same weights
+on the same machine.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import torch
+import yaml
+
+from pearl_edu.errors import ModelError
+from pearl_edu.methods import DOT_THRESHOLD, lerp, slerp
+from pearl_edu.recipes import recipe_text
+
+
+def _transformers():
+    """`transformers`, imported on first use: importing `pearl_edu` stays light.
+
+    Its first import loads tqdm, which warns in a notebook without widget support; the
+    warning says nothing about the lesson, so it is silenced here.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        import transformers
+        import transformers.utils.logging
+        from tqdm import auto  # noqa: F401  (the module that warns)
+    return transformers
+
+
+# ---------------------------------------------------------------------------------------
+# Data: a tiny grammar and two-digit additions
+
+NOUNS = ("cat", "dog", "bird", "owl", "frog", "duck", "goat", "horse", "cow", "hen", "pig", "bear")
+ADJECTIVES = ("small", "big", "red", "young", "quick", "lazy", "brown", "happy")
+VERBS = ("see", "chase", "like", "find", "follow", "help", "watch", "greet")  # plural forms
+SINGULAR_DETERMINERS = ("the", "a", "one")
+PLURAL_DETERMINERS = ("the", "some", "two")
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The words a grammar may use."""
+
+    nouns: tuple[str, ...]
+    adjectives: tuple[str, ...]
+    verbs: tuple[str, ...]
+
+
+# Pre-training sees a third of the nouns and half of the other words; the generalist's
+# fine-tuning (and the held-out test) uses them all, so that its skill is one the base
+# model does not already have.
+BASIC_WORDS = Vocabulary(NOUNS[:4], ADJECTIVES[:4], VERBS[:4])
+ALL_WORDS = Vocabulary(NOUNS, ADJECTIVES, VERBS)
+
+# Operands have two digits and answers three, zero-padded, so every problem has the same
+# shape and the answer is always three tokens long.
+OPERAND_DIGITS = 2
+ANSWER_DIGITS = 3
+
+
+def noun_phrase(rng: random.Random, words: Vocabulary) -> tuple[str, bool]:
+    """A noun phrase such as ``"two lazy dogs"`` and whether it is plural."""
+    plural = rng.random() < 0.5
+    phrase = [rng.choice(PLURAL_DETERMINERS if plural else SINGULAR_DETERMINERS)]
+    if rng.random() < 0.5:
+        phrase.append(rng.choice(words.adjectives))
+    phrase.append(rng.choice(words.nouns) + ("s" if plural else ""))
+    return " ".join(phrase), plural
+
+
+def make_sentence(rng: random.Random, words: Vocabulary = ALL_WORDS) -> str:
+    """One sentence of the grammar: subject, verb agreeing with it, object, full stop.
+
+    The verb takes an ``s`` after a singular subject (``the cat sees``) and none after a
+    plural one (``two cats see``): a rule a model can only follow by looking back.
+    """
+    subject, plural = noun_phrase(rng, words)
+    verb = rng.choice(words.verbs) + ("" if plural else "s")
+    obj, _ = noun_phrase(rng, words)
+    return f"{subject} {verb} {obj}."
+
+
+def addition_prompt(a: int, b: int) -> str:
+    """The question part of an addition, e.g. ``addition_prompt(7, 35) == "07+35="``."""
+    return f"{a:0{OPERAND_DIGITS}d}+{b:0{OPERAND_DIGITS}d}="
+
+
+def addition_answer(a: int, b: int) -> str:
+    """The answer part of an addition, zero-padded: ``addition_answer(7, 35) == "042"``."""
+    return f"{a + b:0{ANSWER_DIGITS}d}"
+
+
+def carries(a: int, b: int) -> bool:
+    """Whether adding ``a`` and ``b`` carries a one in any column (``17 + 25`` does)."""
+    while a or b:
+        if a % 10 + b % 10 >= 10:
+            return True
+        a, b = a // 10, b // 10
+    return False
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """The texts of every stage, and held-out data for both skills.
+
+    Pre-training mixes sentences with the basic words and the additions that need no
+    carry (``12+34=046``); the generalist is fine-tuned on sentences with all the words,
+    the specialist on all additions, carries included. The test sentences are not among
+    the training ones, and ``test_problems`` are operand pairs that no training problem
+    uses, so the tests measure skills, not memory.
+    """
+
+    pretrain_sentences: tuple[str, ...]
+    pretrain_problems: tuple[tuple[int, int], ...]
+    train_sentences: tuple[str, ...]
+    test_sentences: tuple[str, ...]
+    train_problems: tuple[tuple[int, int], ...]
+    test_problems: tuple[tuple[int, int], ...]
+
+
+def make_corpus(
+    *, sentences: int = 4000, test_sentences: int = 300, test_problems: int = 300, seed: int = 0
+) -> Corpus:
+    """Every text of the mini-Pearl story, deterministic from ``seed``.
+
+    All ``100 * 100`` operand pairs are shuffled; ``test_problems`` of them are held out.
+    """
+    rng = random.Random(seed)
+    pretrain = [make_sentence(rng, BASIC_WORDS) for _ in range(sentences)]
+    train = [make_sentence(rng, ALL_WORDS) for _ in range(sentences)]
+    seen = set(train)
+    test: list[str] = []
+    while len(test) < test_sentences:
+        sentence = make_sentence(rng, ALL_WORDS)
+        if sentence not in seen:
+            test.append(sentence)
+            seen.add(sentence)
+    limit = 10**OPERAND_DIGITS
+    pairs = [(a, b) for a in range(limit) for b in range(limit)]
+    rng.shuffle(pairs)
+    return Corpus(
+        pretrain_sentences=tuple(pretrain),
+        pretrain_problems=tuple(pair for pair in pairs[test_problems:] if not carries(*pair)),
+        train_sentences=tuple(train),
+        test_sentences=tuple(test),
+        train_problems=tuple(pairs[test_problems:]),
+        test_problems=tuple(pairs[:test_problems]),
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# The tokenizer: one token per character
+
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
+CHARACTERS = " .+=0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def build_tokenizer():
+    """A character-level tokenizer that starts every text with ``<s>``, like Mistral's.
+
+    Returns a `transformers.PreTrainedTokenizerFast`; ``save_pretrained`` writes the
+    ``tokenizer.json`` that any Hugging Face loader reads back.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    PreTrainedTokenizerFast = _transformers().PreTrainedTokenizerFast
+
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + tuple(CHARACTERS))}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    # Every character, spaces included, is a token of its own...
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    # ...so decoding glues them back together without adding spaces.
+    tokenizer.decoder = decoders.Fuse()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", special_tokens=[(BOS, vocab[BOS])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Training examples: token ids and which of them the loss is computed on
+
+
+@dataclass(frozen=True)
+class Examples:
+    """Right-padded token ids and a mask of the tokens the model is asked to predict.
+
+    ``loss_mask[i, j]`` is 1 when token ``j`` of example ``i`` counts in the loss (and in
+    the accuracy): every character of a sentence, but only the answer of an addition,
+    since its operands are random and cannot be predicted.
+    """
+
+    input_ids: torch.Tensor
+    loss_mask: torch.Tensor
+    lengths: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def rows(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The examples at ``index``, cut after the longest of them (no all-padding columns)."""
+        width = int(self.lengths[index].max())
+        return self.input_ids[index, :width], self.loss_mask[index, :width]
+
+
+def encode(tokenizer, prompts: Sequence[str], targets: Sequence[str]) -> Examples:
+    """Encode ``prompt + target + </s>`` per example; only the target and ``</s>`` count."""
+    # One call per list: the tokenizer encodes a whole batch at once, much faster.
+    prompt_ids = tokenizer(list(prompts))["input_ids"]  # each starts with <s>
+    target_ids = tokenizer(list(targets), add_special_tokens=False)["input_ids"]
+    sequences, masks = [], []
+    for prompt, target in zip(prompt_ids, target_ids, strict=True):
+        target = [*target, tokenizer.eos_token_id]
+        sequences.append(prompt + target)
+        masks.append([0] * len(prompt) + [1] * len(target))
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), tokenizer.pad_token_id, dtype=torch.long)
+    loss_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, (ids, mask) in enumerate(zip(sequences, masks, strict=True)):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        loss_mask[row, : len(mask)] = torch.tensor(mask)
+    lengths = torch.tensor([len(ids) for ids in sequences])
+    return Examples(input_ids=input_ids, loss_mask=loss_mask, lengths=lengths)
+
+
+def sentence_examples(tokenizer, sentences: Sequence[str]) -> Examples:
+    """Sentences as examples: every character after ``<s>`` is predicted."""
+    return encode(tokenizer, [""] * len(sentences), sentences)
+
+
+def addition_examples(tokenizer, problems: Sequence[tuple[int, int]]) -> Examples:
+    """Additions as examples: only the answer digits (and ``</s>``) are predicted."""
+    prompts = [addition_prompt(a, b) for a, b in problems]
+    answers = [addition_answer(a, b) for a, b in problems]
+    return encode(tokenizer, prompts, answers)
+
+
+def concatenate(first: Examples, second: Examples) -> Examples:
+    """Both sets of examples in one, padded to the longer width."""
+    width = max(first.input_ids.shape[1], second.input_ids.shape[1])
+
+    def widen(tensor: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]))
+
+    # The pad id is 0 (SPECIAL_TOKENS[0]), so zero-padding the ids pads them correctly.
+    return Examples(
+        input_ids=torch.cat([widen(first.input_ids), widen(second.input_ids)]),
+        loss_mask=torch.cat([widen(first.loss_mask), widen(second.loss_mask)]),
+        lengths=torch.cat([first.lengths, second.lengths]),
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# The model
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a mini Mistral (Mistral-7B: 32 layers, hidden 4096, 32/8 heads)."""
+
+    num_layers: int = 4
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    max_positions: int = 64
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the enclosed block on ``count`` CPU threads, then restore the caller's setting.
+
+    Matrices this small gain nothing from several threads, and on a busy machine threads
+    that wait for each other burn CPU time without doing work: training on one thread is
+    several times cheaper than on two.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Hide `transformers`' progress bars in the enclosed block, then restore them.
+
+    Loading or saving a model this small takes no time; a progress bar would only add noise
+    to a notebook.
+    """
+    logging = _transformers().utils.logging
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()
+
+
+def new_model(tokenizer, shape: ModelShape, *, seed: int):
+    """A freshly initialised `transformers.MistralForCausalLM` of the given shape.
+
+    The initialisation draws from torch's global generator; it is forked here, so the
+    caller's random state is left as it was.
+    """
+    transformers = _transformers()
+    config = transformers.MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_kv_heads,
+        max_position_embeddings=shape.max_positions,
+        tie_word_embeddings=False,  # as in Mistral-7B: embed_tokens and lm_head differ
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.MistralForCausalLM(config)
+    return model.eval()
+
+
+def language_model_loss(model, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    r"""Mean cross-entropy of the masked next tokens.
+
+    $$ \mathcal{L} = -\frac{1}{\sum_j m_j} \sum_j m_j \log p_\theta(x_j \mid x_{<j}) $$
+    """
+    logits = model(input_ids=input_ids).logits[:, :-1]
+    targets = input_ids[:, 1:]
+    weights = loss_mask[:, 1:].float()
+    losses = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+    )
+    return (losses * weights.reshape(-1)).sum() / weights.sum()
+
+
+def train(
+    model,
+    examples: Examples,
+    *,
+    steps: int,
+    learning_rate: float,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> list[float]:
+    """Train ``model`` in place with AdamW on random batches; return the loss of each step.
+
+    The learning rate rises linearly over the first tenth of the steps (Adam's first
+    updates, from empty statistics, are the largest) and then decays linearly to zero,
+    which lets a short run settle at the end. Batches are drawn from a generator seeded
+    with ``seed``, so a run is reproducible.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_then_decay, steps=steps))
+    model.train()
+    losses = []
+    for _ in range(steps):
+        index = torch.randint(len(examples), (batch_size,), generator=generator)
+        loss = language_model_loss(model, *examples.rows(index))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def warmup_then_decay(step: int, *, steps: int) -> float:
+    """The learning-rate factor at ``step``: a linear rise over 10% of the steps, then decay."""
+    warmup = max(1, steps // 10)
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (steps - step) / (steps - warmup))
+
+
+# ---------------------------------------------------------------------------------------
+# Measuring the two skills
+
+
+@torch.no_grad()
+def next_token_accuracy(model, examples: Examples) -> float:
+    """Fraction of the masked tokens that are the model's most likely next token."""
+    predicted = model(input_ids=examples.input_ids).logits[:, :-1].argmax(-1)
+    mask = examples.loss_mask[:, 1:].bool()
+    return (predicted == examples.input_ids[:, 1:])[mask].float().mean().item()
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, prompts: Sequence[str], length: int) -> list[str]:
+    """Continue each prompt with ``length`` greedily chosen tokens, decoded to text.
+
+    All prompts must encode to the same number of tokens (true of the additions), so the
+    whole batch is decoded in lockstep without padding.
+    """
+    input_ids = torch.tensor([tokenizer(prompt)["input_ids"] for prompt in prompts])
+    start = input_ids.shape[1]
+    for _ in range(length):
+        next_ids = model(input_ids=input_ids).logits[:, -1].argmax(-1, keepdim=True)
+        input_ids = torch.cat([input_ids, next_ids], dim=1)
+    return tokenizer.batch_decode(input_ids[:, start:])
+
+
+def addition_accuracy(model, tokenizer, problems: Sequence[tuple[int, int]]) -> float:
+    """Fraction of additions whose greedy three-digit answer is exactly right."""
+    prompts = [addition_prompt(a, b) for a, b in problems]
+    answers = greedy_answers(model, tokenizer, prompts, ANSWER_DIGITS)
+    right = sum(
+        answer == addition_answer(a, b) for answer, (a, b) in zip(answers, problems, strict=True)
+    )
+    return right / len(problems)
+
+
+@dataclass(frozen=True)
+class Skills:
+    """The two skills of a model, each a fraction in [0, 1]."""
+
+    text: float  # next-token accuracy on held-out sentences
+    addition: float  # exact-match accuracy of greedy answers to held-out additions
+
+
+def measure_skills(model, tokenizer, corpus: Corpus, *, threads: int = 1) -> Skills:
+    """Both skills of ``model`` on the held-out part of ``corpus`` (on ``threads`` threads)."""
+    sentences = sentence_examples(tokenizer, corpus.test_sentences)
+    with torch_threads(threads):
+        return Skills(
+            text=next_token_accuracy(model, sentences),
+            addition=addition_accuracy(model, tokenizer, corpus.test_problems),
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Building the three models: base, generalist, maths specialist
+
+
+@dataclass(frozen=True)
+class MiniPearlSettings:
+    """Everything that decides the three models: sizes, steps, learning rates, seed."""
+
+    shape: ModelShape = ModelShape()
+    pretrain_steps: int = 700
+    pretrain_learning_rate: float = 3e-3
+    generalist_steps: int = 300
+    math_steps: int = 600
+    finetune_learning_rate: float = 1e-3
+    batch_size: int = 32
+    seed: int = 0
+    threads: int = 1
+
+
+@dataclass(frozen=True)
+class MiniPearl:
+    """The folders of the three models and the training losses that made them."""
+
+    base: Path
+    generalist: Path
+    math: Path
+    losses: dict[str, list[float]]
+    settings: MiniPearlSettings
+
+
+def build_mini_pearl(folder: str | Path, settings: MiniPearlSettings | None = None) -> MiniPearl:
+    """Pre-train a base, fine-tune a generalist and a maths specialist, save all three.
+
+    Writes Hugging Face model folders ``base``, ``generalist`` and ``math`` under
+    ``folder``, in bfloat16 like the real parents of Pearl, each with its tokenizer.
+    """
+    settings = settings or MiniPearlSettings()
+    folder = Path(folder)
+    corpus = make_corpus(seed=settings.seed)
+    tokenizer = build_tokenizer()
+    mixed = concatenate(
+        sentence_examples(tokenizer, corpus.pretrain_sentences),
+        addition_examples(tokenizer, corpus.pretrain_problems),
+    )
+    sentences = sentence_examples(tokenizer, corpus.train_sentences)
+    additions = addition_examples(tokenizer, corpus.train_problems)
+
+    with torch_threads(settings.threads):
+        return _train_and_save(folder, settings, tokenizer, mixed, sentences, additions)
+
+
+def _train_and_save(
+    folder: Path,
+    settings: MiniPearlSettings,
+    tokenizer,
+    mixed: Examples,
+    sentences: Examples,
+    additions: Examples,
+) -> MiniPearl:
+    """The three trainings of `build_mini_pearl`, each model saved as soon as it is done."""
+    model = new_model(tokenizer, settings.shape, seed=settings.seed)
+    losses = {
+        "base": train(
+            model,
+            mixed,
+            steps=settings.pretrain_steps,
+            learning_rate=settings.pretrain_learning_rate,
+            batch_size=settings.batch_size,
+            seed=settings.seed,
+        )
+    }
+    base_weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    save_model(model, tokenizer, folder / "base")
+
+    # Both specialists start from the same pre-trained weights, as OmniBeagle and
+    # WizardMath both start from Mistral-7B.
+    # Each specialist also revisits the pre-training mix ("replay"), as real fine-tunes
+    # keep much of their base's abilities: WizardMath still writes English.
+    fine_tunings = (
+        ("generalist", concatenate(sentences, mixed), settings.generalist_steps),
+        ("math", concatenate(additions, mixed), settings.math_steps),
+    )
+    for name, examples, steps in fine_tunings:
+        model.load_state_dict(base_weights)
+        losses[name] = train(
+            model,
+            examples,
+            steps=steps,
+            learning_rate=settings.finetune_learning_rate,
+            batch_size=settings.batch_size,
+            seed=settings.seed + 1,
+        )
+        save_model(model, tokenizer, folder / name)
+    return MiniPearl(
+        base=folder / "base",
+        generalist=folder / "generalist",
+        math=folder / "math",
+        losses=losses,
+        settings=settings,
+    )
+
+
+def save_model(model, tokenizer, folder: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Save ``model`` and ``tokenizer`` as a Hugging Face folder, weights in ``dtype``."""
+    folder = Path(folder)
+    original = next(model.parameters()).dtype
+    with quiet_transformers():
+        model.to(dtype).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    model.to(original)
+    return folder
+
+
+def load_model(folder: str | Path):
+    """Load a model folder with `transformers`, in float32 for evaluation."""
+    transformers = _transformers()
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"model folder {folder}: no config.json; expected a Hugging Face model")
+    with quiet_transformers():
+        model = transformers.MistralForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return model.eval()
+
+
+def load_tokenizer(folder: str | Path):
+    """Load the tokenizer saved in a model folder."""
+    return _transformers().PreTrainedTokenizerFast.from_pretrained(Path(folder))
+
+
+# ---------------------------------------------------------------------------------------
+# Merging the parents
+
+
+def scaled_pearl_recipe(base: str | Path, other: str | Path, num_layers: int) -> str:
+    """Pearl-7B-slerp's recipe with its two models and its 32 layers replaced.
+
+    The filters, the value lists and the dtype are Pearl's own, read from the shipped
+    recipe; ``base`` takes OmniBeagle's place (``t = 0``), ``other`` WizardMath's.
+    """
+    recipe = yaml.safe_load(recipe_text())
+    real_base = recipe["base_model"]
+    for source in recipe["slices"][0]["sources"]:
+        source["model"] = str(base) if source["model"] == real_base else str(other)
+        source["layer_range"] = [0, num_layers]
+    recipe["base_model"] = str(base)
+    return yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None)
+
+
+def uniform_recipe(base: str | Path, other: str | Path, num_layers: int, t: float) -> str:
+    """The same merge with one ``t`` for every tensor."""
+    recipe = yaml.safe_load(scaled_pearl_recipe(base, other, num_layers))
+    recipe["parameters"] = {"t": float(t)}
+    return yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None)
+
+
+def load_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """All weights of a small model folder, in their stored dtype."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"model folder {folder}: no *.safetensors weight files")
+    weights: dict[str, torch.Tensor] = {}
+    for file in files:
+        weights.update(load_file(file))
+    return weights
+
+
+def interpolate_weights(
+    base: dict[str, torch.Tensor],
+    other: dict[str, torch.Tensor],
+    t: float,
+    method: Literal["slerp", "lerp"] = "slerp",
+) -> dict[str, torch.Tensor]:
+    """Every tensor interpolated with one ``t``, in memory, with `pearl_edu`'s math.
+
+    The same arithmetic as `pearl_edu.merge` with ``parameters: {t: ...}``, without
+    writing a folder: quick enough to sweep ``t`` on small models.
+    """
+    interpolate = slerp if method == "slerp" else lerp
+    return {name: interpolate(base[name], other[name], t) for name in base}
+
+
+def along_task_vector(
+    base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], scale: float
+) -> dict[str, torch.Tensor]:
+    r"""The base plus a fraction of one fine-tuning's change, in float32.
+
+    $$ \theta(s) = \theta_{\text{base}} + s\,(\theta_{\text{tuned}} - \theta_{\text{base}}) $$
+    """
+    return {
+        name: base[name].float() + scale * (tuned[name].float() - base[name].float())
+        for name in base
+    }
+
+
+def model_from_weights(folder: str | Path, weights: dict[str, torch.Tensor]):
+    """The model of ``folder``'s architecture with ``weights`` loaded, in float32."""
+    model = load_model(folder)
+    model.load_state_dict({name: tensor.float() for name, tensor in weights.items()})
+    return model
+
+
+def tensor_cosines(
+    first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]
+) -> dict[str, float]:
+    r"""The cosine between the two versions of every tensor, each taken as one flat vector.
+
+    $$ \cos\theta = \frac{\langle a, b \rangle}{\lVert a \rVert\, \lVert b \rVert} $$
+    """
+    cosines = {}
+    for name, a in first.items():
+        x = a.reshape(-1).double()
+        y = second[name].reshape(-1).double()
+        cosines[name] = (x @ y / (x.norm() * y.norm())).item()
+    return cosines
+
+
+def takes_linear_fallback(cosine: float) -> bool:
+    """Whether SLERP falls back to linear interpolation for a pair at this cosine."""
+    return abs(cosine) > DOT_THRESHOLD
+
+
+def angle_degrees(cosine: float) -> float:
+    """The angle, in degrees, whose cosine is ``cosine``."""
+    return math.degrees(math.acos(max(-1.0, min(1.0, cosine))))

@@ -41,3 +41,6 @@ def setup(seed: int = 0) -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+    # tqdm's notebook bars need ipywidgets; without them tqdm falls back to text bars and
+    # says so on every page that shows progress.
+    warnings.filterwarnings("ignore", message="IProgress not found")

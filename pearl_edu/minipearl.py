@@ -23,8 +23,12 @@ on the same machine.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import random
+import shutil
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -515,6 +519,45 @@ def build_mini_pearl(folder: str | Path, settings: MiniPearlSettings | None = No
 
     with torch_threads(settings.threads):
         return _train_and_save(folder, settings, tokenizer, mixed, sentences, additions)
+
+
+def default_cache_dir() -> Path:
+    """Where trained mini-Pearls are kept for later chapters: ``$PEARL_EDU_CACHE/mini-pearl``.
+
+    ``PEARL_EDU_CACHE`` defaults to ``~/.cache/pearl-edu``.
+    """
+    root = os.environ.get("PEARL_EDU_CACHE") or Path.home() / ".cache" / "pearl-edu"
+    return Path(root) / "mini-pearl"
+
+
+def load_or_build_mini_pearl(
+    folder: str | Path | None = None, settings: MiniPearlSettings | None = None
+) -> MiniPearl:
+    """The mini-Pearl of ``settings``, trained once and then read back from ``folder``.
+
+    Each build lives in a subfolder named after the settings and this module's source, so a
+    change to either trains anew; the subfolder appears only when complete.
+    """
+    settings = settings or MiniPearlSettings()
+    folder = Path(folder) if folder is not None else default_cache_dir()
+    fingerprint = hashlib.sha256(repr(settings).encode() + Path(__file__).read_bytes()).hexdigest()[
+        :16
+    ]
+    target = folder / fingerprint
+    if not (target / "losses.json").is_file():
+        scratch = folder / f".{fingerprint}.partial"
+        shutil.rmtree(scratch, ignore_errors=True)
+        built = build_mini_pearl(scratch, settings)
+        (scratch / "losses.json").write_text(json.dumps(built.losses))
+        shutil.rmtree(target, ignore_errors=True)
+        scratch.rename(target)
+    return MiniPearl(
+        base=target / "base",
+        generalist=target / "generalist",
+        math=target / "math",
+        losses=json.loads((target / "losses.json").read_text()),
+        settings=settings,
+    )
 
 
 def _train_and_save(

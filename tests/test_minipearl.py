@@ -312,3 +312,30 @@ def test_tensor_cosines_and_fallback():
         True,
     ]
     assert minipearl.angle_degrees(0.0) == pytest.approx(90.0)
+
+
+def test_load_or_build_trains_once_and_then_reads_back(tmp_path, monkeypatch):
+    from pearl_edu import minipearl
+
+    settings = minipearl.MiniPearlSettings(
+        pretrain_steps=3, generalist_steps=2, math_steps=2, batch_size=4
+    )
+    built = []
+    real_build = minipearl.build_mini_pearl
+
+    def counting_build(folder, settings=None):
+        built.append(folder)
+        return real_build(folder, settings)
+
+    monkeypatch.setattr(minipearl, "build_mini_pearl", counting_build)
+    first = minipearl.load_or_build_mini_pearl(tmp_path, settings)
+    second = minipearl.load_or_build_mini_pearl(tmp_path, settings)
+    assert len(built) == 1
+    assert first.base == second.base and second.base.is_dir()
+    assert first.losses == second.losses and len(second.losses["base"]) == 3
+    assert not list(tmp_path.glob(".*.partial"))
+    other = minipearl.MiniPearlSettings(
+        pretrain_steps=3, generalist_steps=2, math_steps=2, batch_size=4, seed=1
+    )
+    assert minipearl.load_or_build_mini_pearl(tmp_path, other).base != first.base
+    assert len(built) == 2

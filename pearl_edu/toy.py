@@ -17,6 +17,8 @@ which is what two models fine-tuned from one parent look like to a merge: close,
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -314,3 +316,22 @@ def write_tokenizer(model_dir: Path, vocab_size: int) -> None:
 def write_json(path: Path, data: dict) -> None:
     """Write ``data`` as indented JSON with a trailing newline, like HF does."""
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def edited_copy(
+    model_dir: str | Path, dest: str | Path, edit: Callable[[dict[str, torch.Tensor]], None]
+) -> Path:
+    """Save a (tiny) model again as one safetensors file in ``dest`` after ``edit(weights)``.
+
+    ``edit`` changes the dict of weights in place (scale a tensor, drop one, ...): the way
+    tests and chapters make a "slightly different" model to compare with.
+    """
+    from safetensors.torch import save_file
+
+    weights = load_state_dict(model_dir)
+    edit(weights)
+    dest = Path(dest)
+    dest.mkdir()
+    shutil.copy(Path(model_dir) / "config.json", dest / "config.json")
+    save_file({k: v.contiguous() for k, v in weights.items()}, dest / "model.safetensors")
+    return dest

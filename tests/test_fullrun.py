@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
 
 from pearl_edu import fullrun, load_config, merge, recipe_text, verify
 from pearl_edu.errors import HubError, ModelError
 from pearl_edu.io import read_header
-from pearl_edu.toy import load_state_dict, make_tiny_model
+from pearl_edu.toy import edited_copy, make_tiny_model
 
 NORM = "model.layers.3.input_layernorm.weight"
 
@@ -94,16 +93,6 @@ def test_our_merge_and_mergekits_agree_on_the_stand_ins(stand_ins, merged, tmp_p
     assert report.max_ulp_diff is not None and report.max_ulp_diff <= 1
     assert report.num_differing <= 0.001 * report.num_elements
     assert fullrun.explain(report).startswith(("Identical", "The same math"))
-
-
-def edited_copy(model: Path, dest: Path, edit) -> Path:
-    """``model`` saved again as one safetensors file after ``edit(weights)``."""
-    weights = load_state_dict(model)
-    edit(weights)
-    dest.mkdir()
-    shutil.copy(model / "config.json", dest / "config.json")
-    save_file({k: v.contiguous() for k, v in weights.items()}, dest / "model.safetensors")
-    return dest
 
 
 def one_ulp_up(weights: dict[str, torch.Tensor]) -> None:

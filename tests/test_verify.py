@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import importlib
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from safetensors.torch import save_file
 
 from pearl_edu.errors import ModelError
-from pearl_edu.toy import load_state_dict, make_tiny_model
+from pearl_edu.toy import edited_copy, load_state_dict, make_tiny_model
 from pearl_edu.verify import compare_tensors, ulp_distance, verify
 
 # The package exports the function `verify`, which hides the module of the same name.
@@ -27,16 +25,6 @@ Q_PROJ = "model.layers.1.self_attn.q_proj.weight"
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("verify") / "model", seed=3)
-
-
-def edited_copy(model: Path, dest: Path, edit) -> Path:
-    """Copy ``model`` to ``dest`` as one safetensors file after ``edit(weights)``."""
-    weights = load_state_dict(model)
-    edit(weights)
-    dest.mkdir()
-    shutil.copy(model / "config.json", dest / "config.json")
-    save_file({k: v.contiguous() for k, v in weights.items()}, dest / "model.safetensors")
-    return dest
 
 
 def next_up(x: torch.Tensor) -> torch.Tensor:

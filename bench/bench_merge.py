@@ -10,7 +10,8 @@ config, reads every input once so the page cache is warm, then runs, in turn and
 - ``pearl-edu merge`` on the CPU,
 - ``mergekit-yaml --no-copy-tokenizer``,
 - the I/O floor (``bench/io_floor.py``: read both inputs, write one output, no math),
-  with ``fsync`` like pearl_edu's writer and without it like mergekit.
+  writing the way pearl_edu's writer does (direct I/O, flushed to disk: ``floor``) and
+  through the page cache as mergekit does (``floor-buffered``).
 
 Each run is wrapped in GNU time (``/usr/bin/time -v``) for its peak resident memory.
 Outputs are deleted between runs and ``sync`` is called outside the timings. Results go to
@@ -44,7 +45,7 @@ from make_models import make_model_pair  # noqa: E402
 
 GNU_TIME = "/usr/bin/time"
 BIN = Path(sys.executable).parent
-TOOLS = ("pearl-edu", "mergekit", "floor", "floor-nosync")
+TOOLS = ("pearl-edu", "mergekit", "floor", "floor-buffered")
 # The engine's goals, checked against the medians.
 TARGETS = {
     "pearl_over_mergekit_max": 0.3,
@@ -89,7 +90,7 @@ def command_for(tool: str, config: Path, models: tuple[Path, Path], out: Path) -
     if tool == "mergekit":
         return [str(BIN / "mergekit-yaml"), str(config), str(out), "--no-copy-tokenizer", "--quiet"]
     floor = [sys.executable, str(BENCH_DIR / "io_floor.py"), str(models[0]), str(models[1])]
-    return floor + [str(out)] + (["--no-fsync"] if tool == "floor-nosync" else [])
+    return floor + [str(out)] + (["--buffered"] if tool == "floor-buffered" else [])
 
 
 def timed_run(command: list[str], engine: Path) -> dict:
@@ -176,7 +177,37 @@ def bench_one(layers: int, runs: int, out_root: Path, engine: Path) -> tuple[lis
             )
     output_bytes = folder_bytes(case_dir / "merged")
     shutil.rmtree(case_dir / "merged", ignore_errors=True)
-    return records, summarize(layers, records, sum(map(folder_bytes, models)), output_bytes)
+    row = summarize(layers, records, sum(map(folder_bytes, models)), output_bytes)
+    row.update(agreement(case_dir, config, models, engine))
+    return records, row
+
+
+def agreement(case_dir: Path, config: Path, models: tuple[Path, Path], engine: Path) -> dict:
+    """Merge once more with each engine (untimed) and compare the two outputs element-wise."""
+    from pearl_edu.verify import verify
+
+    outs = {tool: case_dir / f"agreement-{tool}" for tool in ("pearl-edu", "mergekit")}
+    for tool, out in outs.items():
+        shutil.rmtree(out, ignore_errors=True)
+        subprocess.run(
+            command_for(tool, config, models, out),
+            check=True,
+            capture_output=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(engine)},
+        )
+    report = verify(outs["pearl-edu"], outs["mergekit"])
+    for out in outs.values():
+        shutil.rmtree(out, ignore_errors=True)
+    print(
+        f"[{case_dir.name}] pearl-edu vs mergekit: {report.num_differing} of "
+        f"{report.num_elements} elements differ",
+        flush=True,
+    )
+    return {
+        "identical_to_mergekit": report.identical,
+        "elements_differing_from_mergekit": report.num_differing,
+        "elements_compared": report.num_elements,
+    }
 
 
 def summarize(layers: int, records: list[dict], input_bytes: int, output_bytes: int) -> dict:
@@ -218,20 +249,33 @@ def check_targets(summary: list[dict]) -> dict:
 def markdown_table(summary: list[dict]) -> str:
     """The results as a Markdown table (medians; CPU time is user + system)."""
     lines = [
-        "| layers | inputs | pearl-edu | mergekit | I/O floor (fsync / none) "
+        "| layers | inputs | pearl-edu | mergekit | I/O floor (direct / page cache) "
         "| pearl / mergekit | pearl / floor | CPU time pearl-edu / mergekit "
-        "| peak RSS pearl-edu | peak RSS mergekit |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| peak RSS pearl-edu | peak RSS mergekit | output vs mergekit |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---|",
     ]
     for r in summary:
         lines.append(
             f"| {r['layers']} | {r['input_gb']:.1f} GB | {r['pearl_edu_s']:.1f} s "
-            f"| {r['mergekit_s']:.1f} s | {r['floor_s']:.1f} s / {r['floor_nosync_s']:.1f} s "
+            f"| {r['mergekit_s']:.1f} s | {r['floor_s']:.1f} s / {r['floor_buffered_s']:.1f} s "
             f"| {r['pearl_over_mergekit']:.2f}x | {r['pearl_over_floor']:.2f}x "
             f"| {r['pearl_edu_cpu_s']:.0f} s / {r['mergekit_cpu_s']:.0f} s "
-            f"| {r['pearl_edu_rss_mb']:.0f} MB | {r['mergekit_rss_mb']:.0f} MB |"
+            f"| {r['pearl_edu_rss_mb']:.0f} MB | {r['mergekit_rss_mb']:.0f} MB "
+            f"| {agreement_text(r)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def agreement_text(row: dict) -> str:
+    """How the two outputs compared, in words ("not checked" for older results)."""
+    if "identical_to_mergekit" not in row:
+        return "not checked"
+    if row["identical_to_mergekit"]:
+        return "identical"
+    return (
+        f"{row['elements_differing_from_mergekit']:,} of {row['elements_compared']:,} "
+        "elements differ"
+    )
 
 
 def snapshot_engine(folder: Path) -> Path:

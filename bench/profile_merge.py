@@ -83,7 +83,7 @@ def main() -> None:
     out = Path(tempfile.mkdtemp(prefix="pearl-profile-")) / "merged"
     cpu_started, started = time.process_time(), time.perf_counter()
     try:
-        merge(args.config, out, device="cpu", progress=False)
+        merge(args.config, out, device="cpu", progress=False, threads=args.threads)
     finally:
         shutil.rmtree(out.parent, ignore_errors=True)
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=None,
-        help="CPU threads for the math (default: all cores but one, left to reading and writing)",
+        help="CPU threads for the math (default: torch's, one per core, as mergekit)",
     )
     m.set_defaults(func=_run_merge)
 

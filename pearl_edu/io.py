@@ -19,8 +19,12 @@ complete: a shard file that exists is a complete shard.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import math
+import mmap
 import os
 import pickle
 import re
@@ -62,6 +66,9 @@ MAX_HEADER_BYTES = 100_000_000
 # Pages of a memory map stay resident once touched; a pickle checkpoint is mapped afresh
 # after this many bytes are read from it, which releases them.
 BIN_REMAP_BYTES = 64 * 1024**2
+# Direct writes go through a staging buffer of this size, aligned for the device.
+STAGING_BYTES = 32 * 1024**2
+DIRECT_ALIGNMENT = 4096
 
 
 # --------------------------------------------------------------------------------------
@@ -317,6 +324,43 @@ class ModelReader:
             self._copy_from_bin(meta, raw)
         return raw.view(meta.dtype).view(meta.shape)
 
+    def can_map(self, name: str) -> bool:
+        """Whether `map` can show tensor ``name`` in place (safetensors, aligned)."""
+        meta = self.header.tensors.get(name)
+        return (
+            meta is not None
+            and meta.offset is not None
+            and meta.nbytes > 0
+            and meta.offset % meta.dtype.itemsize == 0
+        )
+
+    def map(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` read in place from the page cache, through a map of its bytes only.
+
+        No copy is made: the tensor's memory is the file's cached pages, mapped
+        copy-on-write (nothing writes to them). The map covers this one tensor and is undone
+        when the last view of the tensor is freed, so the pages it holds in the process's
+        resident memory are those of the tensors in use, never the whole file. The kernel
+        is asked to start reading the bytes at once (``MADV_WILLNEED``), so mapping the
+        next tensor ahead of its use also reads it ahead. Use `can_map` first.
+        """
+        meta = self.header.tensors[name]
+        fd = self._fd(meta.file)
+        end = meta.offset + meta.nbytes
+        if os.fstat(fd).st_size < end:
+            raise ModelError(
+                f"{meta.file}: truncated, tensor {meta.name} needs bytes up to {end}, "
+                f"file ends at {os.fstat(fd).st_size}"
+            )
+        start = meta.offset - meta.offset % mmap.ALLOCATIONGRANULARITY
+        region = mmap.mmap(fd, end - start, offset=start, access=mmap.ACCESS_COPY)
+        with contextlib.suppress(AttributeError, OSError):  # advice only
+            region.madvise(mmap.MADV_WILLNEED)
+        raw = torch.frombuffer(
+            region, dtype=torch.uint8, count=meta.nbytes, offset=meta.offset - start
+        )
+        return raw.view(meta.dtype).view(meta.shape)
+
     def close(self) -> None:
         """Close the open files and drop the memory maps of pickle checkpoints."""
         for fd in self._fds.values():
@@ -330,13 +374,17 @@ class ModelReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _pread_into(self, meta: TensorMeta, raw: torch.Tensor) -> None:
-        fd = self._fds.get(meta.file)
+    def _fd(self, file: Path) -> int:
+        fd = self._fds.get(file)
         if fd is None:
             try:
-                fd = self._fds[meta.file] = os.open(meta.file, os.O_RDONLY)
+                fd = self._fds[file] = os.open(file, os.O_RDONLY)
             except OSError as err:
-                raise ModelError(f"{meta.file}: cannot open weight file ({err.strerror})") from None
+                raise ModelError(f"{file}: cannot open weight file ({err.strerror})") from None
+        return fd
+
+    def _pread_into(self, meta: TensorMeta, raw: torch.Tensor) -> None:
+        fd = self._fd(meta.file)
         view = memoryview(raw.numpy())
         done = 0
         while done < meta.nbytes:  # a positioned read may return fewer bytes than asked
@@ -445,11 +493,20 @@ class ShardedWriter:
     Tensors must arrive in layout order. The first tensor of a shard opens
     ``<file>.tmp`` and writes the header; the last one flushes it to disk and renames it to
     ``<file>``. Shards listed in ``done`` (finished by an earlier, interrupted run) are
-    expected to be skipped by the caller.
+    expected to be skipped by the caller. ``direct=True`` writes past the page cache where
+    the file system allows it (see `SequentialFile`).
     """
 
-    def __init__(self, folder: Path, shards: Sequence[Shard], done: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        shards: Sequence[Shard],
+        done: Iterable[str] = (),
+        *,
+        direct: bool = True,
+    ) -> None:
         self.folder = Path(folder)
+        self.direct = direct
         self.shards = list(shards)
         self.done = set(done)
         self._position = {
@@ -476,7 +533,7 @@ class ShardedWriter:
         if slot != self._next_slot:
             raise OutputError(f"{name}: written out of order in {shard.file_name}")
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._file.write(memoryview(data))
+        self._file.write(memoryview(data).cast("B"))
         self._next_slot += 1
         if self._next_slot == len(shard.tensors):
             self._finish()
@@ -509,15 +566,108 @@ class ShardedWriter:
             )
         shard = self.shards[index]
         self._shard_index, self._next_slot = index, 0
-        self._file = open(self.folder / f"{shard.file_name}.tmp", "wb")
+        self._file = SequentialFile(self.folder / f"{shard.file_name}.tmp", direct=self.direct)
         self._file.write(struct.pack("<Q", len(shard.header)))
         self._file.write(shard.header)
 
     def _finish(self) -> None:
         shard = self.shards[self._shard_index]
-        self._file.flush()
-        os.fsync(self._file.fileno())  # on disk before the name says "complete"
-        self._file.close()
+        self._file.finish()  # on disk before the name says "complete"
         self._file = None
         os.replace(self.folder / f"{shard.file_name}.tmp", self.folder / shard.file_name)
         self.done.add(shard.file_name)
+
+
+class SequentialFile:
+    """A file written front to back, past the page cache where the file system allows it.
+
+    A merge writes each byte once and never reads it back, so caching the output only
+    costs: the kernel must find, zero and account a fresh page for every 4 KiB written, and
+    on the machine of the book's performance appendix that made writing 1.4 GB take 3 to
+    6 s, against 1 s for the same bytes written with ``O_DIRECT``. Direct writes need
+    aligned memory, sizes and offsets, so the bytes are gathered in an aligned staging
+    buffer and written out whenever it is full; the last, partial block is padded and the
+    file cut back to its true length. Where ``O_DIRECT`` is refused (tmpfs, some network
+    file systems, other systems than Linux) the file is written through the page cache.
+    `finish` makes the file durable (``fsync``) before it returns.
+    """
+
+    def __init__(self, path: Path, *, direct: bool = True) -> None:
+        self.path = Path(path)
+        self.size = 0
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        self.fd = -1
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                self.fd = os.open(self.path, flags | os.O_DIRECT, 0o644)
+            except OSError:
+                self.fd = -1
+        self.direct = self.fd >= 0
+        if not self.direct:
+            self.fd = os.open(self.path, flags, 0o644)
+        self._staging = mmap.mmap(-1, STAGING_BYTES) if self.direct else None
+        self._fill = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append ``data`` to the file."""
+        view = memoryview(data).cast("B")
+        self.size += len(view)
+        if not self.direct:
+            self._write_all(view)
+            return
+        while len(view):
+            n = min(len(view), STAGING_BYTES - self._fill)
+            self._staging[self._fill : self._fill + n] = view[:n]
+            self._fill += n
+            view = view[n:]
+            if self._fill == STAGING_BYTES:
+                self._write_staging(STAGING_BYTES)
+
+    def finish(self) -> None:
+        """Write what is staged, cut the padding, flush to disk and close."""
+        try:
+            if self.direct and self._fill:
+                padded = -(-self._fill // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
+                self._staging[self._fill : padded] = bytes(padded - self._fill)
+                self._write_staging(padded)
+                os.ftruncate(self.fd, self.size)
+            os.fsync(self.fd)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close without flushing (an abandoned file; safe to call twice)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self._staging is not None:
+            self._staging.close()
+            self._staging = None
+
+    def _write_staging(self, nbytes: int) -> None:
+        view = memoryview(self._staging)[:nbytes]
+        try:
+            self._write_all(view)
+        except OSError as err:
+            if err.errno != errno.EINVAL:
+                raise
+            # The file system opened the file for direct I/O but refuses this write (which
+            # wrote nothing): write through the page cache from here on.
+            self._buffered_from_now_on()
+            self._write_all(view)
+        finally:
+            view.release()
+        self._fill = 0
+
+    def _write_all(self, view: memoryview) -> None:
+        done = 0
+        while done < len(view):
+            written = os.write(self.fd, view[done:])
+            done += written
+            if self.direct and written % DIRECT_ALIGNMENT:
+                # A short, unaligned direct write (rare): the rest cannot be direct.
+                self._buffered_from_now_on()
+
+    def _buffered_from_now_on(self) -> None:
+        flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)

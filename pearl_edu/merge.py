@@ -3,15 +3,17 @@
 The heart of this module is the loop in `merge`::
 
     for job, inputs in read_ahead(jobs, readers, dtype=..., device=...):
-        merged = merge_tensor(job.method, inputs, job.base_index, job.params, name=job.name)
-        write_behind.write(job.name, output_tensor(merged, job.dtype, inputs))
+        result = outputs.take(job.nbytes)  # a reused buffer, viewed as the output tensor
+        merged = merge_tensor(job.method, inputs, job.base_index, job.params, out=result)
+        write_behind.write(job.name, result)  # hands the buffer back once written
 
 Everything else is there to make that loop safe and fast:
 
 - **memory and speed**: inputs are read into reused buffers, a tensor at a time; a
   background thread reads the next tensor's inputs while the current one is merged (two
   sets of buffers, and never more than `READ_AHEAD_BYTES` read ahead, so the embeddings of
-  a 7B model are not held twice), and another writes the previous result to disk.
+  a 7B model are not held twice), and another writes the previous result to disk, from
+  one of two reused output buffers, past the page cache (`pearl_edu.io.SequentialFile`).
 - **a folder that only looks complete when it is complete**: everything is written into
   a hidden sibling folder ``.<name>.partial`` and renamed to ``<name>`` at the end.
 - **resume**: each shard is written as ``.tmp`` and renamed when complete, and a manifest
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import json
 import os
@@ -37,7 +40,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,8 +121,7 @@ def merge(
     ``config`` is a `MergeConfig`, or anything `load_config` accepts (a YAML path, YAML
     text, a shipped recipe's name). ``progress=None`` shows a progress bar only on a
     terminal; ``False`` never. ``threads`` is how many CPU threads the math may use on the
-    CPU; by default all but one, which is left to the reading and writing threads (see
-    `math_threads`). Bad input raises a `PearlEduError` before anything is written.
+    CPU; by default torch's, as mergekit (see `math_threads`). Bad input raises a `PearlEduError` before anything is written.
     """
     started = time.perf_counter()
     # config -> plan: every mistake is reported here, before anything is written.
@@ -152,12 +154,16 @@ def merge(
     remaining = sum(job.nbytes for job in jobs)
     bar = progress_bar(total, initial=total - remaining, enabled=progress)
     write_behind = WriteBehind(writer)
+    outputs = OutputBuffers(pinned=compute_device.type == "cuda")
     return_freed_memory_to_the_system()
     try:
         with math_threads(threads, compute_device):
             for job, inputs in read_ahead(
                 jobs, readers, dtype=compute_dtype, device=compute_device
             ):
+                buffer = outputs.take(job.nbytes)
+                result = buffer[: job.nbytes].view(job.dtype).view(job.shape)
+                base = inputs[job.base_index]
                 merged = merge_tensor(
                     job.method,
                     inputs,
@@ -166,8 +172,14 @@ def merge(
                     input_params=job.input_params or None,
                     seed=job.seed,
                     name=job.name,
+                    out=result
+                    if base.device == result.device and base.dtype == job.dtype
+                    else None,
                 )
-                write_behind.write(job.name, output_tensor(merged, job.dtype, inputs))
+                if merged is not result:
+                    result.copy_(merged)  # a cast, a copy from the GPU, or an input itself
+                del merged
+                write_behind.write(job.name, result, then=functools.partial(outputs.give, buffer))
                 bar.update(job.nbytes)
             write_behind.finish()
     finally:
@@ -194,16 +206,18 @@ def merge(
 
 @contextlib.contextmanager
 def math_threads(threads: int | None, device: torch.device) -> Iterator[int]:
-    """Run the CPU math on ``threads`` threads (default: all but one), then restore.
+    """Run the CPU math on ``threads`` threads (default: torch's, one per core), then restore.
 
-    The reader and writer threads need a core of their own: on a 2-core machine, torch's
-    parallel loops on both cores wait on each other whenever the I/O threads run, and a
-    merge measured three times slower than with the math on one core. (The number of
-    threads can change the last bits of a float32 sum; mergekit's results did not differ on
-    the tensors measured, see the book's performance appendix.)
+    The default is the one mergekit runs with, and it matters beyond speed: torch splits
+    a float32 sum between its threads, so the number of threads decides the order of the
+    additions, and so the last bits of SLERP's cosine. With the same number of threads as
+    mergekit on the same machine, the two agree bit for bit; another number can change a
+    few elements by one unit in the last place. The reading and writing threads need
+    almost no CPU (inputs are used in place from the page cache, outputs are written by
+    direct I/O), so the math can have every core.
     """
     previous = torch.get_num_threads()
-    wanted = threads if threads is not None else max(1, previous - 1)
+    wanted = threads if threads is not None else previous
     if wanted < 1:
         raise ConfigError(f"threads: expected a positive number, got {threads}")
     if device.type != "cpu":
@@ -336,9 +350,17 @@ def load_input(
     dtype: torch.dtype | None,
     device: torch.device,
 ) -> torch.Tensor:
-    """Read one input tensor into its buffer, then cast it and move it for the math."""
-    nbytes = reader.header.tensors[name].nbytes
-    tensor = reader.read(name, out=buffers.buffer(index, nbytes))
+    """Read one input tensor, then cast it and move it for the math.
+
+    On the CPU a safetensors tensor is used in place, from the page cache (`ModelReader.map`):
+    no copy, and no buffer. Otherwise (pickle checkpoints, the GPU path, whose copies are
+    faster from pinned memory) it is read into its reused buffer.
+    """
+    if device.type == "cpu" and reader.can_map(name):
+        tensor = reader.map(name)
+    else:
+        nbytes = reader.header.tensors[name].nbytes
+        tensor = reader.read(name, out=buffers.buffer(index, nbytes))
     return tensor.to(device=device, dtype=dtype or tensor.dtype, non_blocking=True)
 
 
@@ -367,19 +389,33 @@ class InFlightBytes:
             self.condition.notify_all()
 
 
-def output_tensor(
-    merged: torch.Tensor, dtype: torch.dtype, inputs: Sequence[torch.Tensor]
-) -> torch.Tensor:
-    """The merged tensor as it is written: on the CPU, in the plan's output dtype.
+class OutputBuffers:
+    """Reusable buffers for merged tensors: one being merged into, one being written.
 
-    Never a view of an input: input buffers are reused by the reader thread while this
-    tensor waits to be written (a method may return an input unchanged, e.g. at t = 0).
+    Writing into fresh memory costs a page fault per 4 KiB (on the benchmark machine,
+    about 0.5 s per GB, as much as the arithmetic of a SLERP pass), so each merged tensor
+    is written into one of ``count`` buffers that are kept, grown to the largest tensor
+    merged so far. `take` waits until the writer thread has handed a buffer back with
+    `give`. On the GPU path the buffers are pinned, so results come back at full speed.
     """
-    result = merged.to(device="cpu", dtype=dtype)
-    storage = result.untyped_storage().data_ptr()
-    if any(storage == x.untyped_storage().data_ptr() for x in inputs):
-        result = result.clone()
-    return result
+
+    def __init__(self, count: int = 2, *, pinned: bool = False) -> None:
+        self.pinned = pinned
+        self.free: queue.Queue[torch.Tensor] = queue.Queue()
+        for _ in range(count):
+            self.free.put(torch.empty(0, dtype=torch.uint8))
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """A uint8 buffer of at least ``nbytes`` (waits for one to be free)."""
+        buffer = self.free.get()
+        if buffer.numel() < nbytes:
+            del buffer  # free the smaller one before allocating
+            buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
+        return buffer
+
+    def give(self, buffer: torch.Tensor) -> None:
+        """Hand a buffer back once its contents are written."""
+        self.free.put(buffer)
 
 
 class WriteBehind:
@@ -387,21 +423,26 @@ class WriteBehind:
 
     At most ``pending`` tensors wait in line, which bounds the memory they hold. An error
     in the thread (a full disk) is raised in the merging thread at its next `write` or
-    at `finish`.
+    at `finish`. Each tensor's ``then`` callback runs once it is written (or dropped
+    after an error), to hand its buffer back.
     """
 
     def __init__(self, writer: ShardedWriter, pending: int = 1) -> None:
         self.writer = writer
-        self.queue: queue.Queue[tuple[str, torch.Tensor] | None] = queue.Queue(maxsize=pending)
+        self.queue: queue.Queue[tuple[str, torch.Tensor, Callable[[], None]] | None] = queue.Queue(
+            maxsize=pending
+        )
         self.error: BaseException | None = None
         self.written = 0
         self.thread = threading.Thread(target=self._write_all, name="pearl-edu-writer")
         self.thread.start()
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(
+        self, name: str, tensor: torch.Tensor, then: Callable[[], None] = lambda: None
+    ) -> None:
         """Queue ``tensor`` for writing (waits while the line is full)."""
         self._raise_error()
-        self.queue.put((name, tensor))
+        self.queue.put((name, tensor, then))
 
     def finish(self) -> None:
         """Wait until every queued tensor is on disk; raise the thread's error if any."""
@@ -416,14 +457,18 @@ class WriteBehind:
 
     def _write_all(self) -> None:
         while (item := self.queue.get()) is not None:
-            if self.error is not None:
-                continue  # keep draining so that the merging thread never blocks
+            name, tensor, then = item
+            del item
             try:
-                self.writer.write(*item)
-                self.written += 1
-                kill_self_if_testing(self.written)
+                if self.error is None:  # after an error, keep draining: never block the merge
+                    self.writer.write(name, tensor)
+                    self.written += 1
+                    kill_self_if_testing(self.written)
             except BaseException as err:  # raised again in the merging thread
                 self.error = err
+            finally:
+                del tensor
+                then()
 
     def _raise_error(self) -> None:
         if self.error is not None:

@@ -54,17 +54,20 @@ WEIGHT_SUM_EPS = 1e-8
 SEED_RANGE = 1 << 62
 
 
-def lerp(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:
+def lerp(
+    v0: torch.Tensor, v1: torch.Tensor, t: float, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
     r"""Linear interpolation of two tensors, in float32, returned in ``v0``'s dtype.
 
     $$ \operatorname{lerp}(v_0, v_1; t) = (1 - t)\, v_0 + t\, v_1 $$
 
     ``t = 0`` gives ``v0``, ``t = 1`` gives ``v1``; ``t`` is not clamped. This is exactly
-    SLERP's fallback branch, bit for bit.
+    SLERP's fallback branch, bit for bit. ``out``, a contiguous tensor of ``v0``'s shape,
+    dtype and device, receives the result (and is returned) instead of a new tensor.
     """
     _check_same_shape(v0, v1, name="tensor")
     t_ = torch.tensor(t, dtype=_work_dtype(v0), device=v0.device)
-    return _weighted_sum(v0, v1, 1 - t_, t_)
+    return _weighted_sum(v0, v1, 1 - t_, t_, out=out)
 
 
 def slerp(
@@ -74,6 +77,7 @@ def slerp(
     *,
     dot_threshold: float = DOT_THRESHOLD,
     eps: float = NORM_EPS,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Spherical linear interpolation of two tensors, each taken as one flat vector.
 
@@ -87,25 +91,27 @@ def slerp(
     apply to the original tensors, so the result is not renormalized: its norm equals the
     inputs' only when their norms are equal. A norm at most ``eps`` is left undivided (an
     all-zero tensor gives $\cos\theta = 0$). ``t`` is not clamped. The result has ``v0``'s
-    dtype and device.
+    dtype and device; ``out``, a contiguous tensor of ``v0``'s shape, dtype and device,
+    receives it (and is returned) instead of a new tensor, as the engine does with
+    buffers it reuses.
     """
     _check_same_shape(v0, v1, name="tensor")
     work = _work_dtype(v0)
     t_ = torch.tensor(t, dtype=work, device=v0.device)
     if v0.numel() == 0:  # an empty tensor has no direction: nothing to interpolate
-        return _weighted_sum(v0, v1, 1 - t_, t_)
+        return _weighted_sum(v0, v1, 1 - t_, t_, out=out)
     cos_theta = _cosine(v0.reshape(-1), v1.reshape(-1), eps=eps, work=work)
 
     if abs(cos_theta.item()) > dot_threshold:
         # Nearly parallel or opposite: sin(theta) ~ 0, so interpolate linearly instead.
-        return _weighted_sum(v0, v1, 1 - t_, t_)
+        return _weighted_sum(v0, v1, 1 - t_, t_, out=out)
 
     # eq:slerp, with every scalar in the working precision, as mergekit computes it.
     theta = torch.acos(cos_theta)
     sin_theta = torch.sin(theta)
     weight0 = torch.sin((1 - t_) * theta) / sin_theta
     weight1 = torch.sin(t_ * theta) / sin_theta
-    return _weighted_sum(v0, v1, weight0, weight1)
+    return _weighted_sum(v0, v1, weight0, weight1, out=out)
 
 
 def _work_dtype(v: torch.Tensor) -> torch.dtype:
@@ -165,17 +171,35 @@ def _norm_or_one(norm: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _weighted_sum(
-    v0: torch.Tensor, v1: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor
+    v0: torch.Tensor,
+    v1: torch.Tensor,
+    w0: torch.Tensor,
+    w1: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``w0 * v0 + w1 * v1`` in the working precision, chunk by chunk, in ``v0``'s dtype.
 
     Each product and the sum are rounded separately (no fused multiply-add), as mergekit
-    evaluates ``coef_a * x + coef_b * y``: the same weights give the same bits.
+    evaluates ``coef_a * x + coef_b * y``: the same weights give the same bits. The result
+    goes into ``out`` when given (see `slerp`).
     """
     flat0, flat1 = v0.reshape(-1), v1.reshape(-1)
-    out = torch.empty(flat0.shape, dtype=v0.dtype, device=v0.device)
+    if out is None:
+        out = torch.empty(v0.shape, dtype=v0.dtype, device=v0.device)
+    elif (
+        out.shape != v0.shape
+        or out.dtype != v0.dtype
+        or out.device != v0.device
+        or not out.is_contiguous()
+    ):
+        raise ValueError(
+            f"out: expected a contiguous {tuple(v0.shape)} {v0.dtype} tensor on {v0.device}, "
+            f"got {tuple(out.shape)} {out.dtype} on {out.device}"
+        )
+    result, out = out, out.view(-1)
     if flat0.numel() == 0:
-        return out.reshape(v0.shape)
+        return result
     size = min(CHUNK_ELEMENTS, flat0.numel())
     buf0 = torch.empty(size, dtype=w0.dtype, device=v0.device)
     buf1 = torch.empty(size, dtype=w0.dtype, device=v0.device)
@@ -188,7 +212,7 @@ def _weighted_sum(
         y.mul_(w1)
         x.add_(y)
         out[part] = x
-    return out.reshape(v0.shape)
+    return result
 
 
 def _chunks(numel: int) -> Iterator[slice]:
@@ -498,7 +522,8 @@ class MergeMethod:
     when ``base_has_input_parameters`` is false. ``random`` methods draw from a seed.
     ``merge`` takes the input tensors, the index of the base model's tensor among them,
     the shared parameters, the per-input parameters (one mapping per input) and the
-    tensor's seed, and returns the merged tensor.
+    tensor's seed, and returns the merged tensor; a method with ``writes_into_out`` also
+    takes a keyword ``out``, a tensor to write the result into.
     """
 
     name: str
@@ -510,6 +535,7 @@ class MergeMethod:
     input_parameters: Mapping[str, float | None] = field(default_factory=dict)
     base_has_input_parameters: bool = False
     random: bool = False
+    writes_into_out: bool = False
 
     def required_parameters(self) -> list[str]:
         """Names of the parameters a config must give (those with no default)."""
@@ -549,6 +575,7 @@ def merge_tensor(
     input_params: Sequence[Mapping[str, float]] | None = None,
     seed: int | None = None,
     name: str = "tensor",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Merge one output tensor from its inputs: the single entry point of the engine.
 
@@ -556,6 +583,9 @@ def merge_tensor(
     per-input parameters of ``tensors[i]`` (missing ones take the method's defaults);
     ``seed`` is this tensor's seed for random methods (by default derived from seed 0 and
     ``name``, see :func:`tensor_seed`); ``name`` is also used in error messages.
+    ``out`` (a contiguous tensor of the base tensor's shape, dtype and device) receives the
+    result when the method can write into it (``writes_into_out``), which saves the engine
+    a fresh output tensor; otherwise a new tensor is returned. Use the returned tensor.
     Raises :class:`~pearl_edu.errors.ModelError` naming the tensor when shapes differ.
     """
     if method not in METHODS:
@@ -567,6 +597,8 @@ def merge_tensor(
     spec = METHODS[method]
     per_input = _with_input_defaults(spec, len(tensors), base_index, input_params, name)
     tensor_seed_ = tensor_seed(0, name) if seed is None else seed
+    if out is not None and spec.writes_into_out:
+        return spec.merge(tensors, base_index, params, per_input, tensor_seed_, out=out)
     return spec.merge(tensors, base_index, params, per_input, tensor_seed_)
 
 
@@ -601,11 +633,13 @@ def _slerp_method(
     params: Mapping[str, float],
     input_params: Sequence[Mapping[str, float]],
     seed: int,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SLERP from the base tensor (``t = 0``) towards the other one (``t = 1``)."""
     v0 = tensors[base_index]
     v1 = tensors[1 - base_index]
-    return slerp(v0, v1, float(params["t"]))
+    return slerp(v0, v1, float(params["t"]), out=out)
 
 
 def _linear_method(
@@ -677,6 +711,7 @@ register(
         min_models=2,
         max_models=2,
         needs_base=True,
+        writes_into_out=True,
     )
 )
 register(

@@ -87,7 +87,7 @@ def test_summary_ratios_and_targets():
             ("pearl-edu", 2.0 + run, 800 + n),
             ("mergekit", 10.0, 3000),
             ("floor", 1.5, 100),
-            ("floor-nosync", 1.0, 100),
+            ("floor-buffered", 1.0, 100),
         )
     ]
     rows = [

@@ -12,8 +12,11 @@ from safetensors.torch import load_file
 
 from pearl_edu.errors import ModelError, OutputError
 from pearl_edu.io import (
+    DIRECT_ALIGNMENT,
+    STAGING_BYTES,
     ModelReader,
     OutputTensor,
+    SequentialFile,
     ShardedWriter,
     layout_shards,
     read_header,
@@ -87,6 +90,89 @@ def test_reader_reads_into_a_reused_buffer(models):
         assert torch.equal(first, weights["model.norm.weight"])
         with pytest.raises(ValueError, match="buffer"):
             reader.read("lm_head.weight", out=torch.empty(10, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("kind", ["single", "sharded"])
+def test_mapped_tensors_equal_the_stored_ones_and_are_not_copies(models, kind):
+    weights = load_state_dict(models[kind])
+    with ModelReader(read_header(models[kind])) as reader:
+        for name, tensor in weights.items():
+            assert reader.can_map(name), name
+            mapped = reader.map(name)
+            assert mapped.dtype == tensor.dtype and torch.equal(mapped, tensor), name
+            mapped.zero_()  # copy-on-write: the file is left as it was
+    assert all(torch.equal(t, load_state_dict(models[kind])[n]) for n, t in weights.items())
+
+
+def test_pickle_tensors_cannot_be_mapped(models):
+    with ModelReader(read_header(models["bin"])) as reader:
+        assert not any(reader.can_map(name) for name in reader.header.tensors)
+        assert not reader.can_map("model.nope")
+
+
+def test_a_map_lives_as_long_as_its_tensor(models):
+    """The map is undone with the last view of the tensor, not before."""
+    import gc
+    import weakref
+
+    header = read_header(models["single"])
+    with ModelReader(header) as reader:
+        mapped = reader.map("lm_head.weight")
+    row = mapped[1]  # a view keeps the map alive after the reader is closed
+    region = weakref.ref(mapped.untyped_storage())
+    del mapped
+    gc.collect()
+    assert torch.equal(row, load_state_dict(models["single"])["lm_head.weight"][1])
+    del row
+    gc.collect()
+    assert region() is None
+
+
+def test_mapping_a_truncated_file_is_a_model_error(models, tmp_path):
+    path = shutil.copytree(models["single"], tmp_path / "m")
+    header = read_header(path)
+    file = path / "model.safetensors"
+    file.write_bytes(file.read_bytes()[:-100])
+    last = max(header.tensors.values(), key=lambda meta: meta.offset)
+    with ModelReader(header) as reader:
+        with pytest.raises(ModelError, match=f"truncated, tensor {last.name}"):
+            reader.map(last.name)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("sizes", [[0], [1], [7, DIRECT_ALIGNMENT], [STAGING_BYTES + 3, 5, 4096]])
+def test_sequential_file_writes_exactly_the_bytes_given(tmp_path, direct, sizes):
+    pieces = [torch.randint(0, 256, (n,), dtype=torch.uint8).numpy().tobytes() for n in sizes]
+    file = SequentialFile(tmp_path / "out.bin", direct=direct)
+    for piece in pieces:
+        file.write(piece)
+    file.finish()
+    assert (tmp_path / "out.bin").read_bytes() == b"".join(pieces)
+    assert file.fd == -1  # closed
+
+
+def test_sequential_file_falls_back_where_direct_io_is_refused(tmp_path, monkeypatch):
+    """A file system that opens with O_DIRECT but refuses the writes still gets the bytes."""
+    import errno
+    import os
+
+    real_write = os.write
+    refused = []
+
+    def write(fd, data):
+        import fcntl
+
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(len(data))
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    data = bytes(range(256)) * 40
+    file = SequentialFile(tmp_path / "out.bin")
+    file.write(data)
+    file.finish()
+    assert refused and (tmp_path / "out.bin").read_bytes() == data
 
 
 def test_unknown_tensor_is_a_model_error(models):

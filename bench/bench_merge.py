@@ -43,6 +43,8 @@ sys.path.insert(0, str(BENCH_DIR))
 
 from make_models import make_model_pair  # noqa: E402
 
+from pearl_edu.recipes import pearl_recipe  # noqa: E402
+
 GNU_TIME = "/usr/bin/time"
 BIN = Path(sys.executable).parent
 TOOLS = ("pearl-edu", "mergekit", "floor", "floor-buffered")
@@ -54,25 +56,12 @@ TARGETS = {
     "pearl_rss_growth_max": 0.10,
 }
 
-SLERP_CONFIG = """\
-# Pearl-7B-slerp's recipe on {layers}-layer stand-ins of its parents.
-slices:
-  - sources:
-      - model: {a}
-        layer_range: [0, {layers}]
-      - model: {b}
-        layer_range: [0, {layers}]
-merge_method: slerp
-base_model: {a}
-parameters:
-  t:
-    - filter: self_attn
-      value: [0, 0.5, 0.3, 0.7, 1]
-    - filter: mlp
-      value: [1, 0.5, 0.7, 0.3, 0]
-    - value: 0.5
-dtype: bfloat16
-"""
+
+
+def slerp_config(layers: int, a: Path, b: Path) -> str:
+    """Pearl-7B-slerp's recipe (its ``t`` gradients, bfloat16) on two stand-ins."""
+    recipe = pearl_recipe(a, b, num_layers=layers)
+    return f"# Pearl-7B-slerp's recipe on {layers}-layer stand-ins of its parents.\n{recipe}"
 
 
 def command_for(tool: str, config: Path, models: tuple[Path, Path], out: Path) -> list[str]:
@@ -155,7 +144,7 @@ def bench_one(layers: int, runs: int, out_root: Path, engine: Path) -> tuple[lis
         shutil.rmtree(case_dir, ignore_errors=True)
         make_model_pair(case_dir, num_layers=layers, seed=layers)
     config = case_dir / "slerp.yml"
-    config.write_text(SLERP_CONFIG.format(layers=layers, a=models[0], b=models[1]))
+    config.write_text(slerp_config(layers, *models))
     warm_page_cache(list(models))
 
     records = []

@@ -75,24 +75,9 @@ if [ "${MAKE_ONLY:-0}" = 1 ]; then
   exit 0
 fi
 
-cat >"$work/slerp.yml" <<EOF
-slices:
-  - sources:
-      - model: $work/model_a
-        layer_range: [0, $layers]
-      - model: $work/model_b
-        layer_range: [0, $layers]
-merge_method: slerp
-base_model: $work/model_a
-parameters:
-  t:
-    - filter: self_attn
-      value: [0, 0.5, 0.3, 0.7, 1]
-    - filter: mlp
-      value: [1, 0.5, 0.7, 0.3, 0]
-    - value: 0.5
-dtype: bfloat16
-EOF
+"$python" -c 'import sys; from pearl_edu.recipes import pearl_recipe
+print(pearl_recipe(sys.argv[1], sys.argv[2], num_layers=int(sys.argv[3])))' \
+  "$work/model_a" "$work/model_b" "$layers" >"$work/slerp.yml"
 
 # merge_on DEVICE NAME: one merge into merged-NAME, timed, with its peak host RSS (GNU
 # time) and, on CUDA, torch's peak GPU memory.

@@ -31,7 +31,7 @@ from pearl_edu.config import MergeConfig, load_config
 from pearl_edu.errors import HubError, ModelError
 from pearl_edu.hub import hub_reachable, resolve_model
 from pearl_edu.merge import MergeResult, merge
-from pearl_edu.recipes import recipe_text
+from pearl_edu.recipes import pearl_recipe
 from pearl_edu.verify import VerifyReport, verify
 
 OMNIBEAGLE = "mlabonne/OmniBeagle-7B"
@@ -72,12 +72,7 @@ def fetch(ref: str | Path) -> Path:
 
 def pearl_recipe_yaml(omnibeagle: str | Path, wizardmath: str | Path) -> str:
     """The shipped Pearl-7B-slerp recipe, with its two model references replaced."""
-    recipe = yaml.safe_load(recipe_text("pearl-7b-slerp"))
-    replacements = {OMNIBEAGLE: str(omnibeagle), WIZARDMATH: str(wizardmath)}
-    for source in recipe["slices"][0]["sources"]:
-        source["model"] = replacements[source["model"]]
-    recipe["base_model"] = replacements[recipe["base_model"]]
-    return yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None)
+    return pearl_recipe(omnibeagle, wizardmath)
 
 
 def pearl_config(omnibeagle: str | Path, wizardmath: str | Path) -> MergeConfig:

@@ -69,6 +69,8 @@ BIN_REMAP_BYTES = 64 * 1024**2
 # Direct writes go through a staging buffer of this size, aligned for the device.
 STAGING_BYTES = 32 * 1024**2
 DIRECT_ALIGNMENT = 4096
+# madvise(2): map a range's pages now (Linux >= 5.14); Python's mmap module lacks the name.
+MADV_POPULATE_READ = 22
 
 
 # --------------------------------------------------------------------------------------
@@ -334,7 +336,7 @@ class ModelReader:
             and meta.offset % meta.dtype.itemsize == 0
         )
 
-    def map(self, name: str) -> torch.Tensor:
+    def map(self, name: str, *, populate: bool = False) -> torch.Tensor:
         """Tensor ``name`` read in place from the page cache, through a map of its bytes only.
 
         No copy is made: the tensor's memory is the file's cached pages, mapped
@@ -342,7 +344,9 @@ class ModelReader:
         when the last view of the tensor is freed, so the pages it holds in the process's
         resident memory are those of the tensors in use, never the whole file. The kernel
         is asked to start reading the bytes at once (``MADV_WILLNEED``), so mapping the
-        next tensor ahead of its use also reads it ahead. Use `can_map` first.
+        next tensor ahead of its use also reads it ahead. ``populate=True`` also maps every
+        page now (``MADV_POPULATE_READ``), which the engine's reader thread does so that
+        the math does not stop at a page fault every 64 KiB. Use `can_map` first.
         """
         meta = self.header.tensors[name]
         fd = self._fd(meta.file)
@@ -356,6 +360,9 @@ class ModelReader:
         region = mmap.mmap(fd, end - start, offset=start, access=mmap.ACCESS_COPY)
         with contextlib.suppress(AttributeError, OSError):  # advice only
             region.madvise(mmap.MADV_WILLNEED)
+        if populate:
+            with contextlib.suppress(OSError):  # Linux >= 5.14; elsewhere pages fault in
+                region.madvise(MADV_POPULATE_READ)
         raw = torch.frombuffer(
             region, dtype=torch.uint8, count=meta.nbytes, offset=meta.offset - start
         )

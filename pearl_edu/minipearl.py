@@ -42,7 +42,7 @@ import yaml
 
 from pearl_edu.errors import ModelError
 from pearl_edu.methods import DOT_THRESHOLD, lerp, slerp
-from pearl_edu.recipes import recipe_text
+from pearl_edu.recipes import pearl_recipe
 
 
 def _transformers():
@@ -645,16 +645,10 @@ def load_tokenizer(folder: str | Path):
 def scaled_pearl_recipe(base: str | Path, other: str | Path, num_layers: int) -> str:
     """Pearl-7B-slerp's recipe with its two models and its 32 layers replaced.
 
-    The filters, the value lists and the dtype are Pearl's own, read from the shipped
-    recipe; ``base`` takes OmniBeagle's place (``t = 0``), ``other`` WizardMath's.
+    ``base`` takes OmniBeagle's place (``t = 0``), ``other`` WizardMath's; see
+    `pearl_edu.recipes.pearl_recipe`.
     """
-    recipe = yaml.safe_load(recipe_text())
-    real_base = recipe["base_model"]
-    for source in recipe["slices"][0]["sources"]:
-        source["model"] = str(base) if source["model"] == real_base else str(other)
-        source["layer_range"] = [0, num_layers]
-    recipe["base_model"] = str(base)
-    return yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None)
+    return pearl_recipe(base, other, num_layers=num_layers)
 
 
 def uniform_recipe(base: str | Path, other: str | Path, num_layers: int, t: float) -> str:

@@ -57,7 +57,6 @@ TARGETS = {
 }
 
 
-
 def slerp_config(layers: int, a: Path, b: Path) -> str:
     """Pearl-7B-slerp's recipe (its ``t`` gradients, bfloat16) on two stand-ins."""
     recipe = pearl_recipe(a, b, num_layers=layers)

@@ -2,10 +2,15 @@
 
 A model folder is described by its **header**: every tensor's name, shape, dtype and where
 its bytes lie, read from the safetensors headers (a few kilobytes) without touching a
-single weight. `ModelReader` then reads one tensor at a time with positioned reads
-(``os.preadv``) into a buffer the caller can reuse, so the memory a merge holds is a few
-tensors, never a model or a shard. Memory maps are deliberately not used for safetensors:
-every page a map touches stays resident, and a merge touches every page.
+single weight. `ModelReader` then gives one tensor at a time, in one of two ways, so the
+memory a merge holds is a few tensors, never a model or a shard:
+
+- `ModelReader.map` maps the bytes of that one tensor from the page cache, with no copy;
+  the map is undone when the tensor is freed. (A map of a whole file would be simpler,
+  but every page it touches stays in the process's resident memory until the end, and a
+  merge touches every page.)
+- `ModelReader.read` copies the tensor with positioned reads (``os.preadv``) into a
+  buffer the caller can reuse: the GPU path uses it with pinned buffers.
 
 Pickle checkpoints (``pytorch_model*.bin``) are opened with
 ``torch.load(..., weights_only=True)``, which refuses any pickle that would run code, and
@@ -13,8 +18,9 @@ Pickle checkpoints (``pytorch_model*.bin``) are opened with
 
 `ShardedWriter` writes the merged tensors into safetensors shards whose headers are known
 before the first tensor is merged (the plan gives every shape and dtype), so each tensor
-goes to disk as soon as it exists. A shard is written as ``<file>.tmp`` and renamed when
-complete: a shard file that exists is a complete shard.
+goes to disk as soon as it exists, past the page cache where the file system allows
+(`SequentialFile`). A shard is written as ``<file>.tmp`` and renamed when complete: a
+shard file that exists is a complete shard.
 """
 
 from __future__ import annotations

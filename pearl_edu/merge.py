@@ -9,11 +9,14 @@ The heart of this module is the loop in `merge`::
 
 Everything else is there to make that loop safe and fast:
 
-- **memory and speed**: inputs are read into reused buffers, a tensor at a time; a
-  background thread reads the next tensor's inputs while the current one is merged (two
-  sets of buffers, and never more than `READ_AHEAD_BYTES` read ahead, so the embeddings of
-  a 7B model are not held twice), and another writes the previous result to disk, from
-  one of two reused output buffers, past the page cache (`pearl_edu.io.SequentialFile`).
+- **memory and speed**: a tensor at a time, a background thread prepares the next
+  tensor's inputs while the current one is merged (on the CPU it maps them in place from
+  the page cache; on the GPU path it reads them into two sets of pinned buffers), never
+  more than `READ_AHEAD_BYTES` ahead, so the embeddings of a 7B model are not held twice.
+  The result goes into one of two reused output buffers, and another thread writes it to
+  disk past the page cache (`pearl_edu.io.SequentialFile`) while the next one is merged.
+  Fresh memory and the page cache are avoided because on the machines measured (see the
+  book's performance appendix) touching new pages cost as much as the arithmetic.
 - **a folder that only looks complete when it is complete**: everything is written into
   a hidden sibling folder ``.<name>.partial`` and renamed to ``<name>`` at the end.
 - **resume**: each shard is written as ``.tmp`` and renamed when complete, and a manifest
@@ -248,7 +251,7 @@ def return_freed_memory_to_the_system() -> None:
 
 
 class BufferSet:
-    """One reusable uint8 buffer per input of a job; the reader reads straight into them.
+    """One reusable uint8 buffer per input of a job, for inputs that are read, not mapped.
 
     Fresh memory is slow (the kernel zeroes every page on first touch: a 117 MB tensor
     reads about 4x slower into a new buffer than into a reused one), so each buffer is

@@ -65,8 +65,9 @@ def test_model_pair_is_deterministic(tmp_path, pair):
     assert not verify(pair[0], other_seed[0]).ok
 
 
-def test_io_floor_reads_both_and_writes_a_copy_of_a(tmp_path, pair):
-    written = io_floor.copy_through(pair[0], pair[1], tmp_path / "floor")
+@pytest.mark.parametrize("buffered", [False, True])
+def test_io_floor_reads_both_and_writes_a_copy_of_a(tmp_path, pair, buffered):
+    written = io_floor.copy_through(pair[0], pair[1], tmp_path / "floor", buffered=buffered)
     assert written == read_header(pair[0]).total_bytes
     assert verify(pair[0], tmp_path / "floor").identical
 
@@ -101,9 +102,30 @@ def test_summary_ratios_and_targets():
     assert met["pearl_over_mergekit"] is True and met["pearl_over_floor"] is False
     assert met["pearl_peak_rss"] is True
     assert met["pearl_rss_growth_measured"] == pytest.approx(804 / 802 - 1)
+    rows[0].update(identical_to_mergekit=True, elements_differing_from_mergekit=0)
+    rows[1].update(
+        identical_to_mergekit=False,
+        elements_differing_from_mergekit=3,
+        elements_compared=1_000_000,
+    )
     table = bench_merge.markdown_table(rows).splitlines()
     assert len(table) == 4 and table[2].startswith("| 2 | 1.0 GB | 6.0 s | 20.0 s")
     assert "| 12 s / 40 s |" in table[2]
+    assert table[2].endswith("| identical |")
+    assert table[3].endswith("| 3 of 1,000,000 elements differ |")
+    assert bench_merge.agreement_text({}) == "not checked"
+
+
+def test_benchmark_config_is_pearls_recipe_on_the_stand_ins(tmp_path):
+    from pearl_edu.config import load_config
+
+    text = bench_merge.slerp_config(2, tmp_path / "a", tmp_path / "b")
+    pearl = load_config("pearl-7b-slerp")
+    config = load_config(text)
+    assert config.merge_method == pearl.merge_method == "slerp"
+    assert config.dtype == pearl.dtype
+    assert config.parameters == pearl.parameters
+    assert [s.layer_range for s in config.slices[0].sources] == [(0, 2), (0, 2)]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")

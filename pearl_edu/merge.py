@@ -124,7 +124,8 @@ def merge(
     ``config`` is a `MergeConfig`, or anything `load_config` accepts (a YAML path, YAML
     text, a shipped recipe's name). ``progress=None`` shows a progress bar only on a
     terminal; ``False`` never. ``threads`` is how many CPU threads the math may use on the
-    CPU; by default torch's, as mergekit (see `math_threads`). Bad input raises a `PearlEduError` before anything is written.
+    CPU; by default torch's, as mergekit (see `math_threads`). Bad input raises a
+    `PearlEduError` before anything is written.
     """
     started = time.perf_counter()
     # config -> plan: every mistake is reported here, before anything is written.

@@ -527,6 +527,12 @@ class ShardedWriter:
             for index, shard in enumerate(self.shards)
             for slot, t in enumerate(shard.tensors)
         }
+        self._file_offset = {}
+        for shard in self.shards:
+            offset = 8 + len(shard.header)
+            for t in shard.tensors:
+                self._file_offset[t.name] = offset
+                offset += t.nbytes
         self._file = None
         self._shard_index: int | None = None
         self._next_slot = 0
@@ -546,10 +552,14 @@ class ShardedWriter:
         if slot != self._next_slot:
             raise OutputError(f"{name}: written out of order in {shard.file_name}")
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._file.write(memoryview(data).cast("B"))
+        self._file.write(memoryview(data).cast("B"), address=data.ctypes.data)
         self._next_slot += 1
         if self._next_slot == len(shard.tensors):
             self._finish()
+
+    def file_offset(self, name: str) -> int:
+        """Where the bytes of tensor ``name`` start in its shard file."""
+        return self._file_offset[name]
 
     def close(self) -> None:
         """Abandon an unfinished shard (its ``.tmp`` stays for inspection; reruns rewrite it)."""
@@ -620,14 +630,51 @@ class SequentialFile:
             self.fd = os.open(self.path, flags, 0o644)
         self._staging = mmap.mmap(-1, STAGING_BYTES) if self.direct else None
         self._fill = 0
+        self._direct_now = self.direct  # False once the file system refused a direct write
 
-    def write(self, data: bytes | memoryview) -> None:
-        """Append ``data`` to the file."""
+    def write(self, data: bytes | memoryview, *, address: int | None = None) -> None:
+        """Append ``data`` to the file.
+
+        ``address``, the memory address of ``data``'s first byte, allows writing a large
+        piece without copying it: when the byte that falls on a block boundary of the file
+        also lies on one in memory, everything from there to the last whole block goes to
+        the disk straight from ``data`` (the engine places its output buffers so that it
+        does). The few bytes around it go through the staging buffer.
+        """
         view = memoryview(data).cast("B")
         self.size += len(view)
         if not self.direct:
             self._write_all(view)
             return
+        if address is not None and self._direct_now:
+            view = self._write_in_place(view, address)
+        self._stage(view)
+
+    def _write_in_place(self, view: memoryview, address: int) -> memoryview:
+        """Write the block-aligned middle of ``view`` from its memory; return what is left."""
+        start = self.size - len(view)  # where view[0] goes in the file
+        head = -start % DIRECT_ALIGNMENT
+        body = (len(view) - head) // DIRECT_ALIGNMENT * DIRECT_ALIGNMENT
+        if body <= 0 or (address + head) % DIRECT_ALIGNMENT:
+            return view
+        self._stage(view[:head])  # completes the staged bytes up to a block boundary
+        if self._fill:
+            self._write_staging(self._fill)
+        done = 0
+        while done < body and self._direct_now:
+            try:
+                written = os.write(self.fd, view[head + done : head + body])
+            except OSError as err:
+                if err.errno != errno.EINVAL:
+                    raise
+                break  # this memory cannot be written directly: stage the rest
+            done += written
+            if written % DIRECT_ALIGNMENT:
+                self._buffered_from_now_on()
+        return view[head + done :]
+
+    def _stage(self, view: memoryview) -> None:
+        """Copy ``view`` into the staging buffer, writing it out whenever it is full."""
         while len(view):
             n = min(len(view), STAGING_BYTES - self._fill)
             self._staging[self._fill : self._fill + n] = view[:n]
@@ -677,10 +724,11 @@ class SequentialFile:
         while done < len(view):
             written = os.write(self.fd, view[done:])
             done += written
-            if self.direct and written % DIRECT_ALIGNMENT:
+            if self._direct_now and written % DIRECT_ALIGNMENT:
                 # A short, unaligned direct write (rare): the rest cannot be direct.
                 self._buffered_from_now_on()
 
     def _buffered_from_now_on(self) -> None:
         flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
         fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+        self._direct_now = False

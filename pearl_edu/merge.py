@@ -57,6 +57,7 @@ from pearl_edu.devices import resolve_device
 from pearl_edu.errors import ConfigError, ModelError, OutputError
 from pearl_edu.hub import resolve_model
 from pearl_edu.io import (
+    DIRECT_ALIGNMENT,
     ModelHeader,
     ModelReader,
     OutputTensor,
@@ -165,8 +166,8 @@ def merge(
             for job, inputs in read_ahead(
                 jobs, readers, dtype=compute_dtype, device=compute_device
             ):
-                buffer = outputs.take(job.nbytes)
-                result = buffer[: job.nbytes].view(job.dtype).view(job.shape)
+                buffer = outputs.take(job.nbytes + DIRECT_ALIGNMENT)
+                result = aligned_view(buffer, job, writer.file_offset(job.name))
                 base = inputs[job.base_index]
                 merged = merge_tensor(
                     job.method,
@@ -391,6 +392,19 @@ class InFlightBytes:
     def wake(self) -> None:
         with self.condition:
             self.condition.notify_all()
+
+
+def aligned_view(buffer: torch.Tensor, job: TensorPlan, file_offset: int) -> torch.Tensor:
+    """``job``'s output tensor inside ``buffer``, placed as its bytes will lie on disk.
+
+    The tensor starts at the same offset within a 4 KiB page of memory as within a block
+    of its file, so that the writer can send it to the disk without copying it
+    (`pearl_edu.io.SequentialFile.write`). ``buffer`` has a block to spare for the shift.
+    """
+    shift = (file_offset - buffer.data_ptr()) % DIRECT_ALIGNMENT
+    if shift % job.dtype.itemsize:
+        shift = 0  # an odd offset for this dtype: the writer copies it instead
+    return buffer[shift : shift + job.nbytes].view(job.dtype).view(job.shape)
 
 
 class OutputBuffers:

@@ -140,6 +140,36 @@ def test_sequential_file_writes_exactly_the_bytes_given(tmp_path, direct, sizes)
     assert file.fd == -1  # closed
 
 
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("phase", [0, 8, 4094])
+def test_sequential_file_writes_aligned_memory_without_copying_it(
+    tmp_path, monkeypatch, phase, aligned
+):
+    """Bytes that lie on the file's block boundaries in memory too skip the staging buffer."""
+    staged = []
+    real_stage = SequentialFile._stage
+    monkeypatch.setattr(
+        SequentialFile,
+        "_stage",
+        lambda self, view: staged.append(len(view)) or real_stage(self, view),
+    )
+    header = bytes(range(256))[: 100 + phase % 100]  # the tensor starts mid-block
+    size = 3 * STAGING_BYTES // 2 + 12345
+    memory = torch.randint(0, 256, (size + 2 * DIRECT_ALIGNMENT,), dtype=torch.uint8)
+    shift = (len(header) - memory.data_ptr()) % DIRECT_ALIGNMENT + (0 if aligned else 2)
+    tensor = memory[shift : shift + size]
+    file = SequentialFile(tmp_path / "out.bin")
+    file.write(header)
+    file.write(memoryview(tensor.numpy()), address=tensor.data_ptr())
+    file.write(b"tail")
+    file.finish()
+    assert (tmp_path / "out.bin").read_bytes() == header + tensor.numpy().tobytes() + b"tail"
+    if file.direct and aligned:
+        assert sum(staged) < len(header) + 2 * DIRECT_ALIGNMENT + 4  # only the edges
+    elif file.direct:
+        assert sum(staged) == len(header) + size + 4  # copied through the staging buffer
+
+
 def test_sequential_file_falls_back_where_direct_io_is_refused(tmp_path, monkeypatch):
     """A file system that opens with O_DIRECT but refuses the writes still gets the bytes."""
     import errno

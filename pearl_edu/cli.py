@@ -2,7 +2,7 @@
 
     pearl-edu plan CONFIG [--json]
     pearl-edu merge CONFIG OUTPUT_DIR [--device auto|cpu|cuda[:N]] [--shard-size 5GB] [--force]
-    pearl-edu verify DIR_A DIR_B [--atol X]
+    pearl-edu verify DIR_A DIR_B [--atol X] [--max-ulp N]
 
 Errors caused by the input are printed as one line and exit with status 2; ``--debug``
 shows the traceback instead.
@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("dir_a")
     v.add_argument("dir_b")
     v.add_argument("--atol", type=float, default=0.0, help="largest difference accepted")
+    v.add_argument(
+        "--max-ulp",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also accept a tensor whose elements are at most N units in the last place apart",
+    )
     v.add_argument("--quiet", action="store_true", help="no progress bar")
     v.set_defaults(func=_run_verify)
     return parser
@@ -115,7 +122,9 @@ def _run_verify(args: argparse.Namespace) -> int:
 
     try:
         progress = None if args.quiet else show_progress
-        report = verify(args.dir_a, args.dir_b, atol=args.atol, progress=progress)
+        report = verify(
+            args.dir_a, args.dir_b, atol=args.atol, max_ulp=args.max_ulp, progress=progress
+        )
     finally:
         if bar is not None:
             bar.close()

@@ -75,9 +75,16 @@ class TensorComparison:
         """Same shape, same dtype, same value in every element."""
         return self.same_layout and self.num_differing == 0
 
-    def within(self, atol: float) -> bool:
-        """Same shape and dtype, and no element further apart than ``atol``."""
-        return self.same_layout and self.max_abs_diff <= atol
+    def within(self, atol: float, max_ulp: int | None = None) -> bool:
+        """Same shape and dtype, and no element further apart than ``atol``, or else (when
+        ``max_ulp`` is given) no element more than ``max_ulp`` units in the last place apart."""
+        if not self.same_layout:
+            return False
+        if self.max_abs_diff <= atol:
+            return True
+        return (
+            max_ulp is not None and self.max_ulp_diff is not None and (self.max_ulp_diff <= max_ulp)
+        )
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,7 @@ class VerifyReport:
     dir_b: Path
     atol: float
     tensors: tuple[TensorComparison, ...]
+    max_ulp: int | None = None
     only_in_a: tuple[str, ...] = field(default=())
     only_in_b: tuple[str, ...] = field(default=())
 
@@ -98,8 +106,9 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        """The same tensor names, shapes and dtypes, and values within ``atol``."""
-        return self._same_names and all(t.within(self.atol) for t in self.tensors)
+        """The same tensor names, shapes and dtypes, and each tensor's values within ``atol``
+        or, when ``max_ulp`` is set, within ``max_ulp`` units in the last place."""
+        return self._same_names and all(t.within(self.atol, self.max_ulp) for t in self.tensors)
 
     @property
     def _same_names(self) -> bool:
@@ -149,6 +158,10 @@ class VerifyReport:
         lines += self._totals()
         return "\n".join(lines)
 
+    def _tolerance(self) -> str:
+        tolerance = f"atol={self.atol:g}"
+        return tolerance if self.max_ulp is None else f"{tolerance} or {self.max_ulp} ULP"
+
     def _totals(self) -> list[str]:
         fraction = self.num_differing / self.num_elements if self.num_elements else 0.0
         ulp = self.max_ulp_diff
@@ -162,7 +175,7 @@ class VerifyReport:
         if self.identical:
             verdict = "identical"
         elif self.ok:
-            verdict = f"equal within atol={self.atol:g}"
+            verdict = f"equal within {self._tolerance()}"
         else:
             verdict = "DIFFERENT"
         lines.append(f"result: {verdict}")
@@ -174,6 +187,7 @@ def verify(
     dir_b: str | Path,
     *,
     atol: float = 0.0,
+    max_ulp: int | None = None,
     progress: Progress | None = None,
 ) -> VerifyReport:
     """Compare two model folders tensor by tensor and report every difference.
@@ -185,6 +199,10 @@ def verify(
 
     if not math.isfinite(atol) or atol < 0:
         raise ModelError(f"atol must be a finite number >= 0, got {atol}")
+    if max_ulp is not None and (
+        isinstance(max_ulp, bool) or not isinstance(max_ulp, int) or max_ulp < 0
+    ):
+        raise ModelError(f"max_ulp must be a whole number >= 0, got {max_ulp!r}")
     header_a, header_b = read_header(dir_a), read_header(dir_b)
     names_a, names_b = set(header_a.tensors), set(header_b.tensors)
     common = [name for name in header_a.tensors if name in names_b]
@@ -201,6 +219,7 @@ def verify(
         dir_a=Path(dir_a),
         dir_b=Path(dir_b),
         atol=atol,
+        max_ulp=max_ulp,
         tensors=tuple(comparisons),
         only_in_a=tuple(sorted(names_a - names_b)),
         only_in_b=tuple(sorted(names_b - names_a)),

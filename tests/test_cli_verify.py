@@ -57,6 +57,21 @@ def test_atol_accepts_small_differences(models, capsys):
     assert main(["verify", str(model), str(nudged), "--atol", "1e-6", "--quiet"]) == 1
 
 
+def test_max_ulp_accepts_differences_counted_in_units_in_the_last_place(models, capsys):
+    model, _, nudged = models
+    assert main(["verify", str(model), str(nudged), "--max-ulp", "0", "--quiet"]) == 1
+    out = capsys.readouterr().out
+    ulps = int(out.split("largest absolute difference:")[1].split("(")[1].split()[0])
+    assert ulps > 1
+    assert main(["verify", str(model), str(nudged), "--max-ulp", str(ulps), "--quiet"]) == 0
+    assert f"result: equal within atol=0 or {ulps} ULP" in capsys.readouterr().out
+    assert main(["verify", str(model), str(nudged), "--max-ulp", str(ulps - 1), "--quiet"]) == 1
+    capsys.readouterr()
+    assert main(["verify", str(model), str(model), "--max-ulp", "-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "max_ulp" in err
+
+
 def test_bad_input_exits_2_with_one_line(models, tmp_path, capsys):
     model, _, _ = models
     assert main(["verify", str(model), str(tmp_path / "missing")]) == 2

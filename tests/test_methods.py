@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from pearl_edu import methods
 from pearl_edu.errors import ModelError
 from pearl_edu.methods import lerp, merge_tensor, slerp
+from pearl_edu.verify import ulp_distance
 
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -130,7 +131,11 @@ def test_runs_on_cuda_and_agrees_with_cpu():
     on_gpu = slerp(v0.cuda(), v1.cuda(), 0.3)
     assert on_gpu.device.type == "cuda"
     assert on_gpu.dtype == torch.bfloat16
-    assert torch.equal(on_gpu.cpu(), slerp(v0, v1, 0.3))
+    # The numerics rule: the GPU sums in another order, which may move an element by one
+    # unit in the last place, rarely.
+    ulps = ulp_distance(on_gpu.cpu(), slerp(v0, v1, 0.3))
+    assert ulps.max() <= 1
+    assert ulps.count_nonzero() <= 1e-3 * ulps.numel()
 
 
 @settings(max_examples=60, deadline=None)

@@ -81,6 +81,10 @@ def test_one_ulp_on_one_element_is_found_and_measured(tmp_path, model):
     assert q.max_abs_diff == pytest.approx(expected_diff, rel=0, abs=0)
     assert verify(model, edited, atol=expected_diff).ok
     assert not verify(model, edited, atol=expected_diff / 2).ok
+    # The same tolerance in units in the last place, whatever the magnitude of the values.
+    assert verify(model, edited, max_ulp=1).ok
+    assert not verify(model, edited, max_ulp=0).ok
+    assert "result: equal within atol=0 or 1 ULP" in verify(model, edited, max_ulp=1).summary()
 
 
 def test_missing_and_extra_tensors_are_reported(tmp_path, model):
@@ -100,6 +104,7 @@ def test_shape_and_dtype_mismatches_are_reported(tmp_path, model):
     edited = edited_copy(model, tmp_path / "edited", reshape_and_recast)
     report = verify(model, edited, atol=1e9)
     assert not report.ok
+    assert not verify(model, edited, max_ulp=10**9).ok, "ULPs do not excuse a layout change"
     by_name = {t.name: t for t in report.differing}
     assert set(by_name) == {NORM, Q_PROJ}
     assert by_name[NORM].max_abs_diff == math.inf
@@ -184,3 +189,6 @@ def test_bad_input_raises_model_errors(tmp_path, model):
         verify(model, tmp_path / "empty")
     with pytest.raises(ModelError, match="atol"):
         verify(model, model, atol=-1.0)
+    for bad in (-1, 0.5, True):
+        with pytest.raises(ModelError, match="max_ulp"):
+            verify(model, model, max_ulp=bad)

@@ -139,15 +139,15 @@ def _cosine(a: torch.Tensor, b: torch.Tensor, *, eps: float, work: torch.dtype) 
 
     The sums are taken on the CPU even for tensors on a GPU, whose reductions add in
     another order: measured on a full-size 7B pair, a GPU's cosines moved the bfloat16
-    rounding of 0.3% of the output's elements. Chunks are copied to the CPU one at a time,
-    through pinned memory, and the result is a CPU tensor.
+    rounding of 0.3% of the output's elements. Such tensors are copied to the CPU whole,
+    in their own dtype, through pinned memory (one transfer each), and the result is a CPU
+    tensor.
     """
+    a, b = _on_cpu(a), _on_cpu(b)
     rows_a, rows_b = a.reshape(1, -1), b.reshape(1, -1)
     # Reused scratch rows: a fresh 4 MiB tensor per chunk would cost page faults, not math.
     size = min(CHUNK_ELEMENTS, a.numel())
-    pinned = a.device.type == "cuda"
-    scratch_a, scratch_b = (torch.empty((1, size), dtype=work, pin_memory=pinned) for _ in "ab")
-    products = torch.empty((1, size), dtype=work)
+    scratch_a, scratch_b, products = (torch.empty((1, size), dtype=work) for _ in range(3))
 
     def load(scratch: torch.Tensor, rows: torch.Tensor, part: slice) -> torch.Tensor:
         chunk = scratch[:, : part.stop - part.start]
@@ -172,6 +172,14 @@ def _cosine(a: torch.Tensor, b: torch.Tensor, *, eps: float, work: torch.dtype) 
         dot_parts.append(xy.sum(dim=1, keepdim=True))
     # The clamp matters only beyond the fallback threshold, where the result is lerp anyway.
     return torch.stack(dot_parts).sum(dim=0).clamp(-1, 1).reshape(())
+
+
+def _on_cpu(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself on the CPU; else a copy on the CPU (pinned, for a fast transfer from CUDA)."""
+    if x.device.type == "cpu":
+        return x
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.device.type == "cuda")
+    return host.copy_(x)
 
 
 def _norm_or_one(norm: torch.Tensor, eps: float) -> torch.Tensor:

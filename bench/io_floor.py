@@ -15,6 +15,7 @@ mergekit does. The time it takes is what a merge costs with infinitely fast math
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import shutil
 import struct
@@ -82,6 +83,7 @@ def pread_exactly(file: Path, offset: int, view: memoryview) -> None:
 
 
 def main() -> None:
+    gc.freeze()  # as `pearl-edu` does: no final sweep of torch's objects at exit
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model_a", type=Path)
     parser.add_argument("model_b", type=Path)

@@ -11,6 +11,7 @@ shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from collections.abc import Sequence
 
@@ -134,6 +135,11 @@ def _run_verify(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:
+        # Run as a command: everything imported so far (torch above all) lives until the
+        # process ends, and moving it out of the garbage collector's sight saves its final
+        # sweep, about 0.4 s at exit.
+        gc.freeze()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -72,6 +72,8 @@ from pearl_edu.plan import MergePlan, TensorPlan, plan
 MANIFEST = ".pearl-edu-merge.json"
 # Read ahead at most this many bytes of inputs while the current tensor is merged.
 READ_AHEAD_BYTES = 512 * 1024**2
+# Merged tensors up to this size get buffers of their own rather than kept ones.
+SMALL_OUTPUT_BYTES = 16 * 1024**2
 # Files copied from the base model, when present, so the merged folder is usable as is.
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -419,15 +421,24 @@ class OutputBuffers:
     other is written) keep the peak memory at two of the largest tensors; a third saved
     about 0.4 s of waiting for the disk on the 4-layer benchmark but added a tensor's worth
     of memory. On the GPU path the buffers are pinned, so results come back at full speed.
+
+    Tensors of at most ``small_bytes`` (norm weights, a model's smaller projections) get
+    a fresh buffer of their own instead, dropped once written: their page faults cost
+    little, and they no longer hold a large buffer while a large tensor waits for one.
     """
 
-    def __init__(self, count: int = 2, *, pinned: bool = False) -> None:
+    def __init__(
+        self, count: int = 2, *, pinned: bool = False, small_bytes: int = SMALL_OUTPUT_BYTES
+    ) -> None:
         self.pinned = pinned
+        self.small_bytes = small_bytes
         self.free = [torch.empty(0, dtype=torch.uint8) for _ in range(count)]
         self.condition = threading.Condition()
 
     def take(self, nbytes: int) -> torch.Tensor:
-        """A uint8 buffer of at least ``nbytes`` (waits for one to be free)."""
+        """A uint8 buffer of at least ``nbytes`` (waits for a kept one to be free)."""
+        if nbytes <= self.small_bytes:
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
         with self.condition:
             self.condition.wait_for(lambda: self.free)
             sizes = [buffer.numel() for buffer in self.free]
@@ -439,7 +450,9 @@ class OutputBuffers:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
 
     def give(self, buffer: torch.Tensor) -> None:
-        """Hand a buffer back once its contents are written."""
+        """Hand a buffer back once its contents are written (a small one is dropped)."""
+        if buffer.numel() <= self.small_bytes:
+            return
         with self.condition:
             self.free.append(buffer)
             self.condition.notify()

@@ -506,7 +506,7 @@ def test_write_behind_writes_in_order_and_reports_errors(tmp_path):
 def test_output_buffers_are_reused_and_grow_to_the_largest_tensor():
     from pearl_edu.merge import OutputBuffers
 
-    outputs = OutputBuffers(count=2)
+    outputs = OutputBuffers(count=2, small_bytes=0)
     first, second = outputs.take(100), outputs.take(50)
     assert first.numel() >= 100 and second.numel() >= 50
     assert first.data_ptr() != second.data_ptr()
@@ -515,6 +515,20 @@ def test_output_buffers_are_reused_and_grow_to_the_largest_tensor():
     outputs.give(second)
     grown = outputs.take(500)
     assert grown.numel() >= 500
+
+
+def test_small_outputs_do_not_hold_the_kept_buffers():
+    from pearl_edu.merge import OutputBuffers
+
+    outputs = OutputBuffers(count=1, small_bytes=64)
+    large = outputs.take(1000)
+    small = [outputs.take(64) for _ in range(3)]  # no wait: the one kept buffer is taken
+    assert all(s.numel() >= 64 and s.data_ptr() != large.data_ptr() for s in small)
+    for s in small:
+        outputs.give(s)
+    assert outputs.free == [], "small buffers are dropped, not kept"
+    outputs.give(large)
+    assert outputs.take(900).data_ptr() == large.data_ptr()
 
 
 def test_write_behind_hands_buffers_back_even_after_an_error(tmp_path):

@@ -164,8 +164,9 @@ def _cosine(a: torch.Tensor, b: torch.Tensor, *, eps: float, work: torch.dtype) 
 
     # The norm of a row runs on one thread (its additions are in one fixed order whatever
     # the thread count), so the two tensors' norms are taken side by side: b's by a helper
-    # thread, a's here. Same operations, same bits, about half the time.
-    if a.numel() > CHUNK_ELEMENTS:
+    # thread, a's here. Same operations, same bits, about half the time. (Not when torch
+    # is given one thread: then the math keeps to one core.)
+    if a.numel() > CHUNK_ELEMENTS and torch.get_num_threads() > 1:
         norms_b = _helper_thread().submit(chunk_norms, rows_b, scratch_b)
         try:
             norm_parts_a = chunk_norms(rows_a, scratch_a)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -241,6 +242,26 @@ def test_agrees_with_mergekit_bit_for_bit_on_a_multi_chunk_tensor(dtype):
     v0, v1 = _pair(11, (2000, 1100), correlation=0.5, dtype=dtype)  # 2.2M elements, 3 chunks
     for t in (0.3, 0.5, 0.77):
         assert torch.equal(slerp(v0, v1, t), _mergekit_slerp(v0, v1, t))
+
+
+def test_the_norms_taken_side_by_side_equal_the_norms_taken_in_turn(monkeypatch):
+    # With more than one torch thread, a helper thread takes one input's chunk norms while
+    # the calling thread takes the other's; with one, both are taken in turn.
+    v0, v1 = _pair(12, (3000, 1000), correlation=0.5, dtype=torch.bfloat16)  # 3 chunks
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        side_by_side = [slerp(v0, v1, t) for t in (0.3, 0.6)]
+        used = []
+        helper = ThreadPoolExecutor(1)
+        monkeypatch.setattr(methods, "_helper_thread", lambda: used.append(1) or helper)
+        assert torch.equal(slerp(v0, v1, 0.3), side_by_side[0]) and used == [1]
+        monkeypatch.setattr(methods.torch, "get_num_threads", lambda: 1)
+        in_turn = [slerp(v0, v1, t) for t in (0.3, 0.6)]
+        assert used == [1], "one torch thread: no helper"
+        assert all(torch.equal(x, y) for x, y in zip(side_by_side, in_turn, strict=True))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_agrees_with_mergekit_in_the_lerp_region_bit_for_bit():

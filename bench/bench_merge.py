@@ -14,7 +14,8 @@ config, reads every input once so the page cache is warm, then runs, in turn and
   through the page cache as mergekit does (``floor-buffered``).
 
 Each run is wrapped in GNU time (``/usr/bin/time -v``) for its peak resident memory.
-Outputs are deleted between runs and ``sync`` is called outside the timings. Results go to
+Outputs are deleted between runs, and ``sync`` and a short pause come before each one,
+outside the timings; the order of the tools changes from run to run (`run_order`). Results go to
 ``bench/results.json`` (every run, the medians, the ratios and the targets: the
 ``summary`` list is one flat record per layer count, ready to plot) and ``bench/results.md``
 (the table the book includes). ``bench/out/`` is deleted at the end unless ``--keep``.
@@ -48,6 +49,26 @@ from pearl_edu.recipes import pearl_recipe  # noqa: E402
 GNU_TIME = "/usr/bin/time"
 BIN = Path(sys.executable).parent
 TOOLS = ("pearl-edu", "mergekit", "floor", "floor-buffered")
+# Idle seconds before each timed run, after the previous run's output is flushed.
+SETTLE_SECONDS = 2.0
+
+
+def run_order(run: int) -> list[str]:
+    """The order of the tools in run ``run``: a row of a balanced Latin square.
+
+    A run can be slowed by the one before it (its writes still being absorbed by the
+    disk, memory still being returned to the system), so the order changes from run to
+    run, and over every four runs each tool comes right after each other tool once
+    (Williams' design). Rotating one order would not do: every tool would always follow
+    the same neighbour.
+    """
+    n = len(TOOLS)
+    first_row = [0]
+    for k in range(1, n):  # 0, 1, n-1, 2, n-2, ...
+        first_row.append((k + 1) // 2 if k % 2 else n - k // 2)
+    return [TOOLS[(i + run) % n] for i in first_row]
+
+
 # The engine's goals, checked against the medians.
 TARGETS = {
     "pearl_over_mergekit_max": 0.3,
@@ -148,14 +169,14 @@ def bench_one(layers: int, runs: int, out_root: Path, engine: Path) -> tuple[lis
 
     records = []
     for run in range(runs):
-        # The order rotates so that no tool always runs right after the same other one.
-        order = TOOLS[run % len(TOOLS) :] + TOOLS[: run % len(TOOLS)]
-        for tool in order:
+        for tool in run_order(run):
             out = case_dir / "merged"
             # Also pearl-edu's hidden partial folder, or a run could resume an old one.
             for leftover in (out, *case_dir.glob(".merged*")):
                 shutil.rmtree(leftover, ignore_errors=True)
+            # The previous tool's writes flushed, then a pause for the disk to settle.
             subprocess.run(["sync"], check=True)
+            time.sleep(SETTLE_SECONDS)
             measured = timed_run(command_for(tool, config, models, out), engine)
             records.append({"layers": layers, "tool": tool, "run": run, **measured})
             print(

@@ -116,6 +116,15 @@ def test_summary_ratios_and_targets():
     assert bench_merge.agreement_text({}) == "not checked"
 
 
+def test_every_tool_follows_every_other_tool_once_in_four_runs():
+    orders = [bench_merge.run_order(run) for run in range(4)]
+    assert all(sorted(order) == sorted(bench_merge.TOOLS) for order in orders)
+    follows = [(order[i], order[i + 1]) for order in orders for i in range(len(order) - 1)]
+    n = len(bench_merge.TOOLS)
+    assert len(set(follows)) == len(follows) == n * (n - 1)
+    assert bench_merge.run_order(4) == orders[0]
+
+
 def test_benchmark_config_is_pearls_recipe_on_the_stand_ins(tmp_path):
     from pearl_edu.config import load_config
 

@@ -101,8 +101,8 @@ def slerp(
     _check_same_shape(v0, v1, name="tensor")
     work = _work_dtype(v0)
     # The scalars (cosine, angle, weights) are computed on the CPU whatever the tensors'
-    # device, as mergekit computes them (in NumPy, under --cuda too): see `_cosine`. Only
-    # the weighted sum, elementwise and so rounded alike everywhere, runs on the device.
+    # device, so that a GPU gives the CPU's bits (see `_cosine`). Only the weighted sum,
+    # elementwise and so rounded alike everywhere, runs on the device.
     t_ = torch.tensor(t, dtype=work)
     if v0.numel() == 0:  # an empty tensor has no direction: nothing to interpolate
         return _weighted_sum(v0, v1, 1 - t_, t_, out=out)

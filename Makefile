@@ -17,7 +17,7 @@ JB_FLAGS := -W -n --keep-going
 
 setup: $(STAMP) $(MATHJAX_DIR)/tex-chtml.js browser-deps
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml pearl_edu/_kernels.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"

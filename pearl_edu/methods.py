@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pearl_edu import kernels
 from pearl_edu.errors import ModelError
 
 # Below this angle, |cos theta| > 0.9995 (about 1.8 degrees), sin(theta) is too small to
@@ -153,7 +154,10 @@ def _cosine(a: torch.Tensor, b: torch.Tensor, *, eps: float, work: torch.dtype) 
 
     def load(scratch: torch.Tensor, rows: torch.Tensor, part: slice) -> torch.Tensor:
         chunk = scratch[:, : part.stop - part.start]
-        chunk.copy_(rows[:, part])  # the same values as rows[:, part].to(work)
+        # The same values as rows[:, part].to(work); compiled, the cast needs no OpenMP
+        # team, which would contend with the other thread's.
+        if not kernels.widen(rows[:, part], chunk):
+            chunk.copy_(rows[:, part])
         return chunk
 
     def chunk_norms(rows: torch.Tensor, scratch: torch.Tensor) -> list[torch.Tensor]:
@@ -177,10 +181,18 @@ def _cosine(a: torch.Tensor, b: torch.Tensor, *, eps: float, work: torch.dtype) 
     norm_a = _norm_or_one(torch.linalg.vector_norm(torch.stack(norm_parts_a), dim=0), eps)
     norm_b = _norm_or_one(torch.linalg.vector_norm(torch.stack(norm_parts_b), dim=0), eps)
     dot_parts = []
+    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
     for part in _chunks(a.numel()):
-        x = load(scratch_a, rows_a, part).div_(norm_a)
-        y = load(scratch_b, rows_b, part).div_(norm_b)
-        xy = torch.mul(x, y, out=products[:, : x.shape[1]])
+        xy = products[:, : part.stop - part.start]
+        # (a / |a|) * (b / |b|), one rounding per operation: in one compiled pass when the
+        # kernels take these tensors, else in torch's five. On one thread: torch's threads
+        # still spin after each sum, and more threads here would only fight them.
+        if not kernels.normalized_products(
+            flat_a[part], flat_b[part], xy, norm_a.item(), norm_b.item()
+        ):
+            x = load(scratch_a, rows_a, part).div_(norm_a)
+            y = load(scratch_b, rows_b, part).div_(norm_b)
+            torch.mul(x, y, out=xy)
         dot_parts.append(xy.sum(dim=1, keepdim=True))
     # The clamp matters only beyond the fallback threshold, where the result is lerp anyway.
     return torch.stack(dot_parts).sum(dim=0).clamp(-1, 1).reshape(())
@@ -252,6 +264,16 @@ def _weighted_sum(
         )
     result, out = out, out.view(-1)
     if flat0.numel() == 0:
+        return result
+    # One compiled pass when the kernels take these tensors (CPU, bfloat16 or float32),
+    # with the same roundings as the torch loop below.
+    if (
+        w0.dtype == torch.float32
+        and v1.dtype == v0.dtype
+        and kernels.weighted_sum(
+            flat0, flat1, out, w0.item(), w1.item(), threads=torch.get_num_threads()
+        )
+    ):
         return result
     size = min(CHUNK_ELEMENTS, flat0.numel())
     buf0 = torch.empty(size, dtype=w0.dtype, device=v0.device)

@@ -298,9 +298,10 @@ def snapshot_engine(folder: Path) -> Path:
 
 
 def engine_fingerprint(root: Path) -> str:
-    """A hash of the ``pearl_edu`` source files under ``root``, to name the measured state."""
+    """A hash of the ``pearl_edu`` sources (Python and C) under ``root``: the measured state."""
     digest = hashlib.sha256()
-    for path in sorted((root / "pearl_edu").rglob("*.py")):
+    sources = (root / "pearl_edu").rglob("*")
+    for path in sorted(p for p in sources if p.suffix in (".py", ".c")):
         digest.update(path.relative_to(root).as_posix().encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
@@ -309,6 +310,8 @@ def engine_fingerprint(root: Path) -> str:
 def machine() -> dict:
     """What the numbers were measured on."""
     import torch
+
+    from pearl_edu import kernels
 
     memory_kb = next(
         int(line.split()[1])
@@ -324,6 +327,7 @@ def machine() -> dict:
         "torch": torch.__version__,
         "mergekit": metadata.version("mergekit"),
         "pearl_edu": metadata.version("pearl-edu"),
+        "pearl_edu_kernels": kernels.available(),
     }
 
 

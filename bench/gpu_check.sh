@@ -79,6 +79,11 @@ else
   check_room "$outputs" "$pair_gb"
 fi
 
+say "$("$python" -c 'import os, torch
+from pearl_edu import kernels
+state = "loaded" if kernels.available() else "not built (torch loops)"
+print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads,",
+      f"{os.cpu_count()} cores; compiled kernels: {state}")')"
 say "writing two Mistral-7B-shaped models with $layers layers into $work"
 t0=$(now)
 # shellcheck disable=SC2086  # MODEL_ARGS is a list of arguments

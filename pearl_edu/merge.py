@@ -66,7 +66,7 @@ from pearl_edu.io import (
     layout_shards,
     read_header,
 )
-from pearl_edu.methods import METHODS, merge_tensor
+from pearl_edu.methods import METHODS, keep_host_copy, merge_tensor
 from pearl_edu.plan import MergePlan, TensorPlan, plan
 
 MANIFEST = ".pearl-edu-merge.json"
@@ -368,7 +368,11 @@ def load_input(
     else:
         nbytes = reader.header.tensors[name].nbytes
         tensor = reader.read(name, out=buffers.buffer(index, nbytes))
-    return tensor.to(device=device, dtype=dtype or tensor.dtype, non_blocking=True)
+    moved = tensor.to(device=device, dtype=dtype or tensor.dtype, non_blocking=True)
+    if moved.device != tensor.device:
+        # SLERP sums its cosine on the CPU: from this copy, rather than one back from the GPU.
+        keep_host_copy(moved, tensor)
+    return moved
 
 
 class InFlightBytes:

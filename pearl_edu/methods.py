@@ -107,7 +107,7 @@ def slerp(
     t_ = torch.tensor(t, dtype=work)
     if v0.numel() == 0:  # an empty tensor has no direction: nothing to interpolate
         return _weighted_sum(v0, v1, 1 - t_, t_, out=out)
-    cos_theta = _cosine(v0.reshape(-1), v1.reshape(-1), eps=eps, work=work)
+    cos_theta = _cosine(_on_cpu(v0).reshape(-1), _on_cpu(v1).reshape(-1), eps=eps, work=work)
 
     if abs(cos_theta.item()) > dot_threshold:
         # Nearly parallel or opposite: sin(theta) ~ 0, so interpolate linearly instead.
@@ -142,9 +142,9 @@ def _cosine(a: torch.Tensor, b: torch.Tensor, *, eps: float, work: torch.dtype) 
 
     The sums are taken on the CPU even for tensors on a GPU, whose reductions add in
     another order: measured on a full-size 7B pair, a GPU's cosines moved the bfloat16
-    rounding of 0.3% of the output's elements. Such tensors are copied to the CPU whole,
-    in their own dtype, through pinned memory (one transfer each), and the result is a CPU
-    tensor.
+    rounding of 0.3% of the output's elements. The sums use the host copy the engine
+    read the tensor into (`keep_host_copy`); without one, the tensor is copied to the CPU
+    whole, in its own dtype, through pinned memory. The result is a CPU tensor.
     """
     a, b = _on_cpu(a), _on_cpu(b)
     rows_a, rows_b = a.reshape(1, -1), b.reshape(1, -1)
@@ -220,12 +220,32 @@ def _helper_thread() -> ThreadPoolExecutor:
         return _HELPER
 
 
+def keep_host_copy(tensor: torch.Tensor, host: torch.Tensor) -> torch.Tensor:
+    """Note that ``host``, a CPU tensor, holds ``tensor``'s values; returns ``tensor``.
+
+    The engine reads each input into host memory before it moves it to the GPU; SLERP then
+    sums its cosine from that copy instead of copying the tensor back (see `_cosine`).
+    ``host`` must hold the same values as long as ``tensor`` is used (the engine's input
+    buffers are reused only after a tensor's merge), and a copy of another shape or dtype
+    is ignored.
+    """
+    if host.device.type == "cpu" and host.shape == tensor.shape and host.dtype == tensor.dtype:
+        tensor._pearl_edu_host_copy = host  # type: ignore[attr-defined]
+    return tensor
+
+
 def _on_cpu(x: torch.Tensor) -> torch.Tensor:
-    """``x`` itself on the CPU; else a copy on the CPU (pinned, for a fast transfer from CUDA)."""
+    """``x`` itself on the CPU; else its host copy (`keep_host_copy`), or a copy to the CPU.
+
+    A copy from CUDA goes through pinned memory, for a fast transfer.
+    """
     if x.device.type == "cpu":
         return x
-    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.device.type == "cuda")
-    return host.copy_(x)
+    host = getattr(x, "_pearl_edu_host_copy", None)
+    if host is not None:
+        return host
+    copy = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.device.type == "cuda")
+    return copy.copy_(x)
 
 
 def _norm_or_one(norm: torch.Tensor, eps: float) -> torch.Tensor:
@@ -249,7 +269,6 @@ def _weighted_sum(
     goes into ``out`` when given (see `slerp`).
     """
     flat0, flat1 = v0.reshape(-1), v1.reshape(-1)
-    w0, w1 = w0.to(v0.device), w1.to(v0.device)
     if out is None:
         out = torch.empty(v0.shape, dtype=v0.dtype, device=v0.device)
     elif (
@@ -268,13 +287,15 @@ def _weighted_sum(
     # One compiled pass when the kernels take these tensors (CPU, bfloat16 or float32),
     # with the same roundings as the torch loop below.
     if (
-        w0.dtype == torch.float32
+        v0.device.type == "cpu"
+        and w0.dtype == torch.float32
         and v1.dtype == v0.dtype
         and kernels.weighted_sum(
             flat0, flat1, out, w0.item(), w1.item(), threads=torch.get_num_threads()
         )
     ):
         return result
+    w0, w1 = w0.to(v0.device), w1.to(v0.device)
     size = min(CHUNK_ELEMENTS, flat0.numel())
     buf0 = torch.empty(size, dtype=w0.dtype, device=v0.device)
     buf1 = torch.empty(size, dtype=w0.dtype, device=v0.device)

@@ -137,6 +137,29 @@ def test_runs_on_cuda_and_agrees_with_cpu():
     out = torch.empty_like(v0, device="cuda")
     assert slerp(v0.cuda(), v1.cuda(), 0.3, out=out) is out
     assert torch.equal(out.cpu(), on_gpu.cpu())
+    # As the engine runs it: the cosine summed from the host copies the inputs came from.
+    g0, g1 = (methods.keep_host_copy(v.cuda(), v) for v in (v0, v1))
+    assert torch.equal(slerp(g0, g1, 0.3).cpu(), on_gpu.cpu())
+
+
+def test_a_host_copy_stands_in_for_a_device_tensor():
+    # A tensor on the "meta" device has no values: whatever SLERP sums must come from its
+    # host copy (on a GPU, that saves copying each input back).
+    v0, v1 = _pair(3, (40, 30), dtype=torch.bfloat16)
+    m0, m1 = torch.empty_like(v0, device="meta"), torch.empty_like(v1, device="meta")
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        slerp(m0, m1, 0.3)  # no host copy: nothing to sum
+    methods.keep_host_copy(m0, v0)
+    methods.keep_host_copy(m1, v1)
+    assert methods._on_cpu(m0) is v0
+    result = slerp(m0, m1, 0.3)
+    assert result.device.type == "meta" and result.shape == v0.shape
+    # A copy of another dtype or shape does not stand in.
+    other = torch.empty_like(v0, device="meta")
+    methods.keep_host_copy(other, v0.float())
+    methods.keep_host_copy(other, v0[:3])
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        methods._on_cpu(other)
 
 
 @settings(max_examples=60, deadline=None)

@@ -14,7 +14,9 @@ bit (see ``_cosine`` for why the order matters).
 
 Large tensors are processed in chunks of about a million elements, so that no full-size
 float32 copy of a 58M-element bfloat16 weight is ever made: memory stays at the output
-tensor plus a few small buffers.
+tensor plus a few small buffers. SLERP's elementwise steps (casts, divisions, products, the
+weighted sum) run in compiled loops, one pass each, when `pearl_edu.kernels` is built, and in
+torch otherwise; each operation is rounded alike either way, so the bits are the same.
 
 The other methods follow mergekit 0.1.5's arithmetic step by step (same operations, same
 order, same dtypes), so that they too agree with mergekit bit for bit on the CPU. They work

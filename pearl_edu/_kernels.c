@@ -21,10 +21,17 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <float.h>
 #include <stdint.h>
 #include <string.h>
 
 #pragma STDC FP_CONTRACT OFF
+
+/* float arithmetic carried out in a wider format (x87) would round twice: no build, then,
+   and pearl_edu uses torch's loops instead. */
+#if !defined(FLT_EVAL_METHOD) || FLT_EVAL_METHOD != 0
+#error "pearl_edu._kernels needs float arithmetic evaluated in float (FLT_EVAL_METHOD 0)"
+#endif
 
 /* On x86-64 with GCC or clang, each loop is built twice, for AVX2 and for the baseline,
    and the loader picks the one the CPU runs (bandwidth-bound loops gain about 2x). */

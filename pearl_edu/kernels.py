@@ -1,11 +1,12 @@
 """SLERP's elementwise passes in compiled C, with torch as the fallback.
 
-`pearl_edu.methods` spends most of a SLERP in two elementwise passes over the tensors:
-the normalized products behind the angle's dot product, and the weighted sum that is the
-result. torch runs each as five or six passes over memory (casts, products, a sum, a cast
-back); the C loops in ``_kernels.c`` do each in one, to the same bits: each float32
-operation is rounded on its own, and bfloat16 is rounded to nearest even as torch rounds
-it. Only contiguous CPU tensors of bfloat16 or float32 qualify; for anything else (and
+`pearl_edu.methods` spends most of a SLERP in elementwise steps around its sums: the cast
+to float32 before each chunk's norm, the normalized products behind the angle's dot
+product, and the weighted sum that is the result. torch runs the last two as five or six
+passes over memory each (casts, divisions, products, a sum, a cast back); the C loops in
+``_kernels.c`` do each step in one, to the same bits: each float32 operation is rounded on
+its own, and bfloat16 is rounded to nearest even as torch rounds it. The sums themselves
+stay in torch, whose order of additions is mergekit's. Only contiguous CPU tensors of bfloat16 or float32 qualify; for anything else (and
 when the library is not built, or ``PEARL_EDU_KERNELS=0`` is set) the functions return
 ``False`` and the caller does the arithmetic with torch.
 

@@ -6,9 +6,11 @@ product, and the weighted sum that is the result. torch runs the last two as fiv
 passes over memory each (casts, divisions, products, a sum, a cast back); the C loops in
 ``_kernels.c`` do each step in one, to the same bits: each float32 operation is rounded on
 its own, and bfloat16 is rounded to nearest even as torch rounds it. The sums themselves
-stay in torch, whose order of additions is mergekit's. Only contiguous CPU tensors of bfloat16 or float32 qualify; for anything else (and
-when the library is not built, or ``PEARL_EDU_KERNELS=0`` is set) the functions return
-``False`` and the caller does the arithmetic with torch.
+stay in torch, whose order of additions is mergekit's.
+
+Only contiguous CPU tensors of bfloat16 or float32 qualify. For anything else, when the
+library is not built, or when ``PEARL_EDU_KERNELS=0`` was set as this module was imported,
+the functions return ``False`` and the caller does the arithmetic with torch.
 
 The library is an optional C extension, built when the package is installed with a C
 compiler at hand. It is loaded with ctypes (its functions take raw pointers), so a call

@@ -2,8 +2,10 @@
  * pearl_edu._kernels: SLERP's elementwise passes, fused, in plain C.
  *
  * torch runs `w0 * a + w1 * b` as six passes over memory (two casts, two products, a sum,
- * a cast back), and the dot product behind SLERP's angle as five. These loops do the same
- * arithmetic in one pass each, reading the bfloat16 (or float32) inputs directly.
+ * a cast back), the normalized products behind SLERP's angle, (a / |a|) * (b / |b|), as
+ * five, and the cast to float32 before each norm on its whole team of threads. These loops
+ * do the same arithmetic in one pass each, reading the bfloat16 (or float32) inputs
+ * directly.
  *
  * Same bits as torch, by construction:
  * - every operation is one IEEE float32 operation, rounded on its own: the file is

@@ -184,14 +184,13 @@ def _cosine(a: torch.Tensor, b: torch.Tensor, *, eps: float, work: torch.dtype) 
     norm_b = _norm_or_one(torch.linalg.vector_norm(torch.stack(norm_parts_b), dim=0), eps)
     dot_parts = []
     flat_a, flat_b = a.reshape(-1), b.reshape(-1)
+    scale_a, scale_b = norm_a.item(), norm_b.item()
     for part in _chunks(a.numel()):
         xy = products[:, : part.stop - part.start]
         # (a / |a|) * (b / |b|), one rounding per operation: in one compiled pass when the
         # kernels take these tensors, else in torch's five. On one thread: torch's threads
         # still spin after each sum, and more threads here would only fight them.
-        if not kernels.normalized_products(
-            flat_a[part], flat_b[part], xy, norm_a.item(), norm_b.item()
-        ):
+        if not kernels.normalized_products(flat_a[part], flat_b[part], xy, scale_a, scale_b):
             x = load(scratch_a, rows_a, part).div_(norm_a)
             y = load(scratch_b, rows_b, part).div_(norm_b)
             torch.mul(x, y, out=xy)

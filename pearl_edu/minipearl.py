@@ -9,9 +9,11 @@ plays the whole story at toy scale, offline and deterministically:
    held-out sets;
 2. **tokenizer**: one token per character, built with `tokenizers` and saved as the
    ``tokenizer.json`` that `transformers.PreTrainedTokenizerFast` loads;
-3. **models**: a few-layer Mistral from `transformers`, pre-trained briefly on simple
-   sentences and additions without carries, then fine-tuned twice from the same weights:
-   on sentences with more words (the generalist) and on all additions (the specialist);
+3. **models**: a few-layer Mistral from `transformers`, pre-trained on simple sentences
+   and additions, with a little of each new skill mixed in (a few sentences with new words,
+   some carries), then fine-tuned twice from the same weights: on sentences with all the
+   words (the generalist) and on all additions (the specialist). `FAR_SETTINGS` builds the
+   contrast, fine-tunes that must create their skills from nothing;
 4. **evaluation**: next-token accuracy on held-out sentences, and exact-match accuracy of
    the greedy answers to held-out additions;
 5. **merging**: Pearl's own recipe with the models and layer count replaced, so that
@@ -112,6 +114,18 @@ def make_sentence(rng: random.Random, words: Vocabulary = ALL_WORDS) -> str:
     return f"{subject} {verb} {obj}."
 
 
+def uses_new_words(sentence: str) -> bool:
+    """Whether a sentence of the grammar uses any word beyond `BASIC_WORDS`.
+
+    Plural nouns and singular verbs end in an ``s`` that the basic words lack, so each word
+    is compared without it.
+    """
+    basic = set(BASIC_WORDS.nouns + BASIC_WORDS.adjectives + BASIC_WORDS.verbs)
+    basic |= set(SINGULAR_DETERMINERS + PLURAL_DETERMINERS)
+    words = sentence.removesuffix(".").split()
+    return any(word not in basic and word.removesuffix("s") not in basic for word in words)
+
+
 def addition_prompt(a: int, b: int) -> str:
     """The question part of an addition, e.g. ``addition_prompt(7, 35) == "07+35="``."""
     return f"{a:0{OPERAND_DIGITS}d}+{b:0{OPERAND_DIGITS}d}="
@@ -136,10 +150,12 @@ class Corpus:
     """The texts of every stage, and held-out data for both skills.
 
     Pre-training mixes sentences with the basic words and the additions that need no
-    carry (``12+34=046``); the generalist is fine-tuned on sentences with all the words,
-    the specialist on all additions, carries included. The test sentences are not among
-    the training ones, and ``test_problems`` are operand pairs that no training problem
-    uses, so the tests measure skills, not memory.
+    carry (``12+34=046``), plus a small share of each new skill: sentences with all the
+    words and additions with a carry (the "seeds" of the two skills, see `make_corpus`).
+    The generalist is fine-tuned on sentences with all the words, the specialist on all
+    additions, carries included. The test sentences are not among the training ones, and
+    ``test_problems`` are operand pairs that no training problem uses, so the tests measure
+    skills, not memory.
     """
 
     pretrain_sentences: tuple[str, ...]
@@ -151,14 +167,30 @@ class Corpus:
 
 
 def make_corpus(
-    *, sentences: int = 4000, test_sentences: int = 300, test_problems: int = 300, seed: int = 0
+    *,
+    sentences: int = 4000,
+    test_sentences: int = 300,
+    test_problems: int = 300,
+    seed: int = 0,
+    new_word_share: float = 0.01,
+    carry_share: float = 0.15,
 ) -> Corpus:
     """Every text of the mini-Pearl story, deterministic from ``seed``.
 
+    ``new_word_share`` of the pre-training sentences use all the words instead of the basic
+    ones, and ``carry_share`` of the training additions that carry are pre-training
+    problems too: the base model then knows a little of both skills, as Mistral-7B knew
+    some English and some arithmetic before OmniBeagle and WizardMath were tuned from it.
+    With both shares 0 the fine-tunes must create their skills from nothing.
+
     All ``100 * 100`` operand pairs are shuffled; ``test_problems`` of them are held out.
+    The held-out sentences and problems depend on ``seed`` only, not on the shares, so
+    models built with different shares are measured on the same tests.
     """
+    for name, share in (("new_word_share", new_word_share), ("carry_share", carry_share)):
+        if not 0 <= share <= 1:
+            raise ValueError(f"{name} must lie in [0, 1], got {share}")
     rng = random.Random(seed)
-    pretrain = [make_sentence(rng, BASIC_WORDS) for _ in range(sentences)]
     train = [make_sentence(rng, ALL_WORDS) for _ in range(sentences)]
     seen = set(train)
     test: list[str] = []
@@ -167,15 +199,30 @@ def make_corpus(
         if sentence not in seen:
             test.append(sentence)
             seen.add(sentence)
+    held_out = set(test)
     limit = 10**OPERAND_DIGITS
     pairs = [(a, b) for a in range(limit) for b in range(limit)]
-    rng.shuffle(pairs)
+    random.Random(seed).shuffle(pairs)
+    train_pairs = pairs[test_problems:]
+
+    # The pre-training mix has its own generator, so the shares change nothing above.
+    mix = random.Random(f"pretrain-{seed}")
+    with_new_words = round(new_word_share * sentences)
+    pretrain: list[str] = []
+    while len(pretrain) < sentences:
+        words = BASIC_WORDS if len(pretrain) < sentences - with_new_words else ALL_WORDS
+        sentence = make_sentence(mix, words)
+        if sentence not in held_out:
+            pretrain.append(sentence)
+    mix.shuffle(pretrain)
+    with_carry = [pair for pair in train_pairs if carries(*pair)]
+    seeded = set(with_carry[: round(carry_share * len(with_carry))])
     return Corpus(
         pretrain_sentences=tuple(pretrain),
-        pretrain_problems=tuple(pair for pair in pairs[test_problems:] if not carries(*pair)),
+        pretrain_problems=tuple(p for p in train_pairs if not carries(*p) or p in seeded),
         train_sentences=tuple(train),
         test_sentences=tuple(test),
-        train_problems=tuple(pairs[test_problems:]),
+        train_problems=tuple(train_pairs),
         test_problems=tuple(pairs[:test_problems]),
     )
 
@@ -476,17 +523,47 @@ def measure_skills(model, tokenizer, corpus: Corpus, *, threads: int = 1) -> Ski
 
 @dataclass(frozen=True)
 class MiniPearlSettings:
-    """Everything that decides the three models: sizes, steps, learning rates, seed."""
+    """Everything that decides the three models: sizes, steps, learning rates, data, seeds.
+
+    The defaults are the **sibling regime**, the one real merges such as Pearl live in: the
+    base is pre-trained long enough to be good at what it saw, and it saw a little of both
+    new skills (``new_word_share`` of its sentences use the new words, ``carry_share`` of
+    the carry problems are in its data), so it half-knows them; the fine-tunes are gentle
+    and sharpen those skills rather than create them. `FAR_SETTINGS` is the contrast.
+
+    ``seed`` decides the data, the initial weights and the order of the batches;
+    ``init_seed``, when given, decides the initial weights alone, so that two bases can be
+    trained from different starting points on the very same data.
+    """
 
     shape: ModelShape = ModelShape()
-    pretrain_steps: int = 700
+    pretrain_steps: int = 1500
     pretrain_learning_rate: float = 3e-3
     generalist_steps: int = 300
     math_steps: int = 600
-    finetune_learning_rate: float = 1e-3
+    finetune_learning_rate: float = 5e-4
     batch_size: int = 32
+    new_word_share: float = 0.01
+    carry_share: float = 0.15
     seed: int = 0
+    init_seed: int | None = None
     threads: int = 1
+
+    def corpus(self) -> Corpus:
+        """The corpus these settings train and measure on."""
+        return make_corpus(
+            seed=self.seed, new_word_share=self.new_word_share, carry_share=self.carry_share
+        )
+
+
+SIBLING_SETTINGS = MiniPearlSettings()
+"""The default regime: gentle fine-tunes that sharpen skills their base already has a little of."""
+
+FAR_SETTINGS = MiniPearlSettings(
+    pretrain_steps=700, finetune_learning_rate=1e-3, new_word_share=0.0, carry_share=0.0
+)
+"""The far regime: a shorter pre-training that never shows the new words or a carry, and
+fine-tunes twice as fast, which must create their skills from nothing."""
 
 
 @dataclass(frozen=True)
@@ -508,12 +585,9 @@ def build_mini_pearl(folder: str | Path, settings: MiniPearlSettings | None = No
     """
     settings = settings or MiniPearlSettings()
     folder = Path(folder)
-    corpus = make_corpus(seed=settings.seed)
+    corpus = settings.corpus()
     tokenizer = build_tokenizer()
-    mixed = concatenate(
-        sentence_examples(tokenizer, corpus.pretrain_sentences),
-        addition_examples(tokenizer, corpus.pretrain_problems),
-    )
+    mixed = _pretraining_examples(tokenizer, corpus)
     sentences = sentence_examples(tokenizer, corpus.train_sentences)
     additions = addition_examples(tokenizer, corpus.train_problems)
 
@@ -530,6 +604,25 @@ def default_cache_dir() -> Path:
     return Path(root) / "mini-pearl"
 
 
+def _cached(folder: str | Path | None, key: str, build) -> Path:
+    """The folder of a build named by ``key``, built by ``build(scratch)`` the first time.
+
+    The name also covers this module's source, so a change to it builds anew; the folder
+    appears only when complete.
+    """
+    folder = Path(folder) if folder is not None else default_cache_dir()
+    fingerprint = hashlib.sha256(key.encode() + Path(__file__).read_bytes()).hexdigest()[:16]
+    target = folder / fingerprint
+    if not (target / "losses.json").is_file():
+        scratch = folder / f".{fingerprint}.partial"
+        shutil.rmtree(scratch, ignore_errors=True)
+        losses = build(scratch)
+        (scratch / "losses.json").write_text(json.dumps(losses))
+        shutil.rmtree(target, ignore_errors=True)
+        scratch.rename(target)
+    return target
+
+
 def load_or_build_mini_pearl(
     folder: str | Path | None = None, settings: MiniPearlSettings | None = None
 ) -> MiniPearl:
@@ -539,18 +632,9 @@ def load_or_build_mini_pearl(
     change to either trains anew; the subfolder appears only when complete.
     """
     settings = settings or MiniPearlSettings()
-    folder = Path(folder) if folder is not None else default_cache_dir()
-    fingerprint = hashlib.sha256(repr(settings).encode() + Path(__file__).read_bytes()).hexdigest()[
-        :16
-    ]
-    target = folder / fingerprint
-    if not (target / "losses.json").is_file():
-        scratch = folder / f".{fingerprint}.partial"
-        shutil.rmtree(scratch, ignore_errors=True)
-        built = build_mini_pearl(scratch, settings)
-        (scratch / "losses.json").write_text(json.dumps(built.losses))
-        shutil.rmtree(target, ignore_errors=True)
-        scratch.rename(target)
+    target = _cached(
+        folder, repr(settings), lambda scratch: build_mini_pearl(scratch, settings).losses
+    )
     return MiniPearl(
         base=target / "base",
         generalist=target / "generalist",
@@ -558,6 +642,57 @@ def load_or_build_mini_pearl(
         losses=json.loads((target / "losses.json").read_text()),
         settings=settings,
     )
+
+
+def pretrain_base(folder: str | Path, settings: MiniPearlSettings | None = None) -> list[float]:
+    """Pre-train the base of ``settings`` alone and save it in ``folder``; return its losses."""
+    settings = settings or MiniPearlSettings()
+    tokenizer = build_tokenizer()
+    mixed = _pretraining_examples(tokenizer, settings.corpus())
+    with torch_threads(settings.threads):
+        model, losses = _pretrained(tokenizer, settings, mixed)
+    save_model(model, tokenizer, folder)
+    return losses
+
+
+def load_or_pretrain_base(
+    folder: str | Path | None = None, settings: MiniPearlSettings | None = None
+) -> Path:
+    """The folder of the base of ``settings``, pre-trained once and then read back.
+
+    The same base as `load_or_build_mini_pearl`'s, without the two fine-tunes: for
+    comparing bases pre-trained from different initial weights (``init_seed``).
+    """
+    settings = settings or MiniPearlSettings()
+    target = _cached(
+        folder,
+        "base only " + repr(settings),
+        lambda scratch: {"base": pretrain_base(scratch / "base", settings)},
+    )
+    return target / "base"
+
+
+def _pretraining_examples(tokenizer, corpus: Corpus) -> Examples:
+    """The pre-training mix: sentences and additions together."""
+    return concatenate(
+        sentence_examples(tokenizer, corpus.pretrain_sentences),
+        addition_examples(tokenizer, corpus.pretrain_problems),
+    )
+
+
+def _pretrained(tokenizer, settings: MiniPearlSettings, mixed: Examples):
+    """A new model pre-trained on ``mixed``, and the loss of each step."""
+    init_seed = settings.seed if settings.init_seed is None else settings.init_seed
+    model = new_model(tokenizer, settings.shape, seed=init_seed)
+    losses = train(
+        model,
+        mixed,
+        steps=settings.pretrain_steps,
+        learning_rate=settings.pretrain_learning_rate,
+        batch_size=settings.batch_size,
+        seed=settings.seed,
+    )
+    return model, losses
 
 
 def _train_and_save(
@@ -569,17 +704,8 @@ def _train_and_save(
     additions: Examples,
 ) -> MiniPearl:
     """The three trainings of `build_mini_pearl`, each model saved as soon as it is done."""
-    model = new_model(tokenizer, settings.shape, seed=settings.seed)
-    losses = {
-        "base": train(
-            model,
-            mixed,
-            steps=settings.pretrain_steps,
-            learning_rate=settings.pretrain_learning_rate,
-            batch_size=settings.batch_size,
-            seed=settings.seed,
-        )
-    }
+    model, pretraining_losses = _pretrained(tokenizer, settings, mixed)
+    losses = {"base": pretraining_losses}
     base_weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     save_model(model, tokenizer, folder / "base")
 
@@ -697,6 +823,32 @@ def along_task_vector(
         name: base[name].float() + scale * (tuned[name].float() - base[name].float())
         for name in base
     }
+
+
+def relative_move(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor]) -> float:
+    r"""How far a fine-tune moved, as the norm of its task vector over the base's norm.
+
+    All tensors are taken together as one long vector:
+
+    $$ \frac{\lVert \theta_{\text{tuned}} - \theta_{\text{base}} \rVert}
+             {\lVert \theta_{\text{base}} \rVert} $$
+    """
+    moved = sum((tuned[name].double() - base[name].double()).pow(2).sum() for name in base)
+    size = sum(tensor.double().pow(2).sum() for tensor in base.values())
+    return math.sqrt(float(moved) / float(size))
+
+
+def share_of_gain(model: Skills, base: Skills, parent: Skills, skill: str) -> float:
+    r"""The share of a parent's gain over the base, on one skill, that ``model`` keeps.
+
+    $$ \frac{s_{\text{model}} - s_{\text{base}}}{s_{\text{parent}} - s_{\text{base}}} $$
+
+    1 keeps the whole gain, 0 none of it; a negative share is a loss below the base.
+    """
+    gain = getattr(parent, skill) - getattr(base, skill)
+    if gain <= 0:
+        raise ValueError(f"the parent gained nothing on {skill} ({gain:+.3f}): no share to take")
+    return (getattr(model, skill) - getattr(base, skill)) / gain
 
 
 def model_from_weights(folder: str | Path, weights: dict[str, torch.Tensor]):

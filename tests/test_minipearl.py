@@ -74,8 +74,24 @@ def test_basic_sentences_use_only_basic_words():
     allowed = set(minipearl.BASIC_WORDS.nouns) | set(minipearl.BASIC_WORDS.adjectives)
     allowed |= set(minipearl.BASIC_WORDS.verbs) | {"the", "a", "one", "some", "two"}
     for _ in range(100):
-        for word in minipearl.make_sentence(rng, minipearl.BASIC_WORDS).removesuffix(".").split():
+        sentence = minipearl.make_sentence(rng, minipearl.BASIC_WORDS)
+        for word in sentence.removesuffix(".").split():
             assert word in allowed or word.removesuffix("s") in allowed
+        assert not minipearl.uses_new_words(sentence)
+
+
+@pytest.mark.parametrize(
+    ("sentence", "expected"),
+    [
+        ("the cat sees two dogs.", False),
+        ("some big cats chase a owl.", False),
+        ("the horse sees two dogs.", True),
+        ("two lazy cats see a cat.", True),
+        ("a cat greets one cat.", True),
+    ],
+)
+def test_uses_new_words(sentence, expected):
+    assert minipearl.uses_new_words(sentence) is expected
 
 
 def test_additions_are_zero_padded():
@@ -93,14 +109,59 @@ def test_carries(a, b, expected):
 def test_corpus_holds_out_its_tests():
     corpus = minipearl.make_corpus(sentences=300, test_sentences=50, test_problems=40, seed=3)
     assert not set(corpus.test_sentences) & set(corpus.train_sentences)
+    assert not set(corpus.test_sentences) & set(corpus.pretrain_sentences)
     assert not set(corpus.test_problems) & set(corpus.train_problems)
     assert len(corpus.train_problems) + len(corpus.test_problems) == 100 * 100
-    assert corpus.pretrain_problems and not any(
-        minipearl.carries(*p) for p in corpus.pretrain_problems
-    )
     assert set(corpus.pretrain_problems) <= set(corpus.train_problems)
     assert corpus == minipearl.make_corpus(
         sentences=300, test_sentences=50, test_problems=40, seed=3
+    )
+
+
+def test_pretraining_holds_the_shares_of_each_new_skill():
+    corpus = minipearl.make_corpus(new_word_share=0.1, carry_share=0.2, seed=1)
+    drawn = round(0.1 * len(corpus.pretrain_sentences))  # from all the words
+    with_new_words = sum(map(minipearl.uses_new_words, corpus.pretrain_sentences))
+    assert 0.8 * drawn <= with_new_words <= drawn
+    carry = [p for p in corpus.train_problems if minipearl.carries(*p)]
+    seeded = [p for p in corpus.pretrain_problems if minipearl.carries(*p)]
+    assert len(seeded) == round(0.2 * len(carry)) and set(seeded) <= set(carry)
+    no_carry = [p for p in corpus.train_problems if not minipearl.carries(*p)]
+    assert set(no_carry) <= set(corpus.pretrain_problems)
+
+
+def test_without_shares_pretraining_has_no_new_skill():
+    corpus = minipearl.make_corpus(new_word_share=0, carry_share=0, seed=2)
+    assert not any(map(minipearl.uses_new_words, corpus.pretrain_sentences))
+    assert corpus.pretrain_problems
+    assert not any(minipearl.carries(*p) for p in corpus.pretrain_problems)
+
+
+def test_the_shares_leave_the_other_texts_alone():
+    """Regimes differ in pre-training only: the same fine-tuning data and the same tests."""
+    seeded = minipearl.make_corpus(seed=4)
+    bare = minipearl.make_corpus(new_word_share=0, carry_share=0, seed=4)
+    assert seeded.train_sentences == bare.train_sentences
+    assert seeded.test_sentences == bare.test_sentences
+    assert seeded.train_problems == bare.train_problems
+    assert seeded.test_problems == bare.test_problems
+    assert seeded.pretrain_sentences != bare.pretrain_sentences
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.5])
+def test_shares_must_be_fractions(share):
+    with pytest.raises(ValueError, match="carry_share must lie in"):
+        minipearl.make_corpus(carry_share=share)
+
+
+def test_the_two_regimes():
+    siblings, far = minipearl.SIBLING_SETTINGS, minipearl.FAR_SETTINGS
+    assert siblings == minipearl.MiniPearlSettings()
+    assert siblings.new_word_share > 0 and siblings.carry_share > 0
+    assert far.new_word_share == 0 and far.carry_share == 0
+    assert far.finetune_learning_rate > siblings.finetune_learning_rate
+    assert siblings.corpus() == minipearl.make_corpus(
+        seed=0, new_word_share=siblings.new_word_share, carry_share=siblings.carry_share
     )
 
 
@@ -221,6 +282,60 @@ def test_another_seed_gives_other_weights(built, tmp_path):
     first = minipearl.load_weights(built.base)
     second = minipearl.load_weights(again.base)
     assert not all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_init_seed_changes_the_initial_weights_alone(built, tmp_path):
+    other = dataclasses.replace(FEW_STEPS, init_seed=7)
+    assert other.corpus() == FEW_STEPS.corpus()  # the same data
+    pretrain_losses = minipearl.pretrain_base(tmp_path / "base", other)
+    first = minipearl.load_weights(built.base)
+    second = minipearl.load_weights(tmp_path / "base")
+    assert first.keys() == second.keys()
+    assert not any(torch.equal(first[k], second[k]) for k in first if first[k].ndim == 2)
+    assert len(pretrain_losses) == FEW_STEPS.pretrain_steps
+
+
+def test_pretrain_base_gives_the_base_of_the_full_build(built, tmp_path):
+    losses = minipearl.pretrain_base(tmp_path / "base", FEW_STEPS)
+    alone = minipearl.load_weights(tmp_path / "base")
+    full = minipearl.load_weights(built.base)
+    assert all(torch.equal(alone[k], full[k]) for k in full)
+    assert losses == built.losses["base"]
+
+
+def test_load_or_pretrain_base_trains_once(tmp_path, monkeypatch):
+    calls = []
+    real = minipearl.pretrain_base
+
+    def counting(folder, settings=None):
+        calls.append(folder)
+        return real(folder, settings)
+
+    monkeypatch.setattr(minipearl, "pretrain_base", counting)
+    first = minipearl.load_or_pretrain_base(tmp_path, FEW_STEPS)
+    second = minipearl.load_or_pretrain_base(tmp_path, FEW_STEPS)
+    assert len(calls) == 1 and first == second and (first / "config.json").is_file()
+    other = minipearl.load_or_pretrain_base(tmp_path, dataclasses.replace(FEW_STEPS, init_seed=3))
+    assert other != first and len(calls) == 2
+    assert not list(tmp_path.glob(".*.partial"))
+
+
+def test_relative_move():
+    base = {"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([[0.0, 4.0]])}
+    tuned = {"a": torch.tensor([3.0, 0.5]), "b": torch.tensor([[0.0, 4.0]])}
+    assert minipearl.relative_move(base, tuned) == pytest.approx(0.5 / 5.0)
+    assert minipearl.relative_move(base, base) == 0.0
+
+
+def test_share_of_gain():
+    base = minipearl.Skills(text=0.6, addition=0.4)
+    parent = minipearl.Skills(text=0.8, addition=0.9)
+    merged = minipearl.Skills(text=0.7, addition=0.3)
+    assert minipearl.share_of_gain(merged, base, parent, "text") == pytest.approx(0.5)
+    assert minipearl.share_of_gain(merged, base, parent, "addition") == pytest.approx(-0.2)
+    assert minipearl.share_of_gain(parent, base, parent, "addition") == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="gained nothing on text"):
+        minipearl.share_of_gain(merged, parent, base, "text")
 
 
 def test_load_model_refuses_a_folder_without_config(tmp_path):

@@ -66,6 +66,27 @@ class PathPoint:
         return 0.5 * (float(self.text_losses.mean()) + float(self.addition_losses.mean()))
 
 
+def measure_point(
+    folder, weights: dict[str, torch.Tensor], tokenizer, corpus: minipearl.Corpus, t: float = 0.0
+) -> PathPoint:
+    """Both skills and the held-out losses of one set of weights (``t`` labels the point).
+
+    ``folder`` is a model folder of the same architecture (its ``config.json`` is used).
+    """
+    model = minipearl.model_from_weights(folder, weights)
+    sentences = minipearl.sentence_examples(tokenizer, corpus.test_sentences)
+    additions = minipearl.addition_examples(tokenizer, corpus.test_problems)
+    with minipearl.torch_threads(1):
+        text_losses = example_losses(model, sentences).numpy()
+        addition_losses = example_losses(model, additions).numpy()
+    return PathPoint(
+        t=float(t),
+        skills=minipearl.measure_skills(model, tokenizer, corpus),
+        text_losses=text_losses,
+        addition_losses=addition_losses,
+    )
+
+
 def measure_path(
     folder,
     first: dict[str, torch.Tensor],
@@ -74,27 +95,11 @@ def measure_path(
     tokenizer,
     corpus: minipearl.Corpus,
 ) -> list[PathPoint]:
-    """Both skills and the held-out losses at each ``t`` of the path from ``first`` to ``second``.
-
-    ``folder`` is a model folder of the same architecture (its ``config.json`` is used).
-    """
-    sentences = minipearl.sentence_examples(tokenizer, corpus.test_sentences)
-    additions = minipearl.addition_examples(tokenizer, corpus.test_problems)
-    points = []
-    for t in ts:
-        model = minipearl.model_from_weights(folder, linear_path(first, second, float(t)))
-        with minipearl.torch_threads(1):
-            text_losses = example_losses(model, sentences).numpy()
-            addition_losses = example_losses(model, additions).numpy()
-        points.append(
-            PathPoint(
-                t=float(t),
-                skills=minipearl.measure_skills(model, tokenizer, corpus),
-                text_losses=text_losses,
-                addition_losses=addition_losses,
-            )
-        )
-    return points
+    """`measure_point` at each ``t`` of the straight path from ``first`` to ``second``."""
+    return [
+        measure_point(folder, linear_path(first, second, float(t)), tokenizer, corpus, t)
+        for t in ts
+    ]
 
 
 def excess_over_chord(ts: Sequence[float], losses: Sequence[float]) -> np.ndarray:
@@ -151,3 +156,26 @@ def path_barrier(points: Sequence[PathPoint], *, draws: int = 1000, seed: int = 
         low=float(low),
         high=float(high),
     )
+
+
+def permute_mlp_units(
+    weights: dict[str, torch.Tensor], generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    r"""The same network with the hidden units of every MLP in a random new order.
+
+    A Mistral MLP computes $W_{\text{down}}\,\big(\operatorname{silu}(W_{\text{gate}} x)
+    \odot W_{\text{up}} x\big)$. Reordering the rows of $W_{\text{gate}}$ and
+    $W_{\text{up}}$ and the columns of $W_{\text{down}}$ by one permutation reorders the
+    hidden units and nothing else: the function is unchanged (up to the rounding of sums
+    taken in another order), the weights are not.
+    """
+    permuted = dict(weights)
+    for name, tensor in weights.items():
+        if not name.endswith("mlp.gate_proj.weight"):
+            continue
+        prefix = name.removesuffix("gate_proj.weight")
+        order = torch.randperm(tensor.shape[0], generator=generator)
+        permuted[prefix + "gate_proj.weight"] = weights[prefix + "gate_proj.weight"][order]
+        permuted[prefix + "up_proj.weight"] = weights[prefix + "up_proj.weight"][order]
+        permuted[prefix + "down_proj.weight"] = weights[prefix + "down_proj.weight"][:, order]
+    return permuted

@@ -581,18 +581,73 @@ def build_mini_pearl(folder: str | Path, settings: MiniPearlSettings | None = No
     """Pre-train a base, fine-tune a generalist and a maths specialist, save all three.
 
     Writes Hugging Face model folders ``base``, ``generalist`` and ``math`` under
-    ``folder``, in bfloat16 like the real parents of Pearl, each with its tokenizer.
+    ``folder``, in bfloat16 like the real parents of Pearl, each with its tokenizer. Both
+    parents are fine-tuned from the base as saved, as OmniBeagle and WizardMath were
+    fine-tuned from the published Mistral-7B.
     """
     settings = settings or MiniPearlSettings()
     folder = Path(folder)
-    corpus = settings.corpus()
-    tokenizer = build_tokenizer()
-    mixed = _pretraining_examples(tokenizer, corpus)
-    sentences = sentence_examples(tokenizer, corpus.train_sentences)
-    additions = addition_examples(tokenizer, corpus.train_problems)
+    losses = {"base": pretrain_base(folder / "base", settings)}
+    for parent in PARENTS:
+        model, losses[parent] = fine_tune(folder / "base", parent, settings)
+        save_model(model, load_tokenizer(folder / "base"), folder / parent)
+    return MiniPearl(
+        base=folder / "base",
+        generalist=folder / "generalist",
+        math=folder / "math",
+        losses=losses,
+        settings=settings,
+    )
 
+
+PARENTS = ("generalist", "math")
+
+
+def fine_tuning_examples(tokenizer, corpus: Corpus, parent: str) -> Examples:
+    """What a parent is fine-tuned on: its new data, and the pre-training mix again.
+
+    The generalist learns from the sentences with all the words, the specialist from all
+    the additions. Each also revisits the pre-training mix ("replay"), as real fine-tunes
+    keep much of their base's abilities: WizardMath still writes English.
+    """
+    if parent == "generalist":
+        new = sentence_examples(tokenizer, corpus.train_sentences)
+    elif parent == "math":
+        new = addition_examples(tokenizer, corpus.train_problems)
+    else:
+        raise ValueError(f"parent must be one of {PARENTS}, not {parent!r}")
+    return concatenate(new, _pretraining_examples(tokenizer, corpus))
+
+
+def fine_tune(
+    base: str | Path,
+    parent: str,
+    settings: MiniPearlSettings | None = None,
+    *,
+    learning_rate: float | None = None,
+    steps: int | None = None,
+):
+    """Fine-tune a copy of the saved base into one parent (``"generalist"`` or ``"math"``).
+
+    Returns the model, in float32, and the loss of each step. ``learning_rate`` and
+    ``steps`` replace those of ``settings`` (``finetune_learning_rate`` and the parent's
+    number of steps), to try gentler or harsher fine-tunes of the same base.
+    """
+    settings = settings or MiniPearlSettings()
+    tokenizer = load_tokenizer(base)
+    examples = fine_tuning_examples(tokenizer, settings.corpus(), parent)
+    default_steps = settings.generalist_steps if parent == "generalist" else settings.math_steps
+    model = load_model(base)
     with torch_threads(settings.threads):
-        return _train_and_save(folder, settings, tokenizer, mixed, sentences, additions)
+        losses = train(
+            model,
+            examples,
+            steps=default_steps if steps is None else steps,
+            learning_rate=learning_rate or settings.finetune_learning_rate,
+            batch_size=settings.batch_size,
+            seed=settings.seed + 1,
+        )
+    return model, losses
 
 
 def default_cache_dir() -> Path:
@@ -693,48 +748,6 @@ def _pretrained(tokenizer, settings: MiniPearlSettings, mixed: Examples):
         seed=settings.seed,
     )
     return model, losses
-
-
-def _train_and_save(
-    folder: Path,
-    settings: MiniPearlSettings,
-    tokenizer,
-    mixed: Examples,
-    sentences: Examples,
-    additions: Examples,
-) -> MiniPearl:
-    """The three trainings of `build_mini_pearl`, each model saved as soon as it is done."""
-    model, pretraining_losses = _pretrained(tokenizer, settings, mixed)
-    losses = {"base": pretraining_losses}
-    base_weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    save_model(model, tokenizer, folder / "base")
-
-    # Both specialists start from the same pre-trained weights, as OmniBeagle and
-    # WizardMath both start from Mistral-7B.
-    # Each specialist also revisits the pre-training mix ("replay"), as real fine-tunes
-    # keep much of their base's abilities: WizardMath still writes English.
-    fine_tunings = (
-        ("generalist", concatenate(sentences, mixed), settings.generalist_steps),
-        ("math", concatenate(additions, mixed), settings.math_steps),
-    )
-    for name, examples, steps in fine_tunings:
-        model.load_state_dict(base_weights)
-        losses[name] = train(
-            model,
-            examples,
-            steps=steps,
-            learning_rate=settings.finetune_learning_rate,
-            batch_size=settings.batch_size,
-            seed=settings.seed + 1,
-        )
-        save_model(model, tokenizer, folder / name)
-    return MiniPearl(
-        base=folder / "base",
-        generalist=folder / "generalist",
-        math=folder / "math",
-        losses=losses,
-        settings=settings,
-    )
 
 
 def save_model(model, tokenizer, folder: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:

@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import bench_merge  # noqa: E402
 import io_floor  # noqa: E402
+import mini_pearl_seeds  # noqa: E402
 from make_models import make_model_pair  # noqa: E402
 
 TOY = dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, vocab_size=96)
@@ -180,3 +181,45 @@ def test_gpu_check_whole_script_with_a_cpu_standing_in_for_the_gpu(tmp_path):
     assert "| pearl-edu merge, cpu" in result.stdout
     assert "OK: the cpu and cpu merges agree" in result.stdout
     assert not (tmp_path / "work").exists(), "the work folder is deleted unless KEEP=1"
+
+
+def test_recorded_seeds_cover_both_regimes_and_add_up():
+    """The record chapter 07 shows: three seeds per regime, each share computed from its skills."""
+    import json
+
+    record = json.loads(mini_pearl_seeds.DATA_FILE.read_text())
+    rows = {(row["regime"], row["seed"]): row for row in record["rows"]}
+    assert set(rows) == {(regime, seed) for regime in ("siblings", "far") for seed in (0, 1, 2)}
+    for row in rows.values():
+        skills = row["skills"]
+        base, merge = skills["base"], skills["slerp_t_0.5"]
+        text_gain = skills["generalist"]["text"] - base["text"]
+        addition_gain = skills["specialist"]["addition"] - base["addition"]
+        assert row["text_gain"] == pytest.approx(text_gain)
+        assert row["addition_gain"] == pytest.approx(addition_gain)
+        assert row["text_kept"] == pytest.approx((merge["text"] - base["text"]) / text_gain)
+        assert row["addition_kept"] == pytest.approx(
+            (merge["addition"] - base["addition"]) / addition_gain
+        )
+    assert record["settings"]["siblings"] == repr(mini_pearl_seeds.REGIMES["siblings"])
+    assert record["settings"]["far"] == repr(mini_pearl_seeds.REGIMES["far"])
+
+
+def test_seeds_table_has_a_row_per_build():
+    row = {
+        "regime": "siblings",
+        "seed": 4,
+        "skills": {
+            "base": {"text": 0.5, "addition": 0.25},
+            "generalist": {"text": 0.75, "addition": 0.25},
+            "specialist": {"text": 0.5, "addition": 0.75},
+            "slerp_t_0.5": {"text": 0.625, "addition": 0.5},
+        },
+        "text_kept": 0.5,
+        "addition_kept": 0.5,
+    }
+    lines = mini_pearl_seeds.table([row, row]).splitlines()
+    assert len(lines) == 4
+    assert lines[2] == (
+        "| siblings | 4 | 50.0% / 25.0% | 75.0% | 75.0% | 62.5% / 50.0% | 50% | 50% |"
+    )

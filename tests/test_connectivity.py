@@ -106,3 +106,35 @@ def test_measure_path_ends_at_the_two_models(built):
         assert point.text_losses.shape == (8,) and point.addition_losses.shape == (8,)
         expected = 0.5 * (point.text_losses.mean() + point.addition_losses.mean())
         assert point.loss == pytest.approx(expected)
+
+
+def test_permuting_mlp_units_keeps_the_function_and_moves_the_weights(built):
+    weights = minipearl.load_weights(built.base)
+    permuted = connectivity.permute_mlp_units(weights, torch.Generator().manual_seed(0))
+    assert permuted.keys() == weights.keys()
+    changed = [k for k in weights if not torch.equal(weights[k], permuted[k])]
+    assert changed and all("mlp" in k for k in changed)
+    assert {k.rsplit(".", 2)[-2] for k in changed} == {"gate_proj", "up_proj", "down_proj"}
+    tokenizer = minipearl.load_tokenizer(built.base)
+    examples = minipearl.addition_examples(tokenizer, [(7, 35), (50, 50)])
+    before = minipearl.model_from_weights(built.base, weights)(input_ids=examples.input_ids)
+    after = minipearl.model_from_weights(built.base, permuted)(input_ids=examples.input_ids)
+    assert torch.allclose(before.logits, after.logits, atol=1e-5)
+    for name in changed:  # the same numbers, in another order
+        assert torch.equal(
+            weights[name].flatten().sort().values, permuted[name].flatten().sort().values
+        )
+
+
+def test_measure_point_is_the_point_of_the_path(built):
+    tokenizer = minipearl.load_tokenizer(built.base)
+    corpus = minipearl.make_corpus(sentences=20, test_sentences=8, test_problems=8)
+    first = minipearl.load_weights(built.generalist)
+    second = minipearl.load_weights(built.math)
+    middle = connectivity.linear_path(first, second, 0.5)
+    alone = connectivity.measure_point(built.base, middle, tokenizer, corpus, t=0.5)
+    on_path = connectivity.measure_path(built.base, first, second, [0, 0.5, 1], tokenizer, corpus)[
+        1
+    ]
+    assert alone.t == on_path.t == 0.5 and alone.skills == on_path.skills
+    assert np.array_equal(alone.text_losses, on_path.text_losses)

@@ -320,6 +320,32 @@ def test_load_or_pretrain_base_trains_once(tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".*.partial"))
 
 
+def test_fine_tune_makes_the_parents_of_the_build(built):
+    for parent in minipearl.PARENTS:
+        model, losses = minipearl.fine_tune(built.base, parent, FEW_STEPS)
+        saved = minipearl.load_weights(getattr(built, parent))
+        tuned = {name: tensor.to(torch.bfloat16) for name, tensor in model.state_dict().items()}
+        assert all(torch.equal(tuned[k], saved[k]) for k in saved)
+        assert losses == built.losses[parent]
+
+
+def test_fine_tune_takes_another_learning_rate_and_length(built):
+    gentle, gentle_losses = minipearl.fine_tune(built.base, "math", FEW_STEPS, steps=2)
+    harsh, _ = minipearl.fine_tune(built.base, "math", FEW_STEPS, steps=2, learning_rate=0.1)
+    assert len(gentle_losses) == 2
+    base = minipearl.load_weights(built.base)
+
+    def moved(model):
+        return minipearl.relative_move(base, model.state_dict())
+
+    assert moved(harsh) > 10 * moved(gentle) > 0
+
+
+def test_fine_tune_names_its_parents(built):
+    with pytest.raises(ValueError, match="parent must be one of"):
+        minipearl.fine_tune(built.base, "poet", FEW_STEPS)
+
+
 def test_relative_move():
     base = {"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([[0.0, 4.0]])}
     tuned = {"a": torch.tensor([3.0, 0.5]), "b": torch.tensor([[0.0, 4.0]])}

@@ -3,8 +3,9 @@
     .venv/bin/python bench/mini_pearl_seeds.py [--seeds 0 1 2] [--jobs 2] [--out FILE]
 
 For each regime (the default sibling regime and `FAR_SETTINGS`) and each seed: train the
-base and both parents, merge the parents with `pearl_edu.merge` and one t = 0.5 (SLERP, the
-recipe of chapter 07), and measure both skills of all four models on held-out data. Also
+base and both parents, merge the parents with `pearl_edu.merge`, with one t = 0.5 and with
+Pearl's own schedule (SLERP, the recipes of chapter 07), and measure both skills of all
+five models on held-out data. Also
 the "half task vector" check of chapter 07: each skill of the base plus half of its own
 parent's change. Writes the rows to ``pearl_edu/data/mini_pearl_seeds.json`` (chapter 07 shows them)
 and prints them as a table. About a minute per build and seed on one core.
@@ -39,16 +40,17 @@ def measure(regime: str, seed: int) -> dict:
         build_seconds = time.perf_counter() - started
         tokenizer = minipearl.load_tokenizer(mini.base)
         corpus = settings.corpus()
-        recipe = minipearl.uniform_recipe(
-            mini.generalist, mini.math, settings.shape.num_layers, 0.5
-        )
-        merged = pearl_edu.merge(recipe, Path(scratch) / "merged", progress=False).output_dir
+        layers = settings.shape.num_layers
+        uniform = minipearl.uniform_recipe(mini.generalist, mini.math, layers, 0.5)
+        merged = pearl_edu.merge(uniform, Path(scratch) / "merged", progress=False).output_dir
+        pearls = minipearl.scaled_pearl_recipe(mini.generalist, mini.math, layers)
+        scheduled = pearl_edu.merge(pearls, Path(scratch) / "pearl", progress=False).output_dir
 
         def skills(folder: Path) -> minipearl.Skills:
             return minipearl.measure_skills(minipearl.load_model(folder), tokenizer, corpus)
 
-        base, generalist, specialist, merge = map(
-            skills, (mini.base, mini.generalist, mini.math, merged)
+        base, generalist, specialist, merge, pearl = map(
+            skills, (mini.base, mini.generalist, mini.math, merged, scheduled)
         )
         weights = {
             name: minipearl.load_weights(getattr(mini, name))
@@ -72,12 +74,17 @@ def measure(regime: str, seed: int) -> dict:
                 ("generalist", generalist),
                 ("specialist", specialist),
                 ("slerp_t_0.5", merge),
+                ("pearl_schedule", pearl),
             )
         },
         "text_gain": generalist.text - base.text,
         "addition_gain": specialist.addition - base.addition,
         "text_kept": minipearl.share_of_gain(merge, base, generalist, "text"),
         "addition_kept": minipearl.share_of_gain(merge, base, specialist, "addition"),
+        "pearl_schedule_text_kept": minipearl.share_of_gain(pearl, base, generalist, "text"),
+        "pearl_schedule_addition_kept": minipearl.share_of_gain(
+            pearl, base, specialist, "addition"
+        ),
         "half_task_vector_text": minipearl.share_of_gain(half_generalist, base, generalist, "text"),
         "half_task_vector_addition": minipearl.share_of_gain(
             half_specialist, base, specialist, "addition"

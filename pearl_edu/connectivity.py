@@ -11,10 +11,12 @@ above the straight chord between the losses of the two ends. The height of the r
 $$ B = \max_{t \in [0, 1]} \Big( \mathcal{L}\big(\theta(t)\big)
         - \big[(1 - t)\,\mathcal{L}(\theta_A) + t\,\mathcal{L}(\theta_B)\big] \Big). $$
 
-A merge by interpolation picks one point of that path, so a barrier is a merge that is
-worse than both its parents. This module measures the path on mini-Pearl's held-out data
-(`pearl_edu.minipearl`), with a bootstrap over the held-out examples to tell a barrier
-from the noise of a finite test set.
+The excess over the chord is zero at both ends, so $B \ge 0$, and $B = 0$ means the loss
+never rises above the chord. A merge by interpolation picks one point of that path: where
+there is a barrier, that merge is worse than the same blend of its parents' losses. This
+module measures the path on mini-Pearl's held-out data (`pearl_edu.minipearl`), with a
+bootstrap over the held-out examples to tell a barrier from the noise of a finite test
+set.
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ def excess_over_chord(ts: Sequence[float], losses: Sequence[float]) -> np.ndarra
 
 
 def barrier(ts: Sequence[float], losses: Sequence[float]) -> float:
-    """The barrier: the largest excess of the loss over the chord (0 or less: none)."""
+    """The barrier: the largest excess of the loss over the chord (0: none, the least)."""
     return float(excess_over_chord(ts, losses).max())
 
 
@@ -124,6 +126,7 @@ class Barrier:
     at_t: float  # where the excess is largest
     low: float  # 2.5th percentile of the bootstrap
     high: float  # 97.5th percentile
+    dip: float  # how far the loss falls below the chord at most (0 if it never does)
 
     @property
     def clear(self) -> bool:
@@ -155,6 +158,7 @@ def path_barrier(points: Sequence[PathPoint], *, draws: int = 1000, seed: int = 
         at_t=float(ts[int(excess.argmax())]),
         low=float(low),
         high=float(high),
+        dip=float(max(0.0, -excess.min())),
     )
 
 

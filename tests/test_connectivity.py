@@ -72,11 +72,13 @@ def test_path_barrier_finds_a_clear_barrier():
     assert found.height == pytest.approx(1.5, abs=1e-9)
     assert found.at_t == 0.5
     assert found.clear and found.low < found.height < found.high
+    assert found.dip == 0.0
 
 
 def test_path_barrier_of_a_convex_path_is_not_clear():
     found = connectivity.path_barrier(_points([1.0, 0.8, 0.75, 0.8, 1.0], spread=0.5), draws=200)
     assert found.height == pytest.approx(0.0, abs=1e-9)
+    assert found.dip == pytest.approx(0.25)
     assert not found.clear
 
 

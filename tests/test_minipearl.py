@@ -303,15 +303,21 @@ def test_pretrain_base_gives_the_base_of_the_full_build(built, tmp_path):
     assert losses == built.losses["base"]
 
 
-def test_load_or_pretrain_base_trains_once(tmp_path, monkeypatch):
+def counted(monkeypatch, name: str) -> list:
+    """Wrap ``minipearl.<name>`` so that each call's folder is recorded; return the record."""
     calls = []
-    real = minipearl.pretrain_base
+    real = getattr(minipearl, name)
 
-    def counting(folder, settings=None):
+    def recording(folder, settings=None):
         calls.append(folder)
         return real(folder, settings)
 
-    monkeypatch.setattr(minipearl, "pretrain_base", counting)
+    monkeypatch.setattr(minipearl, name, recording)
+    return calls
+
+
+def test_load_or_pretrain_base_trains_once(tmp_path, monkeypatch):
+    calls = counted(monkeypatch, "pretrain_base")
     first = minipearl.load_or_pretrain_base(tmp_path, FEW_STEPS)
     second = minipearl.load_or_pretrain_base(tmp_path, FEW_STEPS)
     assert len(calls) == 1 and first == second and (first / "config.json").is_file()
@@ -456,19 +462,10 @@ def test_tensor_cosines_and_fallback():
 
 
 def test_load_or_build_trains_once_and_then_reads_back(tmp_path, monkeypatch):
-    from pearl_edu import minipearl
-
     settings = minipearl.MiniPearlSettings(
         pretrain_steps=3, generalist_steps=2, math_steps=2, batch_size=4
     )
-    built = []
-    real_build = minipearl.build_mini_pearl
-
-    def counting_build(folder, settings=None):
-        built.append(folder)
-        return real_build(folder, settings)
-
-    monkeypatch.setattr(minipearl, "build_mini_pearl", counting_build)
+    built = counted(monkeypatch, "build_mini_pearl")
     first = minipearl.load_or_build_mini_pearl(tmp_path, settings)
     second = minipearl.load_or_build_mini_pearl(tmp_path, settings)
     assert len(built) == 1

@@ -179,9 +179,9 @@ def make_corpus(
 
     ``new_word_share`` of the pre-training sentences use all the words instead of the basic
     ones, and ``carry_share`` of the training additions that carry are pre-training
-    problems too: the base model then knows a little of both skills, as Mistral-7B knew
-    some English and some arithmetic before OmniBeagle and WizardMath were tuned from it.
-    With both shares 0 the fine-tunes must create their skills from nothing.
+    problems too: the base model then knows a little of both skills, as a real base model
+    does some of what its fine-tunes are later trained for. With both shares 0 the
+    fine-tunes must create their skills from nothing.
 
     All ``100 * 100`` operand pairs are shuffled; ``test_problems`` of them are held out.
     The held-out sentences and problems depend on ``seed`` only, not on the shares, so
@@ -525,8 +525,8 @@ def measure_skills(model, tokenizer, corpus: Corpus, *, threads: int = 1) -> Ski
 class MiniPearlSettings:
     """Everything that decides the three models: sizes, steps, learning rates, data, seeds.
 
-    The defaults are the **sibling regime**, the one real merges such as Pearl live in: the
-    base is pre-trained long enough to be good at what it saw, and it saw a little of both
+    The defaults are the **sibling regime**: the base is pre-trained for longer, and it
+    saw a little of both
     new skills (``new_word_share`` of its sentences use the new words, ``carry_share`` of
     the carry problems are in its data), so it half-knows them; the fine-tunes are gentle
     and sharpen those skills rather than create them. `FAR_SETTINGS` is the contrast.
@@ -582,15 +582,16 @@ def build_mini_pearl(folder: str | Path, settings: MiniPearlSettings | None = No
 
     Writes Hugging Face model folders ``base``, ``generalist`` and ``math`` under
     ``folder``, in bfloat16 like the real parents of Pearl, each with its tokenizer. Both
-    parents are fine-tuned from the base as saved, as OmniBeagle and WizardMath were
-    fine-tuned from the published Mistral-7B.
+    parents are fine-tuned from the base as saved (its bfloat16 weights), as a fine-tune
+    starts from a published model.
     """
     settings = settings or MiniPearlSettings()
     folder = Path(folder)
     losses = {"base": pretrain_base(folder / "base", settings)}
+    tokenizer = load_tokenizer(folder / "base")
     for parent in PARENTS:
         model, losses[parent] = fine_tune(folder / "base", parent, settings)
-        save_model(model, load_tokenizer(folder / "base"), folder / parent)
+        save_model(model, tokenizer, folder / parent)
     return MiniPearl(
         base=folder / "base",
         generalist=folder / "generalist",
@@ -607,8 +608,8 @@ def fine_tuning_examples(tokenizer, corpus: Corpus, parent: str) -> Examples:
     """What a parent is fine-tuned on: its new data, and the pre-training mix again.
 
     The generalist learns from the sentences with all the words, the specialist from all
-    the additions. Each also revisits the pre-training mix ("replay"), as real fine-tunes
-    keep much of their base's abilities: WizardMath still writes English.
+    the additions. Each also revisits the pre-training mix ("replay"), so that it keeps
+    what the base could do.
     """
     if parent == "generalist":
         new = sentence_examples(tokenizer, corpus.train_sentences)
@@ -643,7 +644,9 @@ def fine_tune(
             model,
             examples,
             steps=default_steps if steps is None else steps,
-            learning_rate=learning_rate or settings.finetune_learning_rate,
+            learning_rate=(
+                settings.finetune_learning_rate if learning_rate is None else learning_rate
+            ),
             batch_size=settings.batch_size,
             seed=settings.seed + 1,
         )

@@ -55,14 +55,16 @@ MISTRAL_CHAT_TEMPLATE = (
 # --------------------------------------------------------------------------------------
 
 
-def fetch(ref: str | Path) -> Path:
+def fetch(ref: str | Path, revision: str | None = None) -> Path:
     """The local folder of ``ref``: itself if it is a folder, else a download from the Hub.
 
     Only what a merge needs is downloaded (weights in one format, config, tokenizer), with
     the Hugging Face client's progress bars, into its cache (``HF_HOME``); a second call
-    finds the files there. Raises `HubError` with what to do when the Hub cannot be reached.
+    finds the files there. ``revision`` (a commit hash, branch or tag) pins the repository's
+    version; ``None`` takes its latest commit. Raises `HubError` with what to do when the
+    Hub cannot be reached or has no such revision.
     """
-    return resolve_model(ref)
+    return resolve_model(ref, revision=revision)
 
 
 # --------------------------------------------------------------------------------------

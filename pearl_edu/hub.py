@@ -25,11 +25,14 @@ SAFETENSORS_PATTERNS = ["model*.safetensors"]
 BIN_PATTERNS = ["pytorch_model*.bin"]
 
 
-def resolve_model(ref: str | Path) -> Path:
+def resolve_model(ref: str | Path, revision: str | None = None) -> Path:
     """The local folder of a model: ``ref`` itself, or the downloaded snapshot of a repo.
 
-    Raises `ModelError` for a path that does not exist and `HubError` for a repository
-    that cannot be downloaded (offline, unknown, gated), saying what to do.
+    A repository is taken at ``revision`` (a commit hash, branch or tag) when one is given,
+    or at the revision written after an ``@`` as mergekit writes it
+    (``mlabonne/OmniBeagle-7B@<commit>``), else at its latest commit. Raises `ModelError`
+    for a path that does not exist and `HubError` for a repository that cannot be
+    downloaded (offline, unknown, gated, no such revision), saying what to do.
     """
     path = Path(ref).expanduser()
     if path.is_dir():
@@ -37,9 +40,11 @@ def resolve_model(ref: str | Path) -> Path:
     if path.exists():
         raise ModelError(f"model {ref}: is a file; expected a model folder or a repo id")
     text = str(ref)
-    if not looks_like_repo_id(text):
+    if "@" in text and revision is None:
+        text, revision = text.rsplit("@", 1)
+    if not looks_like_repo_id(text) or revision == "":
         raise ModelError(f"model folder {ref} does not exist")
-    return download(text)
+    return download(text, revision=revision)
 
 
 def looks_like_repo_id(ref: str) -> bool:
@@ -70,8 +75,11 @@ def _offline_by_choice() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
-def download(repo_id: str) -> Path:
-    """Download (or find in the cache) the files of ``repo_id`` that a merge needs."""
+def download(repo_id: str, revision: str | None = None) -> Path:
+    """Download (or find in the cache) the files of ``repo_id`` that a merge needs.
+
+    ``revision`` pins a commit (or branch or tag); ``None`` is the latest commit.
+    """
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -79,18 +87,26 @@ def download(repo_id: str) -> Path:
         LocalEntryNotFoundError,
         OfflineModeIsEnabled,
         RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
 
     online = hub_reachable()
     try:
-        patterns = METADATA_PATTERNS + weight_patterns(repo_id, online=online)
+        patterns = METADATA_PATTERNS + weight_patterns(repo_id, online=online, revision=revision)
         return Path(
-            snapshot_download(repo_id, allow_patterns=patterns, local_files_only=not online)
+            snapshot_download(
+                repo_id, revision=revision, allow_patterns=patterns, local_files_only=not online
+            )
         )
     except GatedRepoError:
         raise HubError(
             f"{repo_id}: the repository is gated; accept its terms on huggingface.co and "
             "log in with `hf auth login`"
+        ) from None
+    except RevisionNotFoundError:
+        raise HubError(
+            f"{repo_id}: no revision {revision!r} in the repository; give a commit hash, "
+            "branch or tag listed on its 'Files and versions' page"
         ) from None
     except RepositoryNotFoundError:
         raise HubError(
@@ -98,8 +114,9 @@ def download(repo_id: str) -> Path:
             "log in with `hf auth login`); for a local model give a folder that exists"
         ) from None
     except (LocalEntryNotFoundError, OfflineModeIsEnabled):
+        at = f" at revision {revision}" if revision else ""
         raise HubError(
-            f"{repo_id}: not in the Hugging Face cache ({hf_home()}) and the Hub cannot be "
+            f"{repo_id}{at}: not in the Hugging Face cache ({hf_home()}) and the Hub cannot be "
             "reached (offline or HF_HUB_OFFLINE=1); download it once with a network, or "
             "give a local folder"
         ) from None
@@ -108,7 +125,7 @@ def download(repo_id: str) -> Path:
         raise HubError(f"{repo_id}: download failed ({first_line[:200]})") from None
 
 
-def weight_patterns(repo_id: str, *, online: bool = True) -> list[str]:
+def weight_patterns(repo_id: str, *, online: bool = True, revision: str | None = None) -> list[str]:
     """Download one weight format only: safetensors if the repo has it, else ``.bin``.
 
     Offline the file list is unknown; both patterns are then given, and the cache
@@ -119,7 +136,7 @@ def weight_patterns(repo_id: str, *, online: bool = True) -> list[str]:
     if not online or _offline_by_choice():
         return SAFETENSORS_PATTERNS + BIN_PATTERNS
     try:
-        files = list_repo_files(repo_id)
+        files = list_repo_files(repo_id, revision=revision)
     except Exception:  # no network, or an error snapshot_download will report better
         return SAFETENSORS_PATTERNS + BIN_PATTERNS
     if any(name.startswith("model") and name.endswith(".safetensors") for name in files):

@@ -94,3 +94,46 @@ def test_hub_reachable_is_false_offline(monkeypatch):
 
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed_port}")
     assert hub_reachable(timeout=1.0) is False
+
+
+def _cached_snapshots(cache, repo_name, commits):
+    """Snapshots in the layout huggingface_hub keeps; refs/main names the last one."""
+    repo = cache / f"models--org--{repo_name}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commits[-1])
+    for commit in commits:
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+    return repo / "snapshots"
+
+
+def test_a_revision_pins_the_snapshot(offline_empty_cache):
+    old, new = "1" * 40, "2" * 40
+    snapshots = _cached_snapshots(offline_empty_cache, "tiny", [old, new])
+    assert resolve_model("org/tiny") == snapshots / new
+    assert resolve_model("org/tiny", revision=old) == snapshots / old
+    # mergekit's spelling in a config: the revision after an "@".
+    assert resolve_model(f"org/tiny@{old}") == snapshots / old
+
+
+def test_fetch_passes_the_revision_on(offline_empty_cache):
+    from pearl_edu import fullrun
+
+    old, new = "3" * 40, "4" * 40
+    snapshots = _cached_snapshots(offline_empty_cache, "tiny", [old, new])
+    assert fullrun.fetch("org/tiny", revision=old) == snapshots / old
+
+
+def test_an_uncached_revision_offline_names_the_revision(offline_empty_cache):
+    _cached_snapshots(offline_empty_cache, "tiny", ["5" * 40])
+    with pytest.raises(HubError) as err:
+        resolve_model("org/tiny", revision="6" * 40)
+    message = str(err.value)
+    assert "org/tiny at revision " + "6" * 40 in message and "\n" not in message
+
+
+def test_an_at_sign_in_a_missing_path_is_not_a_revision(tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        resolve_model(str(tmp_path / "absent@v1"))
+    with pytest.raises(ModelError, match="does not exist"):
+        resolve_model("org/name@")

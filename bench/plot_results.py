@@ -2,9 +2,10 @@
 
     python bench/plot_results.py [RESULTS_JSON] [OUTPUT_PNG]
 
-Left: median wall time of each tool per layer count. Right: peak resident memory. The
-figure is saved as ``book/_static/performance.png``, so the book build needs neither the
-benchmark nor a network.
+Left: median wall time of each tool per layer count. Right: peak resident memory. Each bar
+carries its value; one legend serves both panels. The figure is saved as
+``book/_static/performance.png``, so the book build needs neither the benchmark nor a
+network.
 """
 
 from __future__ import annotations
@@ -35,26 +36,34 @@ def plot(results: dict, figure_path: Path) -> None:
     summary = results["summary"]
     layers = [row["layers"] for row in summary]
     width = 0.8 / len(SERIES)
-    fig, (ax_time, ax_rss) = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig, (ax_time, ax_rss) = plt.subplots(1, 2, figsize=(7.2, 3.6))
     for i, (key, label, colour) in enumerate(SERIES):
         positions = [x + (i - 1) * width for x in range(len(layers))]
-        ax_time.bar(positions, [r[f"{key}_s"] for r in summary], width, label=label, color=colour)
-        ax_rss.bar(positions, [r[f"{key}_rss_mb"] / 1000 for r in summary], width, color=colour)
+        bars = ax_time.bar(
+            positions, [r[f"{key}_s"] for r in summary], width, label=label, color=colour
+        )
+        ax_time.bar_label(bars, fmt="%.1f", fontsize="small", padding=2)
+        bars = ax_rss.bar(
+            positions, [r[f"{key}_rss_mb"] / 1000 for r in summary], width, color=colour
+        )
+        ax_rss.bar_label(bars, fmt="%.1f", fontsize="small", padding=2)
     for ax, ylabel in ((ax_time, "median wall time (s)"), (ax_rss, "peak resident memory (GB)")):
         ax.set_xticks(range(len(layers)), [f"{n} layers" for n in layers])
         ax.set_ylabel(ylabel)
         ax.spines[["top", "right"]].set_visible(False)
         ax.grid(axis="y", alpha=0.3)
-    ax_time.legend(frameon=False)
+        ax.margins(y=0.12)  # room for the value labels above the tallest bar
+    # One legend for both panels, in a row under the title, clear of the bars.
+    fig.legend(loc="upper center", bbox_to_anchor=(0.5, 0.93), ncol=len(SERIES), frameon=False)
     machine = results["machine"]
     fig.suptitle(
         f"SLERP merge of two Mistral-7B-shaped bf16 models "
         f"({machine['cpu_count']} CPU cores, warm page cache)",
         fontsize="medium",
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.89))
     figure_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(figure_path, dpi=110)
+    fig.savefig(figure_path, dpi=130)
     plt.close(fig)
 
 

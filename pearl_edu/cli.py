@@ -2,7 +2,7 @@
 
     pearl-edu plan CONFIG [--json]
     pearl-edu merge CONFIG OUTPUT_DIR [--device auto|cpu|cuda[:N]] [--shard-size 5GB] [--force]
-    pearl-edu verify DIR_A DIR_B [--atol X] [--max-ulp N]
+    pearl-edu verify DIR_A DIR_B [--atol X] [--max-ulp N] [--scale-ulp N] [--max-fraction F]
 
 Errors caused by the input are printed as one line and exit with status 2; ``--debug``
 shows the traceback instead.
@@ -60,6 +60,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="also accept a tensor whose elements are at most N units in the last place apart",
+    )
+    v.add_argument(
+        "--scale-ulp",
+        type=float,
+        default=None,
+        metavar="N",
+        help="also accept a tensor whose elements are at most N steps of its dtype apart, "
+        "a step taken at the tensor's largest value (against the published Pearl-7B-slerp: 1)",
+    )
+    v.add_argument(
+        "--max-fraction",
+        type=float,
+        default=None,
+        metavar="F",
+        help="and require that at most this share of each tensor's elements differ "
+        "(against the published Pearl-7B-slerp: 0.25)",
     )
     v.add_argument("--quiet", action="store_true", help="no progress bar")
     v.set_defaults(func=_run_verify)
@@ -124,7 +140,13 @@ def _run_verify(args: argparse.Namespace) -> int:
     try:
         progress = None if args.quiet else show_progress
         report = verify(
-            args.dir_a, args.dir_b, atol=args.atol, max_ulp=args.max_ulp, progress=progress
+            args.dir_a,
+            args.dir_b,
+            atol=args.atol,
+            max_ulp=args.max_ulp,
+            scale_ulp=args.scale_ulp,
+            max_fraction=args.max_fraction,
+            progress=progress,
         )
     finally:
         if bar is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -223,3 +224,64 @@ def test_seeds_table_has_a_row_per_build():
     assert lines[2] == (
         "| siblings | 4 | 50.0% / 25.0% | 75.0% | 75.0% | 62.5% / 50.0% | 50% | 50% |"
     )
+
+
+def test_numpy_era_drift_record_is_complete_and_adds_up():
+    """The measurement behind verify's NUMPY_ERA_TOLERANCE: its keys, and numbers that agree."""
+    import json
+
+    import numpy_era_drift
+
+    from pearl_edu.verify import NUMPY_ERA_TOLERANCE
+
+    assert numpy_era_drift.DATA_FILE.stat().st_size < 16_000, "a few KB for a notebook"
+    record = json.loads(numpy_era_drift.DATA_FILE.read_text())
+    assert {"what", "recorded", "cpu", "versions", "runs", "seconds"} <= set(record)
+    versions = record["versions"]
+    for key in ("old_mergekit", "old_numpy", "old_torch", "mergekit", "numpy", "torch"):
+        assert versions[key], key
+    assert versions["old_mergekit"].startswith("0.0.") and versions["mergekit"] == "0.1.5"
+    assert versions["old_numpy"].startswith("1."), "early 2024 had NumPy 1.x"
+    assert record["old_slerp_uses_numpy"] is True
+    assert [run["name"] for run in record["runs"]] == list(numpy_era_drift.RUNS)
+
+    pairs = [f"{a}_vs_{b}" for a, b in numpy_era_drift.PAIRS]
+    for run in record["runs"]:
+        comparisons = run["comparisons"]
+        assert set(comparisons) == {*pairs, "mistake_t0.6_vs_mergekit_0.1.5"}
+        config = hf_config(
+            arch="mistral",
+            num_layers=run["layers"],
+            hidden_size=run["hidden_size"],
+            intermediate_size=run["intermediate_size"],
+            num_heads=32 if run["hidden_size"] == 4096 else 4,
+            num_kv_heads=8 if run["hidden_size"] == 4096 else 2,
+            vocab_size=run["vocab_size"],
+            tie_embeddings=False,
+        )
+        shapes = tensor_shapes(config)
+        elements = sum(math.prod(shape) for shape in shapes.values())
+        assert sum(run["tensors_by_branch"].values()) == len(shapes) == 2 + 9 * run["layers"] + 1
+        for name, stats in comparisons.items():
+            assert stats["tensors"] == len(shapes) and stats["elements"] == elements, name
+            assert stats["fraction"] == pytest.approx(stats["differing"] / stats["elements"])
+            assert sum(stats["ulp_histogram"].values()) == stats["differing"], name
+            assert stats["tensors_differing"] <= stats["tensors"]
+            assert stats["max_tensor_fraction"] >= stats["fraction"]
+            if stats["differing"]:
+                last = list(stats["ulp_histogram"])[-1].split("-")
+                assert int(last[0]) <= stats["max_ulp"] <= int(last[-1]), name
+            else:
+                assert stats["max_ulp"] == 0 and stats["max_abs_diff"] == 0
+        # pearl_edu reproduces mergekit 0.1.5 bit for bit, so the old one differs from both alike.
+        same = comparisons["mergekit_0.1.5_vs_pearl_edu"]
+        assert same["differing"] == 0 and same["ulp_histogram"] == {}
+        old = comparisons["old_vs_mergekit_0.1.5"]
+        assert old == comparisons["old_vs_pearl_edu"]
+        # Rounding: within one bfloat16 step at the inputs' scale, which the tolerance accepts.
+        assert old["max_input_scale_steps"] <= 1.0
+        assert old["max_tensor_scale_steps"] <= NUMPY_ERA_TOLERANCE["scale_ulp"]
+        assert old["max_tensor_fraction"] <= NUMPY_ERA_TOLERANCE["max_fraction"]
+        # A real mistake changes most of a tensor: the tolerance refuses it.
+        mistake = comparisons["mistake_t0.6_vs_mergekit_0.1.5"]
+        assert mistake["max_tensor_fraction"] > NUMPY_ERA_TOLERANCE["max_fraction"]

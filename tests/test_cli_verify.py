@@ -98,3 +98,32 @@ def test_the_installed_command_runs_with_a_progress_bar(models):
     assert result.returncode == 0, result.stderr
     assert "result: identical" in result.stdout
     assert "verify" in result.stderr  # the progress bar goes to stderr, not into the report
+
+
+def test_scale_ulp_and_max_fraction_options(models, capsys):
+    from pearl_edu.verify import verify
+
+    model, _, nudged = models
+    # The nudge moves every element of one tensor by a few steps at the tensor's scale.
+    steps = verify(model, nudged).max_scale_ulp_diff
+    assert steps is not None and 1 < steps < 100
+    args = ["verify", str(model), str(nudged), "--quiet"]
+    assert main([*args, "--scale-ulp", str(steps)]) == 0
+    out = capsys.readouterr().out
+    assert f"result: equal within atol=0 or {steps:g} ULP at the tensor's scale" in out
+    assert "largest share of a tensor differing" in out
+    assert main([*args, "--scale-ulp", str(steps / 2)]) == 1
+    # Every element of the nudged tensor differs: a share of 1% refuses it whatever the size.
+    assert main([*args, "--scale-ulp", str(steps), "--max-fraction", "0.01"]) == 1
+    out = capsys.readouterr().out
+    assert "result: DIFFERENT" in out and "largest share of a tensor differing 100.000%" in out
+    assert main([*args, "--atol", "1", "--max-fraction", "1"]) == 0
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(("option", "value"), [("--scale-ulp", "-1"), ("--max-fraction", "2")])
+def test_bad_tolerance_options_exit_2_with_one_line(models, capsys, option, value):
+    model, same, _ = models
+    assert main(["verify", str(model), str(same), option, value, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and option.lstrip("-").replace("-", "_") in err

@@ -192,3 +192,102 @@ def test_bad_input_raises_model_errors(tmp_path, model):
     for bad in (-1, 0.5, True):
         with pytest.raises(ModelError, match="max_ulp"):
             verify(model, model, max_ulp=bad)
+
+
+def test_ulp_at_is_the_gap_to_the_next_number_of_the_dtype():
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for value in (1.0, 0.75, 3.0, 0.0123, 1000.0):
+            x = torch.tensor([value], dtype=dtype)
+            gap = float(torch.nextafter(x, torch.tensor([math.inf], dtype=dtype)) - x)
+            assert verify_module.ulp_at(float(x), dtype) == gap, (dtype, value)
+    tiny = torch.finfo(torch.bfloat16).smallest_normal
+    assert verify_module.ulp_at(0.0, torch.bfloat16) == verify_module.ulp_at(tiny, torch.bfloat16)
+
+
+def test_scale_ulp_measures_a_difference_at_the_tensor_s_largest_value():
+    # Largest value 1.5 (its bfloat16 step 2^-7); a small element moved by 4 of its own steps.
+    a = torch.tensor([1.5, 0.01, -0.5, 0.25], dtype=torch.bfloat16)
+    b = a.clone()
+    step = verify_module.ulp_at(0.01, torch.bfloat16)
+    b[1] = float(a[1]) + 4 * step
+    result = compare_tensors("x", a, b)
+    assert result.max_ulp_diff == 4
+    assert result.max_scale_ulp_diff == pytest.approx(4 * step / 2**-7)
+    assert result.max_scale_ulp_diff < 1
+    assert result.within(0.0, scale_ulp=1.0) and not result.within(0.0, max_ulp=1)
+    assert not result.within(0.0, scale_ulp=result.max_scale_ulp_diff / 2)
+    # The same difference next to an infinity: the scale is the largest finite value.
+    with_inf = compare_tensors(
+        "x", torch.cat([a, a.new_tensor([math.inf])]), torch.cat([b, b.new_tensor([math.inf])])
+    )
+    assert with_inf.max_scale_ulp_diff == result.max_scale_ulp_diff
+    # Not measurable across dtypes or shapes; NaN against a number is infinitely far.
+    assert compare_tensors("x", a, b.float()).max_scale_ulp_diff is None
+    assert compare_tensors("x", a, b[:3]).max_scale_ulp_diff is None
+    nan = b.clone()
+    nan[0] = math.nan
+    assert compare_tensors("x", a, nan).max_scale_ulp_diff == math.inf
+
+
+def test_max_fraction_rejects_many_small_differences(tmp_path, model):
+    """One step on every element (as another t would give) passes scale_ulp, not max_fraction."""
+    original = load_state_dict(model)[Q_PROJ]
+
+    def every_element_up(weights):
+        weights[Q_PROJ] = torch.nextafter(original, torch.full_like(original, math.inf))
+
+    edited = edited_copy(model, tmp_path / "edited", every_element_up)
+    report = verify(model, edited, scale_ulp=1.0)
+    assert report.ok and report.max_scale_ulp_diff <= 1
+    (q,) = report.differing
+    assert q.fraction_differing == 1.0 and report.max_fraction_differing == 1.0
+    assert not verify(model, edited, scale_ulp=1.0, max_fraction=0.01).ok
+    assert not verify(model, edited, atol=1.0, max_fraction=0.5).ok, "max_fraction binds atol too"
+    assert verify(model, edited, scale_ulp=1.0, max_fraction=1.0).ok
+
+
+def test_numpy_era_tolerance_accepts_rare_rounding_and_rejects_a_nudge(tmp_path, model):
+    original = load_state_dict(model)[Q_PROJ]
+    flat = original.flatten()
+    # The smallest nonzero element, 3 of its own steps away: a few ULPs, far under one step
+    # at the tensor's scale, on one element of 4096.
+    index = int(torch.where(flat == 0, math.inf, flat.float().abs()).argmin())
+    moved = flat.clone()
+    for _ in range(3):
+        moved = torch.nextafter(moved, torch.full_like(moved, math.inf))
+    rounding = flat.clone()
+    rounding[index] = moved[index]
+    rounded = edited_copy(
+        model, tmp_path / "rounded", lambda w: w.update({Q_PROJ: rounding.reshape(original.shape)})
+    )
+    tolerance = verify_module.NUMPY_ERA_TOLERANCE
+    report = verify(model, rounded, **tolerance)
+    assert report.max_ulp_diff == 3 and not verify(model, rounded, max_ulp=1).ok
+    assert report.ok
+    summary = report.summary()
+    assert (
+        "result: equal within atol=0 or 1 ULP at the tensor's scale, at most 25.000% of" in summary
+    )
+    assert "at the tensors' scale: largest difference" in summary
+    # A real change of one tensor, 1% of its values' spread on every element, is refused.
+    nudged = edited_copy(
+        model, tmp_path / "nudged", lambda w: w.update({Q_PROJ: original + 0.01 * original.std()})
+    )
+    assert not verify(model, nudged, **tolerance).ok
+    assert "result: DIFFERENT" in verify(model, nudged, **tolerance).summary()
+
+
+def test_defaults_leave_the_summary_as_it_was(model):
+    assert "tensors' scale" not in verify(model, model).summary()
+
+
+@pytest.mark.parametrize(
+    ("keyword", "bad"),
+    [("scale_ulp", -1.0), ("scale_ulp", math.nan), ("scale_ulp", math.inf), ("scale_ulp", True)]
+    + [("scale_ulp", "1"), ("max_fraction", -0.1), ("max_fraction", 1.5), ("max_fraction", True)]
+    + [("max_fraction", math.nan)],
+)
+def test_bad_tolerances_raise_one_line_model_errors(model, keyword, bad):
+    with pytest.raises(ModelError, match=keyword) as error:
+        verify(model, model, **{keyword: bad})
+    assert "\n" not in str(error.value)

@@ -122,9 +122,18 @@ def name_models_in_card(output_dir: str | Path, names: dict[str, str]) -> None:
 
 
 def compare(
-    merged_dir: str | Path, reference_dir: str | Path, *, progress: bool = True
+    merged_dir: str | Path,
+    reference_dir: str | Path,
+    *,
+    progress: bool = True,
+    scale_ulp: float | None = None,
+    max_fraction: float | None = None,
 ) -> VerifyReport:
-    """`pearl_edu.verify` of the merge against the reference, with a progress bar."""
+    """`pearl_edu.verify` of the merge against the reference, with a progress bar.
+
+    ``scale_ulp`` and ``max_fraction`` are `verify`'s tolerance; to compare with the published
+    Pearl-7B-slerp, pass ``**pearl_edu.verify.NUMPY_ERA_TOLERANCE``.
+    """
     from tqdm import tqdm
 
     with tqdm(desc="verifying", unit="tensor", disable=not progress) as bar:
@@ -133,7 +142,13 @@ def compare(
             bar.total = total
             bar.update(done - bar.n)
 
-        return verify(merged_dir, reference_dir, progress=advance)
+        return verify(
+            merged_dir,
+            reference_dir,
+            progress=advance,
+            scale_ulp=scale_ulp,
+            max_fraction=max_fraction,
+        )
 
 
 def explain(report: VerifyReport) -> str:
@@ -154,10 +169,18 @@ def explain(report: VerifyReport) -> str:
             "are bit for bit the same."
         )
     fraction = report.num_differing / report.num_elements
-    if report.max_ulp_diff == 1:
+    differing = f"{report.num_differing:,} of {report.num_elements:,} numbers ({fraction:.3%})"
+    if report.scale_ulp is not None and report.ok:
         return (
-            f"The same math, rounded differently: {report.num_differing:,} of "
-            f"{report.num_elements:,} numbers ({fraction:.3%}) differ, each by one step of "
+            f"The same math, rounded differently: {differing} differ, each by at most "
+            f"{report.max_scale_ulp_diff:.2g} step of the number format at its tensor's "
+            f"scale, and no tensor has more than {report.max_fraction_differing:.1%} of its "
+            "numbers changed. Two implementations that take the same sums in another order "
+            "(another mergekit, another CPU) round that many results the other way."
+        )
+    if report.scale_ulp is None and report.max_ulp_diff == 1:
+        return (
+            f"The same math, rounded differently: {differing} differ, each by one step of "
             "the number format (1 ULP). Two implementations that add the same float32 "
             "numbers in a different order round a few results the other way."
         )

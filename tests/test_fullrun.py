@@ -119,6 +119,32 @@ def test_explain_one_ulp_as_rounding(merged, tmp_path):
     assert "1 ULP" in explanation
 
 
+def test_explain_with_the_published_models_tolerance(merged, tmp_path):
+    from pearl_edu.verify import NUMPY_ERA_TOLERANCE
+
+    report = fullrun.compare(
+        merged, edited_copy(merged, tmp_path / "ulp", one_ulp_up), **NUMPY_ERA_TOLERANCE
+    )
+    assert report.ok and not report.identical
+    explanation = fullrun.explain(report)
+    assert explanation.startswith("The same math, rounded differently: 1 of ")
+    assert "at its tensor's scale" in explanation
+
+
+def test_the_tolerance_refuses_a_tensor_rounded_everywhere(merged, tmp_path):
+    from pearl_edu.verify import NUMPY_ERA_TOLERANCE
+
+    def every_element_one_ulp_up(weights):
+        bits = weights[NORM].view(torch.int16)
+        bits += torch.where(bits >= 0, 1, -1).to(torch.int16)
+
+    moved = edited_copy(merged, tmp_path / "all", every_element_one_ulp_up)
+    report = fullrun.compare(merged, moved, progress=False, **NUMPY_ERA_TOLERANCE)
+    assert report.max_fraction_differing > NUMPY_ERA_TOLERANCE["max_fraction"]
+    assert not report.ok
+    assert fullrun.explain(report).startswith("Different: ")
+
+
 def test_explain_a_real_difference(merged, tmp_path):
     def scale(weights):
         weights[NORM] *= 1.5

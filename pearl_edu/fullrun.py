@@ -322,7 +322,7 @@ def add_chat_template(model_dir: str | Path, template: str = MISTRAL_CHAT_TEMPLA
 def mergekit_merge(config_yaml: str, output_dir: str | Path) -> Path:
     """Merge with mergekit's own Python API, offline, on the CPU (needs mergekit installed).
 
-    ``lazy_unpickle=False`` makes mergekit read ``.bin`` shards with
+    mergekit is quiet: no progress bars, and no transformers warnings. ``lazy_unpickle=False`` makes mergekit read ``.bin`` shards with
     ``torch.load(..., weights_only=True)``, which runs no code from the pickle.
     """
     try:
@@ -332,7 +332,16 @@ def mergekit_merge(config_yaml: str, output_dir: str | Path) -> Path:
     except ImportError:
         raise ModelError("mergekit is not installed: pip install mergekit") from None
 
+    from transformers.utils import logging as transformers_logging
+
     config = MergeConfiguration.model_validate(yaml.safe_load(config_yaml))
     options = MergeOptions(copy_tokenizer=False, quiet=True, lazy_unpickle=False)
-    run_merge(config, str(output_dir), options=options)
+    # mergekit reads the parents' configs through transformers, which warns that the
+    # `torch_dtype` key they carry (for older loaders) is deprecated: noise for a reader.
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        run_merge(config, str(output_dir), options=options)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
     return Path(output_dir)

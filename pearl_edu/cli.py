@@ -4,8 +4,14 @@
     pearl-edu merge CONFIG OUTPUT_DIR [--device auto|cpu|cuda[:N]] [--shard-size 5GB] [--force]
     pearl-edu verify DIR_A DIR_B [--atol X] [--max-ulp N] [--scale-ulp N] [--max-fraction F]
 
-Errors caused by the input are printed as one line and exit with status 2; ``--debug``
-shows the traceback instead.
+``pearl-edu merge`` also takes mergekit-yaml's everyday options with mergekit 0.1.5's
+meaning, so that a mergekit command line such as LazyMergekit's
+``mergekit-yaml config.yaml merge --copy-tokenizer --allow-crimes --out-shard-size 1B
+--lazy-unpickle`` runs unchanged with ``pearl-edu merge`` in its place.
+
+Errors (bad input, and bad options) are printed as one line and exit with status 2;
+``--debug`` shows the traceback instead. ``--debug`` and ``--quiet`` may come before or
+after the subcommand.
 """
 
 from __future__ import annotations
@@ -14,39 +20,157 @@ import argparse
 import gc
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from pearl_edu._version import __version__
-from pearl_edu.errors import PearlEduError
+from pearl_edu.errors import ConfigError, PearlEduError
+
+if TYPE_CHECKING:
+    from pearl_edu.config import MergeConfig
 
 EXIT_BAD_INPUT = 2
+DEFAULT_SHARD_SIZE = "5GB"
+# mergekit's `parse_kmb` (mergekit/common.py): a number, or one ending in k, M or B
+# (case-insensitive), meaning thousands, millions, billions; no "1.5B", no "GB".
+# mergekit's writer compares the result with tensor bytes (numel * element_size), so
+# its "1B" is 10**9 bytes although its help says "parameters".
+KMB_FACTORS = {"k": 1000, "m": 1000**2, "b": 1000**3}
+# mergekit writes a single file when the size is 0 or less; so do we, with a limit no
+# model reaches.
+NO_SHARD_LIMIT = 2**62
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its mistakes reported as one line and exit status 2, like ours."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"pearl-edu: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def _everywhere_options(parser: argparse.ArgumentParser, *, top_level: bool) -> None:
+    """--debug and --quiet, accepted before the subcommand and after it.
+
+    After the subcommand their default is SUPPRESS: argparse copies every attribute of the
+    subcommand's namespace over the top level's, so a default there would undo a --debug
+    given before the subcommand.
+    """
+    default = False if top_level else argparse.SUPPRESS
+    parser.add_argument(
+        "--debug", action="store_true", default=default, help="show tracebacks on errors"
+    )
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        default=default,
+        help="no progress bar (as mergekit's --quiet; plan never shows one)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pearl-edu",
         description="Merge language models the way mergekit does, streaming one tensor at a time.",
     )
     parser.add_argument("--version", action="version", version=f"pearl-edu {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    _everywhere_options(parser, top_level=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("plan", help="print which tensor gets which t, without reading weights")
     p.add_argument("config", help="mergekit YAML file, or the name of a shipped recipe")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    _everywhere_options(p, top_level=False)
     p.set_defaults(func=_run_plan)
 
-    m = sub.add_parser("merge", help="merge the models of a config into OUTPUT_DIR")
+    m = sub.add_parser(
+        "merge",
+        help="merge the models of a config into OUTPUT_DIR",
+        description="Merge the models of CONFIG into OUTPUT_DIR, one tensor at a time. "
+        "mergekit-yaml's everyday options are accepted with mergekit 0.1.5's meaning.",
+    )
     m.add_argument("config", help="mergekit YAML file, or the name of a shipped recipe")
     m.add_argument("output_dir", help="folder to write the merged model into")
-    m.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    m.add_argument("--shard-size", default="5GB", help="largest output shard (default 5GB)")
+    m.add_argument(
+        "--device",
+        default=None,
+        help="auto (default: the first GPU when there is one), cpu, cuda or cuda:N",
+    )
+    m.add_argument(
+        "--shard-size",
+        default=None,
+        help="largest output shard in bytes: 5GB (the default), 500MB, 2GiB, 1000000; "
+        "here B is bytes, so 1B is one byte (see --out-shard-size)",
+    )
     m.add_argument("--force", action="store_true", help="replace a non-empty OUTPUT_DIR")
-    m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.add_argument(
         "--threads",
+        "--num-threads",
+        "-j",
+        dest="threads",
         type=int,
         default=None,
-        help="CPU threads for the math (default: torch's, one per core, as mergekit)",
+        help="CPU threads for the math (default: torch's, one per core, as mergekit); "
+        "--num-threads and -j are mergekit's names",
+    )
+    _everywhere_options(m, top_level=False)
+
+    g = m.add_argument_group(
+        "mergekit-yaml's options",
+        "Accepted so that a mergekit-yaml command line runs unchanged; each does what it "
+        "does in mergekit 0.1.5, or nothing where pearl-edu already behaves that way.",
+    )
+    g.add_argument(
+        "--copy-tokenizer",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="copy the base model's tokenizer files into OUTPUT_DIR (the default, as in "
+        "mergekit); --no-copy-tokenizer leaves them out (generation_config.json is kept)",
+    )
+    g.add_argument(
+        "--out-shard-size",
+        metavar="SIZE",
+        default=None,
+        help="largest output shard, mergekit's way: a number, or one ending in k, M or B "
+        "(thousand, million, billion), counted in bytes of tensor data as mergekit's writer "
+        "counts them: 1B = --shard-size 1GB; 0 writes a single file. Instead of --shard-size",
+    )
+    g.add_argument(
+        "--cuda",
+        action="store_true",
+        help="the same as --device cuda (an explicit --device wins, as in mergekit)",
+    )
+    g.add_argument(
+        "--random-seed",
+        type=int,
+        metavar="N",
+        default=None,
+        help="seed of the random methods (dare_ties, dare_linear), in place of the YAML's "
+        "random_seed (default 0); no effect on the other methods. The same seed always "
+        "gives the same model, but not mergekit's (its draws come from torch's global "
+        "generator)",
+    )
+    g.add_argument(
+        "--allow-crimes",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="no effect: pearl-edu never compares the models' architectures; it merges "
+        "any models whose tensors match by name and shape (and refuses, in one line, "
+        "those that do not), taking config.json from the base model",
+    )
+    g.add_argument(
+        "--lazy-unpickle",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="no effect: pearl-edu always reads one tensor at a time; .bin checkpoints are "
+        "memory-mapped with torch.load(weights_only=True)",
+    )
+    g.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="print the settings the merge runs with, and set Python's logging to INFO "
+        "(-vv: DEBUG) as mergekit's -v does; pearl-edu itself logs nothing else",
     )
     m.set_defaults(func=_run_merge)
 
@@ -77,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="and require that at most this share of each tensor's elements differ "
         "(against the published Pearl-7B-slerp: 0.25)",
     )
-    v.add_argument("--quiet", action="store_true", help="no progress bar")
+    _everywhere_options(v, top_level=False)
     v.set_defaults(func=_run_verify)
     return parser
 
@@ -101,18 +225,95 @@ def _run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_out_shard_size(value: str) -> int:
+    """Bytes per shard from mergekit's ``--out-shard-size`` (``parse_kmb``'s grammar).
+
+    ``"1B"`` is 10**9, ``"500M"`` 5 * 10**8, ``"2k"`` 2000, ``"1000"`` 1000. mergekit's
+    writer compares this number with bytes of tensor data, so it is bytes here too (the
+    same as ``--shard-size 1GB``). 0 or less means one file, as in mergekit.
+    """
+    try:
+        # parse_kmb's steps, in its order, so that the same texts are accepted.
+        if value.isnumeric():
+            number = int(value)
+        elif value[-1:].lower() in KMB_FACTORS:
+            number = int(value[:-1]) * KMB_FACTORS[value[-1].lower()]
+        else:
+            raise ValueError(value)
+    except ValueError:
+        raise ConfigError(
+            f"--out-shard-size {value!r} is not understood: expected a whole number, "
+            "optionally ending in k, M or B (thousand, million, billion), such as 1B"
+        ) from None
+    return number if number > 0 else NO_SHARD_LIMIT
+
+
+def _shard_size(args: argparse.Namespace) -> str | int:
+    if args.out_shard_size is not None and args.shard_size is not None:
+        raise ConfigError("give --shard-size or --out-shard-size, not both")
+    if args.out_shard_size is not None:
+        return parse_out_shard_size(args.out_shard_size)
+    return args.shard_size if args.shard_size is not None else DEFAULT_SHARD_SIZE
+
+
+def _with_random_seed(config: MergeConfig, seed: int) -> MergeConfig:
+    """``config`` with ``random_seed: seed`` in place of any seed its YAML gives.
+
+    The seed goes into the YAML kept with the config too, so that it is recorded in
+    mergekit_config.yml and a resumed merge with another seed is not taken for this one.
+    Methods without randomness are left as they are: the seed cannot change them.
+    """
+    from pearl_edu.config import SEED_KEYS, parse_config
+    from pearl_edu.methods import METHODS
+
+    if not METHODS[config.merge_method].random:
+        return config
+    raw = {key: value for key, value in config.raw.items() if key not in SEED_KEYS}
+    raw["random_seed"] = seed
+    return parse_config(raw, config.source)
+
+
 def _run_merge(args: argparse.Namespace) -> int:
-    from pearl_edu.merge import merge
+    from pearl_edu.config import load_config
+    from pearl_edu.merge import TOKENIZER_FILES, merge, parse_size
+    from pearl_edu.methods import METHODS
+
+    shard_size = _shard_size(args)
+    device = args.device if args.device is not None else ("cuda" if args.cuda else "auto")
+    config = load_config(args.config)
+    if args.random_seed is not None:
+        config = _with_random_seed(config, args.random_seed)
+    if args.verbose:
+        import logging
+
+        logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO)
+        random = METHODS[config.merge_method].random
+        shard_bytes = parse_size(shard_size)
+        settings = [
+            f"{config.merge_method} of {len(config.models())} models",
+            f"device {device}",
+            "a single weight file"
+            if shard_bytes >= NO_SHARD_LIMIT
+            else f"shards of at most {shard_bytes} bytes",
+            f"random seed {config.random_seed}" if random else "no random seed used",
+            "tokenizer copied" if args.copy_tokenizer else "tokenizer left out",
+        ]
+        print(f"pearl-edu: {', '.join(settings)}", file=sys.stderr)
 
     result = merge(
-        args.config,
+        config,
         args.output_dir,
-        device=args.device,
-        shard_size=args.shard_size,
+        device=device,
+        shard_size=shard_size,
         force=args.force,
         progress=False if args.quiet else None,
         threads=args.threads,
     )
+    if not args.copy_tokenizer:
+        # merge() always copies the base model's tokenizer files and has no switch for
+        # it; they are the only files of these names it writes, so they go again here.
+        for name in TOKENIZER_FILES:
+            (result.output_dir / name).unlink(missing_ok=True)
     resumed = f", {result.resumed_tensors} resumed" if result.resumed_tensors else ""
     print(
         f"merged {result.num_tensors} tensors{resumed} into {result.output_dir} "

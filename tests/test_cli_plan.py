@@ -172,3 +172,18 @@ def test_python_m_pearl_edu_plan(tmp_path):
     assert done.stderr.strip().splitlines() == [
         f"pearl-edu: error: {bad}: models: slerp needs exactly 2 models; got 3"
     ]
+
+
+def test_quiet_and_debug_before_or_after_the_subcommand(tmp_path, capsys):
+    from pearl_edu.errors import ConfigError
+
+    expected = run_plan(capsys, "pearl-7b-slerp")
+    assert run_plan(capsys, "pearl-7b-slerp", "--quiet") == expected
+    assert main(["--quiet", "plan", "pearl-7b-slerp"]) == 0
+    assert capsys.readouterr().out == expected[1]
+    missing = str(tmp_path / "missing.yml")
+    for argv in (["--debug", "plan", missing], ["plan", missing, "--debug"]):
+        with pytest.raises(ConfigError, match="missing.yml"):
+            main(argv)
+    assert main(["plan", missing]) == 2
+    assert capsys.readouterr().err.count("\n") == 1

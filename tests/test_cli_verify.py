@@ -127,3 +127,22 @@ def test_bad_tolerance_options_exit_2_with_one_line(models, capsys, option, valu
     assert main(["verify", str(model), str(same), option, value, "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and option.lstrip("-").replace("-", "_") in err
+
+
+def test_quiet_and_debug_before_or_after_the_subcommand(models, tmp_path):
+    from pearl_edu.errors import PearlEduError
+
+    model, same, _ = models
+    for quiet in (["--quiet", "verify", str(model), str(same)], ["verify", str(model), str(same)]):
+        result = subprocess.run(
+            [sys.executable, "-m", "pearl_edu", *quiet], capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, result.stderr
+        assert ("verify" in result.stderr) is ("--quiet" not in quiet)
+    missing = str(tmp_path / "missing")
+    for argv in (
+        ["--debug", "verify", str(model), missing],
+        ["verify", str(model), missing, "--debug"],
+    ):
+        with pytest.raises(PearlEduError, match="missing"):
+            main(argv)

@@ -1,0 +1,126 @@
+r"""SLERP and linear interpolation of one tensor, in plain torch: the reference core.
+
+This is the arithmetic the book derives (eq:slerp), written to be read. The engine's fast
+version (`pearl_edu.methods`, with threads, compiled loops and reused buffers) is tested to
+give exactly these bits, and these are mergekit 0.1.5's bits.
+
+Why chunks: a float32 sum of 10^8 terms depends on the order in which it is added up, and
+a cosine that differs in its last digit moves the bfloat16 rounding of some outputs. So
+the sums are taken in mergekit's order: the tensor is one row, cut into chunks of 2^20
+elements; the norm is the norm of the chunks' norms, and the dot product is the sum of the
+chunks' dot products of the normalized chunks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+# Beyond this |cos theta| (about 1.8 degrees), sin(theta) is too small to divide by:
+# interpolate linearly instead, as mergekit does.
+DOT_THRESHOLD = 0.9995
+# A norm at most this is "no direction": the vector is left undivided (mergekit's eps).
+NORM_EPS = 1e-8
+# Elements per chunk: mergekit's 1024 * 1024, which fixes the order of the sums.
+CHUNK_ELEMENTS = 1 << 20
+
+
+def work_dtype(v: torch.Tensor) -> torch.dtype:
+    """The precision of the arithmetic: float32, or float64 for float64 inputs (as mergekit)."""
+    return torch.float64 if v.dtype == torch.float64 else torch.float32
+
+
+def _chunks(v: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+    """``v`` as one row (mergekit's batch of one output), chunk by chunk, in the work dtype.
+
+    Each chunk is widened only when it is used, so no full-size float32 copy is made.
+    """
+    row = v.reshape(1, -1)
+    for start in range(0, row.shape[1], CHUNK_ELEMENTS):
+        part = slice(start, start + CHUNK_ELEMENTS)
+        yield part, row[:, part].to(work_dtype(v))
+
+
+def norm(v: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
+    r"""$\lVert v \rVert_2$ as the norm of its chunks' norms, or 1 when it is at most ``eps``.
+
+    The result is a ``(1, 1)`` tensor. A (near-)zero vector is not normalized: dividing by
+    1 leaves it as it is, and its cosine with anything is 0.
+    """
+    parts = [torch.linalg.vector_norm(chunk, dim=1, keepdim=True) for _, chunk in _chunks(v)]
+    total = torch.linalg.vector_norm(torch.stack(parts), dim=0)
+    return torch.where(total > eps, total, 1)
+
+
+def cosine(v0: torch.Tensor, v1: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
+    r"""$\cos\theta = \sum_i \frac{v_{0,i}}{\lVert v_0 \rVert} \frac{v_{1,i}}{\lVert v_1 \rVert}$.
+
+    Normalizing before multiplying keeps the products far from float16's overflow. Rounding
+    can push the sum just past 1, hence the clamp (it matters only beyond the fallback
+    threshold, where the result is linear anyway). The result is a ``(1, 1)`` tensor.
+    """
+    n0, n1 = norm(v0, eps), norm(v1, eps)
+    dots = [
+        ((x / n0) * (y / n1)).sum(dim=1, keepdim=True)
+        for (_, x), (_, y) in zip(_chunks(v0), _chunks(v1), strict=True)
+    ]
+    return torch.stack(dots).sum(dim=0).clamp(-1, 1)
+
+
+def weighted_sum(
+    v0: torch.Tensor, v1: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor
+) -> torch.Tensor:
+    """``w0 * v0 + w1 * v1`` in the work dtype, chunk by chunk, returned in ``v0``'s dtype.
+
+    Each product and the sum are rounded on their own (no fused multiply-add), as mergekit
+    evaluates ``coef_a * x + coef_b * y``.
+    """
+    out = torch.empty((1, v0.numel()), dtype=v0.dtype, device=v0.device)
+    for (part, x), (_, y) in zip(_chunks(v0), _chunks(v1), strict=True):
+        out[:, part] = w0 * x + w1 * y  # the assignment rounds to v0's dtype
+    return out.reshape(v0.shape)
+
+
+def lerp(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:
+    r"""Linear interpolation, $(1 - t)\, v_0 + t\, v_1$, in ``v0``'s dtype.
+
+    ``t`` is not clamped. This is SLERP's fallback, bit for bit.
+    """
+    t_ = torch.tensor(t, dtype=work_dtype(v0), device=v0.device)
+    return weighted_sum(v0, v1, 1 - t_, t_)
+
+
+def slerp(
+    v0: torch.Tensor,
+    v1: torch.Tensor,
+    t: float,
+    *,
+    dot_threshold: float = DOT_THRESHOLD,
+    eps: float = NORM_EPS,
+) -> torch.Tensor:
+    r"""Spherical linear interpolation of two tensors, each taken as one flat vector.
+
+    With $\cos\theta = \frac{\langle v_0, v_1 \rangle}{\lVert v_0 \rVert \lVert v_1 \rVert}$
+    (eq:slerp):
+
+    $$ \operatorname{slerp}(v_0, v_1; t)
+       = \frac{\sin((1 - t)\theta)}{\sin\theta}\, v_0 + \frac{\sin(t\theta)}{\sin\theta}\, v_1 $$
+
+    and $(1 - t)\, v_0 + t\, v_1$ when $|\cos\theta| > 0.9995$. The weights apply to the
+    original tensors, so the result is not renormalized. ``t`` is not clamped. Arithmetic
+    is float32 (float64 for float64 inputs); the result has ``v0``'s dtype.
+    """
+    if v0.shape != v1.shape:
+        raise ValueError(f"slerp: shapes differ: {tuple(v0.shape)} vs {tuple(v1.shape)}")
+    if v0.numel() == 0:  # no direction: nothing to measure an angle from
+        return lerp(v0, v1, t)
+    cos_theta = cosine(v0, v1, eps)
+    if cos_theta.abs().item() > dot_threshold:  # nearly parallel or opposite: sin(theta) ~ 0
+        return lerp(v0, v1, t)
+    # The weights are computed in the work dtype, from t in the work dtype, as mergekit does.
+    t_ = torch.tensor(t, dtype=cos_theta.dtype, device=cos_theta.device)
+    theta = torch.acos(cos_theta)
+    w0 = torch.sin((1 - t_) * theta) / torch.sin(theta)
+    w1 = torch.sin(t_ * theta) / torch.sin(theta)
+    return weighted_sum(v0, v1, w0, w1)

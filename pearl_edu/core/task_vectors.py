@@ -1,0 +1,224 @@
+r"""Task arithmetic, TIES and DARE in plain torch: the reference core of the task-vector methods.
+
+A task vector $\delta_i = \theta_i - \theta_\text{base}$ is what fine-tuning changed in a
+tensor. Task arithmetic adds the task vectors back with weights; TIES first trims each to
+its largest entries and lets the models vote on a sign per entry; DARE drops entries at
+random instead of trimming. Every step is mergekit 0.1.5's (same operations, order and
+dtypes: bfloat16 inputs are summed in bfloat16, as mergekit sums them), so the results are
+mergekit's, bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from pearl_edu.core.linear import common_dtype
+
+# Below these, an L1 norm counts as zero (nothing to rescale) and a sum of weights as zero
+# (nothing to divide by): mergekit's thresholds.
+L1_EPS = 1e-7
+WEIGHT_SUM_EPS = 1e-8
+
+
+def task_vectors(
+    base: torch.Tensor, others: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    r"""The base and the task vectors $\delta_i = \theta_i - \theta_\text{base}$.
+
+    All in the inputs' common dtype: mergekit promotes before it subtracts."""
+    common = common_dtype([base, *others])
+    base = base.to(common)
+    return base, [other.to(common) - base for other in others]
+
+
+def rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
+    r"""``tensor * mask``, scaled back to the L1 norm of ``tensor`` when ``rescale``.
+
+    $$ \frac{\lVert \delta \rVert_1}{\lVert m \odot \delta \rVert_1}\; m \odot \delta $$
+
+    Nothing is rescaled when either norm is below 1e-7 (nothing there, or nothing kept).
+    """
+    masked = tensor * mask
+    if not rescale:
+        return masked
+    before, after = tensor.abs().sum(), masked.abs().sum()
+    if before < L1_EPS or after < L1_EPS:
+        return masked
+    return masked * (before / after)
+
+
+def magnitude_prune(delta: torch.Tensor, density: float, *, rescale: bool = False) -> torch.Tensor:
+    r"""TIES' trim: keep the ``density`` fraction of ``delta``'s entries largest in magnitude.
+
+    $$ \operatorname{trim}_\rho(\delta)_j = \delta_j\, [\, |\delta_j| \text{ is among the }
+       k = \max(1, \lfloor \rho N \rfloor) \text{ largest} \,] $$
+
+    Among equal magnitudes, ``torch.argsort`` decides which survive, as in mergekit.
+    """
+    if density >= 1:
+        return delta
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros_like(delta)
+    keep = max(1, int(density * delta.numel()))
+    # Ranked in float32 on the CPU: mergekit's choice (argsort of bfloat16 is slow there).
+    magnitudes = delta.abs().reshape(-1)
+    if magnitudes.device.type == "cpu":
+        magnitudes = magnitudes.float()
+    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
+    mask[torch.argsort(magnitudes, descending=True)[:keep]] = 1
+    return rescaled(delta, mask.reshape_as(delta), rescale)
+
+
+def random_drop(
+    delta: torch.Tensor,
+    density: float,
+    generator: torch.Generator | None = None,
+    *,
+    rescale: bool = True,
+) -> torch.Tensor:
+    r"""DARE's drop: keep each entry with probability ``density``; rescale to the L1 norm.
+
+    $$ \operatorname{drop}_\rho(\delta) = \frac{\lVert \delta \rVert_1}{\lVert m \odot \delta
+       \rVert_1}\; m \odot \delta, \qquad m_j \sim \operatorname{Bernoulli}(\rho) $$
+
+    (The DARE paper divides by $\rho$, which keeps the norm only on average.) The mask is
+    mergekit's draw on the CPU: ``torch.bernoulli`` of ``density`` in bfloat16 for bfloat16
+    deltas (0.3 becomes 0.30078125) and float32 otherwise, from ``generator`` (torch's
+    global generator, as in mergekit, when ``None``).
+    """
+    if density >= 1:
+        return delta
+    work = torch.bfloat16 if delta.dtype == torch.bfloat16 else torch.float32
+    probability = torch.full_like(delta, density, dtype=work)
+    mask = torch.bernoulli(probability, generator=generator)
+    return rescaled(delta.to(work), mask, rescale).to(delta.dtype)
+
+
+def elect_signs(weighted_deltas: torch.Tensor) -> torch.Tensor:
+    r"""TIES' sign election: where each weighted delta agrees with the sign of their sum.
+
+    For the stacked $w_i \delta_i$ (first axis: the models):
+
+    $$ s = \operatorname{sgn}\Bigl(\sum_i w_i \delta_i\Bigr) \ (\text{zero counts as } +1),
+       \qquad \operatorname{agree}_{ij} = [\operatorname{sgn}(w_i \delta_{ij}) = s_j] $$
+
+    An entry that is exactly zero (trimmed, dropped or unchanged) never agrees.
+    (mergekit's ``int8_mask`` only stores these signs in less memory: same result.)
+    """
+    signs = weighted_deltas.sign()
+    elected = (weighted_deltas.sum(dim=0) >= 0).to(signs.dtype) * 2 - 1
+    return signs == elected
+
+
+def combine(
+    base: torch.Tensor,
+    deltas: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    sign_election: bool = False,
+    normalize: bool = False,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    r"""Add weighted task vectors to the base: the last step of every task-vector method.
+
+    $$ \theta = \theta_\text{base} + \lambda\, \frac{\sum_i w_i\, \delta_i}{D} $$
+
+    with $\lambda$ = ``scale`` (the YAML's ``lambda``) and $D = \sum_i w_i$ when
+    ``normalize`` (else 1). With ``sign_election`` (TIES), only the entries that agree
+    with the elected sign are summed, and $D$ sums the weights of the agreeing entries,
+    entry by entry. A divisor of 0 is taken as 1.
+    """
+    if len(deltas) != len(weights):
+        raise ValueError(f"{len(deltas)} task vectors but {len(weights)} weights")
+    if not deltas:
+        return base
+    stacked = torch.stack([delta.to(base.dtype) for delta in deltas])
+    # The weights take the tensors' dtype (bfloat16 rounds 0.3 to 0.30078125), as in mergekit.
+    w = torch.tensor(list(weights), dtype=base.dtype, device=base.device)
+    w = w.reshape((len(deltas),) + (1,) * base.dim())
+    stacked = stacked * w
+    if sign_election:
+        agree = elect_signs(stacked)
+        mixed = (stacked * agree).sum(dim=0)
+        divisor = (w * agree).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = stacked.sum(dim=0)
+        divisor = w.sum(dim=0)
+        divisor[divisor.abs() < WEIGHT_SUM_EPS] = 1
+    if normalize:
+        mixed = mixed / divisor
+    if scale != 1:
+        mixed = mixed * scale
+    return (base + mixed).to(base.dtype)
+
+
+def task_arithmetic(
+    base: torch.Tensor,
+    others: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    normalize: bool = False,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    r"""Task arithmetic: $\theta_\text{base} + \lambda \sum_i w_i \delta_i$ (see `combine`)."""
+    base, deltas = task_vectors(base, others)
+    return combine(base, deltas, weights, normalize=normalize, scale=scale)
+
+
+def ties(
+    base: torch.Tensor,
+    others: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    *,
+    normalize: bool = True,
+    scale: float = 1.0,
+    rescale: bool = False,
+) -> torch.Tensor:
+    r"""TIES: trim each task vector, elect signs, average the agreeing entries.
+
+    $$ \theta = \theta_\text{base} + \lambda\,
+       \frac{\sum_i w_i\, \operatorname{trim}_{\rho_i}(\delta_i)\, [\text{agrees}]}
+            {\sum_i w_i\, [\text{agrees}]} $$
+    """
+    base, deltas = task_vectors(base, others)
+    trimmed = [
+        magnitude_prune(delta, density, rescale=rescale)
+        for delta, density in zip(deltas, densities, strict=True)
+    ]
+    return combine(base, trimmed, weights, sign_election=True, normalize=normalize, scale=scale)
+
+
+def dare(
+    base: torch.Tensor,
+    others: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    generators: Sequence[torch.Generator | None] | None = None,
+    *,
+    sign_election: bool = False,
+    normalize: bool = False,
+    scale: float = 1.0,
+    rescale: bool = True,
+) -> torch.Tensor:
+    r"""DARE: drop task-vector entries at random, rescale, add (``dare_linear``).
+
+    $$ \theta = \theta_\text{base} + \lambda\, \frac{\sum_i w_i\,
+       \operatorname{drop}_{\rho_i}(\delta_i)}{D} $$
+
+    Model ``i`` draws from ``generators[i]``; with ``None`` (the default), every model
+    draws in turn from torch's global generator, as mergekit does. With ``sign_election``
+    it is ``dare_ties``: the dropped deltas go through TIES' election.
+    """
+    base, deltas = task_vectors(base, others)
+    generators = generators if generators is not None else [None] * len(deltas)
+    dropped = [
+        random_drop(delta, density, generator, rescale=rescale)
+        for delta, density, generator in zip(deltas, densities, generators, strict=True)
+    ]
+    return combine(
+        base, dropped, weights, sign_election=sign_election, normalize=normalize, scale=scale
+    )

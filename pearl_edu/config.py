@@ -31,14 +31,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from pearl_edu.errors import ConfigError
 from pearl_edu.methods import METHODS, known_methods
 from pearl_edu.recipes import recipe_path
 
-# mergekit's dtype names (`torch.` prefixed forms are accepted too).
-DTYPES = ("bfloat16", "float16", "float32", "float64")
+# The one table of dtype names in configs and config.json: mergekit's floating names
+# (mergekit 0.1.5's `dtype_from_name`; `torch.` prefixed forms are accepted too) and the
+# torch dtypes they mean. (mergekit also reads int64, which no merge can compute in.)
+DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 # A filter of "*" matches every tensor in mergekit, like an entry without a filter.
 MATCH_ALL = "*"
 # Parameters that later methods take as booleans (stored as 1.0 / 0.0).
@@ -377,17 +386,24 @@ def _optional_model_ref(entry: Mapping[str, Any], name: str, where: str, key: st
     return None if entry.get(name) is None else _model_ref(entry, name, where, key)
 
 
+def torch_dtype(value: Any, *, where: str, key: str) -> torch.dtype:
+    """The torch dtype of a dtype name as mergekit spells it (``bfloat16``, ``torch.float16``).
+
+    Anything else is a `ConfigError` naming ``where`` (the config file) and ``key``.
+    """
+    plain = value.removeprefix("torch.") if isinstance(value, str) else value
+    dtype = DTYPES.get(plain) if isinstance(plain, str) else None
+    if dtype is None:
+        raise ConfigError(f"{where}: {key}: unknown dtype {value!r}; known: {', '.join(DTYPES)}")
+    return dtype
+
+
 def _dtype(raw: Mapping[str, Any], name: str, where: str) -> str | None:
     """A dtype name as mergekit spells it (``bfloat16``, ``torch.float16`` ...), or None."""
     value = raw.get(name)
     if value is None:
         return None
-    plain = (
-        value[len("torch.") :] if isinstance(value, str) and value.startswith("torch.") else value
-    )
-    if plain not in DTYPES:
-        raise ConfigError(f"{where}: {name}: unknown dtype {value!r}; known: {', '.join(DTYPES)}")
-    return plain
+    return DTYPE_NAMES[torch_dtype(value, where=where, key=name)]
 
 
 def _random_seed(raw: Mapping[str, Any], where: str) -> int:

@@ -18,7 +18,9 @@ Everything else is there to make that loop safe and fast:
   Fresh memory and the page cache are avoided because on the machines measured (see the
   book's performance appendix) touching new pages cost as much as the arithmetic.
 - **a folder that only looks complete when it is complete**: everything is written into
-  a hidden sibling folder ``.<name>.partial`` and renamed to ``<name>`` at the end.
+  a hidden sibling folder ``.<name>.partial`` and renamed to ``<name>`` at the end. A
+  write that fails (a full disk, no permission) is a one-line `OutputError` naming the
+  file and what to do; the half-written shard is deleted, finished ones are kept.
 - **resume**: each shard is written as ``.tmp`` and renamed when complete, and a manifest
   records which merge the partial folder belongs to; rerunning the same merge after an
   interruption (even ``kill -9``) skips the finished shards and produces byte-identical
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import functools
 import hashlib
 import json
@@ -52,7 +55,7 @@ import torch
 import yaml
 
 from pearl_edu._version import __version__
-from pearl_edu.config import MergeConfig, load_config
+from pearl_edu.config import DTYPE_NAMES, MergeConfig, load_config, torch_dtype
 from pearl_edu.devices import resolve_device
 from pearl_edu.errors import ConfigError, ModelError, OutputError
 from pearl_edu.hub import resolve_model
@@ -66,7 +69,13 @@ from pearl_edu.io import (
     layout_shards,
     read_header,
 )
-from pearl_edu.methods import METHODS, keep_host_copy, merge_tensor
+from pearl_edu.methods import (
+    METHODS,
+    keep_host_copy,
+    merge_tensor,
+    set_threads_for_new_threads,
+    threads_for_new_threads,
+)
 from pearl_edu.plan import MergePlan, TensorPlan, plan
 
 MANIFEST = ".pearl-edu-merge.json"
@@ -86,17 +95,6 @@ TOKENIZER_FILES = (
     "vocab.txt",
     "chat_template.jinja",
 )
-DTYPES = {
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-}
-DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
 @dataclass(frozen=True)
@@ -136,7 +134,9 @@ def merge(
         config = load_config(config)
     compute_device = resolve_device(device)
     max_shard_bytes = parse_size(shard_size)
-    compute_dtype = torch_dtype(config.dtype, key="dtype") if config.dtype else None
+    compute_dtype = (
+        torch_dtype(config.dtype, where=config.source, key="dtype") if config.dtype else None
+    )
     model_dirs = {ref: resolve_model(ref) for ref in config.models()}
     output_dir = Path(output_dir).expanduser().absolute()
     check_output_dir(output_dir, model_dirs.values(), force=force)
@@ -150,7 +150,8 @@ def merge(
         max_shard_bytes,
     )
     partial = partial_dir(output_dir)
-    finished = prepare_partial_dir(partial, merge_identity(merge_plan, shards, headers), shards)
+    with writing(partial):
+        finished = prepare_partial_dir(partial, merge_identity(merge_plan, shards, headers), shards)
     shard_of = {t.name: shard.file_name for shard in shards for t in shard.tensors}
     jobs = [job for job in merge_plan.tensors if shard_of[job.name] not in finished]
 
@@ -163,43 +164,52 @@ def merge(
     write_behind = WriteBehind(writer)
     outputs = OutputBuffers(pinned=compute_device.type == "cuda")
     return_freed_memory_to_the_system()
-    try:
-        with math_threads(threads, compute_device):
-            for job, inputs in read_ahead(
-                jobs, readers, dtype=compute_dtype, device=compute_device
-            ):
-                buffer = outputs.take(job.nbytes + DIRECT_ALIGNMENT)
-                result = aligned_view(buffer, job, writer.file_offset(job.name))
-                base = inputs[job.base_index]
-                merged = merge_tensor(
-                    job.method,
-                    inputs,
-                    job.base_index,
-                    job.params,
-                    input_params=job.input_params or None,
-                    seed=job.seed,
-                    name=job.name,
-                    out=result
-                    if base.device == result.device and base.dtype == job.dtype
-                    else None,
-                )
-                if merged is not result:
-                    result.copy_(merged)  # a cast, a copy from the GPU, or an input itself
-                del merged
-                write_behind.write(job.name, result, then=functools.partial(outputs.give, buffer))
-                bar.update(job.nbytes)
-            write_behind.finish()
-    finally:
-        bar.close()
-        write_behind.close()
-        writer.close()
-        for reader in readers.values():
-            reader.close()
-
-    writer.write_index()
     base_dir = model_dirs[merge_plan.base_model]
-    write_model_files(partial, config, merge_plan, base_dir, output_dir.name)
-    publish(partial, output_dir)
+    try:
+        try:
+            with math_threads(threads, compute_device):
+                for job, inputs in read_ahead(
+                    jobs, readers, dtype=compute_dtype, device=compute_device
+                ):
+                    buffer = outputs.take(job.nbytes + DIRECT_ALIGNMENT)
+                    result = aligned_view(buffer, job, writer.file_offset(job.name))
+                    base = inputs[job.base_index]
+                    merged = merge_tensor(
+                        job.method,
+                        inputs,
+                        job.base_index,
+                        job.params,
+                        input_params=job.input_params or None,
+                        seed=job.seed,
+                        name=job.name,
+                        out=result
+                        if base.device == result.device and base.dtype == job.dtype
+                        else None,
+                    )
+                    if merged is not result:
+                        result.copy_(merged)  # a cast, a copy from the GPU, or an input itself
+                    del merged
+                    write_behind.write(
+                        job.name, result, then=functools.partial(outputs.give, buffer)
+                    )
+                    bar.update(job.nbytes)
+                write_behind.finish()
+        finally:
+            bar.close()
+            write_behind.close()
+            with contextlib.suppress(OSError):  # an abandoned shard: the error is raised
+                writer.close()
+            for reader in readers.values():
+                reader.close()
+        with writing(partial):
+            writer.write_index()
+            write_model_files(partial, config, merge_plan, base_dir, output_dir.name)
+            publish(partial, output_dir)
+    except OutputError:
+        # A failed write (a full disk...) leaves no half-written file behind: the final
+        # folder does not exist yet, and the partial one keeps finished shards only.
+        discard_unfinished(partial, shards)
+        raise
     return MergeResult(
         output_dir=output_dir,
         weight_files=tuple(shard.file_name for shard in shards),
@@ -221,7 +231,8 @@ def math_threads(threads: int | None, device: torch.device) -> Iterator[int]:
     mergekit on the same machine, the two agree bit for bit; another number can change a
     few elements by one unit in the last place. The reading and writing threads need
     almost no CPU (inputs are used in place from the page cache, outputs are written by
-    direct I/O), so the math can have every core.
+    direct I/O), so the math can have every core. Afterwards both of torch's settings are
+    as they were: this thread's, and the one that threads started later take.
     """
     previous = torch.get_num_threads()
     wanted = threads if threads is not None else previous
@@ -230,11 +241,15 @@ def math_threads(threads: int | None, device: torch.device) -> Iterator[int]:
     if device.type != "cpu":
         yield previous
         return
+    for_new_threads = threads_for_new_threads()
     torch.set_num_threads(wanted)
     try:
         yield wanted
     finally:
+        # Both settings: this thread's, and the one threads started later take (which
+        # `torch.set_num_threads` changes too).
         torch.set_num_threads(previous)
+        set_threads_for_new_threads(for_new_threads)
 
 
 def return_freed_memory_to_the_system() -> None:
@@ -467,7 +482,8 @@ class WriteBehind:
 
     At most ``pending`` tensors wait in line, which bounds the memory they hold. An error
     in the thread (a full disk) is raised in the merging thread at its next `write` or
-    at `finish`. Each tensor's ``then`` callback runs once it is written (or dropped
+    at `finish`; a failed write (`OSError`: a full disk, no permission) as a one-line
+    `OutputError`. Each tensor's ``then`` callback runs once it is written (or dropped
     after an error), to hand its buffer back.
     """
 
@@ -478,6 +494,7 @@ class WriteBehind:
         )
         self.error: BaseException | None = None
         self.written = 0
+        self.files = {t.name: writer.folder / s.file_name for s in writer.shards for t in s.tensors}
         self.thread = threading.Thread(target=self._write_all, name="pearl-edu-writer")
         self.thread.start()
 
@@ -508,6 +525,8 @@ class WriteBehind:
                     self.writer.write(name, tensor)
                     self.written += 1
                     kill_self_if_testing(self.written)
+            except OSError as err:  # a full disk: one line, raised in the merging thread
+                self.error = output_error(err, self.files[name])
             except BaseException as err:  # raised again in the merging thread
                 self.error = err
             finally:
@@ -551,14 +570,6 @@ def parse_size(size: str | int) -> int:
     return number
 
 
-def torch_dtype(name: str, *, key: str) -> torch.dtype:
-    """The torch dtype of a config's dtype name (``bfloat16``, ``float16``, ``float32``)."""
-    dtype = DTYPES.get(str(name).lower().removeprefix("torch."))
-    if dtype is None:
-        raise ConfigError(f"{key}: {name!r} is not a dtype; expected bfloat16, float16 or float32")
-    return dtype
-
-
 def check_output_dir(output_dir: Path, model_dirs: Sequence[Path], *, force: bool) -> None:
     """Refuse an output that would overwrite a model (its own input) or someone's files."""
     target = output_dir.resolve()
@@ -590,6 +601,34 @@ def check_input_shapes(jobs: Sequence[TensorPlan], headers: Mapping[str, ModelHe
 # --------------------------------------------------------------------------------------
 # The partial folder, resume and publishing
 # --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn an `OSError` raised inside into a one-line `OutputError` (see `output_error`)."""
+    try:
+        yield
+    except OSError as err:
+        raise output_error(err, Path(err.filename) if err.filename else path) from err
+
+
+def output_error(err: OSError, path: Path) -> OutputError:
+    """A failed write of ``path`` as a one-line error that says what to do about it.
+
+    The final output folder never exists half-written (it appears by renaming the finished
+    partial folder), so the advice is only about the cause: space or permissions.
+    """
+    if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        advice = (
+            "free some space (or choose an output folder on another disk) and run the merge "
+            "again; the shards already finished are kept and not rewritten"
+        )
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        advice = "choose an output folder you can write to, or change its permissions"
+    else:
+        advice = "check the output folder's disk and run the merge again"
+    reason = " ".join((err.strerror or str(err)).split())
+    return OutputError(f"{path}: cannot write the merged model: {reason}; {advice}")
 
 
 def partial_dir(output_dir: Path) -> Path:
@@ -659,6 +698,19 @@ def prepare_partial_dir(partial: Path, identity: str, shards: Sequence[Shard]) -
     return set()
 
 
+def discard_unfinished(partial: Path, shards: Sequence[Shard]) -> None:
+    """Delete what a failed write left half-written: the unfinished shard's ``.tmp``.
+
+    Finished shards stay for the rerun to resume from; a partial folder without any is
+    deleted whole.
+    """
+    with contextlib.suppress(OSError):
+        for leftover in partial.glob("*.tmp"):
+            leftover.unlink()
+        if not any((partial / shard.file_name).is_file() for shard in shards):
+            shutil.rmtree(partial)
+
+
 def read_identity(manifest: Path) -> str | None:
     """The merge identity recorded in a manifest, or None when it cannot be read."""
     try:
@@ -674,10 +726,16 @@ def publish(partial: Path, output_dir: Path) -> None:
     stray hidden file, never a partial folder that a rerun would not recognise.
     """
     retired = output_dir.parent / f".{output_dir.name}.replaced"
-    if output_dir.exists():
+    replacing = output_dir.exists()
+    if replacing:
         shutil.rmtree(retired, ignore_errors=True)
         os.replace(output_dir, retired)
-    os.replace(partial, output_dir)
+    try:
+        os.replace(partial, output_dir)
+    except OSError:
+        if replacing:  # put the old folder back rather than leave none
+            os.replace(retired, output_dir)
+        raise
     (output_dir / MANIFEST).unlink()
     shutil.rmtree(retired, ignore_errors=True)
 

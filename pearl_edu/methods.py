@@ -213,12 +213,43 @@ def _helper_thread() -> ThreadPoolExecutor:
     with _HELPER_LOCK:
         if _HELPER is None:
             _HELPER = ThreadPoolExecutor(
-                1,
-                thread_name_prefix="pearl-edu-math",
-                initializer=torch.set_num_threads,
-                initargs=(1,),
+                1, thread_name_prefix="pearl-edu-math", initializer=_use_one_math_thread
             )
         return _HELPER
+
+
+def _use_one_math_thread() -> None:
+    """Give the calling thread one torch thread, and leave every other thread's as it was.
+
+    `torch.set_num_threads` sets the calling thread's OpenMP setting, and also the number
+    that each thread started afterwards takes on its first torch operation: set here
+    alone, it would give every later thread of the process one thread. So the number new
+    threads take is read first, and put back afterwards from a short-lived thread of its
+    own (which leaves this thread's setting at one).
+    """
+    for_new_threads = torch.get_num_threads()  # a new thread's first call: what they get
+    torch.set_num_threads(1)
+    set_threads_for_new_threads(for_new_threads)
+
+
+def threads_for_new_threads() -> int:
+    """The number of torch threads that a thread started now would have."""
+    seen: list[int] = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    return seen[0]
+
+
+def set_threads_for_new_threads(count: int) -> None:
+    """Make threads started from now on use ``count`` torch threads; this thread's stays.
+
+    torch keeps one process-wide number that new threads take, and sets it on every
+    `torch.set_num_threads`; calling that from a throwaway thread changes only this number.
+    """
+    thread = threading.Thread(target=torch.set_num_threads, args=(count,))
+    thread.start()
+    thread.join()
 
 
 def keep_host_copy(tensor: torch.Tensor, host: torch.Tensor) -> torch.Tensor:

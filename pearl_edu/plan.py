@@ -38,7 +38,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from pearl_edu.config import BOOLEAN_PARAMETERS, FilterRule, MergeConfig, ParamSpec
+from pearl_edu.config import BOOLEAN_PARAMETERS, FilterRule, MergeConfig, ParamSpec, torch_dtype
 from pearl_edu.errors import ConfigError, ModelError
 from pearl_edu.methods import METHODS, tensor_seed
 
@@ -788,7 +788,11 @@ def _result_dtype(config: MergeConfig, metas: Sequence[TensorInfo], base: int) -
 def _output_dtype(config: MergeConfig, base_dtype: torch.dtype) -> torch.dtype:
     """``out_dtype``, else the config's ``dtype``, else the base tensor's dtype."""
     name = config.out_dtype or config.dtype
-    return getattr(torch, name) if name else base_dtype
+    return (
+        torch_dtype(name, where=config.source, key="out_dtype" if config.out_dtype else "dtype")
+        if name
+        else base_dtype
+    )
 
 
 # ---------------------------------------------------------------------------------------

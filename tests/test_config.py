@@ -313,6 +313,34 @@ def test_bad_dtype_names(key):
     assert "bfloat16" in message
 
 
+@pytest.mark.parametrize("key", ["dtype", "out_dtype"])
+@pytest.mark.parametrize("name", ["bfloat16", "float16", "float32", "float64"])
+def test_dtype_names_are_mergekits(key, name):
+    import torch
+    from mergekit.common import dtype_from_name
+
+    from pearl_edu.config import DTYPES, torch_dtype
+
+    for spelled in (name, f"torch.{name}"):
+        config = load_config(_slerp(extra=f"{key}: {spelled}\n"))
+        assert getattr(config, key) == name
+        assert torch_dtype(spelled, where="x", key=key) == DTYPES[name] == getattr(torch, name)
+        assert dtype_from_name(spelled) == DTYPES[name]
+
+
+def test_the_dtype_table_is_mergekits_floating_dtypes():
+    import torch
+    from mergekit.common import dtype_from_name
+
+    from pearl_edu.config import DTYPE_NAMES, DTYPES
+
+    assert set(DTYPES.values()) == {torch.bfloat16, torch.float16, torch.float32, torch.float64}
+    assert all(dtype_from_name(name) == dtype for name, dtype in DTYPES.items())
+    assert all(DTYPES[name] == dtype for dtype, name in DTYPE_NAMES.items())
+    with pytest.raises(RuntimeError):  # mergekit refuses what is refused here
+        dtype_from_name("bf16")
+
+
 def test_base_model_must_be_among_the_slice_sources():
     message = _config_error(_slerp().replace("base_model: org/a", "base_model: org/z"))
     assert "base_model: 'org/z' is not among the models of slices[0]" in message

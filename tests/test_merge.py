@@ -121,6 +121,34 @@ def test_without_dtype_the_result_takes_the_base_dtype(pair, tmp_path):
     assert hf_config["torch_dtype"] == hf_config["dtype"] == "float16"
 
 
+def test_float64_merges_as_it_plans(pair, tmp_path):
+    # `pearl-edu plan` accepts every dtype mergekit reads; the merge computes in float64 too.
+    a, b = pair
+    config = slerp_config(a, b, dtype="float64")
+    planned = plan(load_config(config), {ref: read_header(ref) for ref in (str(a), str(b))})
+    assert {job.dtype for job in planned.tensors} == {torch.float64}
+    result = merge(config, tmp_path / "out", device="cpu", progress=False)
+    written = load_state_dict(result.output_dir)
+    expected = expected_weights(config)
+    assert all(written[n].dtype == torch.float64 for n in expected)
+    assert all(torch.equal(written[n], expected[n]) for n in expected)
+    hf_config = json.loads((result.output_dir / "config.json").read_text())
+    assert hf_config["torch_dtype"] == hf_config["dtype"] == "float64"
+
+
+def test_an_unknown_dtype_is_refused_alike_by_plan_and_merge(pair, tmp_path):
+    a, b = pair
+    config_file = tmp_path / "merge.yml"
+    config_file.write_text(slerp_config(a, b, dtype="bf16"))
+    with pytest.raises(ConfigError) as planned:
+        load_config(config_file)
+    with pytest.raises(ConfigError) as merged:
+        merge(config_file, tmp_path / "out", progress=False)
+    assert str(planned.value) == str(merged.value)
+    assert str(planned.value).startswith(f"{config_file}: dtype: unknown dtype 'bf16'")
+    assert_nothing_written(tmp_path / "out")
+
+
 def test_sharded_and_bin_inputs_give_the_same_bytes(tmp_path):
     plain_a = make_tiny_model(tmp_path / "plain-a", num_layers=2)
     plain_b = make_tiny_model(tmp_path / "plain-b", base=plain_a, noise=0.5, seed=2)
@@ -587,3 +615,19 @@ def test_math_threads_defaults_to_torchs_and_restores_the_setting():
     assert torch.get_num_threads() == before
     with pytest.raises(ConfigError, match="threads"), math_threads(0, torch.device("cpu")):
         pass
+
+
+def test_a_merge_leaves_torchs_thread_settings_as_they_were(pair, tmp_path):
+    # torch has two settings: this thread's, and the one threads started later take;
+    # torch.set_num_threads sets both, so restoring this thread's alone would not do.
+    from pearl_edu.methods import set_threads_for_new_threads, threads_for_new_threads
+
+    threads, for_new = torch.get_num_threads(), threads_for_new_threads()
+    set_threads_for_new_threads(threads + 1)  # the two differ, as another thread may leave them
+    try:
+        for used in (1, None):
+            merge(slerp_config(*pair), tmp_path / f"out-{used}", threads=used, progress=False)
+            assert torch.get_num_threads() == threads
+            assert threads_for_new_threads() == threads + 1
+    finally:
+        set_threads_for_new_threads(for_new)

@@ -287,6 +287,39 @@ def test_the_norms_taken_side_by_side_equal_the_norms_taken_in_turn(monkeypatch)
         torch.set_num_threads(threads)
 
 
+def test_slerp_leaves_torchs_thread_settings_as_they_were(monkeypatch):
+    # The helper thread runs torch on one thread; torch.set_num_threads also sets the number
+    # that threads started later take, which must stay as it was, as must this thread's.
+    v0, v1 = _pair(13, (3000, 1000), correlation=0.5, dtype=torch.bfloat16)  # 3 chunks
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))  # more than one: the helper thread is used
+    monkeypatch.setattr(methods, "_HELPER", None)  # a helper of its own, started afresh
+    try:
+        before = torch.get_num_threads(), methods.threads_for_new_threads()
+        slerp(v0, v1, 0.3)
+        assert methods._HELPER is not None, "the helper thread was used"
+        assert (torch.get_num_threads(), methods.threads_for_new_threads()) == before
+        assert methods._HELPER.submit(torch.get_num_threads).result() == 1
+        slerp(v0, v1, 0.6)
+        assert (torch.get_num_threads(), methods.threads_for_new_threads()) == before
+    finally:
+        if methods._HELPER is not None:
+            methods._HELPER.shutdown()
+        torch.set_num_threads(threads)
+
+
+def test_the_thread_count_of_new_threads_is_read_and_set_without_changing_this_threads():
+    threads = torch.get_num_threads()
+    for_new = methods.threads_for_new_threads()
+    try:
+        methods.set_threads_for_new_threads(for_new + 1)
+        assert torch.get_num_threads() == threads
+        assert methods.threads_for_new_threads() == for_new + 1
+    finally:
+        methods.set_threads_for_new_threads(for_new)
+    assert methods.threads_for_new_threads() == for_new
+
+
 def test_agrees_with_mergekit_in_the_lerp_region_bit_for_bit():
     v0, _ = _pair(1, (256, 64), dtype=torch.bfloat16)
     v1 = (v0.float() * 1.01).to(torch.bfloat16)

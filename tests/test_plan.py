@@ -329,6 +329,9 @@ def test_output_dtype():
         assert {t.dtype for t in merge_plan.tensors} == {expected}
     sized = plan(load_config(slerp_yaml(two_model_slice(), extra="out_dtype: float32\n")), headers)
     assert sized.total_bytes == sum(int(np.prod(t.shape)) * 4 for t in sized.tensors)
+    wide = plan(load_config(slerp_yaml(two_model_slice(), extra="dtype: float64\n")), headers)
+    assert {t.dtype for t in wide.tensors} == {torch.float64}  # as mergekit: float64 merges
+    assert {t["dtype"] for t in wide.to_dict()["tensors"]} == {"float64"}
 
 
 def test_real_toy_model_headers(tmp_path):

@@ -21,13 +21,19 @@ before the first tensor is merged (the plan gives every shape and dtype), so eac
 goes to disk as soon as it exists, past the page cache where the file system allows
 (`SequentialFile`). A shard is written as ``<file>.tmp`` and renamed when complete: a
 shard file that exists is a complete shard.
+
+The fast paths are Linux's (``os.preadv``, ``O_DIRECT``, ``madvise``). Each is looked up
+once, when this module is imported; where one is missing (macOS lacks ``O_DIRECT``,
+Windows has none of them, nor ``fcntl``) a portable equivalent takes its place, and the
+files written hold the same bytes. Every file is opened in binary mode (``os.O_BINARY``
+where it exists), without which Windows would translate line endings inside the weights.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
+import io
 import json
 import math
 import mmap
@@ -35,6 +41,8 @@ import os
 import pickle
 import re
 import struct
+import sys
+import threading
 import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -75,8 +83,67 @@ BIN_REMAP_BYTES = 64 * 1024**2
 # Direct writes go through a staging buffer of this size, aligned for the device.
 STAGING_BYTES = 32 * 1024**2
 DIRECT_ALIGNMENT = 4096
-# madvise(2): map a range's pages now (Linux >= 5.14); Python's mmap module lacks the name.
-MADV_POPULATE_READ = 22
+
+# --------------------------------------------------------------------------------------
+# What this system offers, looked up once (tests hide features before importing this)
+# --------------------------------------------------------------------------------------
+
+try:
+    import fcntl  # absent on Windows
+except ImportError:
+    fcntl = None
+
+# Binary mode for os.open: 0 except on Windows, whose default (text) mode would turn every
+# byte 10 written into 13 10, and stop reading at the first byte 26.
+O_BINARY: int = getattr(os, "O_BINARY", 0)
+# Writes past the page cache: Linux's O_DIRECT, which `SequentialFile` can also turn off
+# on an open file (with fcntl) when a file system refuses a direct write.
+O_DIRECT: int | None = getattr(os, "O_DIRECT", None) if fcntl is not None else None
+# Advice for a mapped range; None where the mmap module has no madvise (Windows).
+MADV_WILLNEED: int | None = (
+    getattr(mmap, "MADV_WILLNEED", None) if hasattr(mmap.mmap, "madvise") else None
+)
+# madvise(2): map a range's pages now (Linux >= 5.14); Python's mmap module lacks the name,
+# and on other systems the number would mean another thing or nothing.
+MADV_POPULATE_READ: int | None = (
+    22 if MADV_WILLNEED is not None and sys.platform.startswith("linux") else None
+)
+
+# Positioned reads, best first: into the caller's memory (preadv), through a bytes object
+# (pread, macOS before 11), or by seek and read (Windows), one reader at a time.
+_SEEK_LOCK = threading.Lock()
+
+
+def read_at_preadv(fd: int, view: memoryview, offset: int) -> int:
+    """Read into ``view`` from byte ``offset`` of ``fd``; the count read (0 at the end)."""
+    return os.preadv(fd, [view], offset)
+
+
+def read_at_pread(fd: int, view: memoryview, offset: int) -> int:
+    """`read_at_preadv` where only ``os.pread`` exists: one copy more."""
+    data = os.pread(fd, len(view), offset)
+    view[: len(data)] = data
+    return len(data)
+
+
+def read_at_seek(fd: int, view: memoryview, offset: int) -> int:
+    """`read_at_preadv` without positioned reads: seek, then read into ``view``.
+
+    A file position is shared by every thread using the descriptor, so the seek and the
+    read happen under a lock.
+    """
+    with _SEEK_LOCK:
+        os.lseek(fd, offset, os.SEEK_SET)
+        with io.FileIO(fd, "rb", closefd=False) as file:
+            return file.readinto(view)
+
+
+if hasattr(os, "preadv"):
+    read_at = read_at_preadv
+elif hasattr(os, "pread"):
+    read_at = read_at_pread
+else:
+    read_at = read_at_seek
 
 
 # --------------------------------------------------------------------------------------
@@ -364,9 +431,10 @@ class ModelReader:
             )
         start = meta.offset - meta.offset % mmap.ALLOCATIONGRANULARITY
         region = mmap.mmap(fd, end - start, offset=start, access=mmap.ACCESS_COPY)
-        with contextlib.suppress(AttributeError, OSError):  # advice only
-            region.madvise(mmap.MADV_WILLNEED)
-        if populate:
+        if MADV_WILLNEED is not None:
+            with contextlib.suppress(OSError):  # advice only
+                region.madvise(MADV_WILLNEED)
+        if populate and MADV_POPULATE_READ is not None:
             with contextlib.suppress(OSError):  # Linux >= 5.14; elsewhere pages fault in
                 region.madvise(MADV_POPULATE_READ)
         raw = torch.frombuffer(
@@ -391,7 +459,7 @@ class ModelReader:
         fd = self._fds.get(file)
         if fd is None:
             try:
-                fd = self._fds[file] = os.open(file, os.O_RDONLY)
+                fd = self._fds[file] = os.open(file, os.O_RDONLY | O_BINARY)
             except OSError as err:
                 raise ModelError(f"{file}: cannot open weight file ({err.strerror})") from None
         return fd
@@ -401,7 +469,7 @@ class ModelReader:
         view = memoryview(raw.numpy())
         done = 0
         while done < meta.nbytes:  # a positioned read may return fewer bytes than asked
-            got = os.preadv(fd, [view[done:]], meta.offset + done)
+            got = read_at(fd, view[done:], meta.offset + done)
             if got == 0:
                 raise ModelError(
                     f"{meta.file}: truncated, tensor {meta.name} needs bytes up to "
@@ -578,7 +646,8 @@ class ShardedWriter:
         if len(self.shards) < 2:
             return None
         path = self.folder / SAFETENSORS_INDEX
-        path.write_text(json.dumps(self.index(), indent=2, sort_keys=True) + "\n")
+        text = json.dumps(self.index(), indent=2, sort_keys=True) + "\n"
+        path.write_text(text, encoding="utf-8", newline="\n")  # "\n" on Windows too
         return path
 
     def _open(self, index: int) -> None:
@@ -611,18 +680,18 @@ class SequentialFile:
     aligned memory, sizes and offsets, so the bytes are gathered in an aligned staging
     buffer and written out whenever it is full; the last, partial block is padded and the
     file cut back to its true length. Where ``O_DIRECT`` is refused (tmpfs, some network
-    file systems, other systems than Linux) the file is written through the page cache.
+    file systems) or missing (macOS, Windows) the file is written through the page cache.
     `finish` makes the file durable (``fsync``) before it returns.
     """
 
     def __init__(self, path: Path, *, direct: bool = True) -> None:
         self.path = Path(path)
         self.size = 0
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_BINARY
         self.fd = -1
-        if direct and hasattr(os, "O_DIRECT"):
+        if direct and O_DIRECT is not None:
             try:
-                self.fd = os.open(self.path, flags | os.O_DIRECT, 0o644)
+                self.fd = os.open(self.path, flags | O_DIRECT, 0o644)
             except OSError:
                 self.fd = -1
         self.direct = self.fd >= 0
@@ -730,5 +799,5 @@ class SequentialFile:
 
     def _buffered_from_now_on(self) -> None:
         flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
-        fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~O_DIRECT)
         self._direct_now = False

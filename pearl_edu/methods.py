@@ -439,7 +439,10 @@ def random_drop(
     # mergekit works in bfloat16 for bfloat16 tensors and in float32 otherwise.
     work = torch.bfloat16 if delta.dtype == torch.bfloat16 else torch.float32
     draws = torch.rand(delta.shape, generator=generator, dtype=torch.float32)
-    mask = (draws < density).to(device=delta.device, dtype=work)
+    # mergekit fills a tensor of the working dtype with the density: in bfloat16, 0.3 is
+    # stored as 0.30078125, and that is the probability its draws are compared with.
+    threshold = torch.tensor(density, dtype=work).item()
+    mask = (draws < threshold).to(device=delta.device, dtype=work)
     dropped = _rescaled(delta.to(work), mask, rescale)
     return dropped.to(delta.dtype)
 

@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="copy the base model's tokenizer files into OUTPUT_DIR (the default, as in "
-        "mergekit); --no-copy-tokenizer leaves them out (generation_config.json is kept)",
+        "mergekit); --no-copy-tokenizer leaves them out, with generation_config.json",
     )
     g.add_argument(
         "--out-shard-size",
@@ -275,7 +275,7 @@ def _with_random_seed(config: MergeConfig, seed: int) -> MergeConfig:
 
 def _run_merge(args: argparse.Namespace) -> int:
     from pearl_edu.config import load_config
-    from pearl_edu.merge import TOKENIZER_FILES, merge, parse_size
+    from pearl_edu.merge import merge, parse_size
     from pearl_edu.methods import METHODS
 
     shard_size = _shard_size(args)
@@ -308,12 +308,8 @@ def _run_merge(args: argparse.Namespace) -> int:
         force=args.force,
         progress=False if args.quiet else None,
         threads=args.threads,
+        copy_tokenizer=args.copy_tokenizer,
     )
-    if not args.copy_tokenizer:
-        # merge() always copies the base model's tokenizer files and has no switch for
-        # it; they are the only files of these names it writes, so they go again here.
-        for name in TOKENIZER_FILES:
-            (result.output_dir / name).unlink(missing_ok=True)
     resumed = f", {result.resumed_tensors} resumed" if result.resumed_tensors else ""
     print(
         f"merged {result.num_tensors} tensors{resumed} into {result.output_dir} "

@@ -113,7 +113,7 @@ def name_models_in_card(output_dir: str | Path, names: dict[str, str]) -> None:
         text = path.read_text(encoding="utf-8")
         for folder, name in names.items():
             text = text.replace(str(folder), name)
-        path.write_text(text, encoding="utf-8")
+        path.write_text(text, encoding="utf-8", newline="\n")
 
 
 # --------------------------------------------------------------------------------------
@@ -316,7 +316,7 @@ def add_chat_template(model_dir: str | Path, template: str = MISTRAL_CHAT_TEMPLA
     path = Path(model_dir) / "tokenizer_config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
     config["chat_template"] = template
-    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8", newline="\n")
 
 
 def mergekit_merge(config_yaml: str, output_dir: str | Path) -> Path:

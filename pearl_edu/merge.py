@@ -119,12 +119,14 @@ def merge(
     force: bool = False,
     progress: bool | None = None,
     threads: int | None = None,
+    copy_tokenizer: bool = True,
 ) -> MergeResult:
     """Merge the models of ``config`` into the Hugging Face model folder ``output_dir``.
 
     ``config`` is a `MergeConfig`, or anything `load_config` accepts (a YAML path, YAML
     text, a shipped recipe's name). ``progress=None`` shows a progress bar only on a
-    terminal; ``False`` never. ``threads`` is how many CPU threads the math may use on the
+    terminal; ``False`` never. ``copy_tokenizer=False`` leaves out the base model's
+    tokenizer and generation config, as mergekit's ``--no-copy-tokenizer`` does. ``threads`` is how many CPU threads the math may use on the
     CPU; by default torch's, as mergekit (see `math_threads`). Bad input raises a
     `PearlEduError` before anything is written.
     """
@@ -203,7 +205,9 @@ def merge(
                 reader.close()
         with writing(partial):
             writer.write_index()
-            write_model_files(partial, config, merge_plan, base_dir, output_dir.name)
+            write_model_files(
+                partial, config, merge_plan, base_dir, output_dir.name, copy_tokenizer
+            )
             publish(partial, output_dir)
     except OutputError:
         # A failed write (a full disk...) leaves no half-written file behind: the final
@@ -693,7 +697,7 @@ def prepare_partial_dir(partial: Path, identity: str, shards: Sequence[Shard]) -
     partial.mkdir(parents=True)
     temporary = partial / f"{MANIFEST}.tmp"
     record = {"identity": identity, "shards": [shard.file_name for shard in shards]}
-    temporary.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    temporary.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8", newline="\n")
     os.replace(temporary, manifest)
     return set()
 
@@ -746,16 +750,25 @@ def publish(partial: Path, output_dir: Path) -> None:
 
 
 def write_model_files(
-    folder: Path, config: MergeConfig, merge_plan: MergePlan, base_dir: Path, model_name: str
+    folder: Path,
+    config: MergeConfig,
+    merge_plan: MergePlan,
+    base_dir: Path,
+    model_name: str,
+    copy_tokenizer: bool = True,
 ) -> None:
-    """Write config.json, generation config, tokenizer, README.md and mergekit_config.yml."""
+    """Write config.json, generation config, tokenizer, README.md and mergekit_config.yml.
+
+    Text files get ``\n`` line endings on every system, so a merge's bytes do not depend on it.
+    """
     write_hf_config(folder, base_dir, merge_plan)
-    for name in ("generation_config.json", *TOKENIZER_FILES):
+    for name in ("generation_config.json", *TOKENIZER_FILES) if copy_tokenizer else ():
         if (base_dir / name).is_file():
             shutil.copyfile(base_dir / name, folder / name)
     config_yaml = yaml.safe_dump(config.raw, sort_keys=False, default_flow_style=None)
-    (folder / "mergekit_config.yml").write_text(config_yaml, encoding="utf-8")
-    (folder / "README.md").write_text(model_card(config, config_yaml, model_name), encoding="utf-8")
+    (folder / "mergekit_config.yml").write_text(config_yaml, encoding="utf-8", newline="\n")
+    card = model_card(config, config_yaml, model_name)
+    (folder / "README.md").write_text(card, encoding="utf-8", newline="\n")
 
 
 def write_hf_config(folder: Path, base_dir: Path, merge_plan: MergePlan) -> None:
@@ -768,7 +781,7 @@ def write_hf_config(folder: Path, base_dir: Path, merge_plan: MergePlan) -> None
         hf_config[key] = DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
     hf_config["num_hidden_layers"] = merge_plan.num_layers
     text = json.dumps(hf_config, indent=2) + "\n"
-    (folder / "config.json").write_text(text, encoding="utf-8")
+    (folder / "config.json").write_text(text, encoding="utf-8", newline="\n")
 
 
 def model_card(config: MergeConfig, config_yaml: str, model_name: str) -> str:
@@ -830,4 +843,4 @@ def kill_self_if_testing(tensors_written: int) -> None:
     """Simulate ``kill -9`` after N tensors when ``PEARL_EDU_KILL_AFTER_TENSORS=N`` is set."""
     limit = os.environ.get("PEARL_EDU_KILL_AFTER_TENSORS")
     if limit and tensors_written >= int(limit):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))  # Windows: no SIGKILL

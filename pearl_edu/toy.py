@@ -315,7 +315,9 @@ def write_tokenizer(model_dir: Path, vocab_size: int) -> None:
 
 def write_json(path: Path, data: dict) -> None:
     """Write ``data`` as indented JSON with a trailing newline, like HF does."""
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    path.write_text(
+        json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8", newline="\n"
+    )
 
 
 def edited_copy(

@@ -278,8 +278,11 @@ def test_no_copy_tokenizer_leaves_the_tokenizer_out(config_file, plain_merge, tm
     assert "tokenizer.json" in copied and "tokenizer_config.json" in copied
     assert not [name for name in TOKENIZER_FILES if (output / name).exists()]
     assert weight_files(output) == weight_files(plain_merge)
-    for name in ("config.json", "generation_config.json", "mergekit_config.yml"):
+    for name in ("config.json", "mergekit_config.yml"):
         assert (output / name).is_file()
+    # As mergekit: the generation config goes with the tokenizer.
+    assert (plain_merge / "generation_config.json").is_file()
+    assert not (output / "generation_config.json").exists()
     again = tmp_path / "again"
     assert main(["merge", str(config_file), str(again), "--quiet", "--copy-tokenizer"]) == 0
     assert all((again / name).is_file() for name in copied)

@@ -5,24 +5,13 @@ This module knows nothing of files, configs or layers. The engine calls
 :data:`METHODS`: SLERP, linear, task arithmetic, TIES, DARE (``dare_linear``) and DARE with
 TIES' sign election (``dare_ties``).
 
-SLERP follows mergekit's meaning exactly (see the book's equation ``eq:slerp``): the whole
-tensor is one vector, the angle comes from normalized copies, the weights are applied to the
-original tensors, and nearly parallel (or opposite) tensors fall back to linear
-interpolation. Arithmetic is float32 as in mergekit, and the sums behind the angle are
-taken in mergekit's order, chunk by chunk, so that the results agree with mergekit's bit for
-bit (see ``_cosine`` for why the order matters).
-
-Large tensors are processed in chunks of about a million elements, so that no full-size
-float32 copy of a 58M-element bfloat16 weight is ever made: memory stays at the output
-tensor plus a few small buffers. SLERP's elementwise steps (casts, divisions, products, the
-weighted sum) run in compiled loops, one pass each, when `pearl_edu.kernels` is built, and in
-torch otherwise; each operation is rounded alike either way, so the bits are the same.
-
-The other methods follow mergekit 0.1.5's arithmetic step by step (same operations, same
-order, same dtypes), so that they too agree with mergekit bit for bit on the CPU. They work
-on whole tensors: TIES must rank all of a task vector's entries to trim it, and the task
-vectors of all models are stacked to elect signs, so a merge of n models holds about n + 2
-copies of the largest tensor.
+Each method means what mergekit 0.1.5 means by it, bit for bit: the arithmetic is the
+reference core's (`pearl_edu.core`, plain torch that reads like the book's equations).
+SLERP, the method of the book's merge, runs on a backend (`pearl_edu.backends`) that gives
+the core's bits faster, and writes into the engine's reused output buffer; the others are
+the core's functions themselves. They work on whole tensors: TIES must rank all of a task
+vector's entries to trim it, and the task vectors of all models are stacked to elect
+signs, so a merge of n models holds a few copies of the largest tensor per model.
 
 Task vectors: with the base model's tensor $\theta_\text{base}$, each other model's tensor
 gives $\delta_i = \theta_i - \theta_\text{base}$, what fine-tuning changed. Task arithmetic
@@ -33,28 +22,27 @@ models vote on a sign per entry; DARE drops entries at random instead of trimmin
 from __future__ import annotations
 
 import hashlib
-import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from pearl_edu import kernels
+from pearl_edu import core
+from pearl_edu.backends import backend_for
+from pearl_edu.backends.cpu import (  # noqa: F401  (the engine's helpers, importable here)
+    keep_host_copy,
+    set_threads_for_new_threads,
+    threads_for_new_threads,
+)
+from pearl_edu.core.slerp import CHUNK_ELEMENTS, DOT_THRESHOLD, NORM_EPS  # noqa: F401
+from pearl_edu.core.task_vectors import (  # noqa: F401  (L1_EPS, WEIGHT_SUM_EPS: importable here)
+    L1_EPS,
+    WEIGHT_SUM_EPS,
+    rescaled,
+    task_vectors,
+)
 from pearl_edu.errors import ModelError
 
-# Below this angle, |cos theta| > 0.9995 (about 1.8 degrees), sin(theta) is too small to
-# divide by safely, so SLERP falls back to linear interpolation, as mergekit does.
-DOT_THRESHOLD = 0.9995
-# A tensor whose L2 norm is at most this is treated as "no direction" and left undivided.
-NORM_EPS = 1e-8
-# Elements per chunk: 4 MiB of float32 per buffer, small enough to stay in cache-friendly
-# sizes and large enough that the Python loop costs nothing measurable.
-CHUNK_ELEMENTS = 1 << 20
-# Below these, an L1 norm counts as zero (no rescaling) and a sum of weights as zero
-# (no division): mergekit's thresholds.
-L1_EPS = 1e-7
-WEIGHT_SUM_EPS = 1e-8
 # Tensor seeds stay below 2**62, so that seed + input index fits a generator's 64 bits.
 SEED_RANGE = 1 << 62
 
@@ -71,8 +59,7 @@ def lerp(
     dtype and device, receives the result (and is returned) instead of a new tensor.
     """
     _check_same_shape(v0, v1, name="tensor")
-    t_ = torch.tensor(t, dtype=_work_dtype(v0))
-    return _weighted_sum(v0, v1, 1 - t_, t_, out=out)
+    return backend_for(v0.device).lerp(v0, v1, t, out=out)
 
 
 def slerp(
@@ -96,257 +83,14 @@ def slerp(
     apply to the original tensors, so the result is not renormalized: its norm equals the
     inputs' only when their norms are equal. A norm at most ``eps`` is left undivided (an
     all-zero tensor gives $\cos\theta = 0$). ``t`` is not clamped. The result has ``v0``'s
-    dtype and device (on a GPU, the cosine is still summed on the CPU, so that the result
-    is the same, bit for bit); ``out``, a contiguous tensor of ``v0``'s shape, dtype and device,
+    dtype and device, and the bits of `pearl_edu.core.slerp` (on a GPU too: the cosine is
+    summed on the CPU). ``out``, a contiguous tensor of ``v0``'s shape, dtype and device,
     receives it (and is returned) instead of a new tensor, as the engine does with
     buffers it reuses.
     """
     _check_same_shape(v0, v1, name="tensor")
-    work = _work_dtype(v0)
-    # The scalars (cosine, angle, weights) are computed on the CPU whatever the tensors'
-    # device, so that a GPU gives the CPU's bits (see `_cosine`). Only the weighted sum,
-    # elementwise and so rounded alike everywhere, runs on the device.
-    t_ = torch.tensor(t, dtype=work)
-    if v0.numel() == 0:  # an empty tensor has no direction: nothing to interpolate
-        return _weighted_sum(v0, v1, 1 - t_, t_, out=out)
-    cos_theta = _cosine(_on_cpu(v0).reshape(-1), _on_cpu(v1).reshape(-1), eps=eps, work=work)
-
-    if abs(cos_theta.item()) > dot_threshold:
-        # Nearly parallel or opposite: sin(theta) ~ 0, so interpolate linearly instead.
-        return _weighted_sum(v0, v1, 1 - t_, t_, out=out)
-
-    # eq:slerp, with every scalar in the working precision, as mergekit computes it.
-    theta = torch.acos(cos_theta)
-    sin_theta = torch.sin(theta)
-    weight0 = torch.sin((1 - t_) * theta) / sin_theta
-    weight1 = torch.sin(t_ * theta) / sin_theta
-    return _weighted_sum(v0, v1, weight0, weight1, out=out)
-
-
-def _work_dtype(v: torch.Tensor) -> torch.dtype:
-    """The precision of the arithmetic: float32, or float64 for float64 inputs (as mergekit)."""
-    return torch.float64 if v.dtype == torch.float64 else torch.float32
-
-
-def _cosine(a: torch.Tensor, b: torch.Tensor, *, eps: float, work: torch.dtype) -> torch.Tensor:
-    r"""Cosine of the angle between two flat vectors, summed in mergekit's order.
-
-    $$ \cos\theta = \sum_i \frac{a_i}{\lVert a \rVert} \frac{b_i}{\lVert b \rVert} $$
-
-    where a norm of at most ``eps`` counts as 1 (the vector is not normalized).
-
-    A float32 sum of 10^8 terms depends on the order in which it is taken, and a different
-    cosine in its last digits changes the bfloat16 rounding of a fraction of the output.
-    To reproduce mergekit's models bit for bit, the sums are taken exactly as mergekit takes
-    them: per chunk of CHUNK_ELEMENTS, the norm of each chunk and then the norm of those norms;
-    then the dot product of the normalized chunks and the sum of the chunk sums. (Summing in
-    float64 would give a more accurate cosine, and outputs that differ from mergekit's.)
-
-    The sums are taken on the CPU even for tensors on a GPU, whose reductions add in
-    another order: measured on a full-size 7B pair, a GPU's cosines moved the bfloat16
-    rounding of 0.3% of the output's elements. The sums use the host copy the engine
-    read the tensor into (`keep_host_copy`); without one, the tensor is copied to the CPU
-    whole, in its own dtype, through pinned memory. The result is a CPU tensor.
-    """
-    a, b = _on_cpu(a), _on_cpu(b)
-    rows_a, rows_b = a.reshape(1, -1), b.reshape(1, -1)
-    # Reused scratch rows: a fresh 4 MiB tensor per chunk would cost page faults, not math.
-    size = min(CHUNK_ELEMENTS, a.numel())
-    scratch_a, scratch_b, products = (torch.empty((1, size), dtype=work) for _ in range(3))
-
-    def load(scratch: torch.Tensor, rows: torch.Tensor, part: slice) -> torch.Tensor:
-        chunk = scratch[:, : part.stop - part.start]
-        # The same values as rows[:, part].to(work); compiled, the cast needs no OpenMP
-        # team, which would contend with the other thread's.
-        if not kernels.widen(rows[:, part], chunk):
-            chunk.copy_(rows[:, part])
-        return chunk
-
-    def chunk_norms(rows: torch.Tensor, scratch: torch.Tensor) -> list[torch.Tensor]:
-        return [
-            torch.linalg.vector_norm(load(scratch, rows, part), dim=1, keepdim=True)
-            for part in _chunks(a.numel())
-        ]
-
-    # The norm of a row runs on one thread (its additions are in one fixed order whatever
-    # the thread count), so the two tensors' norms are taken side by side: b's by a helper
-    # thread, a's here. Same operations, same bits, about half the time. (Not when torch
-    # is given one thread: then the math keeps to one core.)
-    if a.numel() > CHUNK_ELEMENTS and torch.get_num_threads() > 1:
-        norms_b = _helper_thread().submit(chunk_norms, rows_b, scratch_b)
-        try:
-            norm_parts_a = chunk_norms(rows_a, scratch_a)
-        finally:
-            norm_parts_b = norms_b.result()
-    else:
-        norm_parts_a, norm_parts_b = chunk_norms(rows_a, scratch_a), chunk_norms(rows_b, scratch_b)
-    norm_a = _norm_or_one(torch.linalg.vector_norm(torch.stack(norm_parts_a), dim=0), eps)
-    norm_b = _norm_or_one(torch.linalg.vector_norm(torch.stack(norm_parts_b), dim=0), eps)
-    dot_parts = []
-    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
-    scale_a, scale_b = norm_a.item(), norm_b.item()
-    for part in _chunks(a.numel()):
-        xy = products[:, : part.stop - part.start]
-        # (a / |a|) * (b / |b|), one rounding per operation: in one compiled pass when the
-        # kernels take these tensors, else in torch's five. On one thread: torch's threads
-        # still spin after each sum, and more threads here would only fight them.
-        if not kernels.normalized_products(flat_a[part], flat_b[part], xy, scale_a, scale_b):
-            x = load(scratch_a, rows_a, part).div_(norm_a)
-            y = load(scratch_b, rows_b, part).div_(norm_b)
-            torch.mul(x, y, out=xy)
-        dot_parts.append(xy.sum(dim=1, keepdim=True))
-    # The clamp matters only beyond the fallback threshold, where the result is lerp anyway.
-    return torch.stack(dot_parts).sum(dim=0).clamp(-1, 1).reshape(())
-
-
-_HELPER: ThreadPoolExecutor | None = None
-_HELPER_LOCK = threading.Lock()
-
-
-def _helper_thread() -> ThreadPoolExecutor:
-    """One background thread for arithmetic that runs beside the calling thread's.
-
-    It runs torch with one intra-op thread: a second team of OpenMP threads would spin
-    between operations and slow the calling thread's own operations about twofold.
-    """
-    global _HELPER
-    with _HELPER_LOCK:
-        if _HELPER is None:
-            _HELPER = ThreadPoolExecutor(
-                1, thread_name_prefix="pearl-edu-math", initializer=_use_one_math_thread
-            )
-        return _HELPER
-
-
-def _use_one_math_thread() -> None:
-    """Give the calling thread one torch thread, and leave every other thread's as it was.
-
-    `torch.set_num_threads` sets the calling thread's OpenMP setting, and also the number
-    that each thread started afterwards takes on its first torch operation: set here
-    alone, it would give every later thread of the process one thread. So the number new
-    threads take is read first, and put back afterwards from a short-lived thread of its
-    own (which leaves this thread's setting at one).
-    """
-    for_new_threads = torch.get_num_threads()  # a new thread's first call: what they get
-    torch.set_num_threads(1)
-    set_threads_for_new_threads(for_new_threads)
-
-
-def threads_for_new_threads() -> int:
-    """The number of torch threads that a thread started now would have."""
-    seen: list[int] = []
-    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
-    thread.start()
-    thread.join()
-    return seen[0]
-
-
-def set_threads_for_new_threads(count: int) -> None:
-    """Make threads started from now on use ``count`` torch threads; this thread's stays.
-
-    torch keeps one process-wide number that new threads take, and sets it on every
-    `torch.set_num_threads`; calling that from a throwaway thread changes only this number.
-    """
-    thread = threading.Thread(target=torch.set_num_threads, args=(count,))
-    thread.start()
-    thread.join()
-
-
-def keep_host_copy(tensor: torch.Tensor, host: torch.Tensor) -> torch.Tensor:
-    """Note that ``host``, a CPU tensor, holds ``tensor``'s values; returns ``tensor``.
-
-    The engine reads each input into host memory before it moves it to the GPU; SLERP then
-    sums its cosine from that copy instead of copying the tensor back (see `_cosine`).
-    ``host`` must hold the same values as long as ``tensor`` is used (the engine's input
-    buffers are reused only after a tensor's merge), and a copy of another shape or dtype
-    is ignored.
-    """
-    if host.device.type == "cpu" and host.shape == tensor.shape and host.dtype == tensor.dtype:
-        tensor._pearl_edu_host_copy = host  # type: ignore[attr-defined]
-    return tensor
-
-
-def _on_cpu(x: torch.Tensor) -> torch.Tensor:
-    """``x`` itself on the CPU; else its host copy (`keep_host_copy`), or a copy to the CPU.
-
-    A copy from CUDA goes through pinned memory, for a fast transfer.
-    """
-    if x.device.type == "cpu":
-        return x
-    host = getattr(x, "_pearl_edu_host_copy", None)
-    if host is not None:
-        return host
-    copy = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.device.type == "cuda")
-    return copy.copy_(x)
-
-
-def _norm_or_one(norm: torch.Tensor, eps: float) -> torch.Tensor:
-    """The norm to divide by: mergekit leaves a (near-)zero vector undivided."""
-    return torch.where(norm > eps, norm, 1)
-
-
-def _weighted_sum(
-    v0: torch.Tensor,
-    v1: torch.Tensor,
-    w0: torch.Tensor,
-    w1: torch.Tensor,
-    *,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``w0 * v0 + w1 * v1`` in the working precision, chunk by chunk, in ``v0``'s dtype.
-
-    Each product and the sum are rounded separately (no fused multiply-add), as mergekit
-    evaluates ``coef_a * x + coef_b * y``: the same weights give the same bits, on any
-    device (``w0`` and ``w1`` are scalar tensors, moved to ``v0``'s device). The result
-    goes into ``out`` when given (see `slerp`).
-    """
-    flat0, flat1 = v0.reshape(-1), v1.reshape(-1)
-    if out is None:
-        out = torch.empty(v0.shape, dtype=v0.dtype, device=v0.device)
-    elif (
-        out.shape != v0.shape
-        or out.dtype != v0.dtype
-        or out.device != v0.device
-        or not out.is_contiguous()
-    ):
-        raise ValueError(
-            f"out: expected a contiguous {tuple(v0.shape)} {v0.dtype} tensor on {v0.device}, "
-            f"got {tuple(out.shape)} {out.dtype} on {out.device}"
-        )
-    result, out = out, out.view(-1)
-    if flat0.numel() == 0:
-        return result
-    # One compiled pass when the kernels take these tensors (CPU, bfloat16 or float32),
-    # with the same roundings as the torch loop below.
-    if (
-        v0.device.type == "cpu"
-        and w0.dtype == torch.float32
-        and v1.dtype == v0.dtype
-        and kernels.weighted_sum(
-            flat0, flat1, out, w0.item(), w1.item(), threads=torch.get_num_threads()
-        )
-    ):
-        return result
-    w0, w1 = w0.to(v0.device), w1.to(v0.device)
-    size = min(CHUNK_ELEMENTS, flat0.numel())
-    buf0 = torch.empty(size, dtype=w0.dtype, device=v0.device)
-    buf1 = torch.empty(size, dtype=w0.dtype, device=v0.device)
-    for part in _chunks(flat0.numel()):
-        n = part.stop - part.start
-        x, y = buf0[:n], buf1[:n]
-        x.copy_(flat0[part])
-        y.copy_(flat1[part])
-        x.mul_(w0)
-        y.mul_(w1)
-        x.add_(y)
-        out[part] = x
-    return result
-
-
-def _chunks(numel: int) -> Iterator[slice]:
-    """Consecutive slices of at most CHUNK_ELEMENTS covering ``range(numel)``."""
-    for start in range(0, numel, CHUNK_ELEMENTS):
-        yield slice(start, min(start + CHUNK_ELEMENTS, numel))
+    backend = backend_for(v0.device)
+    return backend.slerp(v0, v1, t, dot_threshold=dot_threshold, eps=eps, out=out)
 
 
 def _check_same_shape(v0: torch.Tensor, v1: torch.Tensor, *, name: str) -> None:
@@ -359,123 +103,31 @@ def _check_same_shape(v0: torch.Tensor, v1: torch.Tensor, *, name: str) -> None:
         )
 
 
-# ---------------------------------------------------------------------------------------
-# Linear: a weighted average of whole models.
-
-
-def linear(
-    tensors: Sequence[torch.Tensor], weights: Sequence[float], *, normalize: bool = True
-) -> torch.Tensor:
-    r"""Weighted sum of tensors, divided by the sum of the weights when ``normalize``.
-
-    $$ \operatorname{linear}(x_1, \dots, x_n) = \frac{\sum_i w_i\, x_i}{\sum_i w_i}
-       \quad\text{(or just } \textstyle\sum_i w_i\, x_i \text{ without normalize)} $$
-
-    Arithmetic is float32 (float64 for float64 inputs); the result has the inputs' common
-    dtype. The sum is accumulated input by input with ``addcmul_``, exactly as mergekit
-    does, so the results agree bit for bit.
-    """
-    if len(tensors) != len(weights):
-        raise ValueError(f"linear: {len(tensors)} tensors but {len(weights)} weights")
-    common = _common_dtype(tensors)
-    work = _work_dtype(tensors[0].to(common))
-    # Coefficients shaped to broadcast over the tensor, as mergekit's batched kernel has them.
-    coefficients = torch.tensor(list(weights), dtype=work, device=tensors[0].device)
-    scalar_shape = (1,) * tensors[0].dim()
-    result = torch.zeros(tensors[0].shape, dtype=work, device=tensors[0].device)
-    for tensor, coefficient in zip(tensors, coefficients.unbind(0), strict=True):
-        result.addcmul_(tensor.to(common), coefficient.reshape(scalar_shape))
-    if normalize:
-        result.div_(coefficients.sum().reshape(scalar_shape))
-    return result.to(common)
-
-
-# ---------------------------------------------------------------------------------------
-# Task vectors: what fine-tuning added to the base model, pruned, weighted and summed.
-
-
-def magnitude_prune(delta: torch.Tensor, density: float, *, rescale: bool = False) -> torch.Tensor:
-    r"""Keep the ``density`` fraction of ``delta``'s entries largest in magnitude (TIES' trim).
-
-    $$ \operatorname{trim}(\delta)_j = \delta_j\, [\, |\delta_j| \text{ is among the }
-       k = \max(1, \lfloor \rho N \rfloor) \text{ largest} \,] $$
-
-    ``density >= 1`` keeps everything and ``density <= 0`` nothing. Among equal magnitudes,
-    which ones survive is decided by ``torch.argsort``, as in mergekit (for bit-identical
-    results), not by position. ``rescale`` scales the survivors back to the L1 norm of
-    ``delta`` (see :func:`random_drop`).
-    """
-    if density >= 1:
-        return delta
-    if density <= 0 or delta.numel() == 0:
-        return torch.zeros_like(delta)
-    keep = max(1, int(density * delta.numel()))
-    magnitudes = delta.abs().reshape(-1)
-    if magnitudes.device.type == "cpu":
-        magnitudes = magnitudes.float()  # argsort of bfloat16 is slow on the CPU
-    largest = torch.argsort(magnitudes, descending=True)[:keep]
-    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
-    mask[largest] = 1
-    return _rescaled(delta, mask.reshape_as(delta), rescale)
+# The core's linear, and TIES' trim: nothing about them depends on the device.
+linear = core.linear
+magnitude_prune = core.magnitude_prune
 
 
 def random_drop(
     delta: torch.Tensor, density: float, generator: torch.Generator, *, rescale: bool = True
 ) -> torch.Tensor:
-    r"""DARE's drop: keep each entry with probability ``density``, then rescale the survivors.
+    r"""DARE's drop (`pearl_edu.core.random_drop`), with the mask drawn on the CPU.
 
-    With $m_j \sim \operatorname{Bernoulli}(\rho)$ and, when ``rescale``, the scale that keeps
-    the L1 norm (mergekit's choice; the DARE paper divides by $\rho$, which keeps it only
-    on average):
-
-    $$ \operatorname{drop}(\delta) = \frac{\lVert \delta \rVert_1}{\lVert m \odot \delta
-       \rVert_1}\; m \odot \delta $$
-
-    ``density >= 1`` returns ``delta`` unchanged. The mask is drawn on the CPU from
-    ``generator`` (a CPU generator), so the same seed drops the same entries on any device.
+    ``generator`` is a CPU generator, so the same seed drops the same entries on any
+    device: for a tensor elsewhere, the mask is drawn on the CPU and the rest runs there.
     """
-    if density >= 1:
-        return delta
-    # mergekit works in bfloat16 for bfloat16 tensors and in float32 otherwise.
+    if delta.device.type == "cpu" or density >= 1:
+        return core.random_drop(delta, density, generator, rescale=rescale)
+    ones = torch.ones(delta.shape, dtype=delta.dtype)
+    mask = core.random_drop(ones, density, generator, rescale=False)  # 0 or 1: the mask
     work = torch.bfloat16 if delta.dtype == torch.bfloat16 else torch.float32
-    draws = torch.rand(delta.shape, generator=generator, dtype=torch.float32)
-    # mergekit fills a tensor of the working dtype with the density: in bfloat16, 0.3 is
-    # stored as 0.30078125, and that is the probability its draws are compared with.
-    threshold = torch.tensor(density, dtype=work).item()
-    mask = (draws < threshold).to(device=delta.device, dtype=work)
-    dropped = _rescaled(delta.to(work), mask, rescale)
-    return dropped.to(delta.dtype)
-
-
-def _rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
-    """``tensor * mask``, scaled back to the L1 norm of ``tensor`` when ``rescale``.
-
-    Nothing is rescaled when either norm is below 1e-7 (nothing to keep, or nothing kept).
-    """
-    masked = tensor * mask
-    if not rescale:
-        return masked
-    before, after = tensor.abs().sum(), masked.abs().sum()
-    if before < L1_EPS or after < L1_EPS:
-        return masked
-    return masked * (before / after)
+    mask = mask.to(device=delta.device, dtype=work)
+    return rescaled(delta.to(work), mask, rescale).to(delta.dtype)
 
 
 def elect_signs(weighted_deltas: torch.Tensor, *, int8_mask: bool = False) -> torch.Tensor:
-    r"""TIES' sign election: where each weighted delta agrees with the sign of their sum.
-
-    For stacked weighted deltas $w_i \delta_i$ (first axis: the models):
-
-    $$ s = \operatorname{sgn}\Bigl(\sum_i w_i \delta_i\Bigr) \ (\text{zero counts as } +1),
-       \qquad \operatorname{agree}_{ij} = [\operatorname{sgn}(w_i \delta_{ij}) = s_j] $$
-
-    An entry that is exactly zero (pruned, or unchanged by fine-tuning) never agrees.
-    ``int8_mask`` only saves memory: the result is the same.
-    """
-    mask_dtype = torch.int8 if int8_mask else weighted_deltas.dtype
-    signs = weighted_deltas.sign().to(mask_dtype)
-    elected = (weighted_deltas.sum(dim=0) >= 0).to(mask_dtype) * 2 - 1
-    return signs == elected
+    """TIES' sign election (`pearl_edu.core.elect_signs`); ``int8_mask`` changes nothing."""
+    return core.elect_signs(weighted_deltas)
 
 
 def task_arithmetic(
@@ -492,36 +144,11 @@ def task_arithmetic(
 
     $$ \theta = \theta_\text{base} + \lambda\, \frac{\sum_i w_i\, \delta_i}{D} $$
 
-    where $\delta_i$ are the (already pruned or dropped) task vectors, $\lambda$ is
-    ``scale`` (the YAML's ``lambda``) and $D = \sum_i w_i$ with ``normalize`` (1 without).
-    With ``sign_election`` (TIES), only entries agreeing with the elected sign are summed
-    and $D$ is the sum of the weights of the agreeing entries, element by element.
-    A divisor of 0 is replaced by 1. Arithmetic is in the inputs' common dtype, as in
-    mergekit (so bfloat16 inputs are merged in bfloat16).
+    where $\delta_i$ are the (already pruned or dropped) task vectors (see
+    `pearl_edu.core.combine`). ``int8_mask`` (mergekit's memory saving) changes nothing.
     """
-    if len(deltas) != len(weights):
-        raise ValueError(f"task arithmetic: {len(deltas)} task vectors but {len(weights)} weights")
-    if not deltas:
-        return base
-    stacked = torch.stack([delta.to(base.dtype) for delta in deltas])
-    # The weights take the tensors' dtype (bfloat16 rounds 0.3 to 0.30078125), as in mergekit.
-    weights_ = torch.tensor(list(weights), dtype=base.dtype, device=base.device)
-    weights_ = weights_.reshape((len(deltas),) + (1,) * base.dim())
-    stacked.mul_(weights_)
-    if sign_election:
-        agree = elect_signs(stacked, int8_mask=int8_mask)
-        mixed = (stacked * agree).sum(dim=0)
-        divisor = (weights_ * agree).sum(dim=0)
-        divisor[divisor == 0] = 1
-    else:
-        mixed = stacked.sum(dim=0)
-        divisor = weights_.sum(dim=0)
-        divisor[divisor.abs() < WEIGHT_SUM_EPS] = 1
-    if normalize:
-        mixed /= divisor
-    if scale != 1:
-        mixed *= scale
-    return (base + mixed).to(base.dtype)
+    options = {"sign_election": sign_election, "normalize": normalize, "scale": scale}
+    return core.combine(base, deltas, weights, **options)
 
 
 def ties(
@@ -535,28 +162,9 @@ def ties(
     rescale: bool = False,
     int8_mask: bool = False,
 ) -> torch.Tensor:
-    r"""TIES merging: trim each task vector, elect signs, average the agreeing entries.
-
-    $$ \theta = \theta_\text{base} + \lambda\,
-       \frac{\sum_i w_i\, \operatorname{trim}_{\rho_i}(\delta_i)\, [\text{agrees}]}
-            {\sum_i w_i\, [\text{agrees}]} $$
-
-    with $\delta_i = \theta_i - \theta_\text{base}$ and $\operatorname{trim}$ from
-    :func:`magnitude_prune`. ``rescale`` scales each trimmed delta back to its L1 norm.
-    """
-    base, others = _aligned(base, others)
-    deltas = [
-        magnitude_prune(other - base, density, rescale=rescale)
-        for other, density in zip(others, densities, strict=True)
-    ]
-    return task_arithmetic(
-        base,
-        deltas,
-        weights,
-        sign_election=True,
-        normalize=normalize,
-        scale=scale,
-        int8_mask=int8_mask,
+    """TIES merging (`pearl_edu.core.ties`); ``int8_mask`` changes nothing."""
+    return core.ties(
+        base, others, weights, densities, normalize=normalize, scale=scale, rescale=rescale
     )
 
 
@@ -573,44 +181,18 @@ def dare(
     rescale: bool = True,
     int8_mask: bool = False,
 ) -> torch.Tensor:
-    r"""DARE: drop task-vector entries at random, rescale, then add (``dare_linear``).
+    """DARE (`pearl_edu.core.dare`), model ``i`` drawing from CPU generator ``generators[i]``.
 
-    $$ \theta = \theta_\text{base} + \lambda\, \frac{\sum_i w_i\,
-       \operatorname{drop}_{\rho_i}(\delta_i)}{D} $$
-
-    with :func:`random_drop` using ``generators[i]`` for model ``i``. With
-    ``sign_election`` it is ``dare_ties``: the dropped deltas go through TIES' election.
+    With ``sign_election`` it is ``dare_ties``. ``int8_mask`` changes nothing.
     """
-    base, others = _aligned(base, others)
-    deltas = [
-        random_drop(other - base, density, generator, rescale=rescale)
-        for other, density, generator in zip(others, densities, generators, strict=True)
+    base, deltas = task_vectors(base, others)
+    dropped = [
+        random_drop(delta, density, generator, rescale=rescale)
+        for delta, density, generator in zip(deltas, densities, generators, strict=True)
     ]
-    return task_arithmetic(
-        base,
-        deltas,
-        weights,
-        sign_election=sign_election,
-        normalize=normalize,
-        scale=scale,
-        int8_mask=int8_mask,
+    return core.combine(
+        base, dropped, weights, sign_election=sign_election, normalize=normalize, scale=scale
     )
-
-
-def _common_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
-    """The dtype every input is promoted to before the math (bfloat16 + float16 -> float32)."""
-    dtype = tensors[0].dtype
-    for tensor in tensors[1:]:
-        dtype = torch.promote_types(dtype, tensor.dtype)
-    return dtype
-
-
-def _aligned(
-    base: torch.Tensor, others: Sequence[torch.Tensor]
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The base and the other tensors, all in their common dtype (mergekit promotes too)."""
-    common = _common_dtype([base, *others])
-    return base.to(common), [other.to(common) for other in others]
 
 
 def tensor_seed(seed: int, tensor_name: str) -> int:
@@ -814,8 +396,7 @@ def _task_vector_method(*, pruning: str | None, sign_election: bool) -> MergeFun
                 base, others, weights, densities, generators, sign_election=sign_election, **options
             )
         options.pop("rescale")  # nothing is pruned, so there is nothing to rescale
-        base, others = _aligned(base, others)
-        deltas = [other - base for other in others]
+        base, deltas = task_vectors(base, others)
         return task_arithmetic(base, deltas, weights, sign_election=sign_election, **options)
 
     return merge

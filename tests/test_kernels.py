@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pearl_edu import kernels, methods
+from pearl_edu.backends import cpu
 
 KERNEL_DTYPES = [torch.bfloat16, torch.float32]
 
@@ -165,7 +166,7 @@ def test_the_cosine_is_the_same_with_and_without_the_kernels(monkeypatch, librar
     gen = torch.Generator().manual_seed(11)
     a = torch.randn(3 * methods.CHUNK_ELEMENTS + 5, generator=gen).bfloat16()
     b = (0.4 * a.float() + torch.randn(a.numel(), generator=gen)).bfloat16()
-    with_kernels = methods._cosine(a, b, eps=methods.NORM_EPS, work=torch.float32)
+    with_kernels = cpu.cosine(a, b, eps=methods.NORM_EPS, work=torch.float32)
     monkeypatch.setattr(kernels, "_LIBRARY", None)
-    without = methods._cosine(a, b, eps=methods.NORM_EPS, work=torch.float32)
+    without = cpu.cosine(a, b, eps=methods.NORM_EPS, work=torch.float32)
     assert _same_bits(with_kernels, without)

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pearl_edu import methods
+from pearl_edu.backends import cpu
 from pearl_edu.errors import ModelError
 from pearl_edu.methods import lerp, merge_tensor, slerp
 
@@ -151,7 +152,7 @@ def test_a_host_copy_stands_in_for_a_device_tensor():
         slerp(m0, m1, 0.3)  # no host copy: nothing to sum
     methods.keep_host_copy(m0, v0)
     methods.keep_host_copy(m1, v1)
-    assert methods._on_cpu(m0) is v0
+    assert cpu.on_cpu(m0) is v0
     result = slerp(m0, m1, 0.3)
     assert result.device.type == "meta" and result.shape == v0.shape
     # A copy of another dtype or shape does not stand in.
@@ -159,7 +160,7 @@ def test_a_host_copy_stands_in_for_a_device_tensor():
     methods.keep_host_copy(other, v0.float())
     methods.keep_host_copy(other, v0[:3])
     with pytest.raises((NotImplementedError, RuntimeError)):
-        methods._on_cpu(other)
+        cpu.on_cpu(other)
 
 
 @settings(max_examples=60, deadline=None)
@@ -173,7 +174,7 @@ def test_chunked_loop_covers_every_element(monkeypatch):
     # With tiny chunks the loop runs many times, including a short last chunk.
     v0, v1 = _pair(5, (7, 11))
     whole = slerp(v0, v1, 0.4)
-    monkeypatch.setattr(methods, "CHUNK_ELEMENTS", 10)
+    monkeypatch.setattr(cpu.reference, "CHUNK_ELEMENTS", 10)  # the core's, which it reads
     assert torch.equal(slerp(v0, v1, 0.4), whole)
 
 
@@ -277,9 +278,9 @@ def test_the_norms_taken_side_by_side_equal_the_norms_taken_in_turn(monkeypatch)
         side_by_side = [slerp(v0, v1, t) for t in (0.3, 0.6)]
         used = []
         helper = ThreadPoolExecutor(1)
-        monkeypatch.setattr(methods, "_helper_thread", lambda: used.append(1) or helper)
+        monkeypatch.setattr(cpu, "helper_thread", lambda: used.append(1) or helper)
         assert torch.equal(slerp(v0, v1, 0.3), side_by_side[0]) and used == [1]
-        monkeypatch.setattr(methods.torch, "get_num_threads", lambda: 1)
+        monkeypatch.setattr(cpu.torch, "get_num_threads", lambda: 1)
         in_turn = [slerp(v0, v1, t) for t in (0.3, 0.6)]
         assert used == [1], "one torch thread: no helper"
         assert all(torch.equal(x, y) for x, y in zip(side_by_side, in_turn, strict=True))
@@ -293,18 +294,18 @@ def test_slerp_leaves_torchs_thread_settings_as_they_were(monkeypatch):
     v0, v1 = _pair(13, (3000, 1000), correlation=0.5, dtype=torch.bfloat16)  # 3 chunks
     threads = torch.get_num_threads()
     torch.set_num_threads(max(2, threads))  # more than one: the helper thread is used
-    monkeypatch.setattr(methods, "_HELPER", None)  # a helper of its own, started afresh
+    monkeypatch.setattr(cpu, "_HELPER", None)  # a helper of its own, started afresh
     try:
         before = torch.get_num_threads(), methods.threads_for_new_threads()
         slerp(v0, v1, 0.3)
-        assert methods._HELPER is not None, "the helper thread was used"
+        assert cpu._HELPER is not None, "the helper thread was used"
         assert (torch.get_num_threads(), methods.threads_for_new_threads()) == before
-        assert methods._HELPER.submit(torch.get_num_threads).result() == 1
+        assert cpu._HELPER.submit(torch.get_num_threads).result() == 1
         slerp(v0, v1, 0.6)
         assert (torch.get_num_threads(), methods.threads_for_new_threads()) == before
     finally:
-        if methods._HELPER is not None:
-            methods._HELPER.shutdown()
+        if cpu._HELPER is not None:
+            cpu._HELPER.shutdown()
         torch.set_num_threads(threads)
 
 

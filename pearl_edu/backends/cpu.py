@@ -1,0 +1,290 @@
+r"""The CPU backend: SLERP of one tensor as `pearl_edu.core.slerp` computes it, fast.
+
+The arithmetic is the core's, operation for operation and in the same order (so the bits
+are the same, and ``tests/test_backends.py`` checks that they are); what differs is how
+the passes over memory are made:
+
+- **compiled loops** (`pearl_edu.kernels`): the cast to float32 before each chunk's norm,
+  the normalized products behind the dot product and the weighted sum each run in one
+  pass instead of torch's five or six, each operation rounded as torch rounds it;
+- **a helper thread**: the two tensors' chunk norms are taken side by side;
+- **reused buffers**: one scratch row per operand instead of a fresh float32 chunk per
+  step, and ``out=``, the engine's kept output buffer, instead of a new result tensor;
+- **host copies**: for a tensor on a GPU, the sums behind the angle are taken on the CPU,
+  from the copy the engine read it into (`keep_host_copy`), so a GPU gives the CPU's bits;
+  only the elementwise weighted sum runs on the device.
+
+The chunk size is the core's (`pearl_edu.core.slerp.CHUNK_ELEMENTS`, read at each call):
+it fixes the order of the float32 sums, and so mergekit's bits.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from pearl_edu import kernels
+
+# The core's module (``pearl_edu.core.slerp`` the attribute is the function): its constants.
+reference = importlib.import_module("pearl_edu.core.slerp")
+DOT_THRESHOLD = reference.DOT_THRESHOLD
+NORM_EPS = reference.NORM_EPS
+work_dtype = reference.work_dtype
+
+
+def lerp(
+    v0: torch.Tensor, v1: torch.Tensor, t: float, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`pearl_edu.core.lerp`, written into ``out`` when given (see `weighted_sum`)."""
+    t_ = torch.tensor(t, dtype=work_dtype(v0))
+    return weighted_sum(v0, v1, 1 - t_, t_, out=out)
+
+
+def slerp(
+    v0: torch.Tensor,
+    v1: torch.Tensor,
+    t: float,
+    *,
+    dot_threshold: float = DOT_THRESHOLD,
+    eps: float = NORM_EPS,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`pearl_edu.core.slerp`, written into ``out`` when given (see `weighted_sum`).
+
+    The scalars (cosine, angle, weights) are computed on the CPU whatever the tensors'
+    device; only the weighted sum, elementwise and so rounded alike everywhere, runs on
+    the device.
+    """
+    work = work_dtype(v0)
+    t_ = torch.tensor(t, dtype=work)
+    if v0.numel() == 0:  # an empty tensor has no direction: nothing to interpolate
+        return weighted_sum(v0, v1, 1 - t_, t_, out=out)
+    cos_theta = cosine(on_cpu(v0).reshape(-1), on_cpu(v1).reshape(-1), eps=eps, work=work)
+    if abs(cos_theta.item()) > dot_threshold:  # nearly parallel or opposite: linear
+        return weighted_sum(v0, v1, 1 - t_, t_, out=out)
+    theta = torch.acos(cos_theta)
+    sin_theta = torch.sin(theta)
+    weight0 = torch.sin((1 - t_) * theta) / sin_theta
+    weight1 = torch.sin(t_ * theta) / sin_theta
+    return weighted_sum(v0, v1, weight0, weight1, out=out)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor, *, eps: float, work: torch.dtype) -> torch.Tensor:
+    """`pearl_edu.core.slerp.cosine` of two flat CPU vectors: the same sums, in its order.
+
+    Measured on a full-size 7B pair, a GPU's own sums moved the bfloat16 rounding of 0.3%
+    of the output's elements, hence CPU tensors only (see `on_cpu`). The result is a
+    0-dimensional CPU tensor.
+    """
+    a, b = on_cpu(a), on_cpu(b)
+    rows_a, rows_b = a.reshape(1, -1), b.reshape(1, -1)
+    # Reused scratch rows: a fresh 4 MiB tensor per chunk would cost page faults, not math.
+    size = min(reference.CHUNK_ELEMENTS, a.numel())
+    scratch_a, scratch_b, products = (torch.empty((1, size), dtype=work) for _ in range(3))
+
+    def load(scratch: torch.Tensor, rows: torch.Tensor, part: slice) -> torch.Tensor:
+        chunk = scratch[:, : part.stop - part.start]
+        # The same values as rows[:, part].to(work); compiled, the cast needs no OpenMP
+        # team, which would contend with the other thread's.
+        if not kernels.widen(rows[:, part], chunk):
+            chunk.copy_(rows[:, part])
+        return chunk
+
+    def chunk_norms(rows: torch.Tensor, scratch: torch.Tensor) -> list[torch.Tensor]:
+        return [
+            torch.linalg.vector_norm(load(scratch, rows, part), dim=1, keepdim=True)
+            for part in chunks(a.numel())
+        ]
+
+    # The norm of a row runs on one thread (its additions are in one fixed order whatever
+    # the thread count), so the two tensors' norms are taken side by side: b's by a helper
+    # thread, a's here. Same operations, same bits, about half the time. (Not when torch
+    # is given one thread: then the math keeps to one core.)
+    if a.numel() > reference.CHUNK_ELEMENTS and torch.get_num_threads() > 1:
+        norms_b = helper_thread().submit(chunk_norms, rows_b, scratch_b)
+        try:
+            norm_parts_a = chunk_norms(rows_a, scratch_a)
+        finally:
+            norm_parts_b = norms_b.result()
+    else:
+        norm_parts_a, norm_parts_b = chunk_norms(rows_a, scratch_a), chunk_norms(rows_b, scratch_b)
+    norm_a = norm_or_one(torch.linalg.vector_norm(torch.stack(norm_parts_a), dim=0), eps)
+    norm_b = norm_or_one(torch.linalg.vector_norm(torch.stack(norm_parts_b), dim=0), eps)
+    dot_parts = []
+    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
+    scale_a, scale_b = norm_a.item(), norm_b.item()
+    for part in chunks(a.numel()):
+        xy = products[:, : part.stop - part.start]
+        # (a / |a|) * (b / |b|), one rounding per operation: in one compiled pass when the
+        # kernels take these tensors, else in torch's five. On one thread: torch's threads
+        # still spin after each sum, and more threads here would only fight them.
+        if not kernels.normalized_products(flat_a[part], flat_b[part], xy, scale_a, scale_b):
+            x = load(scratch_a, rows_a, part).div_(norm_a)
+            y = load(scratch_b, rows_b, part).div_(norm_b)
+            torch.mul(x, y, out=xy)
+        dot_parts.append(xy.sum(dim=1, keepdim=True))
+    # The clamp matters only beyond the fallback threshold, where the result is lerp anyway.
+    return torch.stack(dot_parts).sum(dim=0).clamp(-1, 1).reshape(())
+
+
+def norm_or_one(norm: torch.Tensor, eps: float) -> torch.Tensor:
+    """The norm to divide by: mergekit leaves a (near-)zero vector undivided."""
+    return torch.where(norm > eps, norm, 1)
+
+
+def weighted_sum(
+    v0: torch.Tensor,
+    v1: torch.Tensor,
+    w0: torch.Tensor,
+    w1: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``w0 * v0 + w1 * v1`` in the working precision, chunk by chunk, in ``v0``'s dtype.
+
+    Each product and the sum are rounded separately (no fused multiply-add), as mergekit
+    evaluates ``coef_a * x + coef_b * y``: the same weights give the same bits, on any
+    device (``w0`` and ``w1`` are scalar tensors, moved to ``v0``'s device). ``out``, a
+    contiguous tensor of ``v0``'s shape, dtype and device, receives the result (and is
+    returned) instead of a new tensor.
+    """
+    flat0, flat1 = v0.reshape(-1), v1.reshape(-1)
+    if out is None:
+        out = torch.empty(v0.shape, dtype=v0.dtype, device=v0.device)
+    elif (
+        out.shape != v0.shape
+        or out.dtype != v0.dtype
+        or out.device != v0.device
+        or not out.is_contiguous()
+    ):
+        raise ValueError(
+            f"out: expected a contiguous {tuple(v0.shape)} {v0.dtype} tensor on {v0.device}, "
+            f"got {tuple(out.shape)} {out.dtype} on {out.device}"
+        )
+    result, out = out, out.view(-1)
+    if flat0.numel() == 0:
+        return result
+    # One compiled pass when the kernels take these tensors (CPU, bfloat16 or float32),
+    # with the same roundings as the torch loop below.
+    if (
+        v0.device.type == "cpu"
+        and w0.dtype == torch.float32
+        and v1.dtype == v0.dtype
+        and kernels.weighted_sum(
+            flat0, flat1, out, w0.item(), w1.item(), threads=torch.get_num_threads()
+        )
+    ):
+        return result
+    w0, w1 = w0.to(v0.device), w1.to(v0.device)
+    size = min(reference.CHUNK_ELEMENTS, flat0.numel())
+    buf0 = torch.empty(size, dtype=w0.dtype, device=v0.device)
+    buf1 = torch.empty(size, dtype=w0.dtype, device=v0.device)
+    for part in chunks(flat0.numel()):
+        n = part.stop - part.start
+        x, y = buf0[:n], buf1[:n]
+        x.copy_(flat0[part])
+        y.copy_(flat1[part])
+        x.mul_(w0)
+        y.mul_(w1)
+        x.add_(y)
+        out[part] = x
+    return result
+
+
+def chunks(numel: int) -> Iterator[slice]:
+    """Consecutive slices of at most the core's CHUNK_ELEMENTS covering ``range(numel)``."""
+    size = reference.CHUNK_ELEMENTS
+    for start in range(0, numel, size):
+        yield slice(start, min(start + size, numel))
+
+
+# ---------------------------------------------------------------------------------------
+# Host copies: a GPU tensor's angle is summed on the CPU, from the copy it was read into.
+
+
+def keep_host_copy(tensor: torch.Tensor, host: torch.Tensor) -> torch.Tensor:
+    """Note that ``host``, a CPU tensor, holds ``tensor``'s values; returns ``tensor``.
+
+    The engine reads each input into host memory before it moves it to the GPU; SLERP then
+    sums its cosine from that copy instead of copying the tensor back (see `cosine`).
+    ``host`` must hold the same values as long as ``tensor`` is used (the engine's input
+    buffers are reused only after a tensor's merge), and a copy of another shape or dtype
+    is ignored.
+    """
+    if host.device.type == "cpu" and host.shape == tensor.shape and host.dtype == tensor.dtype:
+        tensor._pearl_edu_host_copy = host  # type: ignore[attr-defined]
+    return tensor
+
+
+def on_cpu(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself on the CPU; else its host copy (`keep_host_copy`), or a copy to the CPU.
+
+    A copy from CUDA goes through pinned memory, for a fast transfer.
+    """
+    if x.device.type == "cpu":
+        return x
+    host = getattr(x, "_pearl_edu_host_copy", None)
+    if host is not None:
+        return host
+    copy = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.device.type == "cuda")
+    return copy.copy_(x)
+
+
+# ---------------------------------------------------------------------------------------
+# The helper thread, and torch's thread settings around it.
+
+_HELPER: ThreadPoolExecutor | None = None
+_HELPER_LOCK = threading.Lock()
+
+
+def helper_thread() -> ThreadPoolExecutor:
+    """One background thread for arithmetic that runs beside the calling thread's.
+
+    It runs torch with one intra-op thread: a second team of OpenMP threads would spin
+    between operations and slow the calling thread's own operations about twofold.
+    """
+    global _HELPER
+    with _HELPER_LOCK:
+        if _HELPER is None:
+            _HELPER = ThreadPoolExecutor(
+                1, thread_name_prefix="pearl-edu-math", initializer=use_one_math_thread
+            )
+        return _HELPER
+
+
+def use_one_math_thread() -> None:
+    """Give the calling thread one torch thread, and leave every other thread's as it was.
+
+    `torch.set_num_threads` sets the calling thread's OpenMP setting, and also the number
+    that each thread started afterwards takes on its first torch operation: set here
+    alone, it would give every later thread of the process one thread. So the number new
+    threads take is read first, and put back afterwards from a short-lived thread of its
+    own (which leaves this thread's setting at one).
+    """
+    for_new_threads = torch.get_num_threads()  # a new thread's first call: what they get
+    torch.set_num_threads(1)
+    set_threads_for_new_threads(for_new_threads)
+
+
+def threads_for_new_threads() -> int:
+    """The number of torch threads that a thread started now would have."""
+    seen: list[int] = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    return seen[0]
+
+
+def set_threads_for_new_threads(count: int) -> None:
+    """Make threads started from now on use ``count`` torch threads; this thread's stays.
+
+    torch keeps one process-wide number that new threads take, and sets it on every
+    `torch.set_num_threads`; calling that from a throwaway thread changes only this number.
+    """
+    thread = threading.Thread(target=torch.set_num_threads, args=(count,))
+    thread.start()
+    thread.join()

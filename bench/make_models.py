@@ -26,7 +26,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from pearl_edu.toy import hf_config, tensor_shapes  # noqa: E402
+from pearl_edu.teaching.toy import hf_config, tensor_shapes  # noqa: E402
 
 # Mistral-7B-v0.1, the shape of both of Pearl-7B-slerp's parents.
 MISTRAL_7B = dict(

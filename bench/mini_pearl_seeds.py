@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import pearl_edu
-from pearl_edu import minipearl
+from pearl_edu.teaching import minipearl
 
 DATA_FILE = Path(__file__).resolve().parents[1] / "pearl_edu" / "data" / "mini_pearl_seeds.json"
 REGIMES = {"siblings": minipearl.SIBLING_SETTINGS, "far": minipearl.FAR_SETTINGS}

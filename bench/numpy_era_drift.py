@@ -16,7 +16,7 @@ and writes a few-KB summary, ``pearl_edu/data/numpy_era_drift.json``.
 Stand-in pairs ("runs"), all with Pearl's file formats (the OmniBeagle stand-in float16
 safetensors in 2 shards, the WizardMath stand-in bfloat16 pickle ``.bin`` in 2 shards):
 
-- ``book``: the book's own stand-ins, `pearl_edu.fullrun.make_stand_ins` (32 layers of
+- ``book``: the book's own stand-ins, `pearl_edu.teaching.fullrun.make_stand_ins` (32 layers of
   hidden size 64, siblings at cosine ~0.8): every ``t`` of Pearl's schedule, short sums.
 - ``mistral-slerp``: Mistral-7B's shapes (4096 hidden, 14336 MLP, 32000 vocabulary) with
   ``--layers`` layers (5 by default: the layer positions then fall on Pearl's gradient
@@ -72,14 +72,14 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from pearl_edu import fullrun  # noqa: E402
 from pearl_edu.config import load_config  # noqa: E402
 from pearl_edu.io import ModelReader, read_header  # noqa: E402
 from pearl_edu.merge import merge  # noqa: E402
 from pearl_edu.methods import DOT_THRESHOLD  # noqa: E402
 from pearl_edu.plan import plan  # noqa: E402
 from pearl_edu.recipes import pearl_recipe  # noqa: E402
-from pearl_edu.toy import (  # noqa: E402
+from pearl_edu.teaching import fullrun  # noqa: E402
+from pearl_edu.teaching.toy import (  # noqa: E402
     hf_config,
     set_config_dtype,
     shard_file_names,

@@ -4,10 +4,17 @@ It reads mergekit's YAML with mergekit's meaning, plans every output tensor from
 models' headers, streams weights one tensor at a time, and merges on a GPU when there is
 one and on the CPU otherwise.
 
-Importing the package never touches the network.
+Importing the package never touches the network, and loads only the engine: the book's
+teaching helpers live in `pearl_edu.teaching`, and the names of theirs listed in
+``_TEACHING`` (``pearl_edu.setup()``, ``pearl_edu.make_tiny_model``, ...) load their module,
+and with it matplotlib or transformers, on first use.
 """
 
-from pearl_edu import fullrun, preflight
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from pearl_edu._version import __version__
 from pearl_edu.config import MergeConfig, load_config
 from pearl_edu.devices import resolve_device
@@ -26,13 +33,8 @@ from pearl_edu.methods import (
     task_arithmetic,
     ties,
 )
-from pearl_edu.minipearl import MiniPearl, MiniPearlSettings, build_mini_pearl
-from pearl_edu.notebook import setup
 from pearl_edu.plan import MergePlan, TensorPlan, plan, schedule
-from pearl_edu.preflight import PreflightError, Requirements, Resources, measure_resources
 from pearl_edu.recipes import recipe_path, recipe_text
-from pearl_edu.seed import leaderboard
-from pearl_edu.toy import make_tiny_model
 from pearl_edu.verify import VerifyReport, verify
 
 __all__ = [
@@ -57,26 +59,57 @@ __all__ = [
     "ModelError",
     "OutputError",
     "PearlEduError",
-    "leaderboard",
     "merge",
     "MergeResult",
     "ModelReader",
     "read_header",
     "resolve_device",
     "resolve_model",
-    "make_tiny_model",
-    "MiniPearl",
-    "MiniPearlSettings",
-    "build_mini_pearl",
     "recipe_path",
     "recipe_text",
-    "setup",
     "verify",
     "VerifyReport",
-    "PreflightError",
-    "Requirements",
-    "Resources",
-    "measure_resources",
-    "fullrun",
-    "preflight",
 ]
+
+# name in pearl_edu -> (module of pearl_edu.teaching, its attribute; None: the module itself).
+# The module names themselves keep ``from pearl_edu import minipearl`` working, as it did
+# before the teaching helpers had a subpackage of their own.
+_TEACHING: dict[str, tuple[str, str | None]] = {
+    "setup": ("notebook", "setup"),
+    "leaderboard": ("seed", "leaderboard"),
+    "make_tiny_model": ("toy", "make_tiny_model"),
+    "MiniPearl": ("minipearl", "MiniPearl"),
+    "MiniPearlSettings": ("minipearl", "MiniPearlSettings"),
+    "build_mini_pearl": ("minipearl", "build_mini_pearl"),
+    "PreflightError": ("preflight", "PreflightError"),
+    "Requirements": ("preflight", "Requirements"),
+    "Resources": ("preflight", "Resources"),
+    "measure_resources": ("preflight", "measure_resources"),
+    **{
+        module: (module, None)
+        for module in (
+            "connectivity",
+            "fullrun",
+            "minipearl",
+            "notebook",
+            "preflight",
+            "seed",
+            "toy",
+        )
+    },
+}
+
+
+def __getattr__(name: str) -> Any:
+    """A teaching helper's name, loaded from `pearl_edu.teaching` on first use (PEP 562)."""
+    if name not in _TEACHING:
+        raise AttributeError(f"module 'pearl_edu' has no attribute {name!r}")
+    module_name, attribute = _TEACHING[name]
+    module = importlib.import_module(f"pearl_edu.teaching.{module_name}")
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value  # later uses find it without this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_TEACHING))

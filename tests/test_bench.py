@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pearl_edu.io import read_header
-from pearl_edu.toy import hf_config, load_state_dict, tensor_shapes
+from pearl_edu.teaching.toy import hf_config, load_state_dict, tensor_shapes
 from pearl_edu.verify import verify
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pearl_edu.cli import EXIT_BAD_INPUT, main
-from pearl_edu.toy import load_state_dict, make_tiny_model
+from pearl_edu.teaching.toy import load_state_dict, make_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

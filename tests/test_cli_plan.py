@@ -66,7 +66,7 @@ def test_pearl_schedule_as_json(capsys):
 
 
 def write_local_merge(tmp_path: Path) -> Path:
-    from pearl_edu.toy import make_tiny_model
+    from pearl_edu.teaching.toy import make_tiny_model
 
     a = make_tiny_model(tmp_path / "model-a", arch="llama", num_layers=3)
     b = make_tiny_model(tmp_path / "model-b", base=a, seed=1)

@@ -11,7 +11,7 @@ import pytest
 from safetensors.torch import save_file
 
 from pearl_edu.cli import main
-from pearl_edu.toy import load_state_dict, make_tiny_model
+from pearl_edu.teaching.toy import load_state_dict, make_tiny_model
 
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
 

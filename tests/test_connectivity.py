@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pearl_edu import connectivity, minipearl
+from pearl_edu.teaching import connectivity, minipearl
 
 TINY = minipearl.ModelShape(
     num_layers=2, hidden_size=16, intermediate_size=32, num_heads=2, num_kv_heads=1

@@ -1,5 +1,5 @@
-"""Tests of `pearl_edu.fullrun`: the recipe over local folders, fetching offline, verifying
-the stand-in merge against mergekit, explaining differences, generating, and pushing."""
+"""Tests of `pearl_edu.teaching.fullrun`: the recipe over local folders, fetching offline,
+verifying the stand-in merge against mergekit, explaining differences, generating, pushing."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import pytest
 import torch
 import yaml
 
-from pearl_edu import fullrun, load_config, merge, recipe_text, verify
+from pearl_edu import load_config, merge, recipe_text, verify
 from pearl_edu.errors import HubError, ModelError
 from pearl_edu.io import read_header
-from pearl_edu.toy import edited_copy, make_tiny_model
+from pearl_edu.teaching import fullrun
+from pearl_edu.teaching.toy import edited_copy, make_tiny_model
 
 NORM = "model.layers.3.input_layernorm.weight"
 

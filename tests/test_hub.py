@@ -117,7 +117,7 @@ def test_a_revision_pins_the_snapshot(offline_empty_cache):
 
 
 def test_fetch_passes_the_revision_on(offline_empty_cache):
-    from pearl_edu import fullrun
+    from pearl_edu.teaching import fullrun
 
     old, new = "3" * 40, "4" * 40
     snapshots = _cached_snapshots(offline_empty_cache, "tiny", [old, new])

@@ -22,7 +22,7 @@ from pearl_edu.io import (
     layout_shards,
     read_header,
 )
-from pearl_edu.toy import load_state_dict, make_tiny_model
+from pearl_edu.teaching.toy import load_state_dict, make_tiny_model
 
 
 class CreatesMarker:

@@ -21,7 +21,7 @@ from pearl_edu.io import ModelReader, read_header
 from pearl_edu.merge import MANIFEST, merge, parse_size, partial_dir, read_ahead
 from pearl_edu.methods import merge_tensor
 from pearl_edu.plan import plan
-from pearl_edu.toy import load_state_dict, make_tiny_model
+from pearl_edu.teaching.toy import load_state_dict, make_tiny_model
 from pearl_edu.verify import verify
 
 PEARL_T = """\

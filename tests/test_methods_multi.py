@@ -29,7 +29,7 @@ from pearl_edu.methods import (
     ties,
 )
 from pearl_edu.plan import parameter_value, plan
-from pearl_edu.toy import load_state_dict, make_tiny_model
+from pearl_edu.teaching.toy import load_state_dict, make_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,8 +13,8 @@ import torch
 import yaml
 
 import pearl_edu
-from pearl_edu import minipearl
 from pearl_edu.errors import ModelError
+from pearl_edu.teaching import minipearl
 
 TINY = minipearl.ModelShape(
     num_layers=2, hidden_size=16, intermediate_size=32, num_heads=2, num_kv_heads=1

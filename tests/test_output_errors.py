@@ -17,7 +17,7 @@ import torch
 from pearl_edu import cli, io
 from pearl_edu.errors import OutputError
 from pearl_edu.merge import MANIFEST, merge, partial_dir
-from pearl_edu.toy import make_tiny_model
+from pearl_edu.teaching.toy import make_tiny_model
 
 CONFIG = """\
 slices:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from pearl_edu import io
 from pearl_edu.io import ModelReader, SequentialFile, read_header
-from pearl_edu.toy import load_state_dict, make_tiny_model
+from pearl_edu.teaching.toy import load_state_dict, make_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

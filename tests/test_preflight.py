@@ -1,4 +1,4 @@
-"""Tests of `pearl_edu.preflight`: the decision over fake machines, and the measurements."""
+"""Tests of `pearl_edu.teaching.preflight`: the decision over fake machines, the measurements."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from pearl_edu import preflight
 from pearl_edu.errors import PearlEduError
-from pearl_edu.preflight import (
+from pearl_edu.teaching import preflight
+from pearl_edu.teaching.preflight import (
     GB,
     DiskSpace,
     Gpu,
@@ -21,7 +21,7 @@ from pearl_edu.preflight import (
     measure_resources,
     requirements,
 )
-from pearl_edu.toy import load_state_dict, make_tiny_model
+from pearl_edu.teaching.toy import load_state_dict, make_tiny_model
 
 OUTPUT = Path("/data/merged")
 CACHE = Path("/data/hf-cache")

@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from pearl_edu.toy import load_state_dict, make_tiny_model
+from pearl_edu.teaching.toy import load_state_dict, make_tiny_model
 from pearl_edu.verify import VerifyReport, ulp_distance, verify
 
 NUM_LAYERS = 6

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from pearl_edu.merge import merge
-from pearl_edu.toy import load_state_dict, make_tiny_model
+from pearl_edu.teaching.toy import load_state_dict, make_tiny_model
 
 NUM_LAYERS = 4
 

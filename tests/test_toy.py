@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pearl_edu.toy import load_state_dict, make_tiny_model, tensor_shapes
+from pearl_edu.teaching.toy import load_state_dict, make_tiny_model, tensor_shapes
 
 
 def load_with_transformers(path):

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pearl_edu.errors import ModelError
-from pearl_edu.toy import edited_copy, load_state_dict, make_tiny_model
+from pearl_edu.teaching.toy import edited_copy, load_state_dict, make_tiny_model
 from pearl_edu.verify import compare_tensors, ulp_distance, verify
 
 # The package exports the function `verify`, which hides the module of the same name.

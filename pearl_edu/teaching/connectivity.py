@@ -14,7 +14,7 @@ $$ B = \max_{t \in [0, 1]} \Big( \mathcal{L}\big(\theta(t)\big)
 The excess over the chord is zero at both ends, so $B \ge 0$, and $B = 0$ means the loss
 never rises above the chord. A merge by interpolation picks one point of that path: where
 there is a barrier, that merge is worse than the same blend of its parents' losses. This
-module measures the path on mini-Pearl's held-out data (`pearl_edu.minipearl`), with a
+module measures the path on mini-Pearl's held-out data (`pearl_edu.teaching.minipearl`), with a
 bootstrap over the held-out examples to tell a barrier from the noise of a finite test
 set.
 """
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pearl_edu import minipearl
+from pearl_edu.teaching import minipearl
 
 
 def linear_path(

@@ -281,7 +281,7 @@ def make_stand_ins(root: str | Path, *, num_layers: int = 32, hidden_size: int =
     """
     import torch
 
-    from pearl_edu.toy import make_tiny_model
+    from pearl_edu.teaching.toy import make_tiny_model
 
     root = Path(root)
     common = make_tiny_model(

@@ -31,9 +31,9 @@ sys.path.insert(0, str(REPO_ROOT))
 
 # (module, object inside it or "", function name, label)
 STAGES = (
-    ("pearl_edu.methods", "", "_cosine", "slerp: norms and dot product"),
-    ("pearl_edu.methods", "", "_weighted_sum", "slerp: weighted sum"),
-    ("pearl_edu.merge", "", "load_input", "read: read and cast one input"),
+    ("pearl_edu.backends.cpu", "", "cosine", "slerp: norms and dot product"),
+    ("pearl_edu.backends.cpu", "", "weighted_sum", "slerp: weighted sum"),
+    ("pearl_edu.pipeline", "", "load_input", "read: read and cast one input"),
     ("pearl_edu.io", "ModelReader", "_pread_into", "read: positioned reads"),
     ("pearl_edu.io", "ShardedWriter", "write", "write: one tensor (with fsync per shard)"),
 )
@@ -76,7 +76,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.chunk_elements:
-        importlib.import_module("pearl_edu.methods").CHUNK_ELEMENTS = args.chunk_elements
+        # The core's chunk size, which the CPU backend reads at each call.
+        importlib.import_module("pearl_edu.core.slerp").CHUNK_ELEMENTS = args.chunk_elements
     instrument()
     merge = importlib.import_module("pearl_edu.merge").merge
 

@@ -15,7 +15,7 @@
  * - float32 -> bfloat16 rounds to nearest, ties to even, as torch does, and a NaN
  *   becomes the NaN torch's vectorized cast writes (0xFFFF);
  * - the sums behind norms and dot products are not here: their order decides their
- *   last bits, so they stay with torch (see pearl_edu.methods._cosine).
+ *   last bits, so they stay with torch (see pearl_edu.backends.cpu.cosine).
  *
  * The tests compare every function with torch's arithmetic bit for bit, special values
  * included. pearl_edu loads this library with ctypes (it has no Python API of its own)

@@ -1,6 +1,6 @@
 """SLERP's elementwise passes in compiled C, with torch as the fallback.
 
-`pearl_edu.methods` spends most of a SLERP in elementwise steps around its sums: the cast
+`pearl_edu.backends.cpu` spends most of a SLERP in elementwise steps around its sums: the cast
 to float32 before each chunk's norm, the normalized products behind the angle's dot
 product, and the weighted sum that is the result. torch runs the last two as five or six
 passes over memory each (casts, divisions, products, a sum, a cast back); the C loops in

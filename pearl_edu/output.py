@@ -1,0 +1,183 @@
+"""The output folder: checked first, written hidden, resumed after a crash, published last.
+
+- **a folder that only looks complete when it is complete**: everything is written into
+  a hidden sibling folder ``.<name>.partial`` (`partial_dir`) and renamed to ``<name>`` at
+  the end (`publish`). A write that fails (a full disk, no permission) is a one-line
+  `OutputError` naming the file and what to do (`output_error`); the half-written shard is
+  deleted, finished ones are kept (`discard_unfinished`).
+- **resume**: each shard is written as ``.tmp`` and renamed when complete, and a manifest
+  records which merge the partial folder belongs to (`merge_identity`); rerunning the same
+  merge after an interruption (even ``kill -9``) skips the finished shards and produces
+  byte-identical files, because the layout is fixed in advance and the math is
+  deterministic (`prepare_partial_dir`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+from pearl_edu._version import __version__
+from pearl_edu.errors import OutputError
+from pearl_edu.io import ModelHeader, Shard
+from pearl_edu.plan import MergePlan
+
+MANIFEST = ".pearl-edu-merge.json"
+
+
+def check_output_dir(output_dir: Path, model_dirs: Sequence[Path], *, force: bool) -> None:
+    """Refuse an output that would overwrite a model (its own input) or someone's files."""
+    target = output_dir.resolve()
+    for model_dir in model_dirs:
+        source = Path(model_dir).resolve()
+        if target == source or target.is_relative_to(source):
+            raise OutputError(f"output folder {output_dir} is inside input model folder {source}")
+        if source.is_relative_to(target):
+            raise OutputError(f"output folder {output_dir} contains input model folder {source}")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OutputError(f"output {output_dir} exists and is not a folder")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not force:
+        raise OutputError(f"output folder {output_dir} is not empty; pass --force to replace it")
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn an `OSError` raised inside into a one-line `OutputError` (see `output_error`)."""
+    try:
+        yield
+    except OSError as err:
+        raise output_error(err, Path(err.filename) if err.filename else path) from err
+
+
+def output_error(err: OSError, path: Path) -> OutputError:
+    """A failed write of ``path`` as a one-line error that says what to do about it.
+
+    The final output folder never exists half-written (it appears by renaming the finished
+    partial folder), so the advice is only about the cause: space or permissions.
+    """
+    if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        advice = (
+            "free some space (or choose an output folder on another disk) and run the merge "
+            "again; the shards already finished are kept and not rewritten"
+        )
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        advice = "choose an output folder you can write to, or change its permissions"
+    else:
+        advice = "check the output folder's disk and run the merge again"
+    reason = " ".join((err.strerror or str(err)).split())
+    return OutputError(f"{path}: cannot write the merged model: {reason}; {advice}")
+
+
+def partial_dir(output_dir: Path) -> Path:
+    """The hidden sibling folder the merge is written into: ``.<name>.partial``."""
+    return output_dir.parent / f".{output_dir.name}.partial"
+
+
+def merge_identity(
+    merge_plan: MergePlan, shards: Sequence[Shard], headers: Mapping[str, ModelHeader]
+) -> str:
+    """A hash of everything that determines the output bytes, to recognise a rerun.
+
+    The plan (names, inputs, methods, parameters, dtypes), the shard layout, the
+    config, pearl_edu's version and the input weight files (path, size, modification time).
+    """
+    description = {
+        "version": __version__,
+        "config": merge_plan.config.raw,
+        "tensors": [
+            [
+                job.name,
+                job.method,
+                sorted(job.params.items()),
+                [[i.model, i.tensor] for i in job.inputs],
+                job.base_index,
+                list(job.shape),
+                str(job.dtype),
+            ]
+            for job in merge_plan.tensors
+        ],
+        "shards": [[s.file_name, hashlib.sha256(s.header).hexdigest()] for s in shards],
+        "inputs": {
+            ref: [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in header.files]
+            for ref, header in headers.items()
+        },
+    }
+    text = json.dumps(description, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def prepare_partial_dir(partial: Path, identity: str, shards: Sequence[Shard]) -> set[str]:
+    """Create (or reopen) the partial folder; return the shard files already finished.
+
+    A partial folder from the same merge is resumed; one from another merge (another
+    config, other inputs) is started afresh. A folder of that name not made by
+    pearl_edu is refused rather than deleted.
+    """
+    manifest = partial / MANIFEST
+    if partial.exists():
+        if manifest.is_file() and read_identity(manifest) == identity:
+            for leftover in partial.glob("*.tmp"):
+                leftover.unlink()
+            return {
+                shard.file_name
+                for shard in shards
+                if (partial / shard.file_name).is_file()
+                and (partial / shard.file_name).stat().st_size == shard.file_bytes
+            }
+        if not manifest.is_file() and any(partial.iterdir()):
+            raise OutputError(f"{partial} exists and was not made by pearl-edu; remove it")
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    temporary = partial / f"{MANIFEST}.tmp"
+    record = {"identity": identity, "shards": [shard.file_name for shard in shards]}
+    temporary.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8", newline="\n")
+    os.replace(temporary, manifest)
+    return set()
+
+
+def discard_unfinished(partial: Path, shards: Sequence[Shard]) -> None:
+    """Delete what a failed write left half-written: the unfinished shard's ``.tmp``.
+
+    Finished shards stay for the rerun to resume from; a partial folder without any is
+    deleted whole.
+    """
+    with contextlib.suppress(OSError):
+        for leftover in partial.glob("*.tmp"):
+            leftover.unlink()
+        if not any((partial / shard.file_name).is_file() for shard in shards):
+            shutil.rmtree(partial)
+
+
+def read_identity(manifest: Path) -> str | None:
+    """The merge identity recorded in a manifest, or None when it cannot be read."""
+    try:
+        return json.loads(manifest.read_text(encoding="utf-8")).get("identity")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
+def publish(partial: Path, output_dir: Path) -> None:
+    """Rename the finished partial folder to ``output_dir``, replacing what was there.
+
+    The manifest goes last: a crash just before that leaves a complete model with one
+    stray hidden file, never a partial folder that a rerun would not recognise.
+    """
+    retired = output_dir.parent / f".{output_dir.name}.replaced"
+    replacing = output_dir.exists()
+    if replacing:
+        shutil.rmtree(retired, ignore_errors=True)
+        os.replace(output_dir, retired)
+    try:
+        os.replace(partial, output_dir)
+    except OSError:
+        if replacing:  # put the old folder back rather than leave none
+            os.replace(retired, output_dir)
+        raise
+    (output_dir / MANIFEST).unlink()
+    shutil.rmtree(retired, ignore_errors=True)

@@ -29,7 +29,6 @@ other tensors are embeddings (names containing ``embed``) or come after the laye
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -131,30 +130,10 @@ class MergePlan:
         return [tensor for tensor in self.tensors if tensor.layer is None]
 
     def to_dict(self) -> dict[str, Any]:
-        """The plan as plain data for JSON (dtypes by name, e.g. ``"bfloat16"``)."""
-        return {
-            "num_layers": self.num_layers,
-            "base_model": self.base_model,
-            "total_bytes": self.total_bytes,
-            "tensors": [
-                {
-                    "name": t.name,
-                    "layer": t.layer,
-                    "x": t.x,
-                    "inputs": [{"model": i.model, "tensor": i.tensor} for i in t.inputs],
-                    "base_index": t.base_index,
-                    "method": t.method,
-                    "params": t.params,
-                    "matched_filter": t.matched_filter,
-                    "input_params": list(t.input_params),
-                    "input_filters": list(t.input_filters),
-                    "seed": t.seed,
-                    "shape": list(t.shape),
-                    "dtype": str(t.dtype).removeprefix("torch."),
-                }
-                for t in self.tensors
-            ],
-        }
+        """The plan as plain data for JSON (see `pearl_edu.plan_table.plan_dict`)."""
+        from pearl_edu.plan_table import plan_dict
+
+        return plan_dict(self)
 
 
 # ---------------------------------------------------------------------------------------
@@ -272,41 +251,16 @@ class Schedule:
         return [row.values[parameter][label] for row in self.rows]
 
     def table(self) -> str:
-        """A readable table: one row per layer, one column per parameter and filter."""
-        headers = ["layer", "slice", "x"] + [
-            f"{parameter}[{label}]"
-            for parameter, labels in self.columns.items()
-            for label in labels
-        ]
-        lines = [headers]
-        for row in self.rows:
-            cells = [str(row.layer), str(row.slice_index), f"{row.x:.3f}"]
-            cells += [
-                _cell(row.values[p][label])
-                for p, labels in self.columns.items()
-                for label in labels
-            ]
-            lines.append(cells)
-        widths = [max(len(line[i]) for line in lines) for i in range(len(headers))]
-        return "\n".join(
-            "  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True))
-            for line in lines
-        )
+        """A readable table, one row per layer (see `pearl_edu.plan_table.schedule_table`)."""
+        from pearl_edu.plan_table import schedule_table
+
+        return schedule_table(self)
 
     def to_dict(self) -> dict[str, Any]:
-        """The schedule as plain data for JSON."""
-        return {
-            "columns": {parameter: list(labels) for parameter, labels in self.columns.items()},
-            "layers": [
-                {"layer": r.layer, "slice": r.slice_index, "x": r.x, **r.values} for r in self.rows
-            ],
-            "outside_layers": self.outside_layers,
-        }
+        """The schedule as plain data for JSON (see `pearl_edu.plan_table.schedule_dict`)."""
+        from pearl_edu.plan_table import schedule_dict
 
-
-def _cell(value: float | None) -> str:
-    """A table cell: four decimals, or '-' where no entry matches."""
-    return "-" if value is None else f"{value:.4f}"
+        return schedule_dict(self)
 
 
 def schedule(config: MergeConfig, num_layers: int | None = None) -> Schedule:
@@ -806,86 +760,7 @@ def show_plan(
     unread: Sequence[str] = (),
     as_json: bool = False,
 ) -> str:
-    """The text (or JSON) that ``pearl-edu plan`` prints for a config.
+    """The text (or JSON) that ``pearl-edu plan`` prints (see `pearl_edu.plan_table`)."""
+    from pearl_edu.plan_table import show_plan as show
 
-    With ``merge_plan`` (built from the models' headers) it lists every tensor outside the
-    layers and, in JSON, every tensor; without it, the schedule comes from ``layer_range``
-    alone and ``unread`` names the models that were not available locally.
-    """
-    num_layers = merge_plan.num_layers if merge_plan else None
-    sched = schedule(config, num_layers)
-    if as_json:
-        data: dict[str, Any] = {
-            "config": config.source,
-            "merge_method": config.merge_method,
-            "config_hash": config.config_hash(),
-            "slices": _slice_summaries(config),
-            "models_read": merge_plan is not None,
-            "unread_models": list(unread),
-            "schedule": sched.to_dict(),
-        }
-        if merge_plan is not None:
-            data["plan"] = merge_plan.to_dict()
-        return json.dumps(data, indent=2)
-
-    lines = [f"{config.source}: {config.merge_method}, dtype {config.dtype or 'of each input'}"]
-    if METHODS[config.merge_method].random:
-        lines[0] += f", random seed {config.random_seed}"
-    base_note = " (t = 0)" if config.merge_method == "slerp" else ""
-    for summary in _slice_summaries(config):
-        lines.append(
-            f"  slice {summary['slice']}: base {summary['base_model']}{base_note}; "
-            + ", ".join(f"{s['model']} layers {s['layer_range']}" for s in summary["sources"])
-        )
-    if merge_plan is None:
-        lines.append(
-            f"{len(sched.rows)} output layers, from layer_range alone "
-            f"(models not read: {', '.join(unread) or 'none'})"
-        )
-    else:
-        lines.append(
-            f"{merge_plan.num_layers} output layers, {len(merge_plan.tensors)} tensors, "
-            f"{merge_plan.total_bytes / 1e9:.3f} GB"
-        )
-    lines += ["", sched.table(), "", "outside the layers (x = 0):"]
-    if merge_plan is None:
-        for name, values in sched.outside_layers.items():
-            lines.append(f"  {name}  " + "  ".join(f"{p} = {_cell(v)}" for p, v in values.items()))
-    else:
-        for tensor in merge_plan.outside_layers():
-            lines.append(f"  {tensor.name}  " + _param_cells(tensor))
-    return "\n".join(lines)
-
-
-def _param_cells(tensor: TensorPlan) -> str:
-    """``t = 0.5000 (other)`` for each parameter, ``weight@b = ...`` for each per-model one."""
-    cells = [
-        f"{p} = {_cell(v)} ({tensor.matched_filter.get(p) or OTHER})"
-        for p, v in tensor.params.items()
-    ]
-    labels = [i.model.rstrip("/").rsplit("/", 1)[-1] for i in tensor.inputs]
-    for label, values, filters in zip(
-        labels, tensor.input_params, tensor.input_filters, strict=True
-    ):
-        cells += [
-            f"{p}@{label} = {_cell(v)} ({filters.get(p) or OTHER})" for p, v in values.items()
-        ]
-    return "  ".join(cells)
-
-
-def _slice_summaries(config: MergeConfig) -> list[dict[str, Any]]:
-    """Per slice: its base model and its sources with their layer ranges."""
-    return [
-        {
-            "slice": index,
-            "base_model": config.slice_base(index),
-            "sources": [
-                {
-                    "model": s.model,
-                    "layer_range": list(s.layer_range) if s.layer_range else "all",
-                }
-                for s in sl.sources
-            ],
-        }
-        for index, sl in enumerate(config.slices)
-    ]
+    return show(config, merge_plan, unread=unread, as_json=as_json)

@@ -1,0 +1,167 @@
+"""How a plan is shown: the tables and the JSON that ``pearl-edu plan`` prints.
+
+`pearl_edu.plan` decides which tensor gets which ``t``; this module only formats what it
+decided, for people (aligned tables) and for programs (plain data for JSON).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from pearl_edu.config import MergeConfig
+from pearl_edu.methods import METHODS
+from pearl_edu.plan import OTHER, MergePlan, Schedule, TensorPlan, schedule
+
+
+def plan_dict(merge_plan: MergePlan) -> dict[str, Any]:
+    """The plan as plain data for JSON (dtypes by name, e.g. ``"bfloat16"``)."""
+    return {
+        "num_layers": merge_plan.num_layers,
+        "base_model": merge_plan.base_model,
+        "total_bytes": merge_plan.total_bytes,
+        "tensors": [
+            {
+                "name": t.name,
+                "layer": t.layer,
+                "x": t.x,
+                "inputs": [{"model": i.model, "tensor": i.tensor} for i in t.inputs],
+                "base_index": t.base_index,
+                "method": t.method,
+                "params": t.params,
+                "matched_filter": t.matched_filter,
+                "input_params": list(t.input_params),
+                "input_filters": list(t.input_filters),
+                "seed": t.seed,
+                "shape": list(t.shape),
+                "dtype": str(t.dtype).removeprefix("torch."),
+            }
+            for t in merge_plan.tensors
+        ],
+    }
+
+
+def schedule_table(sched: Schedule) -> str:
+    """A readable table: one row per layer, one column per parameter and filter."""
+    headers = ["layer", "slice", "x"] + [
+        f"{parameter}[{label}]" for parameter, labels in sched.columns.items() for label in labels
+    ]
+    lines = [headers]
+    for row in sched.rows:
+        cells = [str(row.layer), str(row.slice_index), f"{row.x:.3f}"]
+        cells += [
+            cell(row.values[p][label]) for p, labels in sched.columns.items() for label in labels
+        ]
+        lines.append(cells)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(text.rjust(width) for text, width in zip(line, widths, strict=True))
+        for line in lines
+    )
+
+
+def schedule_dict(sched: Schedule) -> dict[str, Any]:
+    """The schedule as plain data for JSON."""
+    return {
+        "columns": {parameter: list(labels) for parameter, labels in sched.columns.items()},
+        "layers": [
+            {"layer": r.layer, "slice": r.slice_index, "x": r.x, **r.values} for r in sched.rows
+        ],
+        "outside_layers": sched.outside_layers,
+    }
+
+
+def cell(value: float | None) -> str:
+    """A table cell: four decimals, or '-' where no entry matches."""
+    return "-" if value is None else f"{value:.4f}"
+
+
+def show_plan(
+    config: MergeConfig,
+    merge_plan: MergePlan | None = None,
+    *,
+    unread: Sequence[str] = (),
+    as_json: bool = False,
+) -> str:
+    """The text (or JSON) that ``pearl-edu plan`` prints for a config.
+
+    With ``merge_plan`` (built from the models' headers) it lists every tensor outside the
+    layers and, in JSON, every tensor; without it, the schedule comes from ``layer_range``
+    alone and ``unread`` names the models that were not available locally.
+    """
+    num_layers = merge_plan.num_layers if merge_plan else None
+    sched = schedule(config, num_layers)
+    if as_json:
+        data: dict[str, Any] = {
+            "config": config.source,
+            "merge_method": config.merge_method,
+            "config_hash": config.config_hash(),
+            "slices": slice_summaries(config),
+            "models_read": merge_plan is not None,
+            "unread_models": list(unread),
+            "schedule": schedule_dict(sched),
+        }
+        if merge_plan is not None:
+            data["plan"] = plan_dict(merge_plan)
+        return json.dumps(data, indent=2)
+
+    lines = [f"{config.source}: {config.merge_method}, dtype {config.dtype or 'of each input'}"]
+    if METHODS[config.merge_method].random:
+        lines[0] += f", random seed {config.random_seed}"
+    base_note = " (t = 0)" if config.merge_method == "slerp" else ""
+    for summary in slice_summaries(config):
+        lines.append(
+            f"  slice {summary['slice']}: base {summary['base_model']}{base_note}; "
+            + ", ".join(f"{s['model']} layers {s['layer_range']}" for s in summary["sources"])
+        )
+    if merge_plan is None:
+        lines.append(
+            f"{len(sched.rows)} output layers, from layer_range alone "
+            f"(models not read: {', '.join(unread) or 'none'})"
+        )
+    else:
+        lines.append(
+            f"{merge_plan.num_layers} output layers, {len(merge_plan.tensors)} tensors, "
+            f"{merge_plan.total_bytes / 1e9:.3f} GB"
+        )
+    lines += ["", schedule_table(sched), "", "outside the layers (x = 0):"]
+    if merge_plan is None:
+        for name, values in sched.outside_layers.items():
+            lines.append(f"  {name}  " + "  ".join(f"{p} = {cell(v)}" for p, v in values.items()))
+    else:
+        for tensor in merge_plan.outside_layers():
+            lines.append(f"  {tensor.name}  " + param_cells(tensor))
+    return "\n".join(lines)
+
+
+def param_cells(tensor: TensorPlan) -> str:
+    """``t = 0.5000 (other)`` for each parameter, ``weight@b = ...`` for each per-model one."""
+    cells = [
+        f"{p} = {cell(v)} ({tensor.matched_filter.get(p) or OTHER})"
+        for p, v in tensor.params.items()
+    ]
+    labels = [i.model.rstrip("/").rsplit("/", 1)[-1] for i in tensor.inputs]
+    for label, values, filters in zip(
+        labels, tensor.input_params, tensor.input_filters, strict=True
+    ):
+        cells += [f"{p}@{label} = {cell(v)} ({filters.get(p) or OTHER})" for p, v in values.items()]
+    return "  ".join(cells)
+
+
+def slice_summaries(config: MergeConfig) -> list[dict[str, Any]]:
+    """Per slice: its base model and its sources with their layer ranges."""
+    return [
+        {
+            "slice": index,
+            "base_model": config.slice_base(index),
+            "sources": [
+                {
+                    "model": s.model,
+                    "layer_range": list(s.layer_range) if s.layer_range else "all",
+                }
+                for s in sl.sources
+            ],
+        }
+        for index, sl in enumerate(config.slices)
+    ]

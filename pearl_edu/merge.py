@@ -111,9 +111,10 @@ def merge(
     ``config`` is a `MergeConfig`, or anything `load_config` accepts (a YAML path, YAML
     text, a shipped recipe's name). ``progress=None`` shows a progress bar only on a
     terminal; ``False`` never. ``copy_tokenizer=False`` leaves out the base model's
-    tokenizer and generation config, as mergekit's ``--no-copy-tokenizer`` does. ``threads`` is how many CPU threads the math may use on the
-    CPU; by default torch's, as mergekit (see `math_threads`). Bad input raises a
-    `PearlEduError` before anything is written.
+    tokenizer and generation config, as mergekit's ``--no-copy-tokenizer`` does.
+    ``threads`` is how many CPU threads the math may use on the CPU; by default torch's,
+    as mergekit (see `math_threads`). Bad input raises a `PearlEduError` before anything
+    is written.
     """
     started = time.perf_counter()
     # config -> plan: every mistake is reported here, before anything is written.
@@ -173,6 +174,7 @@ def merge(
                 writer.close()
             for reader in readers.values():
                 reader.close()
+        # The files beside the weights, then the folder appears whole, by a rename.
         with writing(partial):
             writer.write_index()
             write_model_files(

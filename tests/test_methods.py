@@ -363,3 +363,20 @@ def test_registry_describes_slerp():
         methods.register(spec)
     with pytest.raises(ValueError, match="unknown merge method 'nearswap'"):
         merge_tensor("nearswap", [torch.ones(2), torch.ones(2)], 0, {})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("density", [0.1, 0.3, 0.5, 0.75, 0.9])
+def test_dares_mask_off_the_cpu_is_the_draw_the_engine_made(dtype, density):
+    # For a tensor on a GPU, random_drop draws its mask on the CPU from the core's
+    # Bernoulli draw of all-ones; that is the mask the engine used to compare uniform
+    # draws with the density (rounded to the working dtype, as mergekit fills it) for.
+    shape = (300, 70)
+    work = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    draws = torch.rand(shape, generator=torch.Generator().manual_seed(7), dtype=torch.float32)
+    engine_mask = (draws < torch.tensor(density, dtype=work).item()).to(work)
+    ones = torch.ones(shape, dtype=dtype)
+    core_mask = methods.core.random_drop(
+        ones, density, torch.Generator().manual_seed(7), rescale=False
+    )
+    assert torch.equal(core_mask.to(work), engine_mask)

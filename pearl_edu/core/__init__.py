@@ -2,7 +2,8 @@
 
 These modules read like the book's equations: no threads, no compiled loops, no reused
 buffers, no files. They give mergekit 0.1.5's results bit for bit, and the fast engine
-(`pearl_edu.methods`) is tested to give theirs (``tests/test_core.py``). The book prints
+(`pearl_edu.backends.cpu`, behind `pearl_edu.methods`) is tested to give theirs
+(``tests/test_core.py``, ``tests/test_backends.py``). The book prints
 them.
 """
 

@@ -1,8 +1,8 @@
 r"""SLERP and linear interpolation of one tensor, in plain torch: the reference core.
 
 This is the arithmetic the book derives (eq:slerp), written to be read. The engine's fast
-version (`pearl_edu.methods`, with threads, compiled loops and reused buffers) is tested to
-give exactly these bits, and these are mergekit 0.1.5's bits.
+version (`pearl_edu.backends.cpu`, with threads, compiled loops and reused buffers) is
+tested to give exactly these bits, and these are mergekit 0.1.5's bits.
 
 Why chunks: a float32 sum of 10^8 terms depends on the order in which it is added up, and
 a cosine that differs in its last digit moves the bfloat16 rounding of some outputs. So

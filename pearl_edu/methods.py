@@ -71,21 +71,14 @@ def slerp(
     eps: float = NORM_EPS,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    r"""Spherical linear interpolation of two tensors, each taken as one flat vector.
+    """Spherical linear interpolation of two tensors, each taken as one flat vector.
 
-    With $\cos\theta = \frac{\langle v_0, v_1 \rangle}{\lVert v_0 \rVert \lVert v_1 \rVert}$
-    (eq:slerp):
-
-    $$ \operatorname{slerp}(v_0, v_1; t)
-       = \frac{\sin((1 - t)\theta)}{\sin\theta}\, v_0 + \frac{\sin(t\theta)}{\sin\theta}\, v_1 $$
-
-    and, when $|\cos\theta| > 0.9995$, $(1 - t)\, v_0 + t\, v_1$ instead. Both weights
-    apply to the original tensors, so the result is not renormalized: its norm equals the
-    inputs' only when their norms are equal. A norm at most ``eps`` is left undivided (an
-    all-zero tensor gives $\cos\theta = 0$). ``t`` is not clamped. The result has ``v0``'s
-    dtype and device, and the bits of `pearl_edu.core.slerp` (on a GPU too: the cosine is
+    The math, equation and edge cases are `pearl_edu.core.slerp`'s (eq:slerp): the
+    fallback to linear interpolation above ``dot_threshold``, norms at most ``eps`` left
+    undivided, ``t`` not clamped, no renormalization. This is the engine's fast version
+    (`pearl_edu.backends`), with the core's bits on any device (on a GPU the cosine is
     summed on the CPU). ``out``, a contiguous tensor of ``v0``'s shape, dtype and device,
-    receives it (and is returned) instead of a new tensor, as the engine does with
+    receives the result (and is returned) instead of a new tensor, as the engine does with
     buffers it reuses.
     """
     _check_same_shape(v0, v1, name="tensor")

@@ -39,10 +39,21 @@ SIBLING_NOISE = 0.5
 DEFAULT_SHARD_BYTES = 5 * 10**9
 
 
-def make_model_pair(
+def make_model_pair(out_dir: str | Path, **options) -> tuple[Path, Path]:
+    """Write ``model_a`` and ``model_b`` under ``out_dir`` and return their paths.
+
+    ``device="cuda"`` draws the random numbers on the GPU, many times faster for the
+    full-size pair; the values then differ from the CPU's (each is deterministic).
+    """
+    a, b = make_models(out_dir, count=2, **options)
+    return a, b
+
+
+def make_models(
     out_dir: str | Path,
     *,
     num_layers: int,
+    count: int = 2,
     seed: int = 0,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     hidden_size: int = MISTRAL_7B["hidden_size"],
@@ -51,11 +62,13 @@ def make_model_pair(
     num_kv_heads: int = MISTRAL_7B["num_kv_heads"],
     vocab_size: int = MISTRAL_7B["vocab_size"],
     device: str = "cpu",
-) -> tuple[Path, Path]:
-    """Write ``model_a`` and ``model_b`` under ``out_dir`` and return their paths.
+) -> tuple[Path, ...]:
+    """Write ``count`` models, ``model_a``, ``model_b``, ... under ``out_dir``; their paths.
 
-    ``device="cuda"`` draws the random numbers on the GPU, many times faster for the
-    full-size pair; the values then differ from the CPU's (each is deterministic).
+    ``model_a`` is random; every other model is ``model_a`` plus noise of its own, like
+    fine-tunes of one parent (the task-vector methods' benchmark takes ``model_a`` as the
+    base). A pair is the same whatever code asks for it: the third model's noise is
+    drawn only when there is one.
     """
     config = hf_config(
         arch="mistral",
@@ -71,25 +84,29 @@ def make_model_pair(
     shapes = tensor_shapes(config)
     shards = split_by_bytes(shapes, shard_bytes)
 
-    dirs = (Path(out_dir) / "model_a", Path(out_dir) / "model_b")
+    dirs = tuple(Path(out_dir) / f"model_{chr(ord('a') + i)}" for i in range(count))
     for model_dir in dirs:
         model_dir.mkdir(parents=True, exist_ok=True)
         write_json(model_dir / "config.json", config)
         write_json(model_dir / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2})
 
     generator = torch.Generator(device=device).manual_seed(seed)
-    tensors = sibling_tensors(shapes, generator)
+    tensors = sibling_tensors(shapes, generator, count=count)
     weight_map = {}
     for file_name, names in shards.items():
         header = safetensors_header({name: shapes[name] for name in names})
-        with open(dirs[0] / file_name, "wb") as file_a, open(dirs[1] / file_name, "wb") as file_b:
-            file_a.write(header)
-            file_b.write(header)
+        files = [open(model_dir / file_name, "wb") for model_dir in dirs]  # noqa: SIM115
+        try:
+            for file in files:
+                file.write(header)
             for name in names:
-                made, a, b = next(tensors)
+                made, *values = next(tensors)
                 assert made == name, "tensors are generated in shard order"
-                file_a.write(a.view(torch.uint8).numpy())
-                file_b.write(b.view(torch.uint8).numpy())
+                for file, value in zip(files, values, strict=True):
+                    file.write(value.view(torch.uint8).numpy())
+        finally:
+            for file in files:
+                file.close()
         weight_map.update(dict.fromkeys(names, file_name))
 
     if len(shards) > 1:
@@ -101,9 +118,9 @@ def make_model_pair(
 
 
 def sibling_tensors(
-    shapes: dict[str, tuple[int, ...]], generator: torch.Generator
-) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-    """Yield (name, a, b) in ``shapes`` order: a random bf16 tensor a, and b = a + noise.
+    shapes: dict[str, tuple[int, ...]], generator: torch.Generator, count: int = 2
+) -> Iterator[tuple[str | torch.Tensor, ...]]:
+    """Yield (name, a, b, ...) in ``shapes`` order: a random bf16 tensor a, the rest a + noise.
 
     The tensors are drawn on the generator's device and returned on the CPU.
     """
@@ -116,8 +133,11 @@ def sibling_tensors(
         else:
             a = INIT_STD * a
             noise_scale = INIT_STD * SIBLING_NOISE
-        b = torch.randn(shape, generator=generator, device=device).mul_(noise_scale).add_(a)
-        yield name, a.to("cpu", torch.bfloat16), b.to("cpu", torch.bfloat16)
+        siblings = [
+            torch.randn(shape, generator=generator, device=device).mul_(noise_scale).add_(a)
+            for _ in range(count - 1)
+        ]
+        yield name, *(x.to("cpu", torch.bfloat16) for x in (a, *siblings))
 
 
 def split_by_bytes(shapes: dict[str, tuple[int, ...]], shard_bytes: int) -> dict[str, list[str]]:
@@ -166,15 +186,19 @@ def main() -> None:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--layers", type=int, required=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--count", type=int, default=2, help="how many models (the first is the base)"
+    )
     parser.add_argument("--shard-gb", type=float, default=DEFAULT_SHARD_BYTES / 1e9)
     parser.add_argument("--hidden-size", type=int, default=MISTRAL_7B["hidden_size"])
     parser.add_argument("--intermediate-size", type=int, default=MISTRAL_7B["intermediate_size"])
     parser.add_argument("--vocab-size", type=int, default=MISTRAL_7B["vocab_size"])
     parser.add_argument("--device", default="cpu", help="where to draw the random numbers")
     args = parser.parse_args()
-    dirs = make_model_pair(
+    dirs = make_models(
         args.out_dir,
         num_layers=args.layers,
+        count=args.count,
         seed=args.seed,
         shard_bytes=int(args.shard_gb * 1e9),
         hidden_size=args.hidden_size,

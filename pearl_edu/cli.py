@@ -112,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPU threads for the math (default: torch's, one per core, as mergekit); "
         "--num-threads and -j are mergekit's names",
     )
+    m.add_argument(
+        "--fast-trim",
+        action="store_true",
+        help="TIES (and any trim by magnitude): among entries of equal magnitude at the cut, "
+        "keep the first in the tensor, found by counting instead of sorting: several times "
+        "faster and a third of the memory; the output then differs from mergekit's in those "
+        "tied entries only (mergekit keeps the ones torch's sort puts first)",
+    )
     _everywhere_options(m, top_level=False)
 
     g = m.add_argument_group(
@@ -298,6 +306,8 @@ def _run_merge(args: argparse.Namespace) -> int:
             f"random seed {config.random_seed}" if random else "no random seed used",
             "tokenizer copied" if args.copy_tokenizer else "tokenizer left out",
         ]
+        if args.fast_trim:
+            settings.append("ties at the trim's cut kept by position (--fast-trim)")
         print(f"pearl-edu: {', '.join(settings)}", file=sys.stderr)
 
     result = merge(
@@ -309,6 +319,7 @@ def _run_merge(args: argparse.Namespace) -> int:
         progress=False if args.quiet else None,
         threads=args.threads,
         copy_tokenizer=args.copy_tokenizer,
+        fast_trim=args.fast_trim,
     )
     resumed = f", {result.resumed_tensors} resumed" if result.resumed_tensors else ""
     print(

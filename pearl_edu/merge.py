@@ -105,6 +105,7 @@ def merge(
     progress: bool | None = None,
     threads: int | None = None,
     copy_tokenizer: bool = True,
+    fast_trim: bool = False,
 ) -> MergeResult:
     """Merge the models of ``config`` into the Hugging Face model folder ``output_dir``.
 
@@ -112,6 +113,7 @@ def merge(
     text, a shipped recipe's name). ``progress=None`` shows a progress bar only on a
     terminal; ``False`` never. ``copy_tokenizer=False`` leaves out the base model's
     tokenizer and generation config, as mergekit's ``--no-copy-tokenizer`` does.
+    ``fast_trim=True`` breaks TIES' ties at its cut by position (see `merge_tensor`).
     ``threads`` is how many CPU threads the math may use on the CPU; by default torch's,
     as mergekit (see `math_threads`). Bad input raises a `PearlEduError` before anything
     is written.
@@ -161,7 +163,7 @@ def merge(
                 ):
                     buffer = outputs.take(job.nbytes + DIRECT_ALIGNMENT)
                     result = aligned_view(buffer, job, writer.file_offset(job.name))
-                    merge_into(result, job, inputs)
+                    merge_into(result, job, inputs, fast_trim=fast_trim)
                     write_behind.write(
                         job.name, result, then=functools.partial(outputs.give, buffer)
                     )
@@ -197,7 +199,9 @@ def merge(
     )
 
 
-def merge_into(result: torch.Tensor, job: TensorPlan, inputs: list[torch.Tensor]) -> None:
+def merge_into(
+    result: torch.Tensor, job: TensorPlan, inputs: list[torch.Tensor], *, fast_trim: bool = False
+) -> None:
     """The math of one output tensor, written into ``result`` (a reused output buffer)."""
     base = inputs[job.base_index]
     merged = merge_tensor(
@@ -209,6 +213,7 @@ def merge_into(result: torch.Tensor, job: TensorPlan, inputs: list[torch.Tensor]
         seed=job.seed,
         name=job.name,
         out=result if base.device == result.device and base.dtype == job.dtype else None,
+        fast_trim=fast_trim,
     )
     if merged is not result:
         result.copy_(merged)  # a cast, a copy from the GPU, or an input itself

@@ -7,11 +7,10 @@ TIES' sign election (``dare_ties``).
 
 Each method means what mergekit 0.1.5 means by it, bit for bit: the arithmetic is the
 reference core's (`pearl_edu.core`, plain torch that reads like the book's equations).
-SLERP, the method of the book's merge, runs on a backend (`pearl_edu.backends`) that gives
-the core's bits faster, and writes into the engine's reused output buffer; the others are
-the core's functions themselves. They work on whole tensors: TIES must rank all of a task
-vector's entries to trim it, and the task vectors of all models are stacked to elect
-signs, so a merge of n models holds a few copies of the largest tensor per model.
+The engine runs them on backends (`pearl_edu.backends`) that give the core's bits faster
+and write into the engine's reused output buffer: SLERP on `pearl_edu.backends.cpu`, task
+arithmetic, TIES and DARE on `pearl_edu.backends.task_vectors` (slice by slice, with one
+mask per model instead of copies of the task vectors); linear is the core's function.
 
 Task vectors: with the base model's tensor $\theta_\text{base}$, each other model's tensor
 gives $\delta_i = \theta_i - \theta_\text{base}$, what fine-tuning changed. Task arithmetic
@@ -29,6 +28,7 @@ import torch
 
 from pearl_edu import core
 from pearl_edu.backends import backend_for
+from pearl_edu.backends import task_vectors as task_vector_backend
 from pearl_edu.backends.cpu import (  # noqa: F401  (the engine's helpers, importable here)
     keep_host_copy,
     set_threads_for_new_threads,
@@ -229,7 +229,8 @@ class MergeMethod:
     ``merge`` takes the input tensors, the index of the base model's tensor among them,
     the shared parameters, the per-input parameters (one mapping per input) and the
     tensor's seed, and returns the merged tensor; a method with ``writes_into_out`` also
-    takes a keyword ``out``, a tensor to write the result into.
+    takes a keyword ``out``, a tensor to write the result into, and a method that ``trims``
+    by magnitude a keyword ``fast_trim`` (see `merge_tensor`).
     """
 
     name: str
@@ -242,6 +243,7 @@ class MergeMethod:
     base_has_input_parameters: bool = False
     random: bool = False
     writes_into_out: bool = False
+    trims: bool = False
 
     def required_parameters(self) -> list[str]:
         """Names of the parameters a config must give (those with no default)."""
@@ -282,6 +284,7 @@ def merge_tensor(
     seed: int | None = None,
     name: str = "tensor",
     out: torch.Tensor | None = None,
+    fast_trim: bool = False,
 ) -> torch.Tensor:
     """Merge one output tensor from its inputs: the single entry point of the engine.
 
@@ -303,9 +306,12 @@ def merge_tensor(
     spec = METHODS[method]
     per_input = _with_input_defaults(spec, len(tensors), base_index, input_params, name)
     tensor_seed_ = tensor_seed(0, name) if seed is None else seed
+    keywords: dict[str, object] = {}
     if out is not None and spec.writes_into_out:
-        return spec.merge(tensors, base_index, params, per_input, tensor_seed_, out=out)
-    return spec.merge(tensors, base_index, params, per_input, tensor_seed_)
+        keywords["out"] = out
+    if spec.trims:
+        keywords["fast_trim"] = fast_trim
+    return spec.merge(tensors, base_index, params, per_input, tensor_seed_, **keywords)
 
 
 def _with_input_defaults(
@@ -369,6 +375,9 @@ def _task_vector_method(*, pruning: str | None, sign_election: bool) -> MergeFun
         params: Mapping[str, float],
         input_params: Sequence[Mapping[str, float]],
         seed: int,
+        *,
+        out: torch.Tensor | None = None,
+        fast_trim: bool = False,
     ) -> torch.Tensor:
         base = tensors[base_index]
         others = [tensor for index, tensor in enumerate(tensors) if index != base_index]
@@ -378,16 +387,28 @@ def _task_vector_method(*, pruning: str | None, sign_election: bool) -> MergeFun
         options = {
             "normalize": bool(params["normalize"]),
             "scale": float(params["lambda"]),
-            "rescale": bool(params["rescale"]),
-            "int8_mask": bool(params["int8_mask"]),
+            "rescale": bool(params["rescale"]) and pruning is not None,
         }
+        generators = input_generators(seed, len(others)) if pruning == "random" else None
+        if all(tensor.device.type == "cpu" for tensor in tensors):
+            return task_vector_backend.merge(
+                base,
+                others,
+                weights,
+                densities,
+                pruning=pruning,
+                sign_election=sign_election,
+                generators=generators,
+                position=fast_trim,
+                out=out,
+                **options,
+            )
         if pruning == "magnitude":
-            return ties(base, others, weights, densities, **options)
+            return core.ties(base, others, weights, densities, stable=fast_trim, **options)
         if pruning == "random":
-            generators = input_generators(seed, len(others))
             return dare(
                 base, others, weights, densities, generators, sign_election=sign_election, **options
-            )
+            )  # type: ignore[arg-type]
         options.pop("rescale")  # nothing is pruned, so there is nothing to rescale
         base, deltas = task_vectors(base, others)
         return task_arithmetic(base, deltas, weights, sign_election=sign_election, **options)
@@ -444,5 +465,7 @@ for _name, _pruning, _election, _normalize, _rescale in (
             needs_base=True,
             input_parameters=TASK_VECTOR_INPUTS,
             random=_pruning == "random",
+            writes_into_out=True,
+            trims=_pruning == "magnitude",
         )
     )

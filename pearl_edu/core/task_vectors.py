@@ -49,13 +49,16 @@ def rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.T
     return masked * (before / after)
 
 
-def magnitude_prune(delta: torch.Tensor, density: float, *, rescale: bool = False) -> torch.Tensor:
+def magnitude_prune(
+    delta: torch.Tensor, density: float, *, rescale: bool = False, stable: bool = False
+) -> torch.Tensor:
     r"""TIES' trim: keep the ``density`` fraction of ``delta``'s entries largest in magnitude.
 
     $$ \operatorname{trim}_\rho(\delta)_j = \delta_j\, [\, |\delta_j| \text{ is among the }
        k = \max(1, \lfloor \rho N \rfloor) \text{ largest} \,] $$
 
-    Among equal magnitudes, ``torch.argsort`` decides which survive, as in mergekit.
+    Among equal magnitudes at the cut, ``torch.argsort`` decides which survive, as in
+    mergekit; with ``stable``, the first in the tensor survive (``pearl-edu merge --fast-trim``).
     """
     if density >= 1:
         return delta
@@ -67,7 +70,7 @@ def magnitude_prune(delta: torch.Tensor, density: float, *, rescale: bool = Fals
     if magnitudes.device.type == "cpu":
         magnitudes = magnitudes.float()
     mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
-    mask[torch.argsort(magnitudes, descending=True)[:keep]] = 1
+    mask[torch.argsort(magnitudes, descending=True, stable=stable)[:keep]] = 1
     return rescaled(delta, mask.reshape_as(delta), rescale)
 
 
@@ -177,6 +180,7 @@ def ties(
     normalize: bool = True,
     scale: float = 1.0,
     rescale: bool = False,
+    stable: bool = False,
 ) -> torch.Tensor:
     r"""TIES: trim each task vector, elect signs, average the agreeing entries.
 
@@ -186,7 +190,7 @@ def ties(
     """
     base, deltas = task_vectors(base, others)
     trimmed = [
-        magnitude_prune(delta, density, rescale=rescale)
+        magnitude_prune(delta, density, rescale=rescale, stable=stable)
         for delta, density in zip(deltas, densities, strict=True)
     ]
     return combine(base, trimmed, weights, sign_election=True, normalize=normalize, scale=scale)

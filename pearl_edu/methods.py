@@ -469,3 +469,8 @@ for _name, _pruning, _election, _normalize, _rescale in (
             trims=_pruning == "magnitude",
         )
     )
+
+
+# The other families of methods (the SLERP family for many models, the pruning variants,
+# passthrough) register themselves from modules of their own.
+from pearl_edu import families  # noqa: E402, F401

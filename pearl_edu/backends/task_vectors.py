@@ -15,14 +15,16 @@ small:
   the magnitude at the cut (`kth_largest_key`), and the entries tied at the cut are kept
   first in the tensor first; that is the core's ``stable=True``, bit for bit.
 - **the drop** (DARE) draws its mask on the whole tensor, as the core does (the random
-  stream is laid out over all the entries), and keeps it as booleans.
+  stream is laid out over all the entries), one thread per model, and keeps it as booleans.
 - **the rescale** (the L1 norms before and after a trim or a drop) sums whole tensors, as
   the core does: a sum's rounding depends on how it is split, so it is not split.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -104,13 +106,15 @@ def merge(
         return flat_others[index][part].to(common) - flat_base[part].to(common)
 
     pruned = []
+    if pruning == "random":
+        work = torch.bfloat16 if common == torch.bfloat16 else torch.float32
+        masks = drop_masks(base.numel(), densities, generators, work)
     for index, density in enumerate(densities):
         of_model = lambda part, i=index: delta(i, part)  # noqa: E731
         if pruning == "magnitude":
             pruned.append(trim(of_model, base.numel(), density, rescale, position))
         elif pruning == "random":
-            generator = generators[index] if generators is not None else None
-            pruned.append(drop(of_model, base.numel(), density, generator, rescale))
+            pruned.append(drop(of_model, base.numel(), masks[index], work, rescale))
         else:
             pruned.append(Pruned())
 
@@ -158,23 +162,44 @@ def trim(
     return Pruned(mask=mask, factor=l1_factor(delta(slice(0, numel)), mask))
 
 
+def drop_masks(
+    numel: int,
+    densities: Sequence[float],
+    generators: Sequence[torch.Generator] | None,
+    work: torch.dtype,
+) -> list[torch.Tensor | None]:
+    """DARE's masks (`pearl_edu.core.random_drop`), one per model; None where nothing drops.
+
+    Each mask is drawn over all ``numel`` entries at once, as the core draws it, in the
+    core's dtype ``work``. With a generator per model, the models draw side by side, one
+    thread each: a draw's bits depend only on its generator, and drawing is most of DARE's
+    time.
+    """
+
+    def draw(index: int) -> torch.Tensor | None:
+        if densities[index] >= 1:
+            return None
+        generator = generators[index] if generators is not None else None
+        probability = torch.full((numel,), densities[index], dtype=work)
+        return torch.bernoulli(probability, generator=generator).to(torch.bool)
+
+    indices = range(len(densities))
+    if generators is None or len(densities) < 2:  # torch's global generator: one at a time
+        return [draw(index) for index in indices]
+    with ThreadPoolExecutor(max_workers=min(len(densities), os.cpu_count() or 1)) as pool:
+        return list(pool.map(draw, indices))
+
+
 def drop(
     delta: Callable[[slice], torch.Tensor],
     numel: int,
-    density: float,
-    generator: torch.Generator | None,
+    mask: torch.Tensor | None,
+    work: torch.dtype,
     rescale: bool,
 ) -> Pruned:
-    """DARE's drop of one task vector (`pearl_edu.core.random_drop`), as a mask.
-
-    The mask is drawn over all ``numel`` entries at once, as the core draws it.
-    """
-    if density >= 1:
+    """DARE's drop of one task vector with its ``mask`` (from `drop_masks`)."""
+    if mask is None:
         return Pruned()
-    work = torch.bfloat16 if delta(slice(0, 0)).dtype == torch.bfloat16 else torch.float32
-    probability = torch.full((numel,), density, dtype=work)
-    mask = torch.bernoulli(probability, generator=generator).to(torch.bool)
-    del probability
     factor = l1_factor(delta(slice(0, numel)).to(work), mask) if rescale else None
     return Pruned(mask=mask, factor=factor, work=work)
 

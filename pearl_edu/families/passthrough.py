@@ -1,0 +1,1 @@
+"""passthrough: methods are registered here."""

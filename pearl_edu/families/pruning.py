@@ -1,0 +1,1 @@
+"""pruning: methods are registered here."""

@@ -1,0 +1,1 @@
+"""sphere: methods are registered here."""

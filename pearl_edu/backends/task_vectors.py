@@ -180,8 +180,9 @@ def drop_masks(
         if densities[index] >= 1:
             return None
         generator = generators[index] if generators is not None else None
-        probability = torch.full((numel,), densities[index], dtype=work)
-        return torch.bernoulli(probability, generator=generator).to(torch.bool)
+        draws = torch.full((numel,), densities[index], dtype=work)  # the probabilities, then
+        torch.bernoulli(draws, generator=generator, out=draws)  # the draws (the same bits)
+        return draws.to(torch.bool)
 
     indices = range(len(densities))
     if generators is None or len(densities) < 2:  # torch's global generator: one at a time

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from pearl_edu.card import (  # noqa: F401  (importable from here, as before)
 )
 from pearl_edu.config import MergeConfig, load_config, torch_dtype
 from pearl_edu.devices import resolve_device
-from pearl_edu.errors import ConfigError, ModelError, OutputError
+from pearl_edu.errors import ModelError, OutputError
 from pearl_edu.hub import resolve_model
 from pearl_edu.io import (
     DIRECT_ALIGNMENT,
@@ -54,10 +53,12 @@ from pearl_edu.io import (
 from pearl_edu.methods import merge_tensor
 from pearl_edu.output import (  # noqa: F401  (importable from here, as before)
     MANIFEST,
+    SIZE_PATTERN,
     check_output_dir,
     discard_unfinished,
     merge_identity,
     output_error,
+    parse_size,
     partial_dir,
     prepare_partial_dir,
     publish,
@@ -222,33 +223,6 @@ def merge_into(
 # --------------------------------------------------------------------------------------
 # Checks made before anything is written
 # --------------------------------------------------------------------------------------
-
-
-SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
-
-
-def parse_size(size: str | int) -> int:
-    """Bytes in ``size``: an int, or text such as ``"5GB"``, ``"500MB"``, ``"2GiB"``.
-
-    ``KB``/``MB``/``GB`` are powers of 1000 and ``KiB``/``MiB``/``GiB`` powers of 1024,
-    as in mergekit.
-    """
-    if isinstance(size, int) and not isinstance(size, bool):
-        number = size
-    else:
-        match = SIZE_PATTERN.match(str(size))
-        if match is None:
-            raise ConfigError(
-                f"shard size {size!r} is not understood: expected bytes such as 5GB, 500MB, "
-                "2GiB or 1000000"
-            )
-        value, unit = match.group(1), (match.group(2) or "b").lower()
-        power = "bkmgt".index(unit[0])  # b = 0, k = 1, m = 2, ...
-        base = 1024 if "i" in unit else 1000
-        number = int(float(value) * base**power)
-    if number <= 0:
-        raise ConfigError(f"shard size {size!r} must be more than 0 bytes")
-    return number
 
 
 def check_input_shapes(jobs: Sequence[TensorPlan], headers: Mapping[str, ModelHeader]) -> None:

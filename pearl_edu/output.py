@@ -19,12 +19,13 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from pearl_edu._version import __version__
-from pearl_edu.errors import OutputError
+from pearl_edu.errors import ConfigError, OutputError
 from pearl_edu.io import ModelHeader, Shard
 from pearl_edu.plan import MergePlan
 
@@ -181,3 +182,30 @@ def publish(partial: Path, output_dir: Path) -> None:
         raise
     (output_dir / MANIFEST).unlink()
     shutil.rmtree(retired, ignore_errors=True)
+
+
+SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(size: str | int) -> int:
+    """Bytes in ``size``: an int, or text such as ``"5GB"``, ``"500MB"``, ``"2GiB"``.
+
+    ``KB``/``MB``/``GB`` are powers of 1000 and ``KiB``/``MiB``/``GiB`` powers of 1024,
+    as in mergekit.
+    """
+    if isinstance(size, int) and not isinstance(size, bool):
+        number = size
+    else:
+        match = SIZE_PATTERN.match(str(size))
+        if match is None:
+            raise ConfigError(
+                f"shard size {size!r} is not understood: expected bytes such as 5GB, 500MB, "
+                "2GiB or 1000000"
+            )
+        value, unit = match.group(1), (match.group(2) or "b").lower()
+        power = "bkmgt".index(unit[0])  # b = 0, k = 1, m = 2, ...
+        base = 1024 if "i" in unit else 1000
+        number = int(float(value) * base**power)
+    if number <= 0:
+        raise ConfigError(f"shard size {size!r} must be more than 0 bytes")
+    return number

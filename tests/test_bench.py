@@ -285,3 +285,51 @@ def test_numpy_era_drift_record_is_complete_and_adds_up():
         # A real mistake changes most of a tensor: the tolerance refuses it.
         mistake = comparisons["mistake_t0.6_vs_mergekit_0.1.5"]
         assert mistake["max_tensor_fraction"] > NUMPY_ERA_TOLERANCE["max_fraction"]
+
+
+def test_task_vector_benchmark_models_configs_and_counting(tmp_path):
+    """Three siblings over one base; both configs merge them; kept fractions are counted."""
+    import bench_task_vectors
+    from make_models import make_models
+
+    from pearl_edu.merge import merge
+
+    models = make_models(tmp_path / "family", num_layers=2, count=3, **TOY)
+    assert [m.name for m in models] == ["model_a", "model_b", "model_c"]
+    base, first, second = (load_state_dict(m) for m in models)
+    for name, tensor in base.items():
+        a, b = (x[name].float() - tensor.float() for x in (first, second))
+        assert a.abs().max() > 0 and not torch.equal(a, b)  # each fine-tune its own noise
+        assert a.norm() < 0.6 * tensor.float().norm()  # and small next to the weights
+    for method in ("ties", "dare_ties"):
+        config = tmp_path / f"{method}.yml"
+        config.write_text(bench_task_vectors.config_text(method, models))
+        merge(config, tmp_path / method, progress=False)
+        kept = bench_task_vectors.kept_fraction(tmp_path / method, models[0])
+        # density 0.5 for each of two fine-tunes: an entry survives in one or the other.
+        assert 0.5 < kept < 0.9
+    assert bench_task_vectors.kept_fraction(models[0], models[0]) == 0.0
+    labels = [label for label, _ in bench_task_vectors.tools_for("ties")]
+    assert labels == ["ties", "ties --fast-trim", "mergekit ties"]
+
+
+def test_task_vector_table_says_how_each_output_compares():
+    import bench_task_vectors
+
+    row = dict(
+        case="ties --fast-trim",
+        pearl_edu_s=20.0,
+        mergekit_s=80.0,
+        pearl_over_mergekit=0.25,
+        pearl_edu_cpu_s=30.0,
+        mergekit_cpu_s=90.0,
+        pearl_edu_rss_mb=1600.0,
+        mergekit_rss_mb=7000.0,
+        versus_mergekit={"identical": False, "differing": 5, "compared": 1000},
+    )
+    table = bench_task_vectors.markdown_table([row])
+    assert "| `ties --fast-trim` | 20.0 s | 80.0 s | 0.25x |" in table
+    assert "5 of 1,000 differ (0.500%)" in table
+    dare = dict(row, case="dare_ties", kept_fraction=0.75, mergekit_kept_fraction=0.751)
+    del dare["versus_mergekit"]
+    assert "entries changed 75.0% (mergekit 75.1%)" in bench_task_vectors.markdown_table([dare])

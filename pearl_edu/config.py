@@ -571,7 +571,7 @@ def _check_base(config: MergeConfig, slice_index: int, key: str) -> None:
 def _count_words(low: int, high: int | None) -> str:
     """'exactly 2 models', 'at least 2 models' or '2 to 4 models'."""
     if high == low:
-        return f"exactly {low} models"
+        return f"exactly {low} model{'s' if low != 1 else ''}"
     if high is None:
         return f"at least {low} model{'s' if low != 1 else ''}"
     return f"{low} to {high} models"

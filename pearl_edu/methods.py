@@ -230,7 +230,9 @@ class MergeMethod:
     the shared parameters, the per-input parameters (one mapping per input) and the
     tensor's seed, and returns the merged tensor; a method with ``writes_into_out`` also
     takes a keyword ``out``, a tensor to write the result into, and a method that ``trims``
-    by magnitude a keyword ``fast_trim`` (see `merge_tensor`).
+    by magnitude a keyword ``fast_trim`` (see `merge_tensor`). ``optional_inputs`` name
+    per-input parameters whose ``None`` default means "not given" rather than "required"
+    (passthrough's ``scale``): an input without one has no entry for it.
     """
 
     name: str
@@ -244,6 +246,7 @@ class MergeMethod:
     random: bool = False
     writes_into_out: bool = False
     trims: bool = False
+    optional_inputs: frozenset[str] = frozenset()
 
     def required_parameters(self) -> list[str]:
         """Names of the parameters a config must give (those with no default)."""
@@ -251,7 +254,11 @@ class MergeMethod:
 
     def required_input_parameters(self) -> list[str]:
         """Names of the per-input parameters every input (but the base) must be given."""
-        return [name for name, default in self.input_parameters.items() if default is None]
+        return [
+            name
+            for name, default in self.input_parameters.items()
+            if default is None and name not in self.optional_inputs
+        ]
 
     def takes_input_parameters(self, index: int, base_index: int) -> bool:
         """Whether input ``index`` has per-input parameters (the base may not)."""
@@ -332,6 +339,8 @@ def _with_input_defaults(
             continue
         row = {}
         for parameter, default in spec.input_parameters.items():
+            if parameter not in values and parameter in spec.optional_inputs:
+                continue
             if parameter not in values and default is None:
                 raise ValueError(f"{name}: input {index} has no {parameter!r} ({spec.name})")
             row[parameter] = float(values.get(parameter, default))  # type: ignore[arg-type]

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -225,12 +225,17 @@ def takes_input_parameters(config: MergeConfig, slice_index: int, model: str) ->
 
 @dataclass(frozen=True)
 class ScheduleRow:
-    """The parameter values of one output layer, per parameter and filter label."""
+    """The parameter values of one output layer, per parameter and filter label.
+
+    ``sources`` says where the layer comes from: ``(model, layer)`` for each source of its
+    slice (the layer's index in that model).
+    """
 
     layer: int
     slice_index: int
     x: float
     values: dict[str, dict[str, float | None]]
+    sources: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -239,12 +244,21 @@ class Schedule:
 
     ``columns[parameter]`` lists the filter labels in the order the config names them,
     with ``"other"`` for the catch-all. ``outside_layers`` gives the values of the usual
-    tensors outside the layers (Llama-style names), read at ``x = 0``.
+    tensors outside the layers (Llama-style names), read at ``x = 0``, and
+    ``outside_sources`` the models they come from. ``model_labels`` are the models' short
+    names, for tables.
     """
 
     columns: dict[str, tuple[str, ...]]
     rows: tuple[ScheduleRow, ...]
     outside_layers: dict[str, dict[str, float | None]]
+    outside_sources: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    model_labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def moves_layers(self) -> bool:
+        """Whether some output layer comes from a layer of another index (stacking)."""
+        return any(layer != row.layer for row in self.rows for _, layer in row.sources)
 
     def column(self, parameter: str, label: str) -> list[float | None]:
         """The values of one parameter for one filter label, layer by layer."""
@@ -288,7 +302,10 @@ def schedule(config: MergeConfig, num_layers: int | None = None) -> Schedule:
             x = layer_position(offset, count)
             values = {p: _values_by_label(p, labels, x, scopes) for p, labels in columns.items()}
             values |= _input_values_by_label(config, index, per_model, x)
-            rows.append(ScheduleRow(layer=layer, slice_index=index, x=x, values=values))
+            sources = tuple(
+                (source.model, (source.layer_range or (0, 0))[0] + offset) for source in sl.sources
+            )
+            rows.append(ScheduleRow(layer, index, x, values, sources))
             layer += 1
     outside = {}
     for name in ("model.embed_tokens.weight", "model.norm.weight", LM_HEAD):
@@ -299,7 +316,14 @@ def schedule(config: MergeConfig, num_layers: int | None = None) -> Schedule:
             key: column.value(config, index, name, 0.0) for key, column in per_model.items()
         }
     columns |= {key: column.labels for key, column in per_model.items()}
-    return Schedule(columns=columns, rows=tuple(rows), outside_layers=outside)
+    first, last = config.slices[0].models(), config.slices[-1].models()
+    return Schedule(
+        columns=columns,
+        rows=tuple(rows),
+        outside_layers=outside,
+        outside_sources={name: tuple(first if "embed" in name else last) for name in outside},
+        model_labels=_model_labels(config),
+    )
 
 
 def _filter_columns(config: MergeConfig) -> dict[str, tuple[str, ...]]:
@@ -702,6 +726,8 @@ def _resolve_input_params(
     filters: dict[str, str | None] = {}
     for parameter, default in method.input_parameters.items():
         found = parameter_value(parameter, tensor_name, x, scopes)
+        if found is None and parameter in method.optional_inputs:
+            continue  # not given: the method does without it (passthrough's scale)
         if found is None and default is None:
             raise ConfigError(
                 f"{config.source}: parameters.{parameter}: no entry for {model} matches tensor "

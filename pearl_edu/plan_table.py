@@ -43,13 +43,21 @@ def plan_dict(merge_plan: MergePlan) -> dict[str, Any]:
 
 
 def schedule_table(sched: Schedule) -> str:
-    """A readable table: one row per layer, one column per parameter and filter."""
-    headers = ["layer", "slice", "x"] + [
+    """A readable table: one row per layer, one column per parameter and filter.
+
+    When layers are stacked (some output layer comes from a layer of another index), a
+    ``from`` column says which layer of which model each output layer copies or merges.
+    """
+    moved = sched.moves_layers
+    headers = ["layer", "slice", "x"] + (["from"] if moved else [])
+    headers += [
         f"{parameter}[{label}]" for parameter, labels in sched.columns.items() for label in labels
     ]
     lines = [headers]
     for row in sched.rows:
         cells = [str(row.layer), str(row.slice_index), f"{row.x:.3f}"]
+        if moved:
+            cells.append(",".join(f"{sched.model_labels[m]}:{i}" for m, i in row.sources))
         cells += [
             cell(row.values[p][label]) for p, labels in sched.columns.items() for label in labels
         ]
@@ -66,9 +74,17 @@ def schedule_dict(sched: Schedule) -> dict[str, Any]:
     return {
         "columns": {parameter: list(labels) for parameter, labels in sched.columns.items()},
         "layers": [
-            {"layer": r.layer, "slice": r.slice_index, "x": r.x, **r.values} for r in sched.rows
+            {
+                "layer": r.layer,
+                "slice": r.slice_index,
+                "x": r.x,
+                "sources": [{"model": model, "layer": layer} for model, layer in r.sources],
+                **r.values,
+            }
+            for r in sched.rows
         ],
         "outside_layers": sched.outside_layers,
+        "outside_sources": {name: list(models) for name, models in sched.outside_sources.items()},
     }
 
 
@@ -125,13 +141,24 @@ def show_plan(
             f"{merge_plan.num_layers} output layers, {len(merge_plan.tensors)} tensors, "
             f"{merge_plan.total_bytes / 1e9:.3f} GB"
         )
+        if sched.moves_layers:
+            donor = sched.model_labels.get(merge_plan.base_model, merge_plan.base_model)
+            lines[-1] += f"; config.json from {donor}"
     lines += ["", schedule_table(sched), "", "outside the layers (x = 0):"]
+    # Where layers are stacked, say which models the tensors outside them come from.
+    labels = sched.model_labels
+
+    def origin(models: Sequence[str]) -> str:
+        return f"from {', '.join(labels.get(m, m) for m in models)}  " if sched.moves_layers else ""
+
     if merge_plan is None:
         for name, values in sched.outside_layers.items():
-            lines.append(f"  {name}  " + "  ".join(f"{p} = {cell(v)}" for p, v in values.items()))
+            cells = "  ".join(f"{p} = {cell(v)}" for p, v in values.items())
+            lines.append(f"  {name}  {origin(sched.outside_sources[name])}{cells}".rstrip())
     else:
         for tensor in merge_plan.outside_layers():
-            lines.append(f"  {tensor.name}  " + param_cells(tensor))
+            models = [i.model for i in tensor.inputs]
+            lines.append(f"  {tensor.name}  {origin(models)}{param_cells(tensor)}".rstrip())
     return "\n".join(lines)
 
 

@@ -246,6 +246,10 @@ class MergeMethod:
     random: bool = False
     writes_into_out: bool = False
     trims: bool = False
+    # What is wrong with one tensor's parameters, in one line, or None: called with the
+    # tensor's shape, the shared parameters, the per-input ones and a label per input (the
+    # plan's model names), before anything is merged (Breadcrumbs' gamma, DELLA's epsilon).
+    check: Callable[..., str | None] | None = None
     optional_inputs: frozenset[str] = frozenset()
 
     def required_parameters(self) -> list[str]:
@@ -312,6 +316,15 @@ def merge_tensor(
         _check_same_shape(tensors[base_index], other, name=name)
     spec = METHODS[method]
     per_input = _with_input_defaults(spec, len(tensors), base_index, input_params, name)
+    problem = check_parameters(
+        method,
+        tuple(tensors[base_index].shape),
+        params,
+        per_input,
+        [f"input {i}" for i in range(len(tensors))],
+    )
+    if problem:
+        raise ValueError(f"{name}: {problem}")
     tensor_seed_ = tensor_seed(0, name) if seed is None else seed
     keywords: dict[str, object] = {}
     if out is not None and spec.writes_into_out:
@@ -319,6 +332,22 @@ def merge_tensor(
     if spec.trims:
         keywords["fast_trim"] = fast_trim
     return spec.merge(tensors, base_index, params, per_input, tensor_seed_, **keywords)
+
+
+def check_parameters(
+    method: str,
+    shape: tuple[int, ...],
+    params: Mapping[str, float],
+    input_params: Sequence[Mapping[str, float]],
+    labels: Sequence[str],
+) -> str | None:
+    """What is wrong with one tensor's parameters for ``method``, in one line, or None.
+
+    ``input_params`` are complete (defaults filled in), ``{}`` for an input without any;
+    ``labels`` name the inputs in the message (the plan gives model names).
+    """
+    spec = METHODS[method]
+    return spec.check(shape, params, input_params, labels) if spec.check else None
 
 
 def _with_input_defaults(

@@ -39,7 +39,7 @@ import torch
 
 from pearl_edu.config import BOOLEAN_PARAMETERS, FilterRule, MergeConfig, ParamSpec, torch_dtype
 from pearl_edu.errors import ConfigError, ModelError
-from pearl_edu.methods import METHODS, tensor_seed
+from pearl_edu.methods import METHODS, check_parameters, tensor_seed
 
 # Column label of the catch-all entry (a filter rule without `filter`).
 OTHER = "other"
@@ -645,6 +645,15 @@ def _tensor_plan(
         for i, lookup in zip(inputs, lookup_names, strict=True)
     ]
     _check_weights(config, name, params, [values for values, _ in per_input])
+    problem = check_parameters(
+        config.merge_method,
+        tuple(metas[base].shape),
+        params,
+        [values for values, _ in per_input],
+        [i.model for i in inputs],
+    )
+    if problem:
+        raise ConfigError(f"{config.source}: {problem} (tensor {name})")
     return TensorPlan(
         name=name,
         inputs=inputs,

@@ -107,6 +107,31 @@ def kept_fraction(merged: Path, base: Path) -> float:
     return changed / total
 
 
+def sort_seconds(base: Path, others: tuple[Path, ...]) -> float:
+    """Seconds that sorting every task vector's magnitudes takes, as mergekit's TIES sorts.
+
+    ``torch.argsort`` of the float32 magnitudes, descending, of each tensor of each
+    fine-tune's task vector, one after another: the part of TIES that mergekit's bits
+    require, timed alone in this process.
+    """
+    import torch
+
+    from pearl_edu.io import ModelReader, read_header
+
+    header = read_header(base)
+    seconds = 0.0
+    with ModelReader(header) as reference:
+        for other in others:
+            with ModelReader(read_header(other)) as model:
+                for name in header.tensors:
+                    delta = model.read(name) - reference.read(name)
+                    magnitudes = delta.abs().reshape(-1).float()
+                    started = time.perf_counter()
+                    torch.argsort(magnitudes, descending=True)
+                    seconds += time.perf_counter() - started
+    return seconds
+
+
 def compare(a: Path, b: Path) -> dict:
     from pearl_edu.verify import verify
 
@@ -179,6 +204,8 @@ def summarize(method, tools, records, case_dir: Path, models) -> list[dict]:
         row["pearl_over_mergekit_cpu"] = row["pearl_edu_cpu_s"] / row["mergekit_cpu_s"]
         if method == "ties":
             row["versus_mergekit"] = compare(out, mergekit_out)
+            if label == "ties":
+                row["sort_s"] = sort_seconds(models[0], models[1:])
         else:
             row["kept_fraction"] = kept_fraction(out, models[0])
             row["mergekit_kept_fraction"] = kept_fraction(mergekit_out, models[0])

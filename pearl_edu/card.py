@@ -93,10 +93,19 @@ def model_card(config: MergeConfig, config_yaml: str, model_name: str) -> str:
         f"This is a merge of pre-trained language models made with pearl_edu {__version__}, "
         "which reads mergekit's configuration format with mergekit's meaning.\n\n"
         "## Merge details\n\n"
-        f"Merge method: `{config.merge_method}`{base}.\n\n"
+        f"Merge method: {method_words(config.merge_method)}{base}.\n\n"
         f"{seed}"
         f"Models merged:\n\n{listed}\n\n"
         "## Configuration\n\n"
         "The following YAML configuration was used to produce this model:\n\n"
         f"```yaml\n{config_yaml}```\n"
     )
+
+
+def method_words(name: str) -> str:
+    """The method as the card names it: ``[Model Stock](paper) (`model_stock`)``, or ``name``."""
+    method = METHODS[name]
+    if not method.title:
+        return f"`{name}`"
+    title = f"[{method.title}]({method.reference})" if method.reference else method.title
+    return f"{title} (`{name}`)"

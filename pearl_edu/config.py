@@ -24,6 +24,7 @@ The meaning is mergekit's:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 from collections.abc import Mapping
@@ -51,7 +52,18 @@ DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.ite
 # A filter of "*" matches every tensor in mergekit, like an entry without a filter.
 MATCH_ALL = "*"
 # Parameters that later methods take as booleans (stored as 1.0 / 0.0).
-BOOLEAN_PARAMETERS = frozenset({"normalize", "int8_mask", "rescale", "lambda_normalize"})
+BOOLEAN_PARAMETERS = frozenset(
+    {
+        "normalize",
+        "int8_mask",
+        "rescale",
+        "lambda_normalize",
+        "nuslerp_flatten",
+        "nuslerp_row_wise",
+        "normalize_weights",
+        "filter_wise",
+    }
+)
 
 TOP_LEVEL_KEYS = frozenset(
     {
@@ -433,6 +445,7 @@ def _parameters(value: Any, where: str, key: str) -> dict[str, ParamSpec]:
 
 def _param_spec(name: str, value: Any, where: str, key: str) -> ParamSpec:
     """One parameter: a number, a gradient list, or a list of ``{filter, value}`` entries."""
+    _check_parameter_name(name, where, key)
     if isinstance(value, dict):  # a single {filter, value} entry
         value = [value]
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
@@ -441,6 +454,19 @@ def _param_spec(name: str, value: Any, where: str, key: str) -> ParamSpec:
     parsed = _value(name, value, where, key)
     form = "gradient" if isinstance(parsed, tuple) else "scalar"
     return ParamSpec(rules=(FilterRule(filter=None, value=parsed),), form=form)
+
+
+def _check_parameter_name(name: str, where: str, key: str) -> None:
+    """Catch a parameter that no merge method takes (a typo such as ``nuslerp_flaten``).
+
+    mergekit ignores it, and merges as if it were not there. A parameter of another method
+    (``t`` in a TIES config) is left alone, as mergekit leaves it.
+    """
+    known = sorted({p for m in METHODS.values() for p in (*m.parameters, *m.input_parameters)})
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
+        raise ConfigError(f"{where}: {key}: unknown parameter; {hint}")
 
 
 def _filter_rule(name: str, entry: dict, where: str, key: str) -> FilterRule:
@@ -516,8 +542,9 @@ def _check_method_requirements(config: MergeConfig) -> None:
                 else ""
             )
             raise ConfigError(f"{where}: {key}: {name} needs {expected}; got {count}{added}")
-        if method.needs_base:
+        if method.needs_base or (method.optional_base and config.slice_base(i) is not None):
             _check_base(config, i, key)
+        _check_non_base_count(config, i, key)
         for param in method.required_parameters():
             if param not in sl.parameters and param not in config.parameters:
                 raise ConfigError(
@@ -525,6 +552,19 @@ def _check_method_requirements(config: MergeConfig) -> None:
                     f"(for example 'parameters: {{{param}: 0.5}}')"
                 )
         _check_input_parameters(config, i, key)
+
+
+def _check_non_base_count(config: MergeConfig, slice_index: int, key: str) -> None:
+    """How many models besides the base, for methods that count them (nuslerp: exactly 2)."""
+    method = METHODS[config.merge_method]
+    low, high = method.min_non_base, method.max_non_base
+    models = config.slices[slice_index].models()
+    count = len(models) - (config.slice_base(slice_index) in models)
+    if count < low or (high is not None and count > high):
+        raise ConfigError(
+            f"{config.source}: {key}: {config.merge_method} needs {_count_words(low, high)} "
+            f"besides the base model; got {count}"
+        )
 
 
 def _base_was_added(config: MergeConfig) -> bool:

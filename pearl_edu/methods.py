@@ -251,6 +251,19 @@ class MergeMethod:
     # plan's model names), before anything is merged (Breadcrumbs' gamma, DELLA's epsilon).
     check: Callable[..., str | None] | None = None
     optional_inputs: frozenset[str] = frozenset()
+    # A base the method can do without (nuslerp, multislerp). With one, the base's row of
+    # per-input parameters is empty; without one, every input has its own row, the input
+    # at ``base_index`` too (the plan's rows say which: see `_with_input_defaults`).
+    optional_base: bool = False
+    # How many inputs besides the base the method takes (mergekit's non-base counts).
+    min_non_base: int = 0
+    max_non_base: int | None = None
+    # A method whose math can fail on what a tensor holds takes a keyword ``name`` (the
+    # tensor's, for its one-line error).
+    named: bool = False
+    # For the model card: the method's name in words, and the paper or post it comes from.
+    title: str = ""
+    reference: str = ""
 
     def required_parameters(self) -> list[str]:
         """Names of the parameters a config must give (those with no default)."""
@@ -331,6 +344,8 @@ def merge_tensor(
         keywords["out"] = out
     if spec.trims:
         keywords["fast_trim"] = fast_trim
+    if spec.named:
+        keywords["name"] = name
     return spec.merge(tensors, base_index, params, per_input, tensor_seed_, **keywords)
 
 
@@ -363,7 +378,10 @@ def _with_input_defaults(
         raise ValueError(f"{name}: {count} tensors but {len(given)} sets of input parameters")
     completed = []
     for index, values in enumerate(given):
-        if not spec.takes_input_parameters(index, base_index):
+        # An optional base given parameters is no base: an input like the others.
+        if not spec.takes_input_parameters(index, base_index) and not (
+            spec.optional_base and values
+        ):
             completed.append({})
             continue
         row = {}

@@ -89,8 +89,10 @@ def schedule_dict(sched: Schedule) -> dict[str, Any]:
 
 
 def cell(value: float | None) -> str:
-    """A table cell: four decimals, or '-' where no entry matches."""
-    return "-" if value is None else f"{value:.4f}"
+    """A table cell: four decimals (small values such as eps in four digits), '-' for none."""
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if 0 < abs(value) < 1e-3 else f"{value:.4f}"
 
 
 def show_plan(

@@ -11,6 +11,8 @@ The engine runs them on backends (`pearl_edu.backends`) that give the core's bit
 and write into the engine's reused output buffer: SLERP on `pearl_edu.backends.cpu`, task
 arithmetic, TIES and DARE on `pearl_edu.backends.task_vectors` (slice by slice, with one
 mask per model instead of copies of the task vectors); linear is the core's function.
+On a GPU, SLERP, linear and the task-vector methods run on `pearl_edu.backends.cuda`
+instead, to its documented contract with the core (``backend="exact"``: the CPU's bits).
 
 Task vectors: with the base model's tensor $\theta_\text{base}$, each other model's tensor
 gives $\delta_i = \theta_i - \theta_\text{base}$, what fine-tuning changed. Task arithmetic
@@ -27,10 +29,12 @@ from dataclasses import dataclass, field
 import torch
 
 from pearl_edu import core
-from pearl_edu.backends import backend_for
+from pearl_edu.backends import backend_for, on_device
+from pearl_edu.backends import cuda as device_backend
 from pearl_edu.backends import task_vectors as task_vector_backend
 from pearl_edu.backends.cpu import (  # noqa: F401  (the engine's helpers, importable here)
     keep_host_copy,
+    on_cpu,
     set_threads_for_new_threads,
     threads_for_new_threads,
 )
@@ -48,7 +52,12 @@ SEED_RANGE = 1 << 62
 
 
 def lerp(
-    v0: torch.Tensor, v1: torch.Tensor, t: float, *, out: torch.Tensor | None = None
+    v0: torch.Tensor,
+    v1: torch.Tensor,
+    t: float,
+    *,
+    out: torch.Tensor | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     r"""Linear interpolation of two tensors, in float32, returned in ``v0``'s dtype.
 
@@ -57,9 +66,10 @@ def lerp(
     ``t = 0`` gives ``v0``, ``t = 1`` gives ``v1``; ``t`` is not clamped. This is exactly
     SLERP's fallback branch, bit for bit. ``out``, a contiguous tensor of ``v0``'s shape,
     dtype and device, receives the result (and is returned) instead of a new tensor.
+    ``backend`` is `pearl_edu.backends.backend_for`'s (on a GPU, ``"exact"`` for the CPU's bits).
     """
     _check_same_shape(v0, v1, name="tensor")
-    return backend_for(v0.device).lerp(v0, v1, t, out=out)
+    return backend_for(v0.device, backend).lerp(v0, v1, t, out=out)
 
 
 def slerp(
@@ -70,20 +80,22 @@ def slerp(
     dot_threshold: float = DOT_THRESHOLD,
     eps: float = NORM_EPS,
     out: torch.Tensor | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Spherical linear interpolation of two tensors, each taken as one flat vector.
 
     The math, equation and edge cases are `pearl_edu.core.slerp`'s (eq:slerp): the
     fallback to linear interpolation above ``dot_threshold``, norms at most ``eps`` left
     undivided, ``t`` not clamped, no renormalization. This is the engine's fast version
-    (`pearl_edu.backends`), with the core's bits on any device (on a GPU the cosine is
-    summed on the CPU). ``out``, a contiguous tensor of ``v0``'s shape, dtype and device,
-    receives the result (and is returned) instead of a new tensor, as the engine does with
-    buffers it reuses.
+    (`pearl_edu.backends`): the core's bits on the CPU; on a GPU, by default, everything on
+    the device to the backend's contract, or with ``backend="exact"`` the core's bits (the
+    cosine summed on the CPU). ``out``, a contiguous tensor of ``v0``'s shape, dtype and
+    device, receives the result (and is returned) instead of a new tensor, as the engine
+    does with buffers it reuses.
     """
     _check_same_shape(v0, v1, name="tensor")
-    backend = backend_for(v0.device)
-    return backend.slerp(v0, v1, t, dot_threshold=dot_threshold, eps=eps, out=out)
+    fast = backend_for(v0.device, backend)
+    return fast.slerp(v0, v1, t, dot_threshold=dot_threshold, eps=eps, out=out)
 
 
 def _check_same_shape(v0: torch.Tensor, v1: torch.Tensor, *, name: str) -> None:
@@ -246,6 +258,8 @@ class MergeMethod:
     random: bool = False
     writes_into_out: bool = False
     trims: bool = False
+    # A method with math on more than one backend takes a keyword ``backend`` (`merge_tensor`).
+    takes_backend: bool = False
     # What is wrong with one tensor's parameters, in one line, or None: called with the
     # tensor's shape, the shared parameters, the per-input ones and a label per input (the
     # plan's model names), before anything is merged (Breadcrumbs' gamma, DELLA's epsilon).
@@ -309,6 +323,7 @@ def merge_tensor(
     name: str = "tensor",
     out: torch.Tensor | None = None,
     fast_trim: bool = False,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Merge one output tensor from its inputs: the single entry point of the engine.
 
@@ -319,6 +334,8 @@ def merge_tensor(
     ``out`` (a contiguous tensor of the base tensor's shape, dtype and device) receives the
     result when the method can write into it (``writes_into_out``), which saves the engine
     a fresh output tensor; otherwise a new tensor is returned. Use the returned tensor.
+    ``backend`` (`pearl_edu.backends.backend_for`) chooses, for the methods that have both,
+    between the device's own math (``"auto"``) and mergekit 0.1.5's bits (``"exact"``).
     Raises :class:`~pearl_edu.errors.ModelError` naming the tensor when shapes differ.
     """
     if method not in METHODS:
@@ -340,6 +357,8 @@ def merge_tensor(
         raise ValueError(f"{name}: {problem}")
     tensor_seed_ = tensor_seed(0, name) if seed is None else seed
     keywords: dict[str, object] = {}
+    if spec.takes_backend:
+        keywords["backend"] = backend
     if out is not None and spec.writes_into_out:
         keywords["out"] = out
     if spec.trims:
@@ -403,11 +422,12 @@ def _slerp_method(
     seed: int,
     *,
     out: torch.Tensor | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """SLERP from the base tensor (``t = 0``) towards the other one (``t = 1``)."""
     v0 = tensors[base_index]
     v1 = tensors[1 - base_index]
-    return slerp(v0, v1, float(params["t"]), out=out)
+    return slerp(v0, v1, float(params["t"]), out=out, backend=backend)
 
 
 def _linear_method(
@@ -416,10 +436,18 @@ def _linear_method(
     params: Mapping[str, float],
     input_params: Sequence[Mapping[str, float]],
     seed: int,
+    *,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Linear: every input (the base too, when there is one) with its own weight."""
     weights = [values["weight"] for values in input_params]
-    return linear(tensors, weights, normalize=bool(params["normalize"]))
+    normalize = bool(params["normalize"])
+    device = tensors[0].device
+    if on_device(device, backend):
+        return device_backend.linear(tensors, weights, normalize=normalize)
+    if device.type != "cpu":  # exact: the CPU's bits, from the inputs' host copies
+        return linear([on_cpu(x) for x in tensors], weights, normalize=normalize).to(device)
+    return linear(tensors, weights, normalize=normalize)
 
 
 def _task_vector_method(*, pruning: str | None, sign_election: bool) -> MergeFunction:
@@ -434,6 +462,7 @@ def _task_vector_method(*, pruning: str | None, sign_election: bool) -> MergeFun
         *,
         out: torch.Tensor | None = None,
         fast_trim: bool = False,
+        backend: str = "auto",
     ) -> torch.Tensor:
         base = tensors[base_index]
         others = [tensor for index, tensor in enumerate(tensors) if index != base_index]
@@ -445,29 +474,37 @@ def _task_vector_method(*, pruning: str | None, sign_election: bool) -> MergeFun
             "scale": float(params["lambda"]),
             "rescale": bool(params["rescale"]) and pruning is not None,
         }
-        generators = input_generators(seed, len(others)) if pruning == "random" else None
-        if all(tensor.device.type == "cpu" for tensor in tensors):
-            return task_vector_backend.merge(
+        if on_device(base.device, backend):
+            # On the tensors' device: TIES keeps the ties at its cut by position (as
+            # fast_trim does), DARE draws from generators on the device.
+            return device_backend.merge_task_vectors(
                 base,
                 others,
                 weights,
                 densities,
                 pruning=pruning,
                 sign_election=sign_election,
-                generators=generators,
-                position=fast_trim,
+                seed=seed,
                 out=out,
                 **options,
             )
-        if pruning == "magnitude":
-            return core.ties(base, others, weights, densities, stable=fast_trim, **options)
-        if pruning == "random":
-            return dare(
-                base, others, weights, densities, generators, sign_election=sign_election, **options
-            )  # type: ignore[arg-type]
-        options.pop("rescale")  # nothing is pruned, so there is nothing to rescale
-        base, deltas = task_vectors(base, others)
-        return task_arithmetic(base, deltas, weights, sign_election=sign_election, **options)
+        device = base.device
+        if device.type != "cpu":  # exact: the CPU's bits, from the inputs' host copies
+            base, others, out = on_cpu(base), [on_cpu(other) for other in others], None
+        generators = input_generators(seed, len(others)) if pruning == "random" else None
+        merged = task_vector_backend.merge(
+            base,
+            others,
+            weights,
+            densities,
+            pruning=pruning,
+            sign_election=sign_election,
+            generators=generators,
+            position=fast_trim,
+            out=out,
+            **options,
+        )
+        return merged.to(device)
 
     return merge
 
@@ -494,6 +531,7 @@ register(
         max_models=2,
         needs_base=True,
         writes_into_out=True,
+        takes_backend=True,
     )
 )
 register(
@@ -504,6 +542,7 @@ register(
         min_models=1,
         input_parameters={"weight": None},
         base_has_input_parameters=True,
+        takes_backend=True,
     )
 )
 for _name, _pruning, _election, _normalize, _rescale in (
@@ -523,6 +562,7 @@ for _name, _pruning, _election, _normalize, _rescale in (
             random=_pruning == "random",
             writes_into_out=True,
             trims=_pruning == "magnitude",
+            takes_backend=True,
         )
     )
 

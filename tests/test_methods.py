@@ -129,18 +129,28 @@ def test_dtype_shape_and_device_are_those_of_v0(seed, size, t, dtype):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_runs_on_cuda_and_agrees_with_cpu():
     v0, v1 = _pair(0, (300, 70), dtype=torch.bfloat16)
-    on_gpu = slerp(v0.cuda(), v1.cuda(), 0.3)
+    exact = "exact"
+    on_gpu = slerp(v0.cuda(), v1.cuda(), 0.3, backend=exact)
     assert on_gpu.device.type == "cuda"
     assert on_gpu.dtype == torch.bfloat16
     # The cosine is summed on the CPU, the weighted sum is elementwise: the same bits.
     assert torch.equal(on_gpu.cpu(), slerp(v0, v1, 0.3))
-    assert torch.equal(lerp(v0.cuda(), v1.cuda(), 0.3).cpu(), lerp(v0, v1, 0.3))
+    assert torch.equal(lerp(v0.cuda(), v1.cuda(), 0.3, backend=exact).cpu(), lerp(v0, v1, 0.3))
     out = torch.empty_like(v0, device="cuda")
-    assert slerp(v0.cuda(), v1.cuda(), 0.3, out=out) is out
+    assert slerp(v0.cuda(), v1.cuda(), 0.3, out=out, backend=exact) is out
     assert torch.equal(out.cpu(), on_gpu.cpu())
     # As the engine runs it: the cosine summed from the host copies the inputs came from.
     g0, g1 = (methods.keep_host_copy(v.cuda(), v) for v in (v0, v1))
-    assert torch.equal(slerp(g0, g1, 0.3).cpu(), on_gpu.cpu())
+    assert torch.equal(slerp(g0, g1, 0.3, backend=exact).cpu(), on_gpu.cpu())
+    # By default, everything on the GPU: within the device backend's contract.
+    from pearl_edu.backends import cuda
+    from pearl_edu.verify import ulp_at_each
+
+    on_device = slerp(v0.cuda(), v1.cuda(), 0.3)
+    steps = (on_device.cpu().double() - on_gpu.cpu().double()).abs() / ulp_at_each(
+        cuda.slerp_input_scale(v0, v1, 0.3), torch.bfloat16
+    )
+    assert steps.max() <= cuda.CONTRACT_STEPS[torch.bfloat16]
 
 
 def test_a_host_copy_stands_in_for_a_device_tensor():

@@ -1,0 +1,266 @@
+"""The device backend, run on CPU tensors: its logic, its dispatch, and no host syncs.
+
+`pearl_edu.backends.cuda` is device-agnostic torch, written for a GPU. Here it runs on the
+CPU: its SLERP agrees with the core to the contract (``tests/test_contract.py`` checks the
+bound itself), its task arithmetic, TIES (ties at the cut by position) and DARE (CPU
+generators seeded as the engine's) give the core's bits on CPU tensors, and none of its
+math asks the device for a value (no ``.item()``, no branch on a tensor, no boolean-mask
+indexing), which on a GPU would stall the host once per tensor.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from pearl_edu import core, methods
+from pearl_edu.backends import backend_for, cpu, cuda, on_device
+from pearl_edu.errors import ConfigError
+from pearl_edu.verify import ulp_at_each
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+# The aten operations that make the host wait for the device: reading a value back
+# (`.item()`, `bool()`, `float()`, `if tensor:`) and sizing a result by its values
+# (boolean-mask indexing goes through nonzero).
+SYNCING_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal"}
+# On the CPU these take a boolean mask directly; on a GPU they call nonzero first.
+MASK_INDEXING = {"index", "index_put", "index_put_", "_index_put_impl_"}
+
+
+def _has_bool_index(args) -> bool:
+    indices = args[1] if len(args) > 1 else ()
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ())
+
+
+class NoHostSync(TorchDispatchMode):
+    """Fails on any operation that would make a GPU's host wait for the device."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if name in SYNCING_OPS or (name in MASK_INDEXING and _has_bool_index(args)):
+            raise AssertionError(f"host synchronisation: aten.{name}")
+        return func(*args, **(kwargs or {}))
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    width = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.contiguous().view(width), b.contiguous().view(width))
+
+
+def models(shape, dtype, count=3, seed=0, scale=0.01):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    return [base.to(dtype)] + [
+        (base + scale * torch.randn(shape, generator=g)).to(dtype) for _ in range(count - 1)
+    ]
+
+
+def test_the_sync_detector_catches_item_and_mask_indexing():
+    x = torch.randn(10)
+    with pytest.raises(AssertionError, match="_local_scalar_dense"), NoHostSync():
+        x.sum().item()
+    with pytest.raises(AssertionError, match="host synchronisation"), NoHostSync():
+        x[x > 0] = 1
+    with pytest.raises(AssertionError, match="host synchronisation"), NoHostSync():
+        core.slerp(x, x.flip(0), 0.3)  # the core branches on the cosine's value
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_slerp_and_lerp_ask_the_device_for_nothing(dtype):
+    v0, v1 = models((64, 33), dtype, count=2, scale=0.5)
+    near = (v0.float() * 1.0001).to(dtype)  # the linear fallback, chosen by torch.where
+    with NoHostSync():
+        results = [
+            cuda.slerp(v0, v1, 0.3),
+            cuda.slerp(v0, near, 0.3),
+            cuda.slerp(v0, torch.zeros_like(v0), 0.7),
+            cuda.lerp(v0, v1, 0.3),
+            cuda.slerp(v0[:0], v1[:0], 0.3),
+        ]
+        out = torch.empty_like(v0)
+        assert cuda.slerp(v0, v1, 0.3, out=out) is out
+    assert all(r.dtype == dtype for r in results)
+    assert same_bits(out, results[0])
+
+
+@pytest.mark.parametrize("pruning", [None, "magnitude", "random"])
+@pytest.mark.parametrize("rescale", [False, True])
+def test_task_vector_methods_ask_the_device_for_nothing(pruning, rescale):
+    base, *others = models((50, 40), torch.bfloat16)
+    with NoHostSync():
+        cuda.merge_task_vectors(
+            base,
+            others,
+            [0.6, 0.4],
+            [0.5, 0.3],
+            pruning=pruning,
+            sign_election=pruning != "random",
+            normalize=True,
+            scale=0.9,
+            rescale=rescale,
+            seed=3,
+        )
+        cuda.linear([base, *others], [0.5, 0.3, 0.2])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_slerp_is_the_cores_up_to_the_order_of_its_sums(dtype):
+    v0, v1 = models((300, 70), dtype, count=2, scale=0.5)
+    for t in (0.0, 0.3, 0.5, 1.0):
+        expected, got = core.slerp(v0, v1, t), cuda.slerp(v0, v1, t)
+        assert got.dtype == dtype and got.shape == v0.shape
+        # Within the contract (test_contract.py tries it on many more pairs).
+        steps = (got.double() - expected.double()).abs() / ulp_at_each(
+            cuda.slerp_input_scale(v0, v1, t), dtype
+        )
+        assert steps.max() <= cuda.CONTRACT_STEPS[dtype]
+    # The fallback's weights are the core's: the same bits.
+    near = (v0.double() * 1.0001).to(dtype)
+    assert same_bits(cuda.slerp(v0, near, 0.3), core.slerp(v0, near, 0.3))
+    assert same_bits(cuda.lerp(v0, v1, 0.3), core.lerp(v0, v1, 0.3))
+    zeros = torch.zeros_like(v0)
+    assert same_bits(cuda.slerp(zeros, zeros, 0.4), core.slerp(zeros, zeros, 0.4))
+
+
+def test_slerp_weights_choose_the_fallback_with_where():
+    for cos, t in ((0.2, 0.3), (0.9999, 0.3), (1.0, 0.5), (-1.0, 0.5), (-0.9999, 0.25)):
+        w0, w1 = cuda.slerp_weights(torch.tensor(cos), t)
+        if abs(cos) > cuda.DOT_THRESHOLD:
+            t_ = torch.tensor(t)
+            assert (w0, w1) == (1 - t_, t_), cos
+        else:
+            theta = torch.acos(torch.tensor(cos))
+            assert torch.equal(w1, torch.sin(t * theta) / torch.sin(theta))
+        assert torch.isfinite(w0) and torch.isfinite(w1)  # sin(theta) = 0 stays unused
+
+
+def test_out_must_match_and_shapes_must_agree():
+    v0, v1 = models((5, 4), torch.bfloat16, count=2)
+    with pytest.raises(ValueError, match="contiguous"):
+        cuda.slerp(v0, v1, 0.3, out=torch.empty((5, 4), dtype=torch.float32))
+    with pytest.raises(ValueError, match="contiguous"):
+        cuda.slerp(v0, v1, 0.3, out=torch.empty((4, 5), dtype=torch.bfloat16).t())
+    with pytest.raises(ValueError, match="shapes differ"):
+        cuda.slerp(v0, v1[:2], 0.3)
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64], ids=str)
+@pytest.mark.parametrize("rescale", [False, True])
+def test_ties_is_the_cores_stable_ties(dtype, rescale):
+    # bfloat16 deltas have many equal magnitudes: ties at the cut, kept first in the tensor.
+    base, *others = models((97, 53), dtype)
+    for densities in ([0.5, 0.3], [1.0, 0.0], [0.01, 0.99]):
+        expected = core.ties(
+            base, others, [0.6, 0.4], densities, rescale=rescale, stable=True, normalize=True
+        )
+        got = cuda.merge_task_vectors(
+            base,
+            others,
+            [0.6, 0.4],
+            densities,
+            pruning="magnitude",
+            sign_election=True,
+            normalize=True,
+            scale=1.0,
+            rescale=rescale,
+        )
+        assert same_bits(got, expected), densities
+
+
+def test_trim_keeps_nans_first_and_ties_by_position():
+    delta = torch.tensor([1.0, -3.0, float("nan"), 3.0, 2.0, -3.0, 0.0, float("nan")])
+    for density in (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875):
+        expected = core.magnitude_prune(delta, density, stable=True)
+        assert same_bits(cuda.trim(delta, density), expected), density
+    # Every magnitude equal: the first ones are kept.
+    flat = torch.full((10,), -2.0, dtype=torch.bfloat16)
+    assert cuda.trim(flat, 0.3).nonzero().flatten().tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("election", [False, True])
+def test_dare_on_cpu_generators_is_the_cores_draw(election):
+    base, *others = models((101, 37), torch.bfloat16)
+    seed = 11
+    generators = methods.input_generators(seed, len(others))
+    expected = core.dare(
+        base, others, [0.7, 0.5], [0.3, 0.6], generators, sign_election=election, rescale=True
+    )
+    got = cuda.merge_task_vectors(
+        base,
+        others,
+        [0.7, 0.5],
+        [0.3, 0.6],
+        pruning="random",
+        sign_election=election,
+        normalize=False,
+        scale=1.0,
+        rescale=True,
+        seed=seed,
+    )
+    assert same_bits(got, expected)
+
+
+def test_task_arithmetic_and_linear_are_the_cores():
+    base, *others = models((40, 30), torch.float16)
+    expected = core.task_arithmetic(base, others, [0.3, 0.8], scale=0.5)
+    got = cuda.merge_task_vectors(
+        base,
+        others,
+        [0.3, 0.8],
+        [1.0, 1.0],
+        pruning=None,
+        sign_election=False,
+        normalize=False,
+        scale=0.5,
+        rescale=False,
+    )
+    assert same_bits(got, expected)
+    mixed = [base, others[0].to(torch.bfloat16), others[1]]
+    for normalize in (False, True):
+        assert same_bits(
+            cuda.linear(mixed, [0.2, 0.3, 0.5], normalize=normalize),
+            core.linear(mixed, [0.2, 0.3, 0.5], normalize=normalize),
+        )
+
+
+def test_device_generators_are_seeded_as_the_engines():
+    generators = cuda.device_generators(5, 3, torch.device("cpu"))
+    assert [g.initial_seed() for g in generators] == [5, 6, 7]
+    assert [g.device.type for g in generators] == ["cpu"] * 3
+
+
+def test_backend_for_gives_the_device_backend_on_cuda_and_on_the_cpu_only_when_asked():
+    assert backend_for("cpu") is cpu
+    assert backend_for(torch.device("cuda", 1)) is cuda
+    assert backend_for("cuda", "exact") is cpu
+    assert backend_for("cpu", "exact") is cpu
+    assert backend_for("cpu", "device") is cuda
+    assert backend_for("meta") is cpu  # not a GPU: the host-copy path, as before
+    assert on_device("cuda") and not on_device("cpu") and on_device("cpu", "device")
+    with pytest.raises(ConfigError, match="not understood"):
+        backend_for("cpu", "fast")
+
+
+@pytest.mark.parametrize("method", ["slerp", "linear", "ties", "dare_ties", "task_arithmetic"])
+def test_merge_tensor_hands_the_backend_on(method):
+    tensors = models((30, 20), torch.bfloat16, count=3 if method != "slerp" else 2, scale=0.3)
+    params = {"t": 0.4} if method == "slerp" else {}
+    rows = None
+    if method == "linear":
+        rows = [{"weight": w} for w in (0.5, 0.3, 0.2)]
+        params = {"normalize": 1.0}
+    elif method != "slerp":
+        rows = [{}, {"weight": 0.6, "density": 0.4}, {"weight": 0.4, "density": 0.7}]
+        params = {"normalize": 1.0, "lambda": 1.0, "rescale": 0.0, "int8_mask": 0.0}
+        params["rescale"] = float(method.startswith("dare"))
+    options = dict(input_params=rows, seed=9, name="x", fast_trim=True)
+    exact = methods.merge_tensor(method, tensors, 0, params, **options)
+    on_dev = methods.merge_tensor(method, tensors, 0, params, backend="device", **options)
+    if method == "slerp":
+        assert same_bits(on_dev, cuda.slerp(tensors[0], tensors[1], 0.4))
+    else:
+        # On CPU tensors the device backend's other methods give the core's bits.
+        assert same_bits(on_dev, exact), method

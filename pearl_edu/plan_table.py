@@ -129,8 +129,10 @@ def show_plan(
         lines[0] += f", random seed {config.random_seed}"
     base_note = " (t = 0)" if config.merge_method == "slerp" else ""
     for summary in slice_summaries(config):
+        base = summary["base_model"]
         lines.append(
-            f"  slice {summary['slice']}: base {summary['base_model']}{base_note}; "
+            f"  slice {summary['slice']}: "
+            + (f"base {base}{base_note}; " if base is not None else "")
             + ", ".join(f"{s['model']} layers {s['layer_range']}" for s in summary["sources"])
         )
     if merge_plan is None:

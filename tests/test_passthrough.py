@@ -289,6 +289,7 @@ def test_plan_shows_source_layers_from_local_models(mistral_bf16, tmp_path, caps
     assert main(["plan", str(config)]) == 0
     out = capsys.readouterr().out
     assert "11 output layers" in out and "config.json from orca" in out
+    assert f"  slice 0: {orca} layers [0, 6]\n" in out and "base None" not in out
     rows = table(out)
     assert rows[0][:4] == ["0", "0", "0.000", "orca:0"]
     assert rows[5][3] == "orca:5"

@@ -8,6 +8,12 @@ up-scaling are made. ``scale`` is a per-model parameter (a number, a gradient ov
 slice's layers, or ``{filter, value}`` entries); where none is given the tensor is copied
 as it is, and where one is given it is multiplied by it in the tensor's own dtype, as
 ``tensor * scale`` in torch (mergekit's arithmetic, so the bits are the same).
+
+The embeddings come from the first slice's model and the final norm and ``lm_head`` from
+the last slice's, as in mergekit. ``config.json`` (and the tokenizer) come from
+``base_model`` when the recipe names one, else from the first slice's model; mergekit then
+takes one of the models in the order of a Python set, which can change from one run to the
+next, so a recipe that names ``base_model`` gets the same files from both.
 """
 
 from __future__ import annotations

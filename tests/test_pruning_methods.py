@@ -610,10 +610,22 @@ random_seed: 3
     assert "gamma@math[other]" in header.split()
 
 
-@pytest.mark.parametrize("method", ["breadcrumbs", "della_linear"])
-def test_model_card_names_the_method_and_the_seed_of_della(method):
+@pytest.mark.parametrize(
+    ("method", "words"),
+    [
+        ("breadcrumbs", "[Model Breadcrumbs](https://arxiv.org/abs/2312.06795)"),
+        ("breadcrumbs_ties", "[Model Breadcrumbs with TIES](https://arxiv.org/abs/2312.06795)"),
+        ("della", "[DELLA](https://arxiv.org/abs/2406.11617)"),
+        ("della_linear", "[Linear DELLA](https://arxiv.org/abs/2406.11617)"),
+    ],
+)
+def test_model_card_names_the_method_its_paper_and_the_seed_of_della(method, words):
+    from mergekit.merge_methods import registry
+
     text = f"merge_method: {method}\nbase_model: a\nmodels:\n  - model: b\n"
     text += "    parameters: {weight: 1}\nrandom_seed: 4\n"
     card = model_card(load_config(text), text, "merged")
-    assert f"Merge method: `{method}` with a as the base." in card
-    assert ("Random seed: `4`" in card) == (method == "della_linear")
+    assert f"Merge method: {words} (`{method}`) with a as the base." in card
+    assert ("Random seed: `4`" in card) == method.startswith("della")
+    spec = registry.get(method).spec  # the same words and link as mergekit's
+    assert words == f"[{spec.pretty_name}]({spec.reference_url})"

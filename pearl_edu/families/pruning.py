@@ -131,11 +131,23 @@ def _parameters(*, normalize: bool, rescale: bool) -> dict[str, float | None]:
     }
 
 
-for _name, _kind, _election, _normalize, _rescale in (
-    ("breadcrumbs", "outliers", False, False, False),
-    ("breadcrumbs_ties", "outliers", True, False, False),
-    ("della", "della", True, True, True),
-    ("della_linear", "della", False, False, True),
+# The papers, for the model card (mergekit's names and links for the methods).
+BREADCRUMBS_PAPER = "https://arxiv.org/abs/2312.06795"
+DELLA_PAPER = "https://arxiv.org/abs/2406.11617"
+
+for _name, _kind, _election, _normalize, _rescale, _title, _paper in (
+    ("breadcrumbs", "outliers", False, False, False, "Model Breadcrumbs", BREADCRUMBS_PAPER),
+    (
+        "breadcrumbs_ties",
+        "outliers",
+        True,
+        False,
+        False,
+        "Model Breadcrumbs with TIES",
+        BREADCRUMBS_PAPER,
+    ),
+    ("della", "della", True, True, True, "DELLA", DELLA_PAPER),
+    ("della_linear", "della", False, False, True, "Linear DELLA", DELLA_PAPER),
 ):
     _extra = (
         {"gamma": pruning.DEFAULT_GAMMA}
@@ -152,5 +164,7 @@ for _name, _kind, _election, _normalize, _rescale in (
             input_parameters={"weight": None, "density": 1.0, **_extra},
             random=_kind == "della",
             check=_check(_kind),
+            title=_title,
+            reference=_paper,
         )
     )

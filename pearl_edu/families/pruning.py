@@ -2,22 +2,15 @@ r"""The pruning family: Model Breadcrumbs and DELLA, with mergekit 0.1.5's names
 
 Four task-vector methods that differ from TIES and DARE only in how they prune each task
 vector $\delta_i = \theta_i - \theta_\text{base}$ before the usual last step
-(`pearl_edu.core.combine`):
+(`pearl_edu.core.combine`), each with mergekit's defaults:
 
-=====================  =====================================  ==============  ===========
-method                 pruning (per model)                    sign election   defaults
-=====================  =====================================  ==============  ===========
-``breadcrumbs``        drop the ``gamma`` largest and the     no              normalize
-                       smallest, keep ``density``                             false,
-                                                                              rescale false
-``breadcrumbs_ties``   the same                               yes             the same
-``della``              drop at random, larger entries kept    yes             normalize
-                       more often (``density`` +- ``epsilon``)                true, rescale
-                                                                              true
-``della_linear``       the same                               no              normalize
-                                                                              false, rescale
-                                                                              true
-=====================  =====================================  ==============  ===========
+- ``breadcrumbs``: drop the ``gamma`` fraction largest in magnitude and the smallest, keep
+  ``density``; no sign election; ``normalize`` and ``rescale`` false.
+- ``breadcrumbs_ties``: the same trim, then TIES' sign election; the same defaults.
+- ``della``: drop at random, larger entries kept more often (probabilities from
+  ``density - epsilon`` to ``density + epsilon`` by magnitude rank in each row); sign
+  election; ``normalize`` and ``rescale`` true.
+- ``della_linear``: the same drop, no sign election; ``normalize`` false, ``rescale`` true.
 
 Every model but the base takes ``weight`` (required), ``density`` (default 1), and
 ``gamma`` (Breadcrumbs, default 0.01) or ``epsilon`` (DELLA, default 0.15); the shared
@@ -26,7 +19,9 @@ changes nothing). The math is `pearl_edu.core.pruning`, run on whole tensors. Br
 gives mergekit's bits. DELLA draws its masks as DARE does here: model ``i`` of a tensor from
 a CPU generator seeded from the merge's seed, the tensor's name and ``i``
 (`pearl_edu.methods.input_generators`), so a merge is reproducible and its draws are its
-own, not mergekit's (which draws from torch's global generator in tensor order).
+own, not mergekit's (which draws from torch's global generator in tensor order). Off the
+CPU, Breadcrumbs runs on the tensors' device, as mergekit does, and DELLA on the CPU, so
+that a seed keeps the same entries everywhere.
 """
 
 from __future__ import annotations

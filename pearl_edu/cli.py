@@ -3,6 +3,7 @@
     pearl-edu plan CONFIG [--json]
     pearl-edu merge CONFIG OUTPUT_DIR [--device auto|cpu|cuda[:N]] [--shard-size 5GB] [--force]
     pearl-edu verify DIR_A DIR_B [--atol X] [--max-ulp N] [--scale-ulp N] [--max-fraction F]
+                     [--config CONFIG --input-scale-ulp N]
 
 ``pearl-edu merge`` also takes mergekit-yaml's everyday options with mergekit 0.1.5's
 meaning, so that a mergekit command line such as LazyMergekit's
@@ -93,7 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--device",
         default=None,
-        help="auto (default: the first GPU when there is one), cpu, cuda or cuda:N",
+        help="auto (the default: the first GPU for the methods it speeds up, else the CPU; "
+        "the merge prints which and why), cpu, cuda or cuda:N",
+    )
+    m.add_argument(
+        "--exact",
+        action="store_true",
+        help="mergekit 0.1.5's bits on any device: on a GPU, SLERP's sums are taken on the "
+        "CPU and the other methods run there (slower). Without it a GPU runs everything "
+        "itself, to a documented bound (book, appendix 'The GPU contract'); on the CPU the "
+        "bits are mergekit's either way",
     )
     m.add_argument(
         "--shard-size",
@@ -209,6 +219,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="and require that at most this share of each tensor's elements differ "
         "(against the published Pearl-7B-slerp: 0.25)",
     )
+    v.add_argument(
+        "--config",
+        default=None,
+        metavar="CONFIG",
+        help="the merge both models were made by: its input models are read to measure "
+        "each element's difference at the scale of its inputs (see --input-scale-ulp)",
+    )
+    v.add_argument(
+        "--input-scale-ulp",
+        type=float,
+        default=None,
+        metavar="N",
+        help="also accept a tensor whose elements are at most N steps of its dtype apart, "
+        "each step taken at the element's input scale, for SLERP |w0 x| + |w1 y| (a GPU "
+        "merge against a CPU one: 1 for bfloat16, the book's appendix 'The GPU contract'); "
+        "needs --config",
+    )
     _everywhere_options(v, top_level=False)
     v.set_defaults(func=_run_verify)
     return parser
@@ -308,6 +335,8 @@ def _run_merge(args: argparse.Namespace) -> int:
         ]
         if args.fast_trim:
             settings.append("ties at the trim's cut kept by position (--fast-trim)")
+        if args.exact:
+            settings.append("mergekit's bits on any device (--exact)")
         print(f"pearl-edu: {', '.join(settings)}", file=sys.stderr)
 
     result = merge(
@@ -320,12 +349,13 @@ def _run_merge(args: argparse.Namespace) -> int:
         threads=args.threads,
         copy_tokenizer=args.copy_tokenizer,
         fast_trim=args.fast_trim,
+        backend="exact" if args.exact else "auto",
     )
     resumed = f", {result.resumed_tensors} resumed" if result.resumed_tensors else ""
     print(
         f"merged {result.num_tensors} tensors{resumed} into {result.output_dir} "
         f"({len(result.weight_files)} weight files) on {result.device} "
-        f"in {result.seconds:.1f} s"
+        f"({result.device_reason}) in {result.seconds:.1f} s"
     )
     return 0
 
@@ -355,6 +385,8 @@ def _run_verify(args: argparse.Namespace) -> int:
             scale_ulp=args.scale_ulp,
             max_fraction=args.max_fraction,
             progress=progress,
+            config=args.config,
+            input_scale_ulp=args.input_scale_ulp,
         )
     finally:
         if bar is not None:

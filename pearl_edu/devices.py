@@ -1,8 +1,13 @@
-"""Choosing where the merge math runs: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+"""Choosing where the merge math runs: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+
+`resolve_device` names a device; `choose_device` is what a merge uses: for ``auto`` it
+picks the device by the merge method, with the reason, which ``pearl-edu merge`` prints.
+"""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 
@@ -42,3 +47,55 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
             f"(cuda:0 to cuda:{count - 1})"
         )
     return torch.device("cuda", number)
+
+
+# Where ``--device auto`` merges each method when torch sees a CUDA GPU, and why. The rule
+# follows what runs where: the GPU where it is faster for the method, the CPU otherwise,
+# as `bench/gpu_check.sh` measures it (its figures: bench/gpu_results.json); a method not
+# listed stays on the CPU, where its bits are mergekit's.
+AUTO_DEVICE_RULES: dict[str, tuple[str, str]] = {
+    "slerp": (
+        "cpu",
+        "SLERP is a few operations per element, which the CPU's cores keep up with; on an "
+        "H100 host the GPU path was the slower (bench/gpu_results.md)",
+    ),
+    "ties": (
+        "cuda",
+        "TIES ranks every entry of each task vector: on the GPU a selection "
+        "(torch.kthvalue) in place of a sort; ties at the cut are kept by position, as "
+        "with --fast-trim",
+    ),
+    "dare_linear": (
+        "cpu",
+        "a GPU draws other random numbers than the CPU for the same seed: auto keeps a "
+        "seed's model the same on every machine (--device cuda draws on the GPU)",
+    ),
+}
+AUTO_DEVICE_RULES["dare_ties"] = AUTO_DEVICE_RULES["dare_linear"]
+
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    """Where a merge runs, and why (printed by ``pearl-edu merge``)."""
+
+    device: torch.device
+    reason: str
+
+
+def choose_device(spec: str | torch.device = "auto", method: str | None = None) -> DeviceChoice:
+    """The device a merge by ``method`` runs on for ``spec``, with the reason.
+
+    ``cpu``, ``cuda`` and ``cuda:N`` are taken as given (`resolve_device`). ``auto`` is the
+    CPU when torch sees no CUDA GPU; with one, the device `AUTO_DEVICE_RULES` gives the
+    method (the CPU for a method it does not list).
+    """
+    device = resolve_device(spec)
+    if str(spec).strip().lower() != "auto":
+        return DeviceChoice(device, f"--device {str(spec).strip().lower()}")
+    if device.type == "cpu":
+        return DeviceChoice(device, "auto: torch sees no CUDA GPU")
+    kind, why = AUTO_DEVICE_RULES.get(
+        method or "",
+        ("cpu", f"{method}: not measured on a GPU; on the CPU its bits are mergekit's"),
+    )
+    return DeviceChoice(device if kind == "cuda" else torch.device("cpu"), f"auto: {why}")

@@ -4,8 +4,8 @@ The heart of this module is the loop in `merge`::
 
     for job, inputs in read_ahead(jobs, readers, dtype=..., device=...):
         result = outputs.take(job.nbytes)  # a reused buffer, viewed as the output tensor
-        merge_into(result, job, inputs)    # merge_tensor: the method's math
-        write_behind.write(job.name, result)  # hands the buffer back once written
+        ready = merge_into(result, job, inputs)  # merge_tensor: the method's math
+        write_behind.write(job.name, result, ready=ready)  # hands the buffer back once written
 
 Each step lives in a module of its own, and this one only puts them in order:
 
@@ -28,9 +28,11 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from pearl_edu.backends import BACKENDS
 from pearl_edu.card import (  # noqa: F401  (importable from here, as before)
     TOKENIZER_FILES,
     model_card,
@@ -38,8 +40,8 @@ from pearl_edu.card import (  # noqa: F401  (importable from here, as before)
     write_model_files,
 )
 from pearl_edu.config import MergeConfig, load_config, torch_dtype
-from pearl_edu.devices import resolve_device
-from pearl_edu.errors import ModelError, OutputError
+from pearl_edu.devices import choose_device
+from pearl_edu.errors import ConfigError, ModelError, OutputError
 from pearl_edu.hub import resolve_model
 from pearl_edu.io import (
     DIRECT_ALIGNMENT,
@@ -69,6 +71,7 @@ from pearl_edu.pipeline import (  # noqa: F401  (importable from here, as before
     READ_AHEAD_BYTES,
     SMALL_OUTPUT_BYTES,
     BufferSet,
+    CudaTransfers,
     InFlightBytes,
     OutputBuffers,
     WriteBehind,
@@ -79,6 +82,7 @@ from pearl_edu.pipeline import (  # noqa: F401  (importable from here, as before
     progress_bar,
     read_ahead,
     return_freed_memory_to_the_system,
+    transfers_for,
 )
 from pearl_edu.plan import TensorPlan, plan
 
@@ -94,6 +98,7 @@ class MergeResult:
     resumed_tensors: int  # taken from shards finished by an earlier, interrupted run
     device: torch.device
     seconds: float
+    device_reason: str = ""  # why the merge ran on ``device`` (`pearl_edu.devices.choose_device`)
 
 
 def merge(
@@ -107,6 +112,7 @@ def merge(
     threads: int | None = None,
     copy_tokenizer: bool = True,
     fast_trim: bool = False,
+    backend: str = "auto",
 ) -> MergeResult:
     """Merge the models of ``config`` into the Hugging Face model folder ``output_dir``.
 
@@ -116,14 +122,22 @@ def merge(
     tokenizer and generation config, as mergekit's ``--no-copy-tokenizer`` does.
     ``fast_trim=True`` breaks TIES' ties at its cut by position (see `merge_tensor`).
     ``threads`` is how many CPU threads the math may use on the CPU; by default torch's,
-    as mergekit (see `math_threads`). Bad input raises a `PearlEduError` before anything
-    is written.
+    as mergekit (see `math_threads`). ``device="auto"`` picks the device by the merge
+    method (`pearl_edu.devices.choose_device`; the result says which and why).
+    ``backend``: ``"auto"`` runs the math where the device is (on a GPU, to the contract of
+    `pearl_edu.backends.cuda`), ``"exact"`` gives mergekit 0.1.5's bits on any device
+    (``pearl-edu merge --exact``), ``"device"`` the GPU's math on any device, the CPU
+    included (to check that contract without a GPU). Bad input raises a `PearlEduError`
+    before anything is written.
     """
     started = time.perf_counter()
     # config -> plan: every mistake is reported here, before anything is written.
     if not isinstance(config, MergeConfig):
         config = load_config(config)
-    compute_device = resolve_device(device)
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend {backend!r} is not understood: expected one of {BACKENDS}")
+    choice = choose_device(device, config.merge_method)
+    compute_device = choice.device
     max_shard_bytes = parse_size(shard_size)
     compute_dtype = (
         torch_dtype(config.dtype, where=config.source, key="dtype") if config.dtype else None
@@ -153,6 +167,7 @@ def merge(
     remaining = sum(job.nbytes for job in jobs)
     bar = progress_bar(total, initial=total - remaining, enabled=progress)
     write_behind = WriteBehind(writer)
+    transfers = transfers_for(compute_device)  # streams and events on a GPU, else None
     outputs = OutputBuffers(pinned=compute_device.type == "cuda")
     return_freed_memory_to_the_system()
     base_dir = model_dirs[merge_plan.base_model]
@@ -160,13 +175,20 @@ def merge(
         try:
             with math_threads(threads, compute_device):
                 for job, inputs in read_ahead(
-                    jobs, readers, dtype=compute_dtype, device=compute_device
+                    jobs, readers, dtype=compute_dtype, device=compute_device, transfers=transfers
                 ):
                     buffer = outputs.take(job.nbytes + DIRECT_ALIGNMENT)
                     result = aligned_view(buffer, job, writer.file_offset(job.name))
-                    merge_into(result, job, inputs, fast_trim=fast_trim)
+                    ready = merge_into(
+                        result,
+                        job,
+                        inputs,
+                        fast_trim=fast_trim,
+                        backend=backend,
+                        transfers=transfers,
+                    )
                     write_behind.write(
-                        job.name, result, then=functools.partial(outputs.give, buffer)
+                        job.name, result, then=functools.partial(outputs.give, buffer), ready=ready
                     )
                     bar.update(job.nbytes)
                 write_behind.finish()
@@ -197,14 +219,26 @@ def merge(
         resumed_tensors=len(merge_plan.tensors) - len(jobs),
         device=compute_device,
         seconds=time.perf_counter() - started,
+        device_reason=choice.reason,
     )
 
 
 def merge_into(
-    result: torch.Tensor, job: TensorPlan, inputs: list[torch.Tensor], *, fast_trim: bool = False
-) -> None:
-    """The math of one output tensor, written into ``result`` (a reused output buffer)."""
+    result: torch.Tensor,
+    job: TensorPlan,
+    inputs: list[torch.Tensor],
+    *,
+    fast_trim: bool = False,
+    backend: str = "auto",
+    transfers: CudaTransfers | None = None,
+) -> Any:
+    """The math of one output tensor, written into ``result`` (a reused output buffer).
+
+    Returns None when ``result`` holds the values on return, or, with ``transfers`` (on a
+    GPU), the event of the download that fills it (see `WriteBehind.write`).
+    """
     base = inputs[job.base_index]
+    direct = transfers is None and base.device == result.device and base.dtype == job.dtype
     merged = merge_tensor(
         job.method,
         inputs,
@@ -213,11 +247,16 @@ def merge_into(
         input_params=job.input_params or None,
         seed=job.seed,
         name=job.name,
-        out=result if base.device == result.device and base.dtype == job.dtype else None,
+        out=result if direct else None,
         fast_trim=fast_trim,
+        backend=backend,
     )
-    if merged is not result:
-        result.copy_(merged)  # a cast, a copy from the GPU, or an input itself
+    if merged is result:
+        return None
+    if transfers is not None:
+        return transfers.download(merged, result)
+    result.copy_(merged)  # a cast, a copy from the GPU, or an input itself
+    return None
 
 
 # --------------------------------------------------------------------------------------

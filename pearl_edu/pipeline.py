@@ -10,6 +10,9 @@
   places it as its bytes will lie on disk), and `WriteBehind`, another thread, writes it
   past the page cache (`pearl_edu.io.SequentialFile`) while the next one is merged.
 - `math_threads`: the CPU math gets torch's threads, as mergekit's does.
+- `CudaTransfers`: on a GPU, inputs go up and results come down on copy streams of their
+  own, ordered by events, so the merging thread never waits for a copy: it queues the
+  math, and the writer waits for each result's download before writing it.
 
 Fresh memory and the page cache are avoided because on the machines measured (see the
 book's performance appendix) touching new pages cost as much as the arithmetic.
@@ -95,6 +98,60 @@ def return_freed_memory_to_the_system() -> None:
 # --------------------------------------------------------------------------------------
 
 
+class CudaTransfers:
+    """The GPU path's copies: uploads and downloads on streams of their own, with events.
+
+    The reader thread uploads a job's inputs on ``upload_stream`` (``non_blocking``, from
+    pinned buffers, the cast to the config's dtype on the device) and marks them with an
+    event; the merging thread's stream waits for that event (`use`) instead of the host
+    waiting for the copy. A result is downloaded on ``download_stream`` into a pinned
+    output buffer (`download`), and the writer waits for that download's event before it
+    writes the buffer. Only where torch sees a CUDA GPU (`transfers_for`).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.upload_stream = torch.cuda.Stream(device)
+        self.download_stream = torch.cuda.Stream(device)
+
+    def upload(self, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+        """``tensor`` (in pinned host memory) on the device, cast there; queued, not waited for."""
+        with torch.cuda.stream(self.upload_stream):
+            return tensor.to(device=self.device, dtype=dtype or tensor.dtype, non_blocking=True)
+
+    def mark(self) -> Any:
+        """An event that completes once every upload queued so far has."""
+        event = torch.cuda.Event()
+        event.record(self.upload_stream)
+        return event
+
+    def use(self, tensors: Sequence[torch.Tensor], uploaded: Any) -> None:
+        """Make the math wait, on the device, for ``tensors``' uploads (marked ``uploaded``)."""
+        stream = torch.cuda.current_stream(self.device)
+        stream.wait_event(uploaded)
+        for tensor in tensors:
+            # Allocated on the upload stream, used on this one: the allocator must not hand
+            # its memory out again before this stream's work on it is done.
+            tensor.record_stream(stream)
+
+    def download(self, tensor: torch.Tensor, host: torch.Tensor) -> Any:
+        """Queue the copy of ``tensor`` into ``host``; returns the event of its completion."""
+        self.download_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.download_stream):
+            host.copy_(tensor, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.download_stream)
+        tensor.record_stream(self.download_stream)
+        return done
+
+
+def transfers_for(device: torch.device) -> CudaTransfers | None:
+    """`CudaTransfers` for a CUDA device that torch sees; None elsewhere (plain copies)."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        return CudaTransfers(device)
+    return None
+
+
 class BufferSet:
     """One reusable uint8 buffer per input of a job, for inputs that are read, not mapped.
 
@@ -108,6 +165,15 @@ class BufferSet:
         self.keep_bytes = keep_bytes
         self.pinned = pinned
         self.buffers: list[torch.Tensor] = []
+        # The event of the last uploads from these buffers (`CudaTransfers.mark`): they are
+        # refilled only once it has completed.
+        self.uploaded: Any = None
+
+    def wait_for_uploads(self) -> None:
+        """Wait until the uploads from these buffers are done, so they may be refilled."""
+        if self.uploaded is not None:
+            self.uploaded.synchronize()
+            self.uploaded = None
 
     def buffer(self, index: int, nbytes: int) -> torch.Tensor:
         """A buffer of at least ``nbytes`` for input ``index``."""
@@ -128,13 +194,16 @@ def read_ahead(
     dtype: torch.dtype | None,
     device: torch.device,
     budget_bytes: int = READ_AHEAD_BYTES,
+    transfers: CudaTransfers | None = None,
 ) -> Iterator[tuple[TensorPlan, list[torch.Tensor]]]:
     """Yield ``(job, inputs)`` in order, reading the next job's inputs in a background thread.
 
     Inputs are cast to ``dtype`` (the config's ``dtype``) as they are loaded, before any
     arithmetic, and moved to ``device``. They are valid until the next iteration: their
     buffers are then reused. Two buffer sets alternate, and the thread starts reading a
-    job early only while the bytes in flight stay within ``budget_bytes``.
+    job early only while the bytes in flight stay within ``budget_bytes``. With
+    ``transfers`` (`CudaTransfers`), inputs are uploaded on its stream, and the math waits
+    for them on the device.
     """
 
     def input_bytes(job: TensorPlan) -> list[int]:
@@ -147,7 +216,7 @@ def read_ahead(
     # inputs sets the size of the buffers that are kept.
     ordinary = [job for job in jobs if 2 * job_bytes(job) <= budget_bytes]
     keep_bytes = max((n for job in ordinary for n in input_bytes(job)), default=0)
-    pinned = device.type == "cuda"
+    pinned = device.type == "cuda" and torch.cuda.is_available()
     free_sets: queue.Queue[BufferSet] = queue.Queue()
     for _ in range(2):
         free_sets.put(BufferSet(keep_bytes, pinned))
@@ -160,13 +229,16 @@ def read_ahead(
         try:
             for job in jobs:
                 buffers = free_sets.get()
+                buffers.wait_for_uploads()
                 in_flight.acquire(job_bytes(job), stop)
                 if stop.is_set():
                     return
                 inputs = [
-                    load_input(readers[i.model], i.tensor, buffers, k, dtype, device)
+                    load_input(readers[i.model], i.tensor, buffers, k, dtype, device, transfers)
                     for k, i in enumerate(job.inputs)
                 ]
+                if transfers is not None:
+                    buffers.uploaded = transfers.mark()
                 ready.put((job, inputs, buffers))
             ready.put(finished)
         except BaseException as err:  # handed to the merging thread, which raises it
@@ -179,6 +251,8 @@ def read_ahead(
             if isinstance(item, BaseException):
                 raise item
             job, inputs, buffers = item
+            if transfers is not None:
+                transfers.use(inputs, buffers.uploaded)
             yield job, inputs
             del inputs  # the caller is done with them: give their memory back
             in_flight.release(job_bytes(job))
@@ -197,19 +271,24 @@ def load_input(
     index: int,
     dtype: torch.dtype | None,
     device: torch.device,
+    transfers: CudaTransfers | None = None,
 ) -> torch.Tensor:
     """Read one input tensor, then cast it and move it for the math.
 
     On the CPU a safetensors tensor is used in place, from the page cache (`ModelReader.map`):
     no copy, and no buffer. Otherwise (pickle checkpoints, the GPU path, whose copies are
-    faster from pinned memory) it is read into its reused buffer.
+    faster from pinned memory) it is read into its reused buffer; with ``transfers`` it is
+    uploaded on their stream (`CudaTransfers.upload`), cast on the device.
     """
-    if device.type == "cpu" and reader.can_map(name):
+    if device.type == "cpu" and transfers is None and reader.can_map(name):
         tensor = reader.map(name, populate=True)
     else:
         nbytes = reader.header.tensors[name].nbytes
         tensor = reader.read(name, out=buffers.buffer(index, nbytes))
-    moved = tensor.to(device=device, dtype=dtype or tensor.dtype, non_blocking=True)
+    if transfers is not None:
+        moved = transfers.upload(tensor, dtype)
+    else:
+        moved = tensor.to(device=device, dtype=dtype or tensor.dtype, non_blocking=True)
     if moved.device != tensor.device:
         # SLERP sums its cosine on the CPU: from this copy, rather than one back from the GPU.
         keep_host_copy(moved, tensor)
@@ -320,8 +399,8 @@ class WriteBehind:
 
     def __init__(self, writer: ShardedWriter, pending: int = 1) -> None:
         self.writer = writer
-        self.queue: queue.Queue[tuple[str, torch.Tensor, Callable[[], None]] | None] = queue.Queue(
-            maxsize=pending
+        self.queue: queue.Queue[tuple[str, torch.Tensor, Callable[[], None], Any] | None] = (
+            queue.Queue(maxsize=pending)
         )
         self.error: BaseException | None = None
         self.written = 0
@@ -330,11 +409,19 @@ class WriteBehind:
         self.thread.start()
 
     def write(
-        self, name: str, tensor: torch.Tensor, then: Callable[[], None] = lambda: None
+        self,
+        name: str,
+        tensor: torch.Tensor,
+        then: Callable[[], None] = lambda: None,
+        ready: Any = None,
     ) -> None:
-        """Queue ``tensor`` for writing (waits while the line is full)."""
+        """Queue ``tensor`` for writing (waits while the line is full).
+
+        ``ready``, an event (`CudaTransfers.download`), completes once ``tensor`` holds its
+        values: the writer waits for it before writing.
+        """
         self._raise_error()
-        self.queue.put((name, tensor, then))
+        self.queue.put((name, tensor, then, ready))
 
     def finish(self) -> None:
         """Wait until every queued tensor is on disk; raise the thread's error if any."""
@@ -349,9 +436,11 @@ class WriteBehind:
 
     def _write_all(self) -> None:
         while (item := self.queue.get()) is not None:
-            name, tensor, then = item
+            name, tensor, then, ready = item
             del item
             try:
+                if ready is not None:
+                    ready.synchronize()  # the result's download from the GPU
                 if self.error is None:  # after an error, keep draining: never block the merge
                     self.writer.write(name, tensor)
                     self.written += 1

@@ -25,19 +25,30 @@ which also stays within one step, moved 45% of it, and of distant ones 97%.
 `NUMPY_ERA_TOLERANCE` is the tolerance to verify a fresh merge against the published
 Pearl-7B-slerp, which a mergekit of early 2024 computed with NumPy (measured by
 ``bench/numpy_era_drift.py``, recorded in ``pearl_edu/data/numpy_era_drift.json``).
+
+Given the merge's config, `verify` measures each element's difference at the scale of
+the inputs that made it (``input_scale_ulp``): in steps of the dtype at, for SLERP,
+$|w_0 x_i| + |w_1 y_i|$, the reference's weights applied to the element's inputs
+(`input_scale`). A correct element where the two weighted inputs nearly cancel is then
+small next to its scale, whatever its own ULP; this is the measure in which a GPU merge's
+contract with the reference is stated (`pearl_edu.backends.cuda`, the book's appendix
+"The GPU contract").
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from pearl_edu.errors import ModelError
+
+if TYPE_CHECKING:
+    from pearl_edu.config import MergeConfig
 
 # Elements compared per step: 4M float64 values are 32 MB, small next to a 7B tensor.
 CHUNK_ELEMENTS = 4 * 1024 * 1024
@@ -86,6 +97,9 @@ class TensorComparison:
     """The largest difference in steps of the dtype at the tensor's scale: ``max |a - b|``
     over one ULP of the largest finite ``|value|`` of either tensor. None when shapes or
     dtypes differ, or for integers."""
+    max_input_scale_ulp_diff: float | None = None
+    """The largest difference in steps of the dtype at each element's input scale
+    (`input_scale`); None when not measured (no config given), or not measurable."""
 
     @property
     def same_layout(self) -> bool:
@@ -109,12 +123,14 @@ class TensorComparison:
         *,
         scale_ulp: float | None = None,
         max_fraction: float | None = None,
+        input_scale_ulp: float | None = None,
     ) -> bool:
         """Same shape and dtype, and no element further apart than ``atol``, or else (when
         ``max_ulp`` is given) no element more than ``max_ulp`` units in the last place apart,
         or else (when ``scale_ulp`` is given) no element more than ``scale_ulp`` steps of the
-        dtype at the tensor's scale apart; and, when ``max_fraction`` is given, at most that
-        share of the elements differing at all."""
+        dtype at the tensor's scale apart, or else (when ``input_scale_ulp`` is given) no
+        element more than that many steps at its input scale apart; and, when
+        ``max_fraction`` is given, at most that share of the elements differing at all."""
         if not self.same_layout:
             return False
         if max_fraction is not None and self.fraction_differing > max_fraction:
@@ -123,10 +139,16 @@ class TensorComparison:
             return True
         if max_ulp is not None and self.max_ulp_diff is not None and self.max_ulp_diff <= max_ulp:
             return True
-        return (
+        if (
             scale_ulp is not None
             and self.max_scale_ulp_diff is not None
             and self.max_scale_ulp_diff <= scale_ulp
+        ):
+            return True
+        return (
+            input_scale_ulp is not None
+            and self.max_input_scale_ulp_diff is not None
+            and self.max_input_scale_ulp_diff <= input_scale_ulp
         )
 
 
@@ -143,6 +165,7 @@ class VerifyReport:
     only_in_b: tuple[str, ...] = field(default=())
     scale_ulp: float | None = None
     max_fraction: float | None = None
+    input_scale_ulp: float | None = None
 
     @property
     def identical(self) -> bool:
@@ -153,11 +176,17 @@ class VerifyReport:
     def ok(self) -> bool:
         """The same tensor names, shapes and dtypes, and each tensor's values within ``atol``
         or, when ``max_ulp`` is set, within ``max_ulp`` units in the last place, or, when
-        ``scale_ulp`` is set, within ``scale_ulp`` steps at the tensor's scale; and, when
-        ``max_fraction`` is set, at most that share of each tensor's elements differing."""
+        ``scale_ulp`` is set, within ``scale_ulp`` steps at the tensor's scale, or, when
+        ``input_scale_ulp`` is set, within that many steps at each element's input scale;
+        and, when ``max_fraction`` is set, at most that share of each tensor's elements
+        differing."""
         return self._same_names and all(
             t.within(
-                self.atol, self.max_ulp, scale_ulp=self.scale_ulp, max_fraction=self.max_fraction
+                self.atol,
+                self.max_ulp,
+                scale_ulp=self.scale_ulp,
+                max_fraction=self.max_fraction,
+                input_scale_ulp=self.input_scale_ulp,
             )
             for t in self.tensors
         )
@@ -205,6 +234,15 @@ class VerifyReport:
         return max(steps, default=0.0)  # type: ignore[type-var]
 
     @property
+    def max_input_scale_ulp_diff(self) -> float | None:
+        """The largest difference in steps at its element's input scale; None when some
+        tensor was not measured so."""
+        steps = [t.max_input_scale_ulp_diff for t in self.tensors]
+        if any(s is None for s in steps):
+            return None
+        return max(steps, default=0.0)  # type: ignore[type-var]
+
+    @property
     def max_fraction_differing(self) -> float:
         """The largest share of differing elements in one tensor."""
         return max((t.fraction_differing for t in self.tensors), default=0.0)
@@ -230,6 +268,8 @@ class VerifyReport:
             tolerance += f" or {self.max_ulp} ULP"
         if self.scale_ulp is not None:
             tolerance += f" or {self.scale_ulp:g} ULP at the tensor's scale"
+        if self.input_scale_ulp is not None:
+            tolerance += f" or {self.input_scale_ulp:g} ULP at the inputs' scale"
         if self.max_fraction is not None:
             tolerance += f", at most {self.max_fraction:.3%} of each tensor differing"
         return tolerance
@@ -251,6 +291,12 @@ class VerifyReport:
                 + ("-" if steps is None else f"{steps:.3g} ULP")
                 + f", largest share of a tensor differing {self.max_fraction_differing:.3%}"
             )
+        if self.input_scale_ulp is not None:
+            steps = self.max_input_scale_ulp_diff
+            lines.append(
+                "at the inputs' scale: largest difference "
+                + ("-" if steps is None else f"{steps:.3g} ULP")
+            )
         if self.identical:
             verdict = "identical"
         elif self.ok:
@@ -270,13 +316,20 @@ def verify(
     progress: Progress | None = None,
     scale_ulp: float | None = None,
     max_fraction: float | None = None,
+    config: MergeConfig | str | Path | None = None,
+    input_scale_ulp: float | None = None,
 ) -> VerifyReport:
     """Compare two model folders tensor by tensor and report every difference.
 
     The report is ``ok`` when every tensor is within ``atol``, or ``max_ulp`` units in the
-    last place, or ``scale_ulp`` steps of its dtype at its largest value (each test used
-    when given), and, with ``max_fraction``, has at most that share of its elements
-    differing. ``**NUMPY_ERA_TOLERANCE`` is the tolerance against the published Pearl.
+    last place, or ``scale_ulp`` steps of its dtype at its largest value, or
+    ``input_scale_ulp`` steps at each element's input scale (each test used when given),
+    and, with ``max_fraction``, has at most that share of its elements differing.
+    ``**NUMPY_ERA_TOLERANCE`` is the tolerance against the published Pearl.
+
+    ``config`` is the merge both models were made by (anything `pearl_edu.load_config`
+    takes); with it, each tensor's inputs are read from its models to measure the
+    difference at the inputs' scale (`input_scale`), which ``input_scale_ulp`` needs.
 
     Only headers are read up front; values are read one tensor at a time from each model
     and compared in chunks of float64, so memory stays a few tensors whatever the model size.
@@ -302,17 +355,33 @@ def verify(
         or not 0 <= max_fraction <= 1
     ):
         raise ModelError(f"max_fraction must be a number from 0 to 1, got {max_fraction!r}")
+    if input_scale_ulp is not None and (
+        isinstance(input_scale_ulp, bool)
+        or not isinstance(input_scale_ulp, int | float)
+        or not math.isfinite(input_scale_ulp)
+        or input_scale_ulp < 0
+    ):
+        raise ModelError(f"input_scale_ulp must be a finite number >= 0, got {input_scale_ulp!r}")
+    if input_scale_ulp is not None and config is None:
+        raise ModelError(
+            "input_scale_ulp: the inputs' scale needs the merge's config (--config CONFIG)"
+        )
     header_a, header_b = read_header(dir_a), read_header(dir_b)
     names_a, names_b = set(header_a.tensors), set(header_b.tensors)
     common = [name for name in header_a.tensors if name in names_b]
 
+    inputs = MergeInputs(config) if config is not None else None
     comparisons = []
-    with ModelReader(header_a) as reader_a, ModelReader(header_b) as reader_b:
-        for done, name in enumerate(common, start=1):
-            meta_a, meta_b = header_a.tensors[name], header_b.tensors[name]
-            comparisons.append(_compare_one(name, meta_a, meta_b, reader_a, reader_b))
-            if progress is not None:
-                progress(done, len(common), name)
+    try:
+        with ModelReader(header_a) as reader_a, ModelReader(header_b) as reader_b:
+            for done, name in enumerate(common, start=1):
+                meta_a, meta_b = header_a.tensors[name], header_b.tensors[name]
+                comparisons.append(_compare_one(name, meta_a, meta_b, reader_a, reader_b, inputs))
+                if progress is not None:
+                    progress(done, len(common), name)
+    finally:
+        if inputs is not None:
+            inputs.close()
 
     return VerifyReport(
         dir_a=Path(dir_a),
@@ -321,18 +390,22 @@ def verify(
         max_ulp=max_ulp,
         scale_ulp=scale_ulp,
         max_fraction=max_fraction,
+        input_scale_ulp=input_scale_ulp,
         tensors=tuple(comparisons),
         only_in_a=tuple(sorted(names_a - names_b)),
         only_in_b=tuple(sorted(names_b - names_a)),
     )
 
 
-def compare_tensors(name: str, a: torch.Tensor, b: torch.Tensor) -> TensorComparison:
+def compare_tensors(
+    name: str, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor | None = None
+) -> TensorComparison:
     """Compare two tensors: largest absolute difference, differing elements, ULP distance.
 
     Shapes must match for values to be compared; a shape mismatch is recorded, not raised.
     NaNs in the same places count as equal; a NaN facing a number counts as an infinite
-    difference.
+    difference. ``scale``, each element's input scale (`input_scale`, of ``a``'s shape),
+    gives ``max_input_scale_ulp_diff``.
     """
     if a.shape != b.shape:
         return _shape_mismatch(name, a, b)
@@ -345,11 +418,15 @@ def compare_tensors(name: str, a: torch.Tensor, b: torch.Tensor) -> TensorCompar
         num_elements=a.numel(),
     )
     measure_ulps = a.dtype == b.dtype and a.dtype in _SAME_WIDTH_INT
+    measure_input_scale = scale is not None and measure_ulps
+    if measure_input_scale:
+        comparison = replace(comparison, max_input_scale_ulp_diff=0.0)
     if a.dtype == b.dtype and torch.equal(a, b):
         return comparison  # the common case, in one cheap pass: nothing to measure
 
     flat_a, flat_b = a.reshape(-1), b.reshape(-1)
-    num_differing, max_abs, max_ulp, largest = 0, 0.0, 0, 0.0
+    flat_scale = scale.reshape(-1) if measure_input_scale else None  # type: ignore[union-attr]
+    num_differing, max_abs, max_ulp, largest, max_input = 0, 0.0, 0, 0.0, 0.0
     for start in range(0, flat_a.numel(), CHUNK_ELEMENTS):
         chunk_a = flat_a[start : start + CHUNK_ELEMENTS]
         chunk_b = flat_b[start : start + CHUNK_ELEMENTS]
@@ -359,12 +436,16 @@ def compare_tensors(name: str, a: torch.Tensor, b: torch.Tensor) -> TensorCompar
         if measure_ulps:
             max_ulp = max(max_ulp, int(ulp_distance(chunk_a, chunk_b).max()))
             largest = max(largest, _largest_finite_magnitude(chunk_a, chunk_b))
+        if flat_scale is not None:
+            steps = abs_diff / ulp_at_each(flat_scale[start : start + CHUNK_ELEMENTS], a.dtype)
+            max_input = max(max_input, float(steps.max()))
     return replace(
         comparison,
         num_differing=num_differing,
         max_abs_diff=max_abs,
         max_ulp_diff=max_ulp if measure_ulps else None,
         max_scale_ulp_diff=max_abs / ulp_at(largest, a.dtype) if measure_ulps else None,
+        max_input_scale_ulp_diff=max_input if measure_input_scale else None,
     )
 
 
@@ -378,6 +459,20 @@ def ulp_at(magnitude: float, dtype: torch.dtype) -> float:
     info = torch.finfo(dtype)
     _, exponent = math.frexp(max(abs(magnitude), info.smallest_normal))
     return math.ldexp(info.eps, exponent - 1)
+
+
+def ulp_at_each(magnitudes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`ulp_at` elementwise: one step of ``dtype`` at each of ``magnitudes``, in float64.
+
+    >>> ulp_at_each(torch.tensor([1.0, 3.0, 0.0]), torch.bfloat16).tolist()[:2]
+    [0.0078125, 0.015625]
+    """
+    info = torch.finfo(dtype)
+    floor = (
+        magnitudes.to(torch.float64).abs().nan_to_num(posinf=info.max).clamp(info.smallest_normal)
+    )
+    _, exponent = torch.frexp(floor)
+    return torch.ldexp(torch.full_like(floor, info.eps), exponent - 1)
 
 
 def _largest_finite_magnitude(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -407,11 +502,101 @@ def _shape_mismatch(name: str, a: _HasShape, b: _HasShape) -> TensorComparison:
     )
 
 
-def _compare_one(name: str, meta_a, meta_b, reader_a, reader_b) -> TensorComparison:
+def _compare_one(
+    name: str, meta_a, meta_b, reader_a, reader_b, inputs: MergeInputs | None = None
+) -> TensorComparison:
     """Compare one tensor of the two models, reading values only when the shapes agree."""
     if tuple(meta_a.shape) != tuple(meta_b.shape):
         return _shape_mismatch(name, meta_a, meta_b)
-    return compare_tensors(name, reader_a.read(name), reader_b.read(name))
+    scale = inputs.scale(name) if inputs is not None else None
+    return compare_tensors(name, reader_a.read(name), reader_b.read(name), scale)
+
+
+# --------------------------------------------------------------------------------------
+# The inputs' scale: how large the numbers are that each output element is made from
+# --------------------------------------------------------------------------------------
+
+
+def input_scale(
+    method: str,
+    inputs: Sequence[torch.Tensor],
+    base_index: int,
+    params: Mapping[str, float],
+    input_params: Sequence[Mapping[str, float]],
+    *,
+    name: str = "tensor",
+) -> torch.Tensor:
+    r"""Each output element's input scale: the size of the terms its method adds, in float64.
+
+    - ``slerp``: $|w_0 x_i| + |w_1 y_i|$, with the reference's weights
+      (`pearl_edu.backends.cuda.slerp_input_scale`);
+    - ``linear``: $\sum_k |w_k x_{k,i}|$, over $|\sum_k w_k|$ when ``normalize``;
+    - ``task_arithmetic`` and ``ties``: $|b_i| + |\lambda| \max_k |\delta_{k,i}|$ when
+      ``normalize`` (an average of the task vectors), else
+      $|b_i| + |\lambda| \sum_k |w_k \delta_{k,i}|$.
+
+    Other methods (DARE's random drops among them) have no element-by-element agreement
+    to measure: `ModelError`.
+    """
+    from pearl_edu.backends.cuda import slerp_input_scale
+
+    if method == "slerp":
+        return slerp_input_scale(inputs[base_index], inputs[1 - base_index], float(params["t"]))
+    wide = [x.to(torch.float64) for x in inputs]
+    if method == "linear":
+        weights = [values["weight"] for values in input_params]
+        total = sum(x.abs() * abs(w) for x, w in zip(wide, weights, strict=True))
+        divisor = abs(sum(weights)) if params.get("normalize") else 1.0
+        return total / (divisor or 1.0)  # type: ignore[operator]
+    if method in ("task_arithmetic", "ties"):
+        base = wide[base_index]
+        rows = [(x, input_params[k]) for k, x in enumerate(wide) if k != base_index]
+        if not rows:
+            return base.abs()
+        if params.get("normalize"):
+            mixed = torch.stack([(x - base).abs() for x, _ in rows]).amax(dim=0)
+        else:
+            mixed = sum((x - base).abs() * abs(row["weight"]) for x, row in rows)
+        return base.abs() + abs(float(params.get("lambda", 1.0))) * mixed  # type: ignore[operator]
+    raise ModelError(
+        f"{name}: --input-scale-ulp: merge method {method!r} has no input scale (slerp, "
+        "linear, task_arithmetic and ties have one); compare with --scale-ulp instead"
+    )
+
+
+class MergeInputs:
+    """The inputs of each output tensor of a merge, read from its models to give `input_scale`."""
+
+    def __init__(self, config: MergeConfig | str | Path) -> None:
+        from pearl_edu.config import MergeConfig, load_config, torch_dtype
+        from pearl_edu.hub import resolve_model
+        from pearl_edu.io import ModelReader, read_header
+        from pearl_edu.plan import plan
+
+        if not isinstance(config, MergeConfig):
+            config = load_config(config)
+        self.dtype = (
+            torch_dtype(config.dtype, where=config.source, key="dtype") if config.dtype else None
+        )
+        headers = {ref: read_header(resolve_model(ref)) for ref in config.models()}
+        self.jobs = {job.name: job for job in plan(config, headers).tensors}
+        self.readers = {ref: ModelReader(header) for ref, header in headers.items()}
+
+    def scale(self, name: str) -> torch.Tensor:
+        """The input scale of output tensor ``name`` (`input_scale`)."""
+        job = self.jobs.get(name)
+        if job is None:
+            raise ModelError(f"{name}: not a tensor of the merge's config; verify its output")
+        tensors = []
+        for source in job.inputs:
+            tensor = self.readers[source.model].read(source.tensor)
+            tensors.append(tensor.to(self.dtype or tensor.dtype))
+        input_params = job.input_params or [{}] * len(tensors)
+        return input_scale(job.method, tensors, job.base_index, job.params, input_params, name=name)
+
+    def close(self) -> None:
+        for reader in self.readers.values():
+            reader.close()
 
 
 def _elementwise_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

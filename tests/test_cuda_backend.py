@@ -264,3 +264,156 @@ def test_merge_tensor_hands_the_backend_on(method):
     else:
         # On CPU tensors the device backend's other methods give the core's bits.
         assert same_bits(on_dev, exact), method
+
+
+# --------------------------------------------------------------------------------------
+# The GPU path's plumbing, with copies that land late standing in for CUDA's streams.
+
+
+class Landed:
+    """An event standing in for a CUDA event: done once its copies' threads are."""
+
+    def __init__(self, threads):
+        self.threads = threads
+
+    def synchronize(self):
+        for thread in self.threads:
+            thread.join()
+
+
+class LateTransfers:
+    """`CudaTransfers`' interface on the CPU, each copy landing a while after it is queued.
+
+    An upload reads its pinned buffer only when it lands, and a download fills the output
+    buffer only then: a reader that refilled a buffer too early, or a writer that did not
+    wait for a download, would write other values than the merge computed.
+    """
+
+    def __init__(self, delay: float = 0.01):
+        self.delay = delay
+        self.pending: list = []
+        self.downloads = 0
+
+    def _later(self, copy):
+        import threading
+        import time
+
+        thread = threading.Thread(target=lambda: (time.sleep(self.delay), copy()))
+        thread.start()
+        return thread
+
+    def upload(self, tensor, dtype):
+        target = torch.full(tensor.shape, float("nan"), dtype=dtype or tensor.dtype)
+        self.pending.append(self._later(lambda: target.copy_(tensor)))
+        return target
+
+    def mark(self):
+        landed, self.pending = Landed(self.pending), []
+        return landed
+
+    def use(self, tensors, uploaded):
+        uploaded.synchronize()
+
+    def download(self, tensor, host):
+        self.downloads += 1
+        return Landed([self._later(lambda: host.copy_(tensor))])
+
+
+@pytest.fixture(scope="module")
+def pearl_pair(tmp_path_factory):
+    """Pearl's case at toy size: a float16 parent and a bfloat16 one."""
+    from pearl_edu.teaching.toy import make_tiny_model
+
+    root = tmp_path_factory.mktemp("pair")
+    a = make_tiny_model(root / "a", num_layers=2, dtype=torch.float16)
+    b = make_tiny_model(root / "b", base=a, noise=0.5, seed=2)
+    return a, b
+
+
+def slerp_config(a, b) -> str:
+    return (
+        f"models:\n  - model: {a}\n  - model: {b}\n"
+        f"merge_method: slerp\nbase_model: {a}\nparameters:\n  t: [0, 0.4, 1]\n"
+        "dtype: bfloat16\n"
+    )
+
+
+def test_the_writer_waits_for_each_download_and_the_math_for_each_upload(
+    pearl_pair, tmp_path, monkeypatch
+):
+    import importlib
+
+    from pearl_edu.verify import verify
+
+    merge_module = importlib.import_module("pearl_edu.merge")
+    config = slerp_config(*pearl_pair)
+    plain = merge_module.merge(config, tmp_path / "plain", device="cpu", backend="device")
+    late = LateTransfers()
+    monkeypatch.setattr(merge_module, "transfers_for", lambda device: late)
+    streamed = merge_module.merge(config, tmp_path / "late", device="cpu", backend="device")
+    assert late.downloads == streamed.num_tensors  # every result came down as a copy
+    report = verify(plain.output_dir, streamed.output_dir)
+    assert report.identical, report.summary()
+
+
+def test_a_buffer_set_is_refilled_only_after_its_uploads():
+    from pearl_edu.pipeline import BufferSet
+
+    waited = []
+
+    class Event:
+        def synchronize(self):
+            waited.append(True)
+
+    buffers = BufferSet(16, pinned=False)
+    buffers.wait_for_uploads()  # nothing uploaded yet: nothing to wait for
+    buffers.uploaded = Event()
+    buffers.wait_for_uploads()
+    assert waited == [True] and buffers.uploaded is None
+
+
+def test_transfers_are_plain_copies_without_cuda():
+    from pearl_edu.pipeline import transfers_for
+
+    assert transfers_for(torch.device("cpu")) is None
+    if not torch.cuda.is_available():
+        assert transfers_for(torch.device("cuda", 0)) is None
+
+
+# --------------------------------------------------------------------------------------
+# --device auto's rule, --exact, and what the merge prints.
+
+
+def test_auto_picks_the_device_by_the_method(monkeypatch):
+    from pearl_edu.devices import AUTO_DEVICE_RULES, choose_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    choice = choose_device("auto", "ties")
+    assert choice.device.type == "cpu" and "no CUDA GPU" in choice.reason
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert choose_device("auto", "ties").device == torch.device("cuda", 0)
+    for method in ("slerp", "dare_ties", "dare_linear", "passthrough", None):
+        choice = choose_device("auto", method)
+        assert choice.device.type == "cpu", method
+        assert choice.reason.startswith("auto: ")
+    assert "GPU draws other random numbers" in choose_device("auto", "dare_ties").reason
+    assert set(AUTO_DEVICE_RULES) <= set(methods.METHODS)
+    given = choose_device("cuda:0", "slerp")
+    assert given.device == torch.device("cuda", 0) and given.reason == "--device cuda:0"
+
+
+def test_merge_command_prints_the_device_and_why_and_takes_exact(pearl_pair, tmp_path, capsys):
+    from pearl_edu.cli import main
+
+    config = tmp_path / "slerp.yml"
+    config.write_text(slerp_config(*pearl_pair))
+    assert main(["merge", str(config), str(tmp_path / "a"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    expected = "no CUDA GPU" if not torch.cuda.is_available() else "auto: SLERP"
+    assert "(auto: " in out and expected in out
+    assert main(["merge", str(config), str(tmp_path / "b"), "--quiet", "--exact", "-v"]) == 0
+    assert "mergekit's bits on any device (--exact)" in capsys.readouterr().err
+    from pearl_edu.verify import verify
+
+    assert verify(tmp_path / "a", tmp_path / "b").identical  # the CPU's bits either way

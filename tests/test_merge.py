@@ -421,11 +421,17 @@ def test_auto_device_is_cpu_without_gpu(pair, tmp_path, monkeypatch):
 def test_gpu_merge_matches_cpu_merge(pair, tmp_path):
     a, b = pair
     cpu = merge(slerp_config(a, b), tmp_path / "cpu" / "m", device="cpu", progress=False)
-    gpu = merge(slerp_config(a, b), tmp_path / "gpu" / "m", device="cuda", progress=False)
+    gpu = merge(
+        slerp_config(a, b), tmp_path / "gpu" / "m", device="cuda", progress=False, backend="exact"
+    )
     assert gpu.device.type == "cuda"
     # The cosine is summed on the CPU on both paths, the rest is elementwise: the same bits.
     report = verify(cpu.output_dir, gpu.output_dir)
     assert report.identical, report.summary()
+    # By default everything runs on the GPU: within the contract at the inputs' scale.
+    fast = merge(slerp_config(a, b), tmp_path / "fast" / "m", device="cuda", progress=False)
+    report = verify(cpu.output_dir, fast.output_dir, config=slerp_config(a, b), input_scale_ulp=1)
+    assert report.ok, report.summary()
 
 
 def test_quiet_merge_prints_nothing(pair, tmp_path, capfd):

@@ -408,8 +408,8 @@ def slerp_arc(
 
     def ends(degrees: float) -> tuple[torch.Tensor, torch.Tensor]:
         omega = math.radians(degrees)
-        p1 = torch.tensor([math.cos(omega), math.sin(omega)], dtype=torch.float64).float()
-        return torch.tensor([1.0, 0.0]), p1
+        p1 = torch.tensor([math.cos(omega), math.sin(omega)], dtype=torch.float32)
+        return torch.tensor([1.0, 0.0], dtype=torch.float32), p1
 
     def arc(degrees: float) -> dict:
         p0, p1 = ends(degrees)
@@ -674,11 +674,14 @@ def path_explorer(paths: dict[str, Sequence[Any]], *, start: tuple[int, float] =
         points = paths[names[pair]]
         i = ts.index(t)
         above = points[i].loss - chord(points, i)
-        side = "above" if above > 0 else "below"
+        where = (
+            "on the chord"
+            if abs(above) < 0.005
+            else f"{abs(above):.2f} {'above' if above > 0 else 'below'} the chord"
+        )
         return (
-            f"{names[pair]}, t = {t:.1f}: held-out loss {points[i].loss:.2f} nats, "
-            f"{abs(above):.2f} {side} the chord; text {points[i].skills.text:.1%}, "
-            f"addition {points[i].skills.addition:.1%}."
+            f"{names[pair]}, t = {t:.1f}: held-out loss {points[i].loss:.2f} nats, {where}; "
+            f"text {points[i].skills.text:.1%}, addition {points[i].skills.addition:.1%}."
         )
 
     pairs = sliders[:1]

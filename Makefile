@@ -10,12 +10,14 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 MATHJAX_SPEC := mathjax@3.2.2
 MATHJAX_DIR := .build-deps/static/mathjax
+PLOTLY_SPEC := plotly.js-dist-min@4.1.2
+PLOTLY_DIR := .build-deps/static/plotly
 STAMP := $(VENV)/.installed
 JB_FLAGS := -W -n --keep-going
 
-.PHONY: setup book test lint clean browser-deps execute
+.PHONY: setup book test lint clean browser-deps execute student
 
-setup: $(STAMP) $(MATHJAX_DIR)/tex-chtml.js browser-deps
+setup: $(STAMP) $(MATHJAX_DIR)/tex-chtml.js $(PLOTLY_DIR)/plotly.min.js browser-deps
 
 $(STAMP): pyproject.toml pearl_edu/_kernels.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +34,15 @@ $(MATHJAX_DIR)/tex-chtml.js:
 	npm install --silent --no-audit --no-fund --prefix .build-deps/mathjax $(MATHJAX_SPEC)
 	rm -rf $(MATHJAX_DIR) && mkdir -p $(MATHJAX_DIR)
 	cd .build-deps/mathjax/node_modules/mathjax/es5 && cp -r tex-chtml.js input output ui a11y adaptors $(CURDIR)/$(MATHJAX_DIR)/
+
+# Plotly's JavaScript, served from the book's own static files like MathJax: the figures
+# with sliders (pearl_edu.teaching.interactive) load it from there, with no network.
+$(PLOTLY_DIR)/plotly.min.js:
+	command -v npm >/dev/null || { echo "npm is needed to fetch Plotly (apt-get install npm)"; exit 1; }
+	rm -rf .build-deps/plotly && mkdir -p .build-deps/plotly
+	npm install --silent --no-audit --no-fund --prefix .build-deps/plotly $(PLOTLY_SPEC)
+	rm -rf $(PLOTLY_DIR) && mkdir -p $(PLOTLY_DIR)
+	cp .build-deps/plotly/node_modules/plotly.js-dist-min/plotly.min.js $(PLOTLY_DIR)/
 
 # The browser test drives Debian's Chromium. Install it when we can (root); otherwise the
 # test itself says how.
@@ -50,14 +61,23 @@ book: setup
 	@echo
 	@echo "The book is built. Open $(CURDIR)/_build/html/index.html in a browser."
 
+# The student edition: every chapter without its solutions, with answers to fill in and
+# check (_build/student/notebooks, to hand out), and its HTML book (_build/student/html).
+student: setup
+	$(BIN)/python -m pearl_edu.teaching.student --html
+	@echo
+	@echo "Hand out $(CURDIR)/_build/student/notebooks; the book is $(CURDIR)/_build/student/html/index.html."
+
 lint: setup
 	$(BIN)/ruff check pearl_edu tests notebooks bench
 	$(BIN)/ruff format --check pearl_edu tests notebooks bench
 
-# The build runs first so that the browser test has pages to load; pytest then runs the
-# unit, property and reference tests and every notebook cell (nbval) in one session.
+# The builds run first so that the browser tests have pages to load (the book's, and the
+# student edition's); pytest then runs the unit, property and reference tests and every
+# notebook cell (nbval) in one session.
 test: setup lint
 	$(BIN)/jupyter-book build . $(JB_FLAGS)
+	$(BIN)/python -m pearl_edu.teaching.student --html
 	$(BIN)/python -m pytest tests notebooks --nbval --nbval-current-env \
 	  --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=600
 

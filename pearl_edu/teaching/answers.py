@@ -1,0 +1,837 @@
+"""Checks of the exercises' answers, for the student edition of the book.
+
+In the student edition (``python -m pearl_edu.teaching.student``), each exercise with an
+answer that can be computed is followed by a cell to fill in and a cell that checks it:
+
+    t_shortest = ...  # the t at which the straight path is shortest
+    length_shortest = ...  # its length there
+
+    answers.check("ex-unequal", t_shortest=t_shortest, length_shortest=length_shortest)
+
+`check` works the right answer out itself, with `pearl_edu`, and says which values are
+right. For a wrong one it gives a hint towards the method, never the answer: what it prints
+depends only on which values are right, not on what the right values are.
+
+`EXERCISES` lists every checked exercise by its label in the book (``ex-unequal`` is
+chapter 02's). The teacher's edition keeps the worked answers in the metadata of the
+exercise's cell (``answers``), which the tests run through these same checks.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+# A judgement: whether the value is right, and a note for the student (on a wrong value, what
+# is wrong, never what would be right; the blank's hint follows it).
+Judge = Callable[[Any], tuple[bool, str]]
+
+
+@dataclass(frozen=True)
+class Blank:
+    """One value a student fills in: its variable name, the question, and how it is judged.
+
+    ``expected`` (when the answer is one value) computes the right answer: the checks use
+    it, and the tests use it to make sure no message ever shows it.
+    """
+
+    name: str
+    question: str
+    judge: Judge
+    hint: str
+    expected: Callable[[], Any] | None = None
+
+
+@dataclass(frozen=True)
+class Exercise:
+    """A checked exercise: its label in the book and the blanks its answer fills."""
+
+    label: str
+    blanks: tuple[Blank, ...]
+
+    def fill_in_cell(self) -> str:
+        """The code of the cell a student fills in: one ``name = ...`` line per blank."""
+        lines = [f"# Your answer to {self.label}: replace each ... with a value or code."]
+        for blank in self.blanks:
+            lines.append(f"{blank.name} = ...  # {blank.question}")
+        return "\n".join(lines)
+
+    def check_cell(self) -> str:
+        """The code of the cell that checks the answer."""
+        arguments = ", ".join(f"{b.name}={b.name}" for b in self.blanks)
+        return (
+            f'from pearl_edu.teaching import answers\n\nanswers.check("{self.label}", {arguments})'
+        )
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The result of a check: for each blank, whether it is right, and a message."""
+
+    label: str
+    results: tuple[tuple[str, bool, str], ...]
+
+    @property
+    def passed(self) -> bool:
+        return all(ok for _, ok, _ in self.results)
+
+    def __str__(self) -> str:
+        head = (
+            f"{self.label}: all right."
+            if self.passed
+            else f"{self.label}: not yet ({sum(ok for _, ok, _ in self.results)} of "
+            f"{len(self.results)} right)."
+        )
+        lines = [head]
+        for name, ok, message in self.results:
+            mark = "✓" if ok else "✗"
+            if "\n" in message:  # a table, such as the capstone's: on lines of its own
+                lines.append(f"  {mark} {name}:")
+                lines += [f"      {line}" for line in message.split("\n")]
+            else:
+                lines.append(f"  {mark} {name}" + (f": {message}" if message else ""))
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def check(label: str, **given: Any) -> Verdict:
+    """Check a student's answer to exercise ``label``; the result prints what is right.
+
+    Each keyword is one blank of the exercise. A blank still ``...`` is "not answered yet";
+    a wrong value gets the blank's hint. The right answer is never shown.
+    """
+    exercise = EXERCISES.get(label)
+    if exercise is None:
+        raise KeyError(f"no checked exercise {label!r}; the checked ones are {sorted(EXERCISES)}")
+    names = [b.name for b in exercise.blanks]
+    unknown = sorted(set(given) - set(names))
+    missing = [n for n in names if n not in given]
+    if unknown or missing:
+        raise TypeError(
+            f"{label} takes the values {', '.join(names)}"
+            + (f"; unknown: {', '.join(unknown)}" if unknown else "")
+            + (f"; missing: {', '.join(missing)}" if missing else "")
+        )
+    results = []
+    for blank in exercise.blanks:
+        value = given[blank.name]
+        if value is ...:
+            results.append((blank.name, False, "not answered yet: replace the ... with a value"))
+            continue
+        try:
+            ok, note = blank.judge(value)
+        except Exception as error:  # an answer that cannot even be compared: say why
+            ok, note = False, f"Could not be checked ({type(error).__name__}: {error})."
+        message = note if ok else f"{note} Hint: {blank.hint}"
+        results.append((blank.name, ok, message.strip()))
+    return Verdict(label, tuple(results))
+
+
+def require(label: str, **given: Any) -> Verdict:
+    """`check`, raising ``AssertionError`` with the verdict unless every value is right."""
+    verdict = check(label, **given)
+    if not verdict.passed:
+        raise AssertionError(str(verdict))
+    return verdict
+
+
+# ---------------------------------------------------------------------------------------
+# Judges: how a value is compared with the right one, with a message that never shows it
+
+
+def _number(given: Any) -> float:
+    """``given`` as a float: a Python or NumPy number, or a tensor with one element."""
+    if isinstance(given, bool | str):
+        raise TypeError(f"expected a number, got {type(given).__name__}")
+    if hasattr(given, "item"):  # a NumPy number, or a tensor or array of one element
+        given = given.item()
+    if not isinstance(given, numbers.Real):
+        raise TypeError(f"expected a number, got {type(given).__name__}")
+    return float(given)
+
+
+def close_to(expected: Callable[[], float], *, abs_tol: float = 0.0, rel_tol: float = 0.0):
+    """A judge: a number within ``abs_tol`` or ``rel_tol`` of ``expected()``."""
+
+    def judge(given: Any) -> tuple[bool, str]:
+        value = _number(given)
+        ok = math.isclose(value, expected(), abs_tol=abs_tol, rel_tol=rel_tol)
+        return ok, "" if ok else "Not this value."
+
+    return judge
+
+
+def within_factor(expected: Callable[[], float], factor: float):
+    """A judge: a positive number within a factor ``factor`` of ``expected()``.
+
+    For an order of magnitude, where a measurement and the prediction are both right.
+    """
+
+    def judge(given: Any) -> tuple[bool, str]:
+        value = _number(given)
+        ok = value > 0 and expected() / factor <= value <= expected() * factor
+        return ok, "" if ok else "Not of the right size."
+
+    return judge
+
+
+def numbers_close(expected: Callable[[], Sequence[float]], *, abs_tol: float):
+    """A judge: a sequence of numbers, each within ``abs_tol`` of ``expected()``'s."""
+
+    def judge(given: Any) -> tuple[bool, str]:
+        values = [_number(v) for v in (given.tolist() if hasattr(given, "tolist") else given)]
+        wanted = list(expected())
+        if len(values) != len(wanted):
+            return False, f"Expected {len(wanted)} numbers, got {len(values)}."
+        ok = all(math.isclose(v, w, abs_tol=abs_tol) for v, w in zip(values, wanted, strict=True))
+        return ok, "" if ok else "Not these values."
+
+    return judge
+
+
+def same_items(expected: Callable[[], Sequence[int]]):
+    """A judge: the same whole numbers as ``expected()``, in increasing order."""
+
+    def judge(given: Any) -> tuple[bool, str]:
+        if isinstance(given, str) or not isinstance(given, Sequence | set | frozenset):
+            if not hasattr(given, "tolist"):
+                raise TypeError(f"expected a list of numbers, got {type(given).__name__}")
+            given = given.tolist()
+        values = sorted(int(_number(v)) for v in given)
+        ok = values == sorted(expected())
+        return ok, "" if ok else "Not this list."
+
+    return judge
+
+
+def truth(expected: Callable[[], bool]):
+    """A judge: ``True`` or ``False``, as ``expected()``."""
+
+    def judge(given: Any) -> tuple[bool, str]:
+        if not isinstance(given, bool):
+            raise TypeError(f"expected True or False, got {type(given).__name__}")
+        ok = given == expected()
+        return ok, "" if ok else "Not so."
+
+    return judge
+
+
+def _words(text: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
+def one_of_the_parents(expected: Callable[[], str]):
+    """A judge: the name of one of Pearl's parents (``OmniBeagle`` or ``WizardMath``).
+
+    Any spelling that names the expected parent and not the other one is right.
+    """
+
+    def judge(given: Any) -> tuple[bool, str]:
+        if not isinstance(given, str):
+            raise TypeError(f"expected a model's name, got {type(given).__name__}")
+        named = [p for p in _pearl_parents() if _words(p) in _words(given)]
+        if len(named) != 1:
+            return False, f"Name one of the two parents, {' or '.join(_pearl_parents())}."
+        ok = named[0] == expected()
+        return ok, "" if ok else "Not this parent."
+
+    return judge
+
+
+def same_words(expected: Callable[[], str]):
+    """A judge: a text equal to ``expected()``, ignoring case, spaces and punctuation."""
+
+    def judge(given: Any) -> tuple[bool, str]:
+        if not isinstance(given, str):
+            raise TypeError(f"expected a text, got {type(given).__name__}")
+        ok = _words(given) == _words(expected())
+        return ok, "" if ok else "Not this one."
+
+    return judge
+
+
+# ---------------------------------------------------------------------------------------
+# The right answers, computed with pearl_edu (each once per session)
+
+
+@functools.cache
+def _pearl_config():
+    import pearl_edu
+
+    return pearl_edu.load_config("pearl-7b-slerp")
+
+
+@functools.cache
+def _pearl_schedule():
+    import pearl_edu
+
+    return pearl_edu.schedule(_pearl_config())
+
+
+def _pearl_parents() -> tuple[str, ...]:
+    """The short names of Pearl's parents, base model first: OmniBeagle, WizardMath."""
+    config = _pearl_config()
+    ordered = [config.base_model] + [m for m in config.models() if m != config.base_model]
+    return tuple(m.split("/")[-1].split("-")[0] for m in ordered)
+
+
+def _parent_at(t: float) -> str:
+    """The parent a tensor with this ``t`` comes from (0: the base model, 1: the other)."""
+    if t not in (0, 1):
+        raise ValueError(f"t = {t} takes from both parents")
+    return _pearl_parents()[int(t)]
+
+
+def _closer_parent(t: float) -> str:
+    return _pearl_parents()[0 if t < 0.5 else 1]
+
+
+def _midpoint_length_90() -> float:
+    import torch
+
+    import pearl_edu
+
+    midpoint = pearl_edu.lerp(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), 0.5)
+    return midpoint.norm().item()
+
+
+def _flat_recipe(given: Any) -> tuple[bool, str]:
+    """ex-meet-recipe: a recipe of Pearl's two models with t = 0.3 for every tensor."""
+    import pearl_edu
+
+    if not isinstance(given, str):
+        raise TypeError(f"expected the recipe's YAML text, got {type(given).__name__}")
+    try:
+        config = pearl_edu.load_config(given)
+    except pearl_edu.PearlEduError as error:
+        return False, f"The recipe does not load: {error}."
+    if sorted(config.models()) != sorted(_pearl_config().models()):
+        return False, "The recipe should merge Pearl's own two parents."
+    schedule = pearl_edu.schedule(config)
+    labels = schedule.columns.get("t", ())
+    values = [t for label in labels for t in schedule.column("t", label)]
+    values += [by_parameter.get("t") for by_parameter in schedule.outside_layers.values()]
+    ok = bool(labels) and all(t == 0.3 for t in values)
+    return ok, "" if ok else "Some tensors do not get t = 0.3."
+
+
+def _angle_of_negated() -> float:
+    import torch
+
+    p0, p1 = torch.tensor([3.0, 1.0]), torch.tensor([1.0, 2.0])
+    cosine = torch.nn.functional.cosine_similarity(-2 * p0, p1, dim=0)
+    return math.degrees(math.acos(cosine.item()))
+
+
+@functools.cache
+def _shortest_straight_path() -> tuple[float, float]:
+    """ex-unequal, by a search over t with pearl_edu.lerp: where and how short."""
+    import torch
+
+    import pearl_edu
+
+    short, long_ = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 3.0])
+    grid = [i / 10000 for i in range(10001)]
+    lengths = [pearl_edu.lerp(short, long_, t).norm().item() for t in grid]
+    best = min(range(len(grid)), key=lengths.__getitem__)
+    return grid[best], lengths[best]
+
+
+def _three_unrelated() -> float:
+    import torch
+
+    x, y, z = torch.randn(3, 4096, generator=torch.Generator().manual_seed(0))
+    return (((x + y + z) / 3).norm() / x.norm()).item()
+
+
+def _cosine_losing_5_percent() -> float:
+    return math.cos(2 * math.acos(0.95))
+
+
+def _fallback_jump() -> float:
+    """ex-slerp-threshold: slerp - lerp at t = 0.5, just outside the fallback region."""
+    import torch
+
+    import pearl_edu
+    from pearl_edu.methods import DOT_THRESHOLD
+
+    omega = math.acos(DOT_THRESHOLD) * 1.005  # a hair outside: |cos| just below 0.9995
+    p0 = torch.tensor([1.0, 0.0])
+    p1 = torch.tensor([math.cos(omega), math.sin(omega)])
+    return (pearl_edu.slerp(p0, p1, 0.5) - pearl_edu.lerp(p0, p1, 0.5)).norm().item()
+
+
+def _jump_visible_in_bfloat16() -> bool:
+    import torch
+
+    return _fallback_jump() > torch.finfo(torch.bfloat16).eps / 2  # bfloat16's rounding at 1
+
+
+def _equal_norm_ratio() -> float:
+    import torch
+
+    import pearl_edu
+
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 64, 64, generator=generator)
+    b = b * (a.norm() / b.norm())
+    return (pearl_edu.slerp(a, b, 0.3).norm() / a.norm()).item()
+
+
+def _survivors(dtype_name: str) -> float:
+    """The fraction of random float32 values a cast keeps exactly: 2**-(bits dropped)."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    return torch.finfo(torch.float32).eps / torch.finfo(dtype).eps
+
+
+def _layer5(label: str) -> float:
+    return _pearl_schedule().column("t", label)[5]
+
+
+def _layers_on_anchors(num_layers: int) -> list[int]:
+    from pearl_edu.plan import layer_position
+
+    anchors = 5
+    return [
+        i
+        for i in range(num_layers)
+        if math.isclose(
+            layer_position(i, num_layers) * (anchors - 1),
+            round(layer_position(i, num_layers) * (anchors - 1)),
+            abs_tol=1e-9,
+        )
+    ]
+
+
+MISTRAL_7B = {
+    "model_type": "mistral",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 32000,
+    "num_hidden_layers": 32,
+}
+
+
+@functools.cache
+def _shared_list_schedule():
+    """ex-recipe-share: Pearl's recipe with the MLP following the attention's list."""
+    import yaml
+
+    import pearl_edu
+
+    recipe = yaml.safe_load(pearl_edu.recipe_text())
+    rules = recipe["parameters"]["t"]
+    attention = next(r["value"] for r in rules if r.get("filter") == "self_attn")
+    for rule in rules:
+        if rule.get("filter") == "mlp":
+            rule["value"] = list(attention)
+    return pearl_edu.schedule(pearl_edu.load_config(yaml.safe_dump(recipe)))
+
+
+def _shared_list_mean_t() -> float:
+    """The parameter-weighted mean t of the shared-list recipe, in Mistral-7B's shapes."""
+    from pearl_edu.teaching.toy import tensor_shapes
+
+    schedule = _shared_list_schedule()
+    weighted = total = 0.0
+    for name, shape in tensor_shapes(MISTRAL_7B).items():
+        size = math.prod(shape)
+        layer = re.search(r"\.layers\.(\d+)\.", name)
+        label = next((w for w in ("self_attn", "mlp") if w in name), "other")
+        t = schedule.column("t", label)[int(layer.group(1))] if layer else 0.5
+        weighted, total = weighted + size * t, total + size
+    return weighted / total
+
+
+def _failing_colab_check() -> str:
+    """ex-full-colab: the one check that fails on the notebook machine of the exercise."""
+    import tempfile
+
+    from pearl_edu.teaching import fullrun, preflight
+
+    needs = preflight.requirements(
+        [fullrun.OMNIBEAGLE, fullrun.WIZARDMATH],
+        tempfile.gettempdir(),
+        published=fullrun.PUBLISHED,
+        online=False,
+    )
+    machine = preflight.Resources(
+        disk={folder: preflight.DiskSpace(70 * 10**9, 1) for folder in needs.disk_bytes},
+        ram_available_bytes=12 * 10**9,
+        gpus=(preflight.Gpu("T4", 15 * 10**9),),
+    )
+    (failed,) = [c.what for c in preflight.decide(needs, machine).checks if not c.ok]
+    return failed
+
+
+@functools.cache
+def _catch_all_tensors() -> int:
+    """ex-full-verify: how many tensors of a 32-layer Mistral take Pearl's catch-all t."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import pearl_edu
+
+    folder = Path(tempfile.mkdtemp(prefix="pearl-edu-answers-"))
+    try:
+        model = pearl_edu.make_tiny_model(
+            folder / "mistral", num_layers=32, hidden_size=16, intermediate_size=32
+        )
+        header = pearl_edu.read_header(model)
+        config = _pearl_config()
+        merge_plan = pearl_edu.plan(config, {m: header for m in config.models()})
+        return sum(1 for t in merge_plan.tensors if t.matched_filter["t"] is None)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _ties(second: tuple[float, float]) -> list[float]:
+    import torch
+
+    import pearl_edu
+
+    vectors = [torch.tensor([0.5, -0.2]), torch.tensor(second)]
+    return pearl_edu.ties(torch.zeros(2), vectors, [1.0, 1.0], [1.0, 1.0]).tolist()
+
+
+def _dare_noise_ratio(kept: float = 0.1) -> float:
+    """The standard deviation DARE adds to an entry, over the entry: sqrt((1 - p) / p)."""
+    return math.sqrt((1 - kept) / kept)
+
+
+def _capstone(given: Any) -> tuple[bool, str]:
+    from pearl_edu.teaching import capstone
+
+    result = capstone.evaluate(given)
+    return result.beats_baseline, result.summary()
+
+
+def _attention_parent(layer: int) -> Callable[[], str]:
+    return lambda: _parent_at(_pearl_schedule().column("t", "self_attn")[layer])
+
+
+def _mlp_16() -> float:
+    return _pearl_schedule().column("t", "mlp")[16]
+
+
+def _exercises() -> dict[str, Exercise]:
+    exercises = [
+        Exercise(
+            "ex-meet-parent",
+            (
+                Blank(
+                    "attention_layer_0",
+                    "the parent of layer 0's attention: OmniBeagle or WizardMath",
+                    one_of_the_parents(_attention_parent(0)),
+                    "t = 0 takes the base_model of the recipe, t = 1 the other model.",
+                    _attention_parent(0),
+                ),
+                Blank(
+                    "attention_layer_31",
+                    "the parent of layer 31's attention",
+                    one_of_the_parents(_attention_parent(31)),
+                    "Read the last value of the self_attn list: layer 31 is the last layer.",
+                    _attention_parent(31),
+                ),
+                Blank(
+                    "mlp_t_layer_16",
+                    "the t of layer 16's MLP (a number)",
+                    close_to(_mlp_16, abs_tol=0.01),
+                    'Read the MLP\'s column, not the attention\'s: schedule.column("t", "mlp").',
+                    _mlp_16,
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-meet-dip",
+            (
+                Blank(
+                    "midpoint_length",
+                    "the length of the straight path's midpoint at 90 degrees",
+                    close_to(_midpoint_length_90, abs_tol=1e-3),
+                    "Take p0 = (1, 0) and p1 = (0, 1) and the norm of pearl_edu.lerp(p0, p1, "
+                    "0.5); the midpoint is shorter than both ends.",
+                    _midpoint_length_90,
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-meet-recipe",
+            (
+                Blank(
+                    "recipe",
+                    "the YAML text of your recipe",
+                    _flat_recipe,
+                    "Start from pearl_edu.recipe_text() and replace its whole parameters "
+                    "block by a single t.",
+                ),
+                Blank(
+                    "closer_parent",
+                    "the parent that dominates: OmniBeagle or WizardMath",
+                    one_of_the_parents(lambda: _closer_parent(0.3)),
+                    "Which end of the path does a t below one half lie closer to?",
+                    lambda: _closer_parent(0.3),
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-angle-scaling",
+            (
+                Blank(
+                    "angle_negated",
+                    "the angle in degrees between -2 * p0 and p1, for p0 = (3, 1), p1 = (1, 2)",
+                    close_to(_angle_of_negated, abs_tol=0.5),
+                    "Take the arccos of torch.nn.functional.cosine_similarity(-2 * p0, p1, "
+                    "dim=0), in degrees: a negative factor flips the sign of the cosine.",
+                    _angle_of_negated,
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-unequal",
+            (
+                Blank(
+                    "t_shortest",
+                    "the t at which the straight path is shortest",
+                    close_to(lambda: _shortest_straight_path()[0], abs_tol=2e-3),
+                    "At 90 degrees the cross term vanishes: minimise (1 - t)**2 + 9 * t**2. "
+                    "The shortest point lies closer to the shorter vector.",
+                    lambda: _shortest_straight_path()[0],
+                ),
+                Blank(
+                    "length_shortest",
+                    "the path's length there",
+                    close_to(lambda: _shortest_straight_path()[1], abs_tol=2e-3),
+                    "The length is the square root of (1 - t)**2 + 9 * t**2 at that t.",
+                    lambda: _shortest_straight_path()[1],
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-hd-three",
+            (
+                Blank(
+                    "length_kept",
+                    "the average's length over one vector's length (a fraction)",
+                    close_to(_three_unrelated, abs_tol=0.03),
+                    "Unrelated vectors are nearly perpendicular: the squared length of their "
+                    "sum is about the sum of their squared lengths.",
+                    _three_unrelated,
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-hd-finetune",
+            (
+                Blank(
+                    "cosine_for_5_percent",
+                    "the siblings' cosine at which the midpoint keeps 95% of its length",
+                    close_to(_cosine_losing_5_percent, abs_tol=0.003),
+                    "The midpoint keeps cos(theta / 2) of the length: solve cos(theta / 2) "
+                    "= 0.95 for theta, then take cos(theta).",
+                    _cosine_losing_5_percent,
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-slerp-threshold",
+            (
+                Blank(
+                    "jump",
+                    "how far the result moves at the threshold, at t = 0.5, for unit vectors",
+                    close_to(_fallback_jump, rel_tol=0.1),
+                    "Just outside the threshold, compare pearl_edu.slerp and pearl_edu.lerp "
+                    "at t = 0.5: the difference is about Omega**2 / 8.",
+                    _fallback_jump,
+                ),
+                Blank(
+                    "visible_in_bfloat16",
+                    "True or False: does the jump survive rounding to bfloat16?",
+                    truth(_jump_visible_in_bfloat16),
+                    "Compare the jump with the spacing of bfloat16 numbers near 1, "
+                    "torch.finfo(torch.bfloat16).eps.",
+                    _jump_visible_in_bfloat16,
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-tensor-equal-norms",
+            (
+                Blank(
+                    "norm_ratio",
+                    "pearl_edu.slerp(a, b, 0.3).norm() / a.norm() for a, b of equal norms",
+                    close_to(_equal_norm_ratio, abs_tol=1e-4),
+                    "Rescale b to a's norm first (b * a.norm() / b.norm()), then merge.",
+                    _equal_norm_ratio,
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-tensor-bf16",
+            (
+                Blank(
+                    "unchanged_bfloat16",
+                    "the fraction of random float32 values a cast to bfloat16 leaves unchanged",
+                    within_factor(lambda: _survivors("bfloat16"), 2),
+                    "A value survives only if every mantissa bit that bfloat16 drops is zero: "
+                    "count the bits float32 has and bfloat16 keeps (torch.finfo).",
+                    lambda: _survivors("bfloat16"),
+                ),
+                Blank(
+                    "unchanged_float16",
+                    "the same fraction for float16",
+                    within_factor(lambda: _survivors("float16"), 2),
+                    "float16 keeps more mantissa bits than bfloat16: fewer are dropped.",
+                    lambda: _survivors("float16"),
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-recipe-layer5",
+            (
+                Blank(
+                    "t_down_proj",
+                    "the t of model.layers.5.mlp.down_proj.weight",
+                    close_to(lambda: _layer5("mlp"), abs_tol=5e-4),
+                    "down_proj's name contains mlp: read the mlp list at x = 5 / 31 with "
+                    "eq:gradient, between its first two anchors.",
+                    lambda: _layer5("mlp"),
+                ),
+                Blank(
+                    "t_post_attention_layernorm",
+                    "the t of model.layers.5.post_attention_layernorm.weight",
+                    close_to(lambda: _layer5("other"), abs_tol=1e-6),
+                    "Does the name contain self_attn, or mlp? If neither, which rule is left?",
+                    lambda: _layer5("other"),
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-recipe-layers",
+            (
+                Blank(
+                    "anchor_layers_33",
+                    "the list of layers that sit on an anchor when n = 33",
+                    same_items(lambda: _layers_on_anchors(33)),
+                    "Anchor k sits at x = k / 4 and layer i at x = i / (n - 1): keep the i "
+                    "for which 4 * i / (n - 1) is a whole number.",
+                    lambda: _layers_on_anchors(33),
+                ),
+                Blank(
+                    "anchor_layers_32",
+                    "the same list when n = 32",
+                    same_items(lambda: _layers_on_anchors(32)),
+                    "With n = 32, (n - 1) / 4 is not a whole number: which layers can still "
+                    "sit on an anchor?",
+                    lambda: _layers_on_anchors(32),
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-recipe-share",
+            (
+                Blank(
+                    "early_layers_from",
+                    "the parent whole early layers now come from",
+                    one_of_the_parents(lambda: _closer_parent(0)),
+                    "With both lists equal, what t do the first layers' attention and MLP get?",
+                    lambda: _closer_parent(0),
+                ),
+                Blank(
+                    "mean_t",
+                    "the parameter-weighted mean t of the new recipe",
+                    close_to(_shared_list_mean_t, abs_tol=2e-3),
+                    "Every layer has the same tensors, so weight each layer's t by its size, "
+                    "with the catch-all for the norms, embeddings and lm_head.",
+                    _shared_list_mean_t,
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-full-colab",
+            (
+                Blank(
+                    "failing_check",
+                    "the name (what) of the preflight check that fails",
+                    same_words(_failing_colab_check),
+                    "Run preflight.decide on the full run's requirements and that machine, and "
+                    "read the `what` of the check whose `ok` is False.",
+                    _failing_colab_check,
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-full-verify",
+            (
+                Blank(
+                    "differing_tensors",
+                    "how many tensors differ from the published stand-in",
+                    close_to(_catch_all_tensors, abs_tol=0),
+                    "Only the tensors that take the catch-all change: count those whose name "
+                    "contains neither self_attn nor mlp (len(report.differing)).",
+                    _catch_all_tensors,
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-ties-hand",
+            (
+                Blank(
+                    "ties_first",
+                    "TIES of (0.5, -0.2) and (-0.4, 0.3), as a list of two numbers",
+                    numbers_close(lambda: _ties((-0.4, 0.3)), abs_tol=1e-4),
+                    "Elect each entry's sign from the sum of the two task vectors, then "
+                    "average only the entries that agree with it.",
+                    lambda: _ties((-0.4, 0.3)),
+                ),
+                Blank(
+                    "ties_second",
+                    "TIES of (0.5, -0.2) and (0.3, -0.4)",
+                    numbers_close(lambda: _ties((0.3, -0.4)), abs_tol=1e-4),
+                    "Here the two agree on every sign: the disjoint mean averages, it does "
+                    "not add.",
+                    lambda: _ties((0.3, -0.4)),
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-dare-expectation",
+            (
+                Blank(
+                    "noise_over_entry",
+                    "at p = 0.1, the added noise's standard deviation over |delta_j|",
+                    close_to(_dare_noise_ratio, rel_tol=0.02),
+                    "The variance is delta_j**2 * (1 - p) / p: take its square root.",
+                    _dare_noise_ratio,
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-capstone",
+            (
+                Blank(
+                    "recipe",
+                    "your mergekit recipe (YAML text) for mini-Pearl",
+                    _capstone,
+                    "Interpolating trades one skill for the other; look for a merge that keeps "
+                    "more of both parents' steps (chapter 10's methods).",
+                ),
+            ),
+        ),
+    ]
+    return {exercise.label: exercise for exercise in exercises}
+
+
+EXERCISES: dict[str, Exercise] = _exercises()

@@ -1,0 +1,387 @@
+"""The student edition of the book: every chapter without its solutions, with checked answers.
+
+    python -m pearl_edu.teaching.student [--out _build/student] [--html]
+
+(``make student`` runs it with ``--html``.) For every chapter in ``_toc.yml`` it writes a
+notebook to hand out, ``<out>/notebooks/<chapter>.ipynb``:
+
+- the solutions are left out: ``{solution}`` blocks, and everything between
+  ``{solution-start}`` and ``{solution-end}``, code cells included;
+- the hidden cells (tag ``remove-cell``), which check the teacher's edition, are left out;
+- the exercises and their hints stay; after each exercise that `pearl_edu.teaching.answers`
+  can check come a cell to fill in (``value = ...``) and a cell that checks it;
+- every other cell stays as it is, with its saved outputs, so the figures are there
+  before a student runs anything.
+
+With ``--html`` it also builds the student edition of the HTML book into ``<out>/html``:
+the same theme and pages from the student notebooks (not executed again), and the book's
+other pages with their solutions left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nbformat
+import yaml
+
+from pearl_edu.teaching.answers import EXERCISES
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_OUT = ROOT / "_build" / "student"
+# Where the answers of the teacher's edition live: the metadata of the exercise's cell,
+# {"answers": {label: {blank: value}}}. The student edition leaves it out.
+ANSWERS_KEY = "answers"
+EDITION_NOTE = """\
+:::{note}
+This is the **student edition**: the exercises' solutions are left out. Where an exercise
+has an answer to compute, fill in the cell after it (replace each `...`) and run the cell
+below it, which checks your answer and gives a hint if it is not right yet.
+:::"""
+
+_OPEN = re.compile(r"^(?P<fence>:{3,}|`{3,})\{(?P<name>[a-z:-]+)\}\s*(?P<arg>\S*)")
+
+
+@dataclass
+class _Scan:
+    """The state of the scan through a notebook: inside a solution-start/end region or not."""
+
+    in_solution: bool = False
+    fence: str = ""
+
+
+@dataclass
+class StudentNotebook:
+    """A student notebook, and which checked exercises it holds."""
+
+    notebook: nbformat.NotebookNode
+    checked: list[str] = field(default_factory=list)
+
+
+def strip_solutions(text: str, scan: _Scan) -> str:
+    """Markdown without its ``{solution}`` blocks and ``{solution-start/end}`` regions.
+
+    ``scan`` carries a region opened in one cell and closed in a later one.
+    """
+    lines, kept, i = text.split("\n"), [], 0
+    while i < len(lines):
+        line = lines[i]
+        opened = _OPEN.match(line)
+        if scan.in_solution:
+            if opened and opened["name"] == "solution-end":
+                scan.in_solution = False
+                i = _after_block(lines, i, opened["fence"])
+            else:
+                i += 1
+            continue
+        if opened and opened["name"] == "solution":
+            i = _after_block(lines, i, opened["fence"])
+            continue
+        if opened and opened["name"] == "solution-start":
+            scan.in_solution = True
+            i = _after_block(lines, i, opened["fence"])
+            continue
+        kept.append(line)
+        i += 1
+    return _tidy("\n".join(kept))
+
+
+def _after_block(lines: list[str], start: int, fence: str) -> int:
+    """The index of the line after the directive opened at ``start`` closes."""
+    for j in range(start + 1, len(lines)):
+        if lines[j].strip() == fence:
+            return j + 1
+    raise ValueError(f"directive opened by {lines[start]!r} is never closed by {fence!r}")
+
+
+def _tidy(text: str) -> str:
+    """No runs of blank lines where blocks were taken out."""
+    return re.sub(r"\n{3,}", "\n\n", text).strip("\n")
+
+
+def split_after_exercises(text: str, labels: Iterable[str]) -> list[tuple[str, str | None]]:
+    """Markdown cut after each checked exercise (and the hints that follow it).
+
+    Returns ``(markdown, label)`` pieces: ``label`` is the checked exercise that the piece
+    ends with, or None for the last piece.
+    """
+    wanted = set(labels)
+    lines = text.split("\n")
+    pieces: list[tuple[str, str | None]] = []
+    start, i, pending = 0, 0, None
+    while i < len(lines):
+        opened = _OPEN.match(lines[i])
+        if opened and opened["name"] == "exercise":
+            end = _after_block(lines, i, opened["fence"])
+            label = _label(lines[i:end])
+            if pending is not None:  # two checked exercises with nothing between
+                pieces.append(("\n".join(lines[start:i]), pending))
+                start = i
+            pending = label if label in wanted else None
+            i = end
+            continue
+        if opened and opened["name"] == "hint" and pending is not None:
+            i = _after_block(lines, i, opened["fence"])
+            continue
+        if pending is not None and lines[i].strip():
+            pieces.append(("\n".join(lines[start:i]), pending))
+            start, pending = i, None
+        i += 1
+    pieces.append(("\n".join(lines[start:]), pending))
+    if pieces[-1][1] is not None:
+        pieces.append(("", None))
+    return [(_tidy(md), label) for md, label in pieces]
+
+
+def _label(block: list[str]) -> str | None:
+    for line in block:
+        found = re.match(r"^:label:\s*(\S+)", line.strip())
+        if found:
+            return found.group(1)
+    return None
+
+
+def student_notebook(path: Path) -> StudentNotebook:
+    """The student edition of one chapter notebook (see the module's docstring)."""
+    teacher = nbformat.read(path, as_version=4)
+    cells: list[nbformat.NotebookNode] = []
+    checked: list[str] = []
+    scan = _Scan()
+    for cell in teacher.cells:
+        tags = cell.get("metadata", {}).get("tags", [])
+        if cell.cell_type != "markdown":
+            if not scan.in_solution and "remove-cell" not in tags:
+                cells.append(_without_answers(cell))
+            continue
+        text = strip_solutions(cell.source, scan)
+        pieces = split_after_exercises(text, EXERCISES)
+        for k, (markdown, label) in enumerate(pieces):
+            if markdown:
+                piece = _without_answers(cell)
+                piece.source = markdown
+                piece.id = cell.id if k == 0 else f"{cell.id}-{k}"[:64]
+                cells.append(piece)
+            if label is not None:
+                exercise = EXERCISES[label]
+                cells.append(_code(exercise.fill_in_cell(), f"{label}-answer", ["answer"]))
+                cells.append(_code(exercise.check_cell(), f"{label}-check", ["check"]))
+                checked.append(label)
+    if scan.in_solution:
+        raise ValueError(f"{path}: a solution-start has no solution-end")
+    if cells and cells[0].cell_type == "markdown":
+        cells.insert(1, nbformat.v4.new_markdown_cell(EDITION_NOTE, id="student-edition-note"))
+    student = nbformat.v4.new_notebook(cells=cells, metadata=copy.deepcopy(teacher.metadata))
+    student.metadata["pearl_edu"] = {"edition": "student"}
+    nbformat.validate(student)
+    return StudentNotebook(student, checked)
+
+
+def _without_answers(cell: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    copied = copy.deepcopy(cell)
+    copied.metadata.pop(ANSWERS_KEY, None)
+    return copied
+
+
+def _code(source: str, cell_id: str, tags: list[str]) -> nbformat.NotebookNode:
+    return nbformat.v4.new_code_cell(source, id=cell_id, metadata={"tags": tags})
+
+
+def teacher_answers(path: Path) -> dict[str, dict[str, object]]:
+    """The worked answers of a teacher's notebook: {exercise label: {blank: value}}."""
+    found: dict[str, dict[str, object]] = {}
+    for cell in nbformat.read(path, as_version=4).cells:
+        for label, values in cell.get("metadata", {}).get(ANSWERS_KEY, {}).items():
+            if label in found:
+                raise ValueError(f"{path}: answers of {label} are given twice")
+            found[label] = dict(values)
+    return found
+
+
+def student_markdown_page(text: str) -> str:
+    """A MyST Markdown page of the book without solutions, nor the hidden cells that check them.
+
+    Hidden cells before the page's exercises compute what its visible cells show and stay
+    (the HTML does not show them); those after the ``## Exercises`` heading check the
+    solutions, and go with them.
+    """
+    text = strip_solutions(text, _Scan())
+    exercises = re.search(r"^## Exercises\s*$", text, flags=re.M)
+    if exercises is None:
+        return text + "\n"
+    lines, kept, i = text[exercises.start() :].split("\n"), [], 0
+    while i < len(lines):
+        if lines[i].startswith("```{code-cell}"):
+            end = next(j for j in range(i + 1, len(lines)) if lines[j].strip() == "```")
+            if _is_hidden(lines[i + 1 : end]):
+                i = end + 1
+                continue
+        kept.append(lines[i])
+        i += 1
+    return text[: exercises.start()] + _tidy("\n".join(kept)) + "\n"
+
+
+def _is_hidden(body: list[str]) -> bool:
+    """Whether a ``{code-cell}`` block's options (``:tags:`` or a ``---`` header) hide it."""
+    if body and body[0].strip() == "---":
+        options = body[1 : body.index("---", 1)] if "---" in body[1:] else []
+    else:
+        options = [line for line in body if line.startswith(":")]
+    return any("tags" in line and "remove-cell" in line for line in options)
+
+
+# ---------------------------------------------------------------------------------------
+# The whole edition
+
+
+def chapters(root: Path = ROOT) -> list[str]:
+    """The book's files in the order of its ``_toc.yml`` (without extensions)."""
+    toc = yaml.safe_load((root / "_toc.yml").read_text())
+    found = [toc["root"]]
+
+    def walk(entries) -> None:
+        for entry in entries or []:
+            if "file" in entry:
+                found.append(entry["file"])
+            walk(entry.get("sections"))
+            walk(entry.get("chapters"))
+            for part in entry.get("parts", []):
+                walk(part.get("chapters"))
+
+    walk(toc.get("chapters"))
+    for part in toc.get("parts", []):
+        walk(part.get("chapters"))
+    return [re.sub(r"\.(ipynb|md)$", "", f) for f in found]
+
+
+def build(out: Path = DEFAULT_OUT, root: Path = ROOT) -> dict[Path, list[str]]:
+    """Write the student notebooks (and the book's other pages) under ``out``.
+
+    Returns each student notebook written, with the checked exercises it holds.
+    """
+    out = Path(out)
+    for stale in ("notebooks", "book", "_toc.yml", "_config.yml"):
+        target = out / stale
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    written: dict[Path, list[str]] = {}
+    for entry in chapters(root):
+        source = _source_of(root, entry)
+        target = out / source.relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.suffix == ".ipynb":
+            student = student_notebook(source)
+            nbformat.write(student.notebook, target)
+            written[target] = student.checked
+        else:
+            target.write_text(student_markdown_page(source.read_text()))
+        _copy_included_files(source, root, out)
+    _copy_book_assets(root, out)
+    shutil.copy2(root / "_toc.yml", out / "_toc.yml")
+    (out / "_config.yml").write_text(yaml.safe_dump(student_config(root), sort_keys=False))
+    return written
+
+
+def _source_of(root: Path, entry: str) -> Path:
+    for suffix in (".ipynb", ".md"):
+        if (root / (entry + suffix)).is_file():
+            return root / (entry + suffix)
+    raise FileNotFoundError(f"_toc.yml lists {entry}, which has no .ipynb or .md file")
+
+
+def _copy_included_files(source: Path, root: Path, out: Path) -> None:
+    """Files a page pulls in with ``{literalinclude}``, at the same place under ``out``."""
+    if source.suffix == ".ipynb":
+        text = "\n".join(c.source for c in nbformat.read(source, as_version=4).cells)
+    else:
+        text = source.read_text()
+    for included in re.findall(r"\{literalinclude\}\s+(\S+)", text):
+        path = (source.parent / included).resolve()
+        if path.is_file() and root in path.parents:
+            target = out / path.relative_to(root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+
+
+def _copy_book_assets(root: Path, out: Path) -> None:
+    """The book's static files and bibliography, and the benchmark records its pages read."""
+    shutil.copytree(root / "book" / "_static", out / "book" / "_static", dirs_exist_ok=True)
+    for bib in (root / "book").glob("*.bib"):
+        shutil.copy2(bib, out / "book" / bib.name)
+    (out / "bench").mkdir(exist_ok=True)
+    for record in [*(root / "bench").glob("*.json"), *(root / "bench").glob("*.md")]:
+        shutil.copy2(record, out / "bench" / record.name)
+
+
+def student_config(root: Path = ROOT) -> dict:
+    """The book's ``_config.yml`` for the student edition.
+
+    The same theme and extensions. The chapter notebooks are not executed again (their saved
+    outputs are the teacher's edition's, minus the solutions); the Markdown pages are. No
+    launch or repository buttons: they would open the teacher's notebooks.
+    """
+    config = yaml.safe_load((root / "_config.yml").read_text())
+    config["title"] = f"{config['title']} (student edition)"
+    config["exclude_patterns"] = [*config.get("exclude_patterns", []), "html", ".build"]
+    config.setdefault("execute", {})["exclude_patterns"] = ["*.ipynb"]
+    config["html"] = {
+        **config.get("html", {}),
+        "use_repository_button": False,
+        "use_issues_button": False,
+        "use_edit_page_button": False,
+    }
+    config["launch_buttons"] = {
+        "notebook_interface": "classic",
+        "colab_url": "",
+        "binderhub_url": "",
+    }
+    sphinx = config.setdefault("sphinx", {}).setdefault("config", {})
+    sphinx["html_static_path"] = [str((root / p).resolve()) for p in sphinx["html_static_path"]]
+    return config
+
+
+def build_html(
+    out: Path = DEFAULT_OUT, flags: Iterable[str] = ("-W", "-n", "--keep-going")
+) -> Path:
+    """Build the student edition's HTML book from ``out`` (written by `build`) into ``out/html``."""
+    out = Path(out)
+    jupyter_book = Path(sys.executable).parent / "jupyter-book"
+    command = [str(jupyter_book), "build", str(out), "--path-output", str(out / ".build"), *flags]
+    subprocess.run(command, check=True)
+    html = out / "html"
+    shutil.rmtree(html, ignore_errors=True)
+    shutil.move(str(out / ".build" / "_build" / "html"), html)
+    return html
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pearl_edu.teaching.student",
+        description="Write the student edition: chapters without solutions, with checked answers.",
+    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write it")
+    parser.add_argument("--html", action="store_true", help="also build its HTML book")
+    args = parser.parse_args(argv)
+    written = build(args.out)
+    checked = sum(len(labels) for labels in written.values())
+    print(
+        f"{len(written)} student notebooks in {args.out / 'notebooks'}, "
+        f"with {checked} exercises to fill in and check"
+    )
+    if args.html:
+        html = build_html(args.out)
+        print(f"The student edition's HTML book is in {html}; open {html / 'index.html'}.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

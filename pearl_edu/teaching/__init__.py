@@ -7,6 +7,10 @@
 - `preflight`: what the full run needs of a machine, decided before any download;
 - `notebook`: `setup`, one call that sets the stage for every chapter;
 - `seed`: the leaderboard of the book's opening chapter.
+- `interactive`: figures with sliders that work in the HTML book with no kernel (04, 06, 08);
+- `answers`: the checks of the exercises' answers in the student edition;
+- `student`: the student edition, ``python -m pearl_edu.teaching.student`` (``make student``);
+- `capstone`: the last lecture's project and its automatic check.
 
 ``import pearl_edu`` loads none of them, nor what only they need (matplotlib,
 transformers: the ``teaching`` extra, ``pip install "pearl-edu[teaching]"``). Import the one

@@ -4,7 +4,8 @@
 
 writes ``OUT_DIR/model_a`` and ``OUT_DIR/model_b``: Hugging Face folders with Mistral-7B's
 shapes (hidden 4096, intermediate 14336, 32/8 heads, vocab 32000) and ``--layers`` decoder
-layers, bfloat16 safetensors shards plus an index. ``model_b`` is ``model_a`` plus noise,
+layers, bfloat16 safetensors shards plus an index (``--dtypes float16,bfloat16`` gives each
+model a dtype of its own, as Pearl's parents have). ``model_b`` is ``model_a`` plus noise,
 like two fine-tunes of one parent: SLERP sees an angle of about 27 degrees, well away
 from its linear fallback. One tensor of each model is in memory at a time, so the full
 32-layer pair (2 x 14.5 GB) can be made on a machine with a few GB of RAM.
@@ -18,7 +19,7 @@ import argparse
 import json
 import struct
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -37,6 +38,8 @@ NORM_SPREAD = 0.1
 # model_b = model_a + SIBLING_NOISE * N(0, std^2): cos(angle) = 1 / sqrt(1 + 0.5^2) = 0.89.
 SIBLING_NOISE = 0.5
 DEFAULT_SHARD_BYTES = 5 * 10**9
+# The dtypes a model can be written in (two bytes each), with safetensors' names for them.
+SAFETENSORS_DTYPES = {"bfloat16": "BF16", "float16": "F16"}
 
 
 def make_model_pair(out_dir: str | Path, **options) -> tuple[Path, Path]:
@@ -62,14 +65,19 @@ def make_models(
     num_kv_heads: int = MISTRAL_7B["num_kv_heads"],
     vocab_size: int = MISTRAL_7B["vocab_size"],
     device: str = "cpu",
+    dtypes: Sequence[str] | None = None,
 ) -> tuple[Path, ...]:
     """Write ``count`` models, ``model_a``, ``model_b``, ... under ``out_dir``; their paths.
 
     ``model_a`` is random; every other model is ``model_a`` plus noise of its own, like
     fine-tunes of one parent (the task-vector methods' benchmark takes ``model_a`` as the
     base). A pair is the same whatever code asks for it: the third model's noise is
-    drawn only when there is one.
+    drawn only when there is one. ``dtypes`` names each model's dtype (``"bfloat16"``, the
+    default, or ``"float16"``); the values are drawn alike and rounded to it.
     """
+    dtypes = tuple(dtypes) if dtypes is not None else ("bfloat16",) * count
+    if len(dtypes) != count or not set(dtypes) <= set(SAFETENSORS_DTYPES):
+        raise ValueError(f"dtypes: expected {count} of {sorted(SAFETENSORS_DTYPES)}, got {dtypes}")
     config = hf_config(
         arch="mistral",
         num_layers=num_layers,
@@ -80,29 +88,28 @@ def make_models(
         vocab_size=vocab_size,
         tie_embeddings=False,
     )
-    config["torch_dtype"] = config["dtype"] = "bfloat16"
     shapes = tensor_shapes(config)
     shards = split_by_bytes(shapes, shard_bytes)
 
     dirs = tuple(Path(out_dir) / f"model_{chr(ord('a') + i)}" for i in range(count))
-    for model_dir in dirs:
+    for model_dir, dtype in zip(dirs, dtypes, strict=True):
         model_dir.mkdir(parents=True, exist_ok=True)
-        write_json(model_dir / "config.json", config)
+        write_json(model_dir / "config.json", {**config, "torch_dtype": dtype, "dtype": dtype})
         write_json(model_dir / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2})
 
     generator = torch.Generator(device=device).manual_seed(seed)
     tensors = sibling_tensors(shapes, generator, count=count)
     weight_map = {}
     for file_name, names in shards.items():
-        header = safetensors_header({name: shapes[name] for name in names})
         files = [open(model_dir / file_name, "wb") for model_dir in dirs]  # noqa: SIM115
         try:
-            for file in files:
-                file.write(header)
+            for file, dtype in zip(files, dtypes, strict=True):
+                file.write(safetensors_header({name: shapes[name] for name in names}, dtype))
             for name in names:
                 made, *values = next(tensors)
                 assert made == name, "tensors are generated in shard order"
-                for file, value in zip(files, values, strict=True):
+                for file, value, dtype in zip(files, values, dtypes, strict=True):
+                    value = value.to(getattr(torch, dtype))
                     file.write(value.view(torch.uint8).numpy())
         finally:
             for file in files:
@@ -122,7 +129,9 @@ def sibling_tensors(
 ) -> Iterator[tuple[str | torch.Tensor, ...]]:
     """Yield (name, a, b, ...) in ``shapes`` order: a random bf16 tensor a, the rest a + noise.
 
-    The tensors are drawn on the generator's device and returned on the CPU.
+    The tensors are drawn on the generator's device and returned on the CPU, in bfloat16
+    (a model written in float16 holds them rounded to float16: the same values but for the
+    smallest, below float16's normal range, where float16 has fewer bits).
     """
     device = generator.device
     for name, shape in shapes.items():
@@ -157,13 +166,14 @@ def split_by_bytes(shapes: dict[str, tuple[int, ...]], shard_bytes: int) -> dict
     return {f"model-{i:05d}-of-{count:05d}.safetensors": g for i, g in enumerate(groups, 1)}
 
 
-def safetensors_header(shapes: dict[str, tuple[int, ...]]) -> bytes:
-    """The 8-byte length plus JSON header of a bf16 safetensors file holding ``shapes``."""
+def safetensors_header(shapes: dict[str, tuple[int, ...]], dtype: str = "bfloat16") -> bytes:
+    """The 8-byte length plus JSON header of a 16-bit safetensors file holding ``shapes``."""
     entries: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
+    code = SAFETENSORS_DTYPES[dtype]
     for name, shape in shapes.items():
         end = offset + 2 * numel(shape)
-        entries[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, end]}
+        entries[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, end]}
         offset = end
     text = json.dumps(entries, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data that follows starts 8-byte aligned
@@ -194,6 +204,11 @@ def main() -> None:
     parser.add_argument("--intermediate-size", type=int, default=MISTRAL_7B["intermediate_size"])
     parser.add_argument("--vocab-size", type=int, default=MISTRAL_7B["vocab_size"])
     parser.add_argument("--device", default="cpu", help="where to draw the random numbers")
+    parser.add_argument(
+        "--dtypes",
+        default=None,
+        help="each model's dtype, comma-separated (bfloat16 or float16; default: all bfloat16)",
+    )
     args = parser.parse_args()
     dirs = make_models(
         args.out_dir,
@@ -205,6 +220,7 @@ def main() -> None:
         intermediate_size=args.intermediate_size,
         vocab_size=args.vocab_size,
         device=args.device,
+        dtypes=args.dtypes.split(",") if args.dtypes else None,
     )
     print(*dirs)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import json
 import math
 import os
 import subprocess
@@ -166,22 +168,176 @@ def test_gpu_check_model_step_runs_on_the_cpu(tmp_path):
     header = read_header(tmp_path / "work" / "model_b")
     assert header.config["num_hidden_layers"] == 2
     assert header.tensors["model.embed_tokens.weight"].shape == (96, 64)
+    # Pearl's parents: the base (OmniBeagle's stand-in) float16, the other bfloat16.
+    dtypes = [
+        {meta.dtype for meta in read_header(tmp_path / "work" / name).tensors.values()}
+        for name in ("model_a", "model_b")
+    ]
+    assert dtypes == [{torch.float16}, {torch.bfloat16}]
+    assert read_header(tmp_path / "work" / "model_a").config["torch_dtype"] == "float16"
+
+
+def test_gpu_check_dry_run_needs_no_gpu_and_writes_nothing(tmp_path):
+    result = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_check.sh"), str(tmp_path / "work")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "DRY_RUN": "1", "METHODS": "ties"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "would write two 32-layer models (14.5 GB each, float16 and bfloat16)" in result.stdout
+    assert "would merge ties on cuda" in result.stdout and "--fast-trim" in result.stdout
+    assert "would merge slerp" not in result.stdout
+    assert not (tmp_path / "work").exists()
 
 
 def test_gpu_check_whole_script_with_a_cpu_standing_in_for_the_gpu(tmp_path):
     toy_args = "--hidden-size 64 --intermediate-size 128 --vocab-size 96"
+    results = tmp_path / "runs.json"
+    results.write_text('[{"date": "2026-01-01", "device": "earlier", "methods": {}}]\n')
+    log = tmp_path / "log.md"
+    before = (ROOT / "bench" / "gpu_results.md").read_text()
+    env = {
+        **os.environ,
+        "GPU_DEVICE": "cpu",
+        "LAYERS": "2",
+        "MODEL_ARGS": toy_args,
+        "RESULTS_JSON": str(results),
+        "RESULTS_MD": str(log),
+    }
     result = subprocess.run(
         ["bash", str(ROOT / "bench" / "gpu_check.sh"), str(tmp_path / "work")],
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "GPU_DEVICE": "cpu", "LAYERS": "2", "MODEL_ARGS": toy_args},
+        env=env,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "result: identical" in result.stdout
-    assert "| pearl-edu merge, cpu" in result.stdout
-    assert "OK: the cpu and cpu merges agree" in result.stdout
+    assert "OK: the contract held for every method" in result.stdout
+    assert "| slerp |" in result.stdout and "| ties (CPU: --fast-trim) |" in result.stdout
     assert not (tmp_path / "work").exists(), "the work folder is deleted unless KEEP=1"
+    runs = json.loads(results.read_text())
+    assert [run["device"] for run in runs] == ["earlier", "cpu standing in for a GPU"]
+    run = runs[-1]
+    assert set(run["methods"]) == {"slerp", "ties"}
+    for figures in run["methods"].values():
+        assert {"cpu_s", "cuda_s", "contract_ok", "peak_host_gb", "peak_device_gb"} <= set(figures)
+        assert figures["contract_ok"] is True and figures["max_input_scale_ulp"] <= 1
+        assert figures["peak_host_gb"] > 0 and figures["elements"] > 0
+    assert run["methods"]["slerp"]["max_cosine_diff"] <= 2e-4
+    assert run["date"] == datetime.date.today().isoformat()
+    assert run["parents"] == ["float16", "bfloat16"] and run["layers"] == 2
+    assert log.read_text().startswith("# `bench/gpu_check.sh`")
+    assert "## Check of " in log.read_text()
+    assert (ROOT / "bench" / "gpu_results.md").read_text() == before, "a stand-in records nothing"
+
+
+def test_gpu_check_judges_a_run_by_the_targets():
+    import gpu_check
+
+    def figures(cpu_s, cuda_s, ok=True, host=1.0, cpu_host=1.5):
+        return {
+            "cpu_s": cpu_s,
+            "cuda_s": cuda_s,
+            "contract_ok": ok,
+            "peak_host_gb": host,
+            "cpu_peak_host_gb": cpu_host,
+        }
+
+    met = gpu_check.judge({"slerp": figures(10.0, 9.0), "ties": figures(60.0, 20.0)})
+    assert met == {
+        "slerp_no_slower_on_gpu": True,
+        "ties_3x_faster_on_gpu": True,
+        "contract_held": True,
+        "host_memory_no_higher": True,
+    }
+    met = gpu_check.judge({"slerp": figures(10.0, 11.0), "ties": figures(59.0, 20.0, ok=False)})
+    assert met["slerp_no_slower_on_gpu"] is False and met["ties_3x_faster_on_gpu"] is False
+    assert met["contract_held"] is False
+    only = gpu_check.judge({"slerp": figures(1.0, 1.0, host=2.0)})
+    assert only["ties_3x_faster_on_gpu"] is None and only["host_memory_no_higher"] is False
+
+
+def test_gpu_check_records_append_and_read_back(tmp_path):
+    import gpu_check
+
+    run = {
+        "date": "2026-12-01",
+        "device": "NVIDIA H200, 140 GiB",
+        "host": "16 CPU cores",
+        "layers": 32,
+        "command": "bench/gpu_check.sh",
+        "methods": {
+            "slerp": {
+                "cpu_s": 12.6,
+                "cuda_s": 6.3,
+                "contract_ok": True,
+                "peak_host_gb": 1.5,
+                "peak_device_gb": 2.1,
+                "cpu_peak_host_gb": 1.62,
+                "smi_peak_gb": 3.0,
+                "max_input_scale_ulp": 1.0,
+                "max_cosine_diff": 7.2e-5,
+            }
+        },
+        "targets": {"slerp_no_slower_on_gpu": True, "contract_held": True},
+    }
+    path, log = tmp_path / "runs.json", tmp_path / "log.md"
+    gpu_check.record(run, path, log)
+    gpu_check.record({**run, "date": "2026-12-02"}, path, log)
+    assert [r["date"] for r in json.loads(path.read_text())] == ["2026-12-01", "2026-12-02"]
+    text = log.read_text()
+    assert text.count("## Check of ") == 2
+    assert "| slerp | 12.6 s | 6.3 s | 1.50 / 1.62 GB | 2.10 / 3.00 GB | held | 1 ULP |" in text
+    assert "SLERP's largest cosine difference: 7.2e-05." in text
+    # The book parses the earlier runs' sections by their "## Run" headings: none added.
+    assert "## Run" not in text
+
+
+def test_gpu_check_configs_are_pearls_recipe_and_a_ties_merge(tmp_path):
+    import gpu_check
+
+    from pearl_edu.config import load_config
+
+    texts = gpu_check.configs(tmp_path / "a", tmp_path / "b", 32)
+    slerp, ties = load_config(texts["slerp"]), load_config(texts["ties"])
+    pearl = load_config("pearl-7b-slerp")
+    assert slerp.parameters == pearl.parameters and slerp.dtype == "bfloat16"
+    assert ties.merge_method == "ties" and ties.dtype == "bfloat16"
+    assert str(tmp_path / "a") in texts["ties"] and "density: 0.5" in texts["ties"]
+
+
+def test_gpu_check_puts_the_outputs_where_there_is_room(tmp_path, monkeypatch):
+    import gpu_check
+
+    free = {tmp_path / "work": 100.0, Path("/dev/shm"): 100.0, tmp_path / "other": 100.0}
+    monkeypatch.setattr(gpu_check, "free_gb", lambda path: free[path])
+    for path in free:
+        path.mkdir(exist_ok=True)
+    work, other = tmp_path / "work", tmp_path / "other"
+    assert gpu_check.plan_outputs(work, None, 14_500_000_000) == work / "gpu-check-outputs"
+    assert gpu_check.plan_outputs(work, other, 14_500_000_000) == other / "gpu-check-outputs"
+    free[work] = 20.0
+    shm = Path("/dev/shm") / "gpu-check-outputs"
+    assert gpu_check.plan_outputs(work, None, 14_500_000_000) == shm
+    free[Path("/dev/shm")] = 20.0
+    with pytest.raises(SystemExit, match="OUTPUTS_DIR"):
+        gpu_check.plan_outputs(work, None, 14_500_000_000)
+    with pytest.raises(SystemExit, match="LAYERS lower"):
+        gpu_check.check_room_for_inputs(work, 32, "")
+    gpu_check.check_room_for_inputs(work, 32, "--hidden-size 64")  # other shapes: checked later
+
+
+def test_gpu_check_refuses_unknown_methods():
+    import gpu_check
+
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.parse_args(["work", "--methods", "slerp,dare"])
+    assert exit_info.value.code == 2
+    args = gpu_check.parse_args(["work", "--gpu", "cpu"])
+    assert args.results_json is None, "a stand-in records nothing unless asked"
+    assert gpu_check.parse_args(["work"]).results_json == gpu_check.RESULTS_JSON
 
 
 def test_recorded_seeds_cover_both_regimes_and_add_up():

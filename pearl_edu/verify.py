@@ -398,14 +398,17 @@ def verify(
 
 
 def compare_tensors(
-    name: str, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor | None = None
+    name: str,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: InputScale | Callable[[], InputScale] | None = None,
 ) -> TensorComparison:
     """Compare two tensors: largest absolute difference, differing elements, ULP distance.
 
     Shapes must match for values to be compared; a shape mismatch is recorded, not raised.
     NaNs in the same places count as equal; a NaN facing a number counts as an infinite
-    difference. ``scale``, each element's input scale (`input_scale`, of ``a``'s shape),
-    gives ``max_input_scale_ulp_diff``.
+    difference. ``scale``, the elements' input scale (`input_scale`), or a function that
+    makes it (called only when the tensors differ), gives ``max_input_scale_ulp_diff``.
     """
     if a.shape != b.shape:
         return _shape_mismatch(name, a, b)
@@ -425,7 +428,8 @@ def compare_tensors(
         return comparison  # the common case, in one cheap pass: nothing to measure
 
     flat_a, flat_b = a.reshape(-1), b.reshape(-1)
-    flat_scale = scale.reshape(-1) if measure_input_scale else None  # type: ignore[union-attr]
+    if measure_input_scale and not isinstance(scale, InputScale):
+        scale = scale()  # type: ignore[misc]  # read the inputs: the tensors differ
     num_differing, max_abs, max_ulp, largest, max_input = 0, 0.0, 0, 0.0, 0.0
     for start in range(0, flat_a.numel(), CHUNK_ELEMENTS):
         chunk_a = flat_a[start : start + CHUNK_ELEMENTS]
@@ -436,9 +440,11 @@ def compare_tensors(
         if measure_ulps:
             max_ulp = max(max_ulp, int(ulp_distance(chunk_a, chunk_b).max()))
             largest = max(largest, _largest_finite_magnitude(chunk_a, chunk_b))
-        if flat_scale is not None:
-            steps = abs_diff / ulp_at_each(flat_scale[start : start + CHUNK_ELEMENTS], a.dtype)
-            max_input = max(max_input, float(steps.max()))
+        if measure_input_scale and bool(differs.any()):
+            # The scale of the differing elements only: a few in a thousand, usually.
+            part = slice(start, start + chunk_a.numel())
+            at_scale = ulp_at_each(scale.at(part, differs), a.dtype)  # type: ignore[union-attr]
+            max_input = max(max_input, float((abs_diff[differs] / at_scale).max()))
     return replace(
         comparison,
         num_differing=num_differing,
@@ -508,13 +514,41 @@ def _compare_one(
     """Compare one tensor of the two models, reading values only when the shapes agree."""
     if tuple(meta_a.shape) != tuple(meta_b.shape):
         return _shape_mismatch(name, meta_a, meta_b)
-    scale = inputs.scale(name) if inputs is not None else None
+    scale = (lambda: inputs.scale(name)) if inputs is not None else None
     return compare_tensors(name, reader_a.read(name), reader_b.read(name), scale)
 
 
 # --------------------------------------------------------------------------------------
 # The inputs' scale: how large the numbers are that each output element is made from
 # --------------------------------------------------------------------------------------
+
+
+class InputScale:
+    """The input scale of a tensor's elements, computed only for those asked for.
+
+    ``formula`` maps the inputs' values at some elements (float64, one tensor per input,
+    in the inputs' order) to those elements' scales.
+    """
+
+    def __init__(
+        self,
+        formula: Callable[[list[torch.Tensor]], torch.Tensor],
+        inputs: Sequence[torch.Tensor],
+    ) -> None:
+        self.formula = formula
+        self.shape = tuple(inputs[0].shape)
+        self.flat = [x.reshape(-1) for x in inputs]
+
+    def at(self, part: slice, selected: torch.Tensor | None = None) -> torch.Tensor:
+        """The scales of the flat elements ``part`` (those of them ``selected``, when given)."""
+        values = [x[part] for x in self.flat]
+        if selected is not None:
+            values = [v[selected] for v in values]
+        return self.formula([v.to(torch.float64) for v in values])
+
+    def full(self) -> torch.Tensor:
+        """Every element's scale, in the tensor's shape."""
+        return self.at(slice(None)).reshape(self.shape)
 
 
 def input_scale(
@@ -525,8 +559,8 @@ def input_scale(
     input_params: Sequence[Mapping[str, float]],
     *,
     name: str = "tensor",
-) -> torch.Tensor:
-    r"""Each output element's input scale: the size of the terms its method adds, in float64.
+) -> InputScale:
+    r"""Each output element's input scale: the size of the terms its method adds.
 
     - ``slerp``: $|w_0 x_i| + |w_1 y_i|$, with the reference's weights
       (`pearl_edu.backends.cuda.slerp_input_scale`);
@@ -538,26 +572,43 @@ def input_scale(
     Other methods (DARE's random drops among them) have no element-by-element agreement
     to measure: `ModelError`.
     """
-    from pearl_edu.backends.cuda import slerp_input_scale
+    from pearl_edu.backends.cuda import reference_weights
 
     if method == "slerp":
-        return slerp_input_scale(inputs[base_index], inputs[1 - base_index], float(params["t"]))
-    wide = [x.to(torch.float64) for x in inputs]
+        other = 1 - base_index
+        w0, w1 = reference_weights(inputs[base_index], inputs[other], float(params["t"]))
+
+        def slerp_scale(x: list[torch.Tensor]) -> torch.Tensor:
+            return x[base_index].abs().mul_(abs(w0)).add_(x[other].abs().mul_(abs(w1)))
+
+        return InputScale(slerp_scale, inputs)
     if method == "linear":
         weights = [values["weight"] for values in input_params]
-        total = sum(x.abs() * abs(w) for x, w in zip(wide, weights, strict=True))
-        divisor = abs(sum(weights)) if params.get("normalize") else 1.0
-        return total / (divisor or 1.0)  # type: ignore[operator]
+        divisor = (abs(sum(weights)) if params.get("normalize") else 1.0) or 1.0
+
+        def linear_scale(x: list[torch.Tensor]) -> torch.Tensor:
+            total = sum(v.abs() * abs(w) for v, w in zip(x, weights, strict=True))
+            return total / divisor  # type: ignore[operator]
+
+        return InputScale(linear_scale, inputs)
     if method in ("task_arithmetic", "ties"):
-        base = wide[base_index]
-        rows = [(x, input_params[k]) for k, x in enumerate(wide) if k != base_index]
-        if not rows:
-            return base.abs()
-        if params.get("normalize"):
-            mixed = torch.stack([(x - base).abs() for x, _ in rows]).amax(dim=0)
-        else:
-            mixed = sum((x - base).abs() * abs(row["weight"]) for x, row in rows)
-        return base.abs() + abs(float(params.get("lambda", 1.0))) * mixed  # type: ignore[operator]
+        others = [k for k in range(len(inputs)) if k != base_index]
+        weights = [abs(input_params[k]["weight"]) for k in others]
+        scale = abs(float(params.get("lambda", 1.0)))
+        normalize = bool(params.get("normalize"))
+
+        def task_vector_scale(x: list[torch.Tensor]) -> torch.Tensor:
+            base = x[base_index]
+            deltas = [(x[k] - base).abs() for k in others]
+            if not deltas:
+                return base.abs()
+            if normalize:  # an average of the agreeing task vectors: at most the largest
+                mixed = torch.stack(deltas).amax(dim=0)
+            else:
+                mixed = sum(d * w for d, w in zip(deltas, weights, strict=True))
+            return base.abs() + scale * mixed  # type: ignore[operator]
+
+        return InputScale(task_vector_scale, inputs)
     raise ModelError(
         f"{name}: --input-scale-ulp: merge method {method!r} has no input scale (slerp, "
         "linear, task_arithmetic and ties have one); compare with --scale-ulp instead"
@@ -582,8 +633,8 @@ class MergeInputs:
         self.jobs = {job.name: job for job in plan(config, headers).tensors}
         self.readers = {ref: ModelReader(header) for ref, header in headers.items()}
 
-    def scale(self, name: str) -> torch.Tensor:
-        """The input scale of output tensor ``name`` (`input_scale`)."""
+    def scale(self, name: str) -> InputScale:
+        """The input scale of output tensor ``name`` (`input_scale`), its inputs read."""
         job = self.jobs.get(name)
         if job is None:
             raise ModelError(f"{name}: not a tensor of the merge's config; verify its output")

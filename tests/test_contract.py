@@ -321,3 +321,35 @@ def test_verify_command_takes_the_config_and_the_input_scale(pearl_pair, tmp_pat
     assert "at the inputs' scale: largest difference" in out
     assert main(["verify", *dirs, "--quiet", "--input-scale-ulp", "1"]) == 2
     assert "--config" in capsys.readouterr().err
+
+
+def test_input_scale_of_each_method_and_only_where_asked():
+    from pearl_edu.errors import ModelError
+    from pearl_edu.verify import input_scale
+
+    x = torch.tensor([1.0, -2.0, 0.5, 0.0])
+    y = torch.tensor([-1.0, 3.0, 0.5, 4.0])
+    z = torch.tensor([0.0, 1.0, -0.5, 2.0])
+    slerp = input_scale("slerp", [x, y], 0, {"t": 0.3}, [{}, {}])
+    w0, w1 = cuda.reference_weights(x, y, 0.3)
+    expected = x.double().abs() * abs(w0) + y.double().abs() * abs(w1)
+    assert torch.equal(slerp.full(), expected)
+    assert torch.equal(slerp.at(slice(1, 4), torch.tensor([True, False, True])), expected[[1, 3]])
+    linear = input_scale(
+        "linear", [x, y], 0, {"normalize": 1.0}, [{"weight": 1.0}, {"weight": 3.0}]
+    )
+    assert linear.full().tolist() == [1.0, 2.75, 0.5, 3.0]  # (|x| + 3 |y|) / 4
+    rows = [{}, {"weight": 0.5}, {"weight": 2.0}]
+    ties = input_scale("ties", [x, y, z], 0, {"normalize": 1.0, "lambda": 2.0}, rows)
+    # |x| + 2 max(|y - x|, |z - x|)
+    assert ties.full().tolist() == [1.0 + 2 * 2.0, 2.0 + 2 * 5.0, 0.5 + 2 * 1.0, 0.0 + 2 * 4.0]
+    plain = input_scale("task_arithmetic", [x, y, z], 0, {"normalize": 0.0}, rows)
+    # |x| + 0.5 |y - x| + 2 |z - x|
+    assert plain.full().tolist() == [
+        1 + 0.5 * 2 + 2 * 1,
+        2 + 0.5 * 5 + 2 * 3,
+        0.5 + 0 + 2,
+        0 + 2 + 4,
+    ]
+    with pytest.raises(ModelError, match="dare_ties.*--scale-ulp"):
+        input_scale("dare_ties", [x, y], 0, {}, rows[:2], name="w")

@@ -60,9 +60,8 @@ def _solution_texts(path: Path) -> list[str]:
 
 def test_every_chapter_has_a_valid_student_notebook(edition):
     out, written = edition
-    assert sorted(p.relative_to(out).with_suffix("").as_posix() for p in written) == sorted(
-        CHAPTERS
-    )
+    stems = sorted(p.relative_to(out).with_suffix("").as_posix() for p in written)
+    assert stems == sorted(CHAPTERS + ["book/intro", "book/performance"])
     for path in written:
         notebook = nbformat.read(path, as_version=4)
         nbformat.validate(notebook)
@@ -110,7 +109,7 @@ def test_each_checked_exercise_is_followed_by_its_answer_and_check_cells(edition
             assert f":label: {label}" in cells[at - 1].source
             assert cells[at + 1].id == f"{label}-check"
             for blank in answers.EXERCISES[label].blanks:
-                assert f"{blank.name} = ...  # {blank.question}" in cells[at].source
+                assert f"# {blank.question}\n{blank.name} = ...\n" in cells[at].source + "\n"
             assert f'answers.check("{label}"' in cells[at + 1].source
 
 
@@ -177,15 +176,23 @@ def test_a_student_notebook_runs_top_to_bottom_unanswered(edition):
         assert "not yet" in shown and "not answered yet" in shown
 
 
-def test_markdown_pages_lose_their_solutions_and_the_checks_of_them(edition):
-    out, _ = edition
+def test_markdown_pages_lose_their_solutions_and_hidden_cells_but_keep_outputs(edition):
+    out, written = edition
     teacher = (ROOT / "book" / "performance.md").read_text()
-    page = (out / "book" / "performance.md").read_text()
-    assert "{solution}" in teacher and "{solution" not in page
-    assert "The solution's estimate" in teacher and "The solution's estimate" not in page
-    assert ":label: ex-perf-floor" in page
-    # the hidden cells that compute what the page shows stay
-    assert page.count("remove-cell") >= 1 and "bench = json.loads" in page
+    assert "{solution}" in teacher and "The solution's estimate" in teacher
+    path = out / "book" / "performance.ipynb"
+    assert path in written and not (out / "book" / "performance.md").exists()
+    page = nbformat.read(path, as_version=4)
+    text = _text(page)
+    assert "{solution" not in text and "The solution's estimate" not in text
+    assert ":label: ex-perf-floor" in text
+    assert all("remove-cell" not in c.metadata.get("tags", []) for c in page.cells)
+    shown = [c for c in page.cells if c.cell_type == "code"]
+    assert shown and all(c.outputs for c in shown)  # run in the teacher's folder
+    intro = _text(nbformat.read(out / "book" / "intro.ipynb", as_version=4))
+    assert "](performance.ipynb)" in intro and "](performance.md)" not in intro  # relinked
+    course = (out / "book" / "course.md").read_text()  # plain Markdown stays Markdown
+    assert course.startswith("# Teaching with this book")
 
 
 def test_config_of_the_student_book(edition):
@@ -194,7 +201,7 @@ def test_config_of_the_student_book(edition):
 
     config = yaml.safe_load((out / "_config.yml").read_text())
     assert config["title"].endswith("(student edition)")
-    assert config["execute"]["exclude_patterns"] == ["*.ipynb"]
+    assert config["execute"]["execute_notebooks"] == "off"
     assert (
         config["launch_buttons"]["colab_url"] == ""
         and config["launch_buttons"]["binderhub_url"] == ""
@@ -220,3 +227,16 @@ def test_strip_solutions_keeps_the_rest():
     assert student.strip_solutions("z\n```{solution-end}\n```\nw", scan) == "w"
     with pytest.raises(ValueError, match="never closed"):
         student.strip_solutions(":::{solution} ex-c\nS", student._Scan())
+
+
+def test_the_command_names_a_wrong_book_folder(tmp_path, capsys):
+    assert student.main(["--book", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert f"{tmp_path}: no _toc.yml" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_command_writes_the_notebooks(tmp_path, capsys):
+    assert student.main(["--out", str(tmp_path)]) == 0
+    said = capsys.readouterr().out
+    assert f"in {tmp_path / 'notebooks'}, with {len(answers.EXERCISES)} exercises" in said
+    assert (tmp_path / "notebooks" / "capstone.ipynb").is_file()

@@ -58,7 +58,7 @@ class Exercise:
         """The code of the cell a student fills in: one ``name = ...`` line per blank."""
         lines = [f"# Your answer to {self.label}: replace each ... with a value or code."]
         for blank in self.blanks:
-            lines.append(f"{blank.name} = ...  # {blank.question}")
+            lines += [f"# {blank.question}", f"{blank.name} = ..."]
         return "\n".join(lines)
 
     def check_cell(self) -> str:

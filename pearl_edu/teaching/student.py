@@ -13,9 +13,11 @@ notebook to hand out, ``<out>/notebooks/<chapter>.ipynb``:
 - every other cell stays as it is, with its saved outputs, so the figures are there
   before a student runs anything.
 
-With ``--html`` it also builds the student edition of the HTML book into ``<out>/html``:
-the same theme and pages from the student notebooks (not executed again), and the book's
-other pages with their solutions left out.
+The book's other pages come along without their solutions; those with code to run (MyST
+Markdown notebooks such as ``book/performance.md``) are run in the teacher's folder and
+written as notebooks, with their outputs. With ``--html`` it also builds the student
+edition of the HTML book into ``<out>/html``: the same theme and pages, from those
+notebooks, with nothing executed again.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path
 
 import nbformat
 import yaml
+from nbclient import NotebookClient
 
 from pearl_edu.teaching.answers import EXERCISES
 
@@ -150,8 +153,12 @@ def _label(block: list[str]) -> str | None:
 
 
 def student_notebook(path: Path) -> StudentNotebook:
-    """The student edition of one chapter notebook (see the module's docstring)."""
-    teacher = nbformat.read(path, as_version=4)
+    """The student edition of one chapter notebook (see the module's docstring).
+
+    A MyST Markdown page with code cells (``book/performance.md``) is read as a notebook and
+    run first, in its own folder, so that the student edition has its outputs too.
+    """
+    teacher = _read_teacher(path)
     cells: list[nbformat.NotebookNode] = []
     checked: list[str] = []
     scan = _Scan()
@@ -205,36 +212,26 @@ def teacher_answers(path: Path) -> dict[str, dict[str, object]]:
     return found
 
 
-def student_markdown_page(text: str) -> str:
-    """A MyST Markdown page of the book without solutions, nor the hidden cells that check them.
+def is_markdown_notebook(path: Path) -> bool:
+    """Whether a page is a MyST Markdown notebook (code cells to run), not plain Markdown."""
+    from myst_nb.core.read import is_myst_markdown_notebook
 
-    Hidden cells before the page's exercises compute what its visible cells show and stay
-    (the HTML does not show them); those after the ``## Exercises`` heading check the
-    solutions, and go with them.
-    """
-    text = strip_solutions(text, _Scan())
-    exercises = re.search(r"^## Exercises\s*$", text, flags=re.M)
-    if exercises is None:
-        return text + "\n"
-    lines, kept, i = text[exercises.start() :].split("\n"), [], 0
-    while i < len(lines):
-        if lines[i].startswith("```{code-cell}"):
-            end = next(j for j in range(i + 1, len(lines)) if lines[j].strip() == "```")
-            if _is_hidden(lines[i + 1 : end]):
-                i = end + 1
-                continue
-        kept.append(lines[i])
-        i += 1
-    return text[: exercises.start()] + _tidy("\n".join(kept)) + "\n"
+    return path.suffix == ".md" and is_myst_markdown_notebook(path.read_text())
 
 
-def _is_hidden(body: list[str]) -> bool:
-    """Whether a ``{code-cell}`` block's options (``:tags:`` or a ``---`` header) hide it."""
-    if body and body[0].strip() == "---":
-        options = body[1 : body.index("---", 1)] if "---" in body[1:] else []
-    else:
-        options = [line for line in body if line.startswith(":")]
-    return any("tags" in line and "remove-cell" in line for line in options)
+def _read_teacher(path: Path) -> nbformat.NotebookNode:
+    if path.suffix == ".ipynb":
+        return nbformat.read(path, as_version=4)
+    from myst_nb.core.read import read_myst_markdown_notebook
+
+    notebook = read_myst_markdown_notebook(path.read_text())
+    NotebookClient(
+        notebook,
+        timeout=600,
+        kernel_name=notebook.metadata.get("kernelspec", {}).get("name", "python3"),
+        resources={"metadata": {"path": str(path.parent)}},
+    ).execute()
+    return notebook
 
 
 # ---------------------------------------------------------------------------------------
@@ -264,7 +261,8 @@ def chapters(root: Path = ROOT) -> list[str]:
 def build(out: Path = DEFAULT_OUT, root: Path = ROOT) -> dict[Path, list[str]]:
     """Write the student notebooks (and the book's other pages) under ``out``.
 
-    Returns each student notebook written, with the checked exercises it holds.
+    Returns each student notebook written, with the checked exercises it holds. The book's
+    Markdown pages with code (MyST notebooks) are run and written as notebooks too.
     """
     out = Path(out)
     for stale in ("notebooks", "book", "_toc.yml", "_config.yml"):
@@ -274,17 +272,21 @@ def build(out: Path = DEFAULT_OUT, root: Path = ROOT) -> dict[Path, list[str]]:
         elif target.exists():
             target.unlink()
     written: dict[Path, list[str]] = {}
+    pages: list[Path] = []
     for entry in chapters(root):
         source = _source_of(root, entry)
         target = out / source.relative_to(root)
         target.parent.mkdir(parents=True, exist_ok=True)
-        if source.suffix == ".ipynb":
+        if source.suffix == ".ipynb" or is_markdown_notebook(source):
             student = student_notebook(source)
+            target = target.with_suffix(".ipynb")
             nbformat.write(student.notebook, target)
             written[target] = student.checked
         else:
-            target.write_text(student_markdown_page(source.read_text()))
+            target.write_text(strip_solutions(source.read_text(), _Scan()) + "\n")
+        pages.append(target)
         _copy_included_files(source, root, out)
+    _relink(pages, {p.with_suffix(".md") for p in written})
     _copy_book_assets(root, out)
     shutil.copy2(root / "_toc.yml", out / "_toc.yml")
     (out / "_config.yml").write_text(yaml.safe_dump(student_config(root), sort_keys=False))
@@ -312,27 +314,51 @@ def _copy_included_files(source: Path, root: Path, out: Path) -> None:
             shutil.copy2(path, target)
 
 
+_LINK = re.compile(r"\]\((?P<target>[^)\s#]+\.md)(?P<anchor>#[^)\s]*)?\)")
+
+
+def _relink(pages: list[Path], converted: set[Path]) -> None:
+    """Links to Markdown pages that became notebooks point to the notebooks."""
+
+    def fix(text: str, folder: Path) -> str:
+        def replace(link: re.Match) -> str:
+            target = (folder / link["target"]).resolve()
+            if target not in converted:
+                return link.group(0)
+            return f"]({link['target'][:-3]}.ipynb{link['anchor'] or ''})"
+
+        return _LINK.sub(replace, text)
+
+    converted = {p.resolve() for p in converted}
+    for page in pages:
+        if page.suffix == ".md":
+            page.write_text(fix(page.read_text(), page.parent))
+            continue
+        notebook = nbformat.read(page, as_version=4)
+        for cell in notebook.cells:
+            if cell.cell_type == "markdown":
+                cell.source = fix(cell.source, page.parent)
+        nbformat.write(notebook, page)
+
+
 def _copy_book_assets(root: Path, out: Path) -> None:
-    """The book's static files and bibliography, and the benchmark records its pages read."""
+    """The book's static files and its bibliography."""
     shutil.copytree(root / "book" / "_static", out / "book" / "_static", dirs_exist_ok=True)
     for bib in (root / "book").glob("*.bib"):
         shutil.copy2(bib, out / "book" / bib.name)
-    (out / "bench").mkdir(exist_ok=True)
-    for record in [*(root / "bench").glob("*.json"), *(root / "bench").glob("*.md")]:
-        shutil.copy2(record, out / "bench" / record.name)
 
 
 def student_config(root: Path = ROOT) -> dict:
     """The book's ``_config.yml`` for the student edition.
 
-    The same theme and extensions. The chapter notebooks are not executed again (their saved
-    outputs are the teacher's edition's, minus the solutions); the Markdown pages are. No
+    The same theme and extensions. Nothing is executed again: every page with code is a
+    notebook with its outputs (the chapters' saved ones; `build` ran the Markdown pages). No
     launch or repository buttons: they would open the teacher's notebooks.
     """
     config = yaml.safe_load((root / "_config.yml").read_text())
     config["title"] = f"{config['title']} (student edition)"
     config["exclude_patterns"] = [*config.get("exclude_patterns", []), "html", ".build"]
-    config.setdefault("execute", {})["exclude_patterns"] = ["*.ipynb"]
+    config.setdefault("execute", {})["execute_notebooks"] = "off"
     config["html"] = {
         **config.get("html", {}),
         "use_repository_button": False,
@@ -368,10 +394,14 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m pearl_edu.teaching.student",
         description="Write the student edition: chapters without solutions, with checked answers.",
     )
+    parser.add_argument("--book", type=Path, default=ROOT, help="the book's root (_toc.yml)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write it")
     parser.add_argument("--html", action="store_true", help="also build its HTML book")
     args = parser.parse_args(argv)
-    written = build(args.out)
+    if not (args.book / "_toc.yml").is_file():
+        print(f"error: {args.book}: no _toc.yml; --book must be the book's root", file=sys.stderr)
+        return 2
+    written = build(args.out, args.book.resolve())
     checked = sum(len(labels) for labels in written.values())
     print(
         f"{len(written)} student notebooks in {args.out / 'notebooks'}, "

@@ -265,7 +265,7 @@ def build(out: Path = DEFAULT_OUT, root: Path = ROOT) -> dict[Path, list[str]]:
     Markdown pages with code (MyST notebooks) are run and written as notebooks too.
     """
     out = Path(out)
-    for stale in ("notebooks", "book", "_toc.yml", "_config.yml"):
+    for stale in ("notebooks", "book", "pearl_edu", "_toc.yml", "_config.yml"):
         target = out / stale
         if target.is_dir():
             shutil.rmtree(target)

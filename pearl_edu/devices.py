@@ -61,9 +61,8 @@ AUTO_DEVICE_RULES: dict[str, tuple[str, str]] = {
     ),
     "ties": (
         "cuda",
-        "TIES ranks every entry of each task vector: on the GPU a selection "
-        "(torch.kthvalue) in place of a sort; ties at the cut are kept by position, as "
-        "with --fast-trim",
+        "TIES ranks every entry of each task vector, which the GPU does as one sort of "
+        "16-bit keys; ties at the cut are kept by position, as with --fast-trim",
     ),
     "dare_linear": (
         "cpu",

@@ -46,10 +46,10 @@ work_dtype = reference.work_dtype
 # The contract with the reference core (derived in the book's appendix "The GPU contract").
 
 # SLERP's cosine differs from the reference's by at most this much. The reference's is
-# mergekit's: torch's CPU norm of each 2^20-element chunk adds its squares along the chunk,
-# which leaves the cosine about 7e-5 below the exact value on tensors of 2^20 elements and
-# more (measured in the book's appendix); the device's pairwise sums land within 1e-7 of
-# the exact value. The tolerance is the reference's error, with room to spare.
+# mergekit's: torch's CPU norm of each 2^20-element chunk comes out about 3e-5 high, which
+# leaves the cosine about 7e-5 below the exact value on tensors of 2^20 elements and more
+# (measured in the book's appendix); the device's whole-tensor sums land within 1e-7 of
+# it. The tolerance is the reference's error, with room to spare.
 COSINE_TOLERANCE = 2e-4
 # Every SLERP output element lies within this many steps of the output dtype of the
 # reference's, the step taken at the element's input scale |w0 x| + |w1 y|
@@ -151,13 +151,13 @@ def lerp(
 def cosine(x: torch.Tensor, y: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
     r"""$\langle x / \lVert x \rVert, y / \lVert y \rVert \rangle$ of two flat work-dtype vectors.
 
-    Whole-tensor pairwise sums, in whatever order the device adds: the core cuts them into
-    chunks of 2^20 and adds each chunk's squares along it (mergekit's order), so the two
-    differ (`COSINE_TOLERANCE`), this one being the nearer to the exact value. A norm at
+    Whole-tensor sums, in whatever order the device adds: the core takes torch's norm of
+    chunks of 2^20 (mergekit's order), so the two differ (`COSINE_TOLERANCE`), this one
+    being the nearer to the exact value. A norm at
     most ``eps`` is taken as 1, as in the core. A 0-dimensional tensor on the device.
     """
-    # Sums of squares rather than torch.linalg.vector_norm, which on the CPU adds along
-    # the vector (and on 2^20 elements drifts by 4e-5); sums add pairwise everywhere.
+    # Sums of squares rather than torch.linalg.vector_norm, whose float32 result on the
+    # CPU drifts by 3e-5 on 2^20 elements; torch's sums add pairwise (a tree on a GPU).
     norm_x = x.square().sum().sqrt()
     norm_y = y.square().sum().sqrt()
     norm_x = torch.where(norm_x > eps, norm_x, 1)

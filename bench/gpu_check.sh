@@ -26,8 +26,8 @@
 #                    another disk when WORK_DIR's has room for the inputs only
 #   KEEP=1           keep WORK_DIR (and the outputs)
 #   RECORD=0         append nothing to bench/gpu_results.json and .md
-#   PYTHON=...       the Python with pearl_edu importable (default: .venv/bin/python, else
-#                    python3; on a machine without the venv: PYTHON=python3 PYTHONPATH=$PWD)
+#   PYTHON=...       the Python to run (default: .venv/bin/python, else python3); it needs
+#                    torch and pearl_edu's dependencies, and imports pearl_edu from this checkout
 #   GPU_DEVICE=cuda  the device of the GPU merges; GPU_DEVICE=cpu runs the whole script
 #                    without a GPU (the device backend on the CPU), to test the script itself
 set -euo pipefail
@@ -37,6 +37,8 @@ work=${1:-$repo/bench/out/gpu-check}
 gpu=${GPU_DEVICE:-cuda}
 python=${PYTHON:-$repo/.venv/bin/python}
 [ -x "$python" ] || command -v "$python" >/dev/null || python=$(command -v python3)
+# pearl_edu from this checkout, whether or not it is installed in that Python.
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
 say() { printf '%s\n' "gpu_check: $*"; }
 die() { printf '%s\n' "gpu_check: error: $*" >&2; exit 2; }

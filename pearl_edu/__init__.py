@@ -1,8 +1,8 @@
 """pearl_edu: the vetted merge implementation that the pearl-edu book takes apart.
 
 It reads mergekit's YAML with mergekit's meaning, plans every output tensor from the
-models' headers, streams weights one tensor at a time, and merges on a GPU when there is
-one and on the CPU otherwise.
+models' headers, streams weights one tensor at a time, and merges on the CPU, or on a GPU
+where one is asked for or speeds the method up (`pearl_edu.devices.choose_device`).
 
 Importing the package never touches the network, and loads only the engine: the book's
 teaching helpers live in `pearl_edu.teaching`, and the names of theirs listed in

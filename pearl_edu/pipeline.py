@@ -88,9 +88,15 @@ def return_freed_memory_to_the_system() -> None:
     tensors stay in the process's heap and the resident size grows with the model: pinning
     the threshold at 4 MiB keeps the peak at a few tensors. Elsewhere than glibc, nothing.
     """
-    m_mmap_threshold = -3
+    m_trim_threshold, m_mmap_threshold = -1, -3
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(m_mmap_threshold, 4 * 1024**2)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(m_mmap_threshold, 4 * 1024**2)
+        # Pinning the threshold also pins the heap's trim threshold at 128 KiB: every freed
+        # block of a few hundred kB at the heap's top would be handed back to the system and
+        # faulted in again at the next allocation (the task-vector methods allocate such
+        # blocks per slice). Keep up to 64 MiB of the heap's top instead.
+        libc.mallopt(m_trim_threshold, 64 * 1024**2)
 
 
 # --------------------------------------------------------------------------------------

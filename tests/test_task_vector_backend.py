@@ -100,11 +100,13 @@ def test_equals_the_core(name, dtype, shape, position):
     assert same_bits(got, expected)
 
 
-@pytest.mark.parametrize("name", ["ties", "dare_linear", "dare_ties"])
+@pytest.mark.parametrize("name", ["ties", "dare_linear", "dare_ties", "task_arithmetic"])
 @pytest.mark.parametrize("rescale", [False, True])
 @pytest.mark.parametrize("normalize", [False, True])
-def test_options(name, rescale, normalize):
-    tensors = models((50, 80), torch.bfloat16, count=4, seed=3)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_options(name, rescale, normalize, dtype):
+    """Three models over the base: the sums over models are taken in the core's order."""
+    tensors = models((50, 80), dtype, count=4, seed=3)
     got, expected = run_both(
         name,
         tensors,

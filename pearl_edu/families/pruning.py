@@ -31,7 +31,12 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from pearl_edu.core import pruning
-from pearl_edu.methods import MergeMethod, input_generators, register
+from pearl_edu.methods import (
+    MergeMethod,
+    _task_vector_parameters,  # the task-vector methods' shared parameters and defaults
+    input_generators,
+    register,
+)
 
 
 def _gamma_problem(values: Mapping[str, float], label: str) -> str | None:
@@ -116,16 +121,6 @@ def _pruning_method(*, kind: str, sign_election: bool):
     return merge
 
 
-def _parameters(*, normalize: bool, rescale: bool) -> dict[str, float | None]:
-    """Shared parameters, with mergekit's defaults (those of the other task-vector methods)."""
-    return {
-        "normalize": float(normalize),
-        "lambda": 1.0,
-        "rescale": float(rescale),
-        "int8_mask": 0.0,
-    }
-
-
 # The papers, for the model card (mergekit's names and links for the methods).
 BREADCRUMBS_PAPER = "https://arxiv.org/abs/2312.06795"
 DELLA_PAPER = "https://arxiv.org/abs/2406.11617"
@@ -153,7 +148,7 @@ for _name, _kind, _election, _normalize, _rescale, _title, _paper in (
         MergeMethod(
             name=_name,
             merge=_pruning_method(kind=_kind, sign_election=_election),
-            parameters=_parameters(normalize=_normalize, rescale=_rescale),
+            parameters=_task_vector_parameters(normalize=_normalize, rescale=_rescale),
             min_models=1,
             needs_base=True,
             input_parameters={"weight": None, "density": 1.0, **_extra},

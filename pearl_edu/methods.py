@@ -450,6 +450,17 @@ def _linear_method(
     return linear(tensors, weights, normalize=normalize)
 
 
+def task_vector_inputs(
+    tensors: Sequence[torch.Tensor], base_index: int, input_params: Sequence[Mapping[str, float]]
+) -> tuple[torch.Tensor, list[torch.Tensor], list[float], list[float]]:
+    """The base tensor, the others, and the others' weights and densities, in order."""
+    others = [tensor for index, tensor in enumerate(tensors) if index != base_index]
+    rows = [values for index, values in enumerate(input_params) if index != base_index]
+    weights = [values["weight"] for values in rows]
+    densities = [values["density"] for values in rows]
+    return tensors[base_index], others, weights, densities
+
+
 def _task_vector_method(*, pruning: str | None, sign_election: bool) -> MergeFunction:
     """The engine's entry for task arithmetic (no pruning), TIES (magnitude) or DARE (random)."""
 
@@ -464,11 +475,7 @@ def _task_vector_method(*, pruning: str | None, sign_election: bool) -> MergeFun
         fast_trim: bool = False,
         backend: str = "auto",
     ) -> torch.Tensor:
-        base = tensors[base_index]
-        others = [tensor for index, tensor in enumerate(tensors) if index != base_index]
-        rows = [values for index, values in enumerate(input_params) if index != base_index]
-        weights = [values["weight"] for values in rows]
-        densities = [values["density"] for values in rows]
+        base, others, weights, densities = task_vector_inputs(tensors, base_index, input_params)
         options = {
             "normalize": bool(params["normalize"]),
             "scale": float(params["lambda"]),

@@ -36,6 +36,7 @@ from pearl_edu.methods import (
     _task_vector_parameters,  # the task-vector methods' shared parameters and defaults
     input_generators,
     register,
+    task_vector_inputs,
 )
 
 
@@ -95,11 +96,8 @@ def _pruning_method(*, kind: str, sign_election: bool):
         input_params: Sequence[Mapping[str, float]],
         seed: int,
     ) -> torch.Tensor:
-        base = tensors[base_index]
-        others = [tensor for index, tensor in enumerate(tensors) if index != base_index]
+        base, others, weights, densities = task_vector_inputs(tensors, base_index, input_params)
         rows = [values for index, values in enumerate(input_params) if index != base_index]
-        weights = [values["weight"] for values in rows]
-        densities = [values["density"] for values in rows]
         options = {
             "sign_election": sign_election,
             "normalize": bool(params["normalize"]),

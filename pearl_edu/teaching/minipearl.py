@@ -153,8 +153,10 @@ class Corpus:
     carry (``12+34=046``), plus a small share of each new skill: sentences with all the
     words and additions with a carry (the "seeds" of the two skills, see `make_corpus`).
     The generalist is fine-tuned on sentences with all the words, the specialist on all
-    additions, carries included. The test sentences are not among the training ones, and
-    ``test_problems`` are operand pairs that no training problem uses, so the tests measure
+    additions, carries included. Two held-out splits are kept apart from training and from
+    each other: **validation**, on which a recipe's settings are chosen, and **test**, on
+    which the chosen recipe is reported. Their sentences are not among the training ones,
+    and their problems are operand pairs that no training problem uses, so they measure
     skills, not memory.
     """
 
@@ -164,6 +166,16 @@ class Corpus:
     test_sentences: tuple[str, ...]
     train_problems: tuple[tuple[int, int], ...]
     test_problems: tuple[tuple[int, int], ...]
+    validation_sentences: tuple[str, ...] = ()
+    validation_problems: tuple[tuple[int, int], ...] = ()
+
+    def held_out(self, split: str) -> tuple[tuple[str, ...], tuple[tuple[int, int], ...]]:
+        """The sentences and problems of a held-out split, ``"validation"`` or ``"test"``."""
+        if split == "test":
+            return self.test_sentences, self.test_problems
+        if split == "validation":
+            return self.validation_sentences, self.validation_problems
+        raise ValueError(f"split must be 'validation' or 'test', not {split!r}")
 
 
 def make_corpus(
@@ -171,6 +183,8 @@ def make_corpus(
     sentences: int = 4000,
     test_sentences: int = 300,
     test_problems: int = 300,
+    validation_sentences: int | None = None,
+    validation_problems: int | None = None,
     seed: int = 0,
     new_word_share: float = 0.01,
     carry_share: float = 0.15,
@@ -183,10 +197,16 @@ def make_corpus(
     does some of what its fine-tunes are later trained for. With both shares 0 the
     fine-tunes must create their skills from nothing.
 
-    All ``100 * 100`` operand pairs are shuffled; ``test_problems`` of them are held out.
-    The held-out sentences and problems depend on ``seed`` only, not on the shares, so
-    models built with different shares are measured on the same tests.
+    All ``100 * 100`` operand pairs are shuffled; the first ``test_problems`` of them are
+    the test split, the next ``validation_problems`` the validation split (as many as the
+    test's unless given), and the rest are for training. The held-out sentences and problems
+    depend on ``seed`` only, not on the shares, so models built with different shares are
+    measured on the same tests.
     """
+    if validation_sentences is None:
+        validation_sentences = test_sentences
+    if validation_problems is None:
+        validation_problems = test_problems
     for name, share in (("new_word_share", new_word_share), ("carry_share", carry_share)):
         if not 0 <= share <= 1:
             raise ValueError(f"{name} must lie in [0, 1], got {share}")
@@ -194,16 +214,19 @@ def make_corpus(
     train = [make_sentence(rng, ALL_WORDS) for _ in range(sentences)]
     seen = set(train)
     test: list[str] = []
-    while len(test) < test_sentences:
-        sentence = make_sentence(rng, ALL_WORDS)
-        if sentence not in seen:
-            test.append(sentence)
-            seen.add(sentence)
-    held_out = set(test)
+    validation: list[str] = []
+    for split, size in ((test, test_sentences), (validation, validation_sentences)):
+        while len(split) < size:
+            sentence = make_sentence(rng, ALL_WORDS)
+            if sentence not in seen:
+                split.append(sentence)
+                seen.add(sentence)
+    held_out = set(test) | set(validation)
     limit = 10**OPERAND_DIGITS
     pairs = [(a, b) for a in range(limit) for b in range(limit)]
     random.Random(seed).shuffle(pairs)
-    train_pairs = pairs[test_problems:]
+    validation_end = test_problems + validation_problems
+    train_pairs = pairs[validation_end:]
 
     # The pre-training mix has its own generator, so the shares change nothing above.
     mix = random.Random(f"pretrain-{seed}")
@@ -224,6 +247,8 @@ def make_corpus(
         test_sentences=tuple(test),
         train_problems=tuple(train_pairs),
         test_problems=tuple(pairs[:test_problems]),
+        validation_sentences=tuple(validation),
+        validation_problems=tuple(pairs[test_problems:validation_end]),
     )
 
 
@@ -507,13 +532,19 @@ class Skills:
     addition: float  # exact-match accuracy of greedy answers to held-out additions
 
 
-def measure_skills(model, tokenizer, corpus: Corpus, *, threads: int = 1) -> Skills:
-    """Both skills of ``model`` on the held-out part of ``corpus`` (on ``threads`` threads)."""
-    sentences = sentence_examples(tokenizer, corpus.test_sentences)
+def measure_skills(
+    model, tokenizer, corpus: Corpus, *, threads: int = 1, split: str = "test"
+) -> Skills:
+    """Both skills of ``model`` on a held-out split of ``corpus`` (on ``threads`` threads).
+
+    ``split`` is ``"test"`` (what a chapter reports) or ``"validation"`` (what a choice of
+    recipe is made on).
+    """
+    sentences, problems = corpus.held_out(split)
     with torch_threads(threads):
         return Skills(
-            text=next_token_accuracy(model, sentences),
-            addition=addition_accuracy(model, tokenizer, corpus.test_problems),
+            text=next_token_accuracy(model, sentence_examples(tokenizer, sentences)),
+            addition=addition_accuracy(model, tokenizer, problems),
         )
 
 

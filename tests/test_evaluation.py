@@ -1,0 +1,155 @@
+"""Scores with their noise (pearl_edu.teaching.evaluation): paired intervals, McNemar, seeds."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from pearl_edu.teaching import evaluation, minipearl
+from pearl_edu.teaching.evaluation import ItemScores
+
+
+def scores(additions: list[bool], text_right: list[int] | None = None) -> ItemScores:
+    text_right = text_right if text_right is not None else [5] * len(additions)
+    return ItemScores(tuple(text_right), tuple([10] * len(text_right)), tuple(additions))
+
+
+def test_mcnemar_matches_the_binomial_tail():
+    # 30 won, 23 lost: the two-sided exact p-value is about 0.41.
+    assert evaluation.mcnemar(30, 23) == pytest.approx(0.41, abs=0.01)
+    assert evaluation.mcnemar(0, 0) == 1.0
+    assert evaluation.mcnemar(5, 5) == 1.0
+    assert evaluation.mcnemar(10, 0) == pytest.approx(2 / 2**10)
+    assert evaluation.mcnemar(3, 9) == evaluation.mcnemar(9, 3)
+
+
+def test_identical_models_differ_by_exactly_zero():
+    rng = random.Random(0)
+    a = scores([rng.random() < 0.6 for _ in range(200)], [rng.randrange(11) for _ in range(200)])
+    for skill in evaluation.SKILLS:
+        d = evaluation.paired(a, a, skill)
+        assert (d.estimate, d.low, d.high) == (0.0, 0.0, 0.0)
+        assert d.verdict == "indistinguishable"
+
+
+def test_pairing_narrows_the_interval_of_correlated_models():
+    rng = random.Random(1)
+    hard = [rng.random() < 0.5 for _ in range(300)]
+    # The second model gets the same items right, plus 15 more: highly correlated.
+    better = list(hard)
+    flipped = [i for i, right in enumerate(hard) if not right][:15]
+    for i in flipped:
+        better[i] = True
+    a, b = scores(better), scores(hard)
+    p = evaluation.paired(a, b, "addition")
+    u = evaluation.unpaired(a, b, "addition")
+    assert p.estimate == pytest.approx(15 / 300) == u.estimate
+    assert p.wins == 15 and p.losses == 0 and p.p < 1e-3
+    assert p.high - p.low < (u.high - u.low) / 2
+    assert p.verdict == "higher"
+    assert u.verdict == "indistinguishable"
+
+
+def test_a_few_flipped_items_are_within_the_noise():
+    rng = random.Random(2)
+    a_items = [rng.random() < 0.7 for _ in range(300)]
+    b_items = list(a_items)
+    # 10 won, 7 lost: +3 of 300.
+    wrong = [i for i, right in enumerate(a_items) if not right]
+    right = [i for i, r in enumerate(a_items) if r]
+    for i in wrong[:10]:
+        b_items[i] = True
+    for i in right[:7]:
+        b_items[i] = False
+    d = evaluation.paired(scores(b_items), scores(a_items), "addition")
+    assert (d.wins, d.losses) == (10, 7)
+    assert d.low < 0 < d.high and d.verdict == "indistinguishable"
+    assert d.p > 0.5
+
+
+def test_text_difference_is_the_pooled_ratio_and_the_interval_covers_it():
+    first = ItemScores((8, 3, 9), (10, 5, 12), (True, False, True))
+    second = ItemScores((7, 3, 6), (10, 5, 12), (True, True, False))
+    d = evaluation.paired(first, second, "text")
+    assert d.estimate == pytest.approx((20 - 16) / 27)
+    assert d.low <= d.estimate <= d.high
+    assert first.text == pytest.approx(20 / 27)
+    with pytest.raises(ValueError, match="same sentences"):
+        evaluation.paired(first, ItemScores((1,), (2,), (True,)), "text")
+    with pytest.raises(ValueError, match="skill"):
+        evaluation.paired(first, second, "maths")
+
+
+def test_standard_error_of_a_proportion():
+    a = scores([True] * 60 + [False] * 40)
+    expected = math.sqrt(0.6 * 0.4 / 100) * math.sqrt(100 / 99)
+    assert evaluation.standard_error(a, "addition") == pytest.approx(expected)
+
+
+def test_spread_over_seeds():
+    s = evaluation.spread([0.1, 0.3, 0.2])
+    assert s.mean == pytest.approx(0.2) and s.sd == pytest.approx(0.1)
+    assert (s.low, s.high) == (0.1, 0.3) and s.same_sign
+    assert not evaluation.spread([0.1, -0.1]).same_sign
+    assert evaluation.spread([0.4]).sd == 0.0
+    with pytest.raises(ValueError):
+        evaluation.spread([])
+
+
+def test_record_round_trips_and_compares_seed_by_seed(tmp_path):
+    rng = random.Random(3)
+
+    def model(p):
+        return scores([rng.random() < p for _ in range(120)])
+
+    record = evaluation.Record(
+        {seed: {"a": {"test": model(0.9)}, "b": {"test": model(0.3)}} for seed in (0, 1, 2)},
+        {"note": "synthetic"},
+    )
+    again = evaluation.Record.load(record.save(tmp_path / "r.json"))
+    assert again == record and again.seeds == [0, 1, 2] and again.names == ["a", "b"]
+    comparison = again.compare("a", "b", "addition")
+    assert comparison.verdict == "higher" and comparison.spread.same_sign
+    assert "over seeds" in str(comparison)
+    assert again.skill("a", "addition").mean > 0.8
+
+
+def test_item_scores_agree_with_measure_skills(tiny_mini_pearl):
+    mini, corpus = tiny_mini_pearl
+    model = minipearl.load_model(mini)
+    tokenizer = minipearl.load_tokenizer(mini)
+    for split in ("validation", "test"):
+        items = evaluation.item_scores(model, tokenizer, corpus, split)
+        skills = minipearl.measure_skills(model, tokenizer, corpus, split=split)
+        assert items.text == pytest.approx(skills.text, abs=1e-6)
+        assert items.addition == skills.addition
+        assert len(items.addition_right) == len(corpus.held_out(split)[1])
+
+
+def test_the_splits_are_disjoint_and_kept_out_of_training():
+    corpus = minipearl.make_corpus(sentences=200, test_sentences=30, test_problems=40)
+    test_s, test_p = corpus.held_out("test")
+    val_s, val_p = corpus.held_out("validation")
+    assert len(val_s) == 30 and len(val_p) == 40
+    assert not set(test_s) & set(val_s)
+    assert not set(test_p) & set(val_p)
+    training = set(corpus.train_problems) | set(corpus.pretrain_problems)
+    assert not (set(test_p) | set(val_p)) & training
+    assert not (set(test_s) | set(val_s)) & (
+        set(corpus.train_sentences) | set(corpus.pretrain_sentences)
+    )
+    with pytest.raises(ValueError, match="split"):
+        corpus.held_out("train")
+
+
+@pytest.fixture(scope="module")
+def tiny_mini_pearl(tmp_path_factory):
+    """An untrained tiny mini-Pearl model and a small corpus: enough to compare scorers."""
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    tokenizer = minipearl.build_tokenizer()
+    model = minipearl.new_model(tokenizer, minipearl.ModelShape(num_layers=1), seed=0)
+    minipearl.save_model(model, tokenizer, folder)
+    corpus = minipearl.make_corpus(sentences=50, test_sentences=12, test_problems=16)
+    return folder, corpus

@@ -111,7 +111,11 @@ def test_corpus_holds_out_its_tests():
     assert not set(corpus.test_sentences) & set(corpus.train_sentences)
     assert not set(corpus.test_sentences) & set(corpus.pretrain_sentences)
     assert not set(corpus.test_problems) & set(corpus.train_problems)
-    assert len(corpus.train_problems) + len(corpus.test_problems) == 100 * 100
+    assert not set(corpus.validation_problems) & set(corpus.train_problems)
+    assert not set(corpus.validation_sentences) & set(corpus.train_sentences)
+    assert len(corpus.validation_problems) == 40 and len(corpus.validation_sentences) == 50
+    held_out = len(corpus.test_problems) + len(corpus.validation_problems)
+    assert len(corpus.train_problems) + held_out == 100 * 100
     assert set(corpus.pretrain_problems) <= set(corpus.train_problems)
     assert corpus == minipearl.make_corpus(
         sentences=300, test_sentences=50, test_problems=40, seed=3
@@ -145,6 +149,8 @@ def test_the_shares_leave_the_other_texts_alone():
     assert seeded.test_sentences == bare.test_sentences
     assert seeded.train_problems == bare.train_problems
     assert seeded.test_problems == bare.test_problems
+    assert seeded.validation_sentences == bare.validation_sentences
+    assert seeded.validation_problems == bare.validation_problems
     assert seeded.pretrain_sentences != bare.pretrain_sentences
 
 

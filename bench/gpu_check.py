@@ -19,7 +19,10 @@ for each method (SLERP with Pearl's own recipe and schedule; TIES, density 0.5),
 3. deletes the two outputs (the next method's need the room).
 
 The run is appended to ``bench/gpu_results.json`` (a list of runs) and, as a section, to
-``bench/gpu_results.md``. The process exits 0 when the contract held for every method, 1
+``bench/gpu_results.md``; then ``pearl_edu/data/gpu_record.json``, the record that
+``pearl-edu merge --device auto`` reads, is rewritten from the runs so far: it lists, run by
+run, the methods that met their targets on the GPU (`method_met_targets`), and ``auto``
+picks the GPU for those alone. The process exits 0 when the contract held for every method, 1
 when it did not, 2 on bad input or missing room. ``--gpu cpu`` stands a CPU in for the GPU
 (the device backend on the CPU), so that the whole script runs, small, on any machine.
 """
@@ -42,6 +45,14 @@ sys.path.insert(0, str(ROOT))
 
 RESULTS_JSON = ROOT / "bench" / "gpu_results.json"
 RESULTS_MD = ROOT / "bench" / "gpu_results.md"
+# What `pearl-edu merge --device auto` reads (`pearl_edu.devices.gpu_record`).
+PACKAGE_RECORD = ROOT / "pearl_edu" / "data" / "gpu_record.json"
+PACKAGE_RECORD_ABOUT = (
+    "Runs of bench/gpu_check.sh on a GPU in which a method met its targets (faster than on "
+    "the CPU by the method's margin, the GPU contract held, no more host memory), copied "
+    "from bench/gpu_results.json by bench/gpu_check.py. pearl-edu merge --device auto picks "
+    "the GPU only for a method listed here with targets_met true."
+)
 METHODS = ("slerp", "ties")
 # The parents' dtypes, base first: OmniBeagle-7B ships float16, WizardMath-7B-V1.1 bfloat16.
 PARENT_DTYPES = ("float16", "bfloat16")
@@ -191,6 +202,50 @@ def check_contract(gpu_out: Path, cpu_out: Path, config: str, method: str, devic
     return figures
 
 
+def method_met_targets(method: str, m: dict) -> bool:
+    """Whether one method's figures met its targets: its speed-up, the contract, host memory.
+
+    SLERP must be no slower on the GPU, TIES at least `TIES_SPEEDUP` times faster; a
+    method without a speed target here never meets its targets.
+    """
+    if method == "slerp":
+        fast_enough = m["cuda_s"] <= m["cpu_s"]
+    elif method == "ties":
+        fast_enough = m["cpu_s"] >= TIES_SPEEDUP * m["cuda_s"]
+    else:
+        return False
+    return bool(fast_enough and m["contract_ok"] and m["peak_host_gb"] <= m["cpu_peak_host_gb"])
+
+
+def package_record(runs: list[dict]) -> dict:
+    """The package's GPU record (``pearl_edu/data/gpu_record.json``) from the runs recorded.
+
+    Only runs on a real GPU, and in each only the methods that met their targets there:
+    ``pearl-edu merge --device auto`` picks the GPU for those methods alone.
+    """
+    kept = []
+    for run in runs:
+        if "standing in" in str(run.get("device", "")):
+            continue
+        met = {
+            name: {"targets_met": True, "cpu_s": m["cpu_s"], "cuda_s": m["cuda_s"]}
+            for name, m in run.get("methods", {}).items()
+            if method_met_targets(name, m)
+        }
+        if met:
+            fields = ("date", "device", "host", "layers", "command")
+            kept.append({**{k: run[k] for k in fields if k in run}, "methods": met})
+    return {"about": PACKAGE_RECORD_ABOUT, "runs": kept}
+
+
+def sync_package_record(results_json: Path, path: Path) -> dict:
+    """Write the package's GPU record from ``results_json`` (the runs so far); return it."""
+    runs = json.loads(results_json.read_text()) if results_json.is_file() else []
+    made = package_record(runs)
+    path.write_text(json.dumps(made, indent=2) + "\n")
+    return made
+
+
 def judge(methods: dict[str, dict]) -> dict[str, bool | None]:
     """Whether a run met each target (None where its method was not run)."""
     slerp, ties = methods.get("slerp"), methods.get("ties")
@@ -305,6 +360,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the models and outputs")
     parser.add_argument("--results-json", type=Path, default=None)
     parser.add_argument("--results-md", type=Path, default=None)
+    parser.add_argument("--package-record", type=Path, default=None)
     parser.add_argument("--no-record", action="store_true", help="append nothing to the results")
     args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
@@ -319,6 +375,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.results_json = RESULTS_JSON
     if args.results_md is None and not standing_in:
         args.results_md = RESULTS_MD
+    # The package's record follows the repository's results only.
+    if args.package_record is None and args.results_json == RESULTS_JSON:
+        args.package_record = PACKAGE_RECORD
     return args
 
 
@@ -443,6 +502,13 @@ def run(
     if args.results_json is not None and not args.no_record:
         record(run_record, args.results_json, args.results_md or RESULTS_MD)
         say(f"recorded in {args.results_json}")
+        if args.package_record is not None:
+            made = sync_package_record(args.results_json, args.package_record)
+            passed = sorted({name for run in made["runs"] for name in run["methods"]})
+            say(
+                f"{args.package_record}: --device auto now picks the GPU for "
+                f"{', '.join(passed) if passed else 'no method'}"
+            )
     held = run_record["targets"]["contract_held"]
     say("OK: the contract held for every method" if held else "FAILED: the contract did not hold")
     return 0 if held else 1

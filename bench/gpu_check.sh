@@ -3,7 +3,9 @@
 # parent float16 and one bfloat16, `dtype: bfloat16`; SLERP with Pearl's schedule and TIES,
 # each merged on the GPU (everything on the device) and on the CPU (mergekit's bits); the
 # time, peak host and device memory of each merge, and the GPU's contract with the CPU
-# checked on every tensor. Appends the run to bench/gpu_results.json and gpu_results.md.
+# checked on every tensor. Appends the run to bench/gpu_results.json and gpu_results.md,
+# and lists the methods that met their targets in pearl_edu/data/gpu_record.json, the
+# record that `pearl-edu merge --device auto` reads (it picks the GPU for those alone).
 #
 #   bench/gpu_check.sh [WORK_DIR]          (default WORK_DIR: bench/out/gpu-check)
 #

@@ -2,12 +2,18 @@
 
 `resolve_device` names a device; `choose_device` is what a merge uses: for ``auto`` it
 picks the device by the merge method, with the reason, which ``pearl-edu merge`` prints.
+``auto`` picks a GPU for a method only once a run on a GPU, recorded in
+``pearl_edu/data/gpu_record.json``, met that method's targets; the device path has not yet
+run on a GPU, so today ``auto`` merges every method on the CPU.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
 
 import torch
 
@@ -49,28 +55,42 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     return torch.device("cuda", number)
 
 
-# Where ``--device auto`` merges each method when torch sees a CUDA GPU, and why. The rule
-# follows what runs where: the GPU where it is faster for the method, the CPU otherwise,
-# as `bench/gpu_check.sh` measures it (its figures: bench/gpu_results.json); a method not
-# listed stays on the CPU, where its bits are mergekit's.
-AUTO_DEVICE_RULES: dict[str, tuple[str, str]] = {
-    "slerp": (
-        "cpu",
-        "SLERP is a few operations per element, which the CPU's cores keep up with; on an "
-        "H100 host the GPU path was the slower (bench/gpu_results.md)",
-    ),
-    "ties": (
-        "cuda",
-        "TIES ranks every entry of each task vector, which the GPU does as one sort of "
-        "16-bit keys; ties at the cut are kept by position, as with --fast-trim",
-    ),
-    "dare_linear": (
-        "cpu",
-        "a GPU draws other random numbers than the CPU for the same seed: auto keeps a "
-        "seed's model the same on every machine (--device cuda draws on the GPU)",
-    ),
-}
-AUTO_DEVICE_RULES["dare_ties"] = AUTO_DEVICE_RULES["dare_linear"]
+# Where ``--device auto`` merges each method when torch sees a CUDA GPU: on the GPU only
+# for a method that a recorded run on a GPU showed to meet its targets there (faster than
+# the CPU by the method's margin, the contract held, no more host memory), as
+# `bench/gpu_check.sh` judges them; every other method on the CPU, where its bits are
+# mergekit's. The record ships with the package, kept in step with
+# bench/gpu_results.json by bench/gpu_check.py. It holds no run yet: the device path
+# (`pearl_edu.backends.cuda`) is tested on the CPU against its contract, and has not yet
+# run on a GPU.
+GPU_RECORD_FILE = "gpu_record.json"
+NOT_YET_ON_A_GPU = "the device path has not yet run on a GPU"
+
+
+def gpu_record(path: str | Path | None = None) -> dict:
+    """The record of runs on a GPU that met a method's targets (``pearl_edu/data``'s, by default).
+
+    ``{"runs": [{"date", "device", "methods": {method: {"targets_met": true, ...}}}, ...]}``.
+    """
+    if path is None:
+        text = resources.files("pearl_edu.data").joinpath(GPU_RECORD_FILE).read_text()
+    else:
+        text = Path(path).read_text()
+    record = json.loads(text)
+    if not isinstance(record, dict) or not isinstance(record.get("runs"), list):
+        raise ConfigError(f"{path or GPU_RECORD_FILE}: expected an object with a list 'runs'")
+    return record
+
+
+def run_that_met_targets(method: str | None, record: dict | None = None) -> dict | None:
+    """The latest recorded GPU run in which ``method`` met its targets, or None."""
+    runs = (record if record is not None else gpu_record())["runs"]
+    met = [
+        run
+        for run in runs
+        if (run.get("methods", {}).get(method or "") or {}).get("targets_met") is True
+    ]
+    return max(met, key=lambda run: str(run.get("date", "")), default=None)
 
 
 @dataclass(frozen=True)
@@ -81,20 +101,31 @@ class DeviceChoice:
     reason: str
 
 
-def choose_device(spec: str | torch.device = "auto", method: str | None = None) -> DeviceChoice:
+def choose_device(
+    spec: str | torch.device = "auto", method: str | None = None, record: dict | None = None
+) -> DeviceChoice:
     """The device a merge by ``method`` runs on for ``spec``, with the reason.
 
     ``cpu``, ``cuda`` and ``cuda:N`` are taken as given (`resolve_device`). ``auto`` is the
-    CPU when torch sees no CUDA GPU; with one, the device `AUTO_DEVICE_RULES` gives the
-    method (the CPU for a method it does not list).
+    CPU when torch sees no CUDA GPU; with one, it is the GPU only for a method that a run
+    in the GPU record (``record``, by default the package's: `gpu_record`) met its
+    targets in, and the CPU for every other.
     """
     device = resolve_device(spec)
     if str(spec).strip().lower() != "auto":
         return DeviceChoice(device, f"--device {str(spec).strip().lower()}")
     if device.type == "cpu":
         return DeviceChoice(device, "auto: torch sees no CUDA GPU")
-    kind, why = AUTO_DEVICE_RULES.get(
-        method or "",
-        ("cpu", f"{method}: not measured on a GPU; on the CPU its bits are mergekit's"),
-    )
-    return DeviceChoice(device if kind == "cuda" else torch.device("cpu"), f"auto: {why}")
+    record = record if record is not None else gpu_record()
+    run = run_that_met_targets(method, record)
+    if run is not None:
+        return DeviceChoice(
+            device,
+            f"auto: {method} met its targets on a GPU ({run.get('device', 'a GPU')}, "
+            f"{run.get('date', 'undated')}; bench/gpu_results.json)",
+        )
+    if not record["runs"]:
+        why = NOT_YET_ON_A_GPU
+    else:
+        why = f"no recorded run on a GPU met {method}'s targets"
+    return DeviceChoice(torch.device("cpu"), f"auto: the CPU, as {why} (--device cuda tries it)")

@@ -43,6 +43,7 @@ REPO_ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 
 from make_models import make_model_pair  # noqa: E402
+from proc_memory import run_sampled  # noqa: E402
 
 from pearl_edu.recipes import pearl_recipe  # noqa: E402
 
@@ -102,19 +103,22 @@ def command_for(tool: str, config: Path, models: tuple[Path, Path], out: Path) -
     return floor + [str(out)] + (["--buffered"] if tool == "floor-buffered" else [])
 
 
-def timed_run(command: list[str], engine: Path) -> dict:
-    """Run ``command`` under GNU time; return its wall and CPU seconds and peak RSS in MB.
+def timed_run(command: list[str], engine: Path, rollup: bool = False) -> dict:
+    """Run ``command`` under GNU time; its wall and CPU seconds, and its peak memory in MB.
 
     CPU time (user + system) is reported beside wall time because it is much less
     disturbed by other programs running on the same machine. ``engine`` is the folder
-    that holds the copy of ``pearl_edu`` to run (see `snapshot_engine`).
+    that holds the copy of ``pearl_edu`` to run (see `snapshot_engine`). Peak memory is
+    GNU time's maximum RSS (``peak_rss_mb``), which counts the pages of mapped files, and
+    beside it the peaks that `proc_memory.PeakMemory` samples from /proc every 20 ms:
+    anonymous memory (``peak_rss_anon_mb``), file pages, and with ``rollup`` the
+    proportional set size (``peak_pss_mb``, ``peak_pss_anon_mb``).
     """
     started = time.perf_counter()
-    result = subprocess.run(
+    result, peaks = run_sampled(
         [GNU_TIME, "-v", *command],
-        capture_output=True,
-        text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(engine)},
+        rollup=rollup,
     )
     seconds = time.perf_counter() - started
     if result.returncode != 0:
@@ -125,6 +129,7 @@ def timed_run(command: list[str], engine: Path) -> dict:
         "seconds": seconds,
         "cpu_seconds": user + system,
         "peak_rss_mb": int(report["Maximum resident set size (kbytes)"]) * 1024 / 1e6,
+        **peaks,
     }
 
 
@@ -155,8 +160,11 @@ def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.iterdir() if f.suffix == ".safetensors")
 
 
-def bench_one(layers: int, runs: int, out_root: Path, engine: Path) -> tuple[list[dict], dict]:
-    """Make the models for ``layers``, run every tool ``runs`` times, return runs and summary."""
+def prepare_case(layers: int, out_root: Path) -> tuple[Path, tuple[Path, Path], Path]:
+    """The folder, the two models (made if missing) and the SLERP config for ``layers``.
+
+    Every input is read once before this returns, so the runs start with a warm page cache.
+    """
     case_dir = out_root / f"layers-{layers}"
     models = (case_dir / "model_a", case_dir / "model_b")
     if not all((m / "config.json").is_file() for m in models):
@@ -166,17 +174,28 @@ def bench_one(layers: int, runs: int, out_root: Path, engine: Path) -> tuple[lis
     config = case_dir / "slerp.yml"
     config.write_text(slerp_config(layers, *models))
     warm_page_cache(list(models))
+    return case_dir, models, config
 
+
+def clean_and_settle(case_dir: Path) -> Path:
+    """Remove the last run's output (and any partial one), flush, pause; the output path."""
+    out = case_dir / "merged"
+    # Also pearl-edu's hidden partial folder, or a run could resume an old one.
+    for leftover in (out, *case_dir.glob(".merged*")):
+        shutil.rmtree(leftover, ignore_errors=True)
+    # The previous tool's writes flushed, then a pause for the disk to settle.
+    subprocess.run(["sync"], check=True)
+    time.sleep(SETTLE_SECONDS)
+    return out
+
+
+def bench_one(layers: int, runs: int, out_root: Path, engine: Path) -> tuple[list[dict], dict]:
+    """Make the models for ``layers``, run every tool ``runs`` times, return runs and summary."""
+    case_dir, models, config = prepare_case(layers, out_root)
     records = []
     for run in range(runs):
         for tool in run_order(run):
-            out = case_dir / "merged"
-            # Also pearl-edu's hidden partial folder, or a run could resume an old one.
-            for leftover in (out, *case_dir.glob(".merged*")):
-                shutil.rmtree(leftover, ignore_errors=True)
-            # The previous tool's writes flushed, then a pause for the disk to settle.
-            subprocess.run(["sync"], check=True)
-            time.sleep(SETTLE_SECONDS)
+            out = clean_and_settle(case_dir)
             measured = timed_run(command_for(tool, config, models, out), engine)
             records.append({"layers": layers, "tool": tool, "run": run, **measured})
             print(
@@ -219,6 +238,99 @@ def agreement(case_dir: Path, config: Path, models: tuple[Path, Path], engine: P
     }
 
 
+# The memory-only record: peaks of each tool, apart from the timings (which want a quiet
+# machine; memory does not), in a file of its own that both benchmarks add a section to.
+MEMORY_RESULTS = BENCH_DIR / "memory_results.json"
+MEMORY_FIELDS = (
+    "peak_rss_mb",
+    "peak_rss_anon_mb",
+    "peak_pss_mb",
+    "peak_pss_anon_mb",
+    "peak_rss_file_mb",
+)
+
+
+def memory_runs(layers: int, runs: int, out_root: Path, engine: Path) -> list[dict]:
+    """``pearl-edu merge`` and ``mergekit-yaml`` on the SLERP case, for their memory only."""
+    case_dir, models, config = prepare_case(layers, out_root)
+    records = []
+    for run in range(runs):
+        for tool in ("pearl-edu", "mergekit"):
+            out = clean_and_settle(case_dir)
+            measured = timed_run(command_for(tool, config, models, out), engine, rollup=True)
+            records.append(
+                {"case": f"slerp, {layers} layers", "tool": tool, "run": run, **measured}
+            )
+            print(memory_line(records[-1]), flush=True)
+    shutil.rmtree(case_dir / "merged", ignore_errors=True)
+    return records
+
+
+def memory_line(record: dict) -> str:
+    return (
+        f"[{record['case']}] {record['tool']:9s} max RSS {record['peak_rss_mb']:6.0f} MB, "
+        f"anonymous {record['peak_rss_anon_mb']:6.0f} MB, PSS {record['peak_pss_mb']:6.0f} MB "
+        f"(anonymous {record['peak_pss_anon_mb']:6.0f} MB), file pages "
+        f"{record['peak_rss_file_mb']:6.0f} MB"
+    )
+
+
+def memory_section(about: str, records: list[dict], fingerprint: str, note: str) -> dict:
+    """One benchmark's memory record: where and when, and the medians per case and tool."""
+    from proc_memory import INTERVAL_S
+
+    summary = []
+    for case in dict.fromkeys(r["case"] for r in records):
+        for tool in dict.fromkeys(r["tool"] for r in records if r["case"] == case):
+            mine = [r for r in records if r["case"] == case and r["tool"] == tool]
+            row = {"case": case, "tool": tool, "runs": len(mine)}
+            row.update({k: statistics.median(r[k] for r in mine) for k in MEMORY_FIELDS})
+            summary.append(row)
+    return {
+        "about": about,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "note": note,
+        "machine": machine(),
+        "page_cache": "warm: every input read once before the runs",
+        "load_average_before": [round(x, 2) for x in os.getloadavg()],
+        "sample_interval_s": INTERVAL_S,
+        "pearl_edu_source_sha256": fingerprint,
+        "summary": summary,
+        "runs": records,
+    }
+
+
+def save_memory_section(key: str, section: dict, path: Path = MEMORY_RESULTS) -> None:
+    """Put ``section`` under ``key`` in the memory record (others kept), and its table in .md."""
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    record[key] = section
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    path.with_suffix(".md").write_text(memory_markdown(record))
+
+
+def memory_markdown(record: dict) -> str:
+    """The memory record as Markdown: per section its machine, then one row per case and tool."""
+    parts = ["# Peak memory: GNU time's max RSS beside anonymous memory and PSS", ""]
+    for key, section in record.items():
+        m = section["machine"]
+        parts += [
+            f"## {key}",
+            "",
+            f"{section['date']}: {m['cpu_count']} CPU cores, {m['ram_gb']} GB of RAM, "
+            f"{section['page_cache']}; load average before {section['load_average_before']}; "
+            f"sampled every {section['sample_interval_s'] * 1000:.0f} ms.",
+            "",
+            "| case | tool | max RSS (GNU time) | anonymous (RssAnon) | PSS | PSS, anonymous "
+            "| file pages (RssFile) |",
+            "|:---|:---|---:|---:|---:|---:|---:|",
+        ]
+        for r in section["summary"]:
+            cells = " | ".join(f"{r[k]:,.0f} MB" for k in MEMORY_FIELDS)
+            parts.append(f"| {r['case']} | {r['tool']} | {cells} |")
+        parts.append("")
+    return "\n".join(parts)
+
+
 def summarize(layers: int, records: list[dict], input_bytes: int, output_bytes: int) -> dict:
     """Medians per tool and the ratios the targets are about, as one flat record."""
 
@@ -231,6 +343,8 @@ def summarize(layers: int, records: list[dict], input_bytes: int, output_bytes: 
         row[f"{key}_s"] = median(tool, "seconds")
         row[f"{key}_cpu_s"] = median(tool, "cpu_seconds")
         row[f"{key}_rss_mb"] = median(tool, "peak_rss_mb")
+        if all("peak_rss_anon_mb" in r for r in records if r["tool"] == tool):
+            row[f"{key}_anon_mb"] = median(tool, "peak_rss_anon_mb")
     row["pearl_over_mergekit"] = row["pearl_edu_s"] / row["mergekit_s"]
     row["pearl_over_floor"] = row["pearl_edu_s"] / row["floor_s"]
     row["pearl_over_mergekit_cpu"] = row["pearl_edu_cpu_s"] / row["mergekit_cpu_s"]
@@ -331,21 +445,51 @@ def machine() -> dict:
     }
 
 
+def memory_main(args: argparse.Namespace) -> None:
+    """``--memory-only``: each tool's peak memory on the SLERP case, into memory_results.json."""
+    records = []
+    with tempfile.TemporaryDirectory(prefix="pearl-edu-engine-") as snapshot:
+        engine = snapshot_engine(Path(snapshot))
+        fingerprint = engine_fingerprint(engine)
+        try:
+            for layers in args.layers:
+                records += memory_runs(layers, args.runs or 1, args.out, engine)
+        finally:
+            if not args.keep:
+                shutil.rmtree(args.out, ignore_errors=True)
+    about = (
+        "Peak memory of a Pearl-like SLERP merge of two Mistral-7B-shaped bfloat16 models "
+        "with few layers: GNU time's max RSS, and the peaks of anonymous memory and PSS."
+    )
+    save_memory_section("slerp", memory_section(about, records, fingerprint, args.note))
+    print(MEMORY_RESULTS.with_suffix(".md").read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=None, help="3 (--memory-only: 1)")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "out")
     parser.add_argument("--results", type=Path, default=BENCH_DIR / "results.json")
     parser.add_argument("--keep", action="store_true", help="keep bench/out/ (the models)")
     parser.add_argument("--note", default="", help="conditions worth recording with the results")
+    parser.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="measure only the peak memory of pearl-edu and mergekit (--runs each, default 1), "
+        "into memory_results.json; results.json and its timings are left as they are",
+    )
     args = parser.parse_args()
     if not Path(GNU_TIME).is_file():
         raise SystemExit(
             f"{GNU_TIME} (GNU time) is needed for peak memory; install it with "
             "'sudo apt-get install time' (Debian/Ubuntu)"
         )
+    if args.memory_only:
+        memory_main(args)
+        return
 
+    args.runs = args.runs or 3
     all_runs, summary = [], []
     with tempfile.TemporaryDirectory(prefix="pearl-edu-engine-") as snapshot:
         engine = snapshot_engine(Path(snapshot))

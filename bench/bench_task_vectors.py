@@ -40,10 +40,15 @@ sys.path.insert(0, str(BENCH_DIR))
 from bench_merge import (  # noqa: E402
     BIN,
     GNU_TIME,
+    MEMORY_RESULTS,
     SETTLE_SECONDS,
+    clean_and_settle,
     engine_fingerprint,
     folder_bytes,
     machine,
+    memory_line,
+    memory_section,
+    save_memory_section,
     snapshot_engine,
     timed_run,
     warm_page_cache,
@@ -143,7 +148,8 @@ def compare(a: Path, b: Path) -> dict:
     }
 
 
-def bench(layers: int, runs: int, out_root: Path, engine: Path) -> tuple[list[dict], list[dict]]:
+def prepare_models(layers: int, out_root: Path) -> tuple[Path, tuple[Path, ...]]:
+    """The case's folder and its three models (made if missing), read once: a warm cache."""
     case_dir = out_root / f"task-vectors-{layers}"
     models = tuple(case_dir / f"model_{c}" for c in "abc")
     if not all((m / "config.json").is_file() for m in models):
@@ -151,6 +157,30 @@ def bench(layers: int, runs: int, out_root: Path, engine: Path) -> tuple[list[di
         shutil.rmtree(case_dir, ignore_errors=True)
         make_models(case_dir, num_layers=layers, count=3, seed=layers)
     warm_page_cache(list(models))
+    return case_dir, models
+
+
+def memory_runs(layers: int, runs: int, out_root: Path, engine: Path) -> list[dict]:
+    """Every case and mergekit's merge of each method, for their peak memory only."""
+    case_dir, models = prepare_models(layers, out_root)
+    records = []
+    for method in ("ties", "dare_ties"):
+        config = case_dir / f"{method}.yml"
+        config.write_text(config_text(method, models))
+        for run in range(runs):
+            for label, flags in tools_for(method):
+                out = clean_and_settle(case_dir)
+                tool = "mergekit" if label.startswith("mergekit") else "pearl-edu"
+                measured = timed_run(command(tool, config, out, flags), engine, rollup=True)
+                case = label.removeprefix("mergekit ")
+                records.append({"case": case, "tool": tool, "run": run, **measured})
+                print(memory_line(records[-1]), flush=True)
+    shutil.rmtree(case_dir / "merged", ignore_errors=True)
+    return records
+
+
+def bench(layers: int, runs: int, out_root: Path, engine: Path) -> tuple[list[dict], list[dict]]:
+    case_dir, models = prepare_models(layers, out_root)
     records, summary = [], []
     for method in ("ties", "dare_ties"):
         config = case_dir / f"{method}.yml"
@@ -200,6 +230,9 @@ def summarize(method, tools, records, case_dir: Path, models) -> list[dict]:
             "pearl_edu_rss_mb": median(label, "peak_rss_mb"),
             "mergekit_rss_mb": median(mergekit_label, "peak_rss_mb"),
         }
+        if all("peak_rss_anon_mb" in r for r in records if r["case"] in (label, mergekit_label)):
+            row["pearl_edu_anon_mb"] = median(label, "peak_rss_anon_mb")
+            row["mergekit_anon_mb"] = median(mergekit_label, "peak_rss_anon_mb")
         row["pearl_over_mergekit"] = row["pearl_edu_s"] / row["mergekit_s"]
         row["pearl_over_mergekit_cpu"] = row["pearl_edu_cpu_s"] / row["mergekit_cpu_s"]
         if method == "ties":
@@ -249,17 +282,47 @@ def agreement(row: dict) -> str:
     )
 
 
+def memory_main(args: argparse.Namespace) -> None:
+    """``--memory-only``: the peaks of TIES and DARE's merges, into memory_results.json."""
+    with tempfile.TemporaryDirectory(prefix="pearl-edu-engine-") as snapshot:
+        engine = snapshot_engine(Path(snapshot))
+        fingerprint = engine_fingerprint(engine)
+        try:
+            records = memory_runs(args.layers, args.runs or 1, args.out, engine)
+        finally:
+            if not args.keep:
+                shutil.rmtree(args.out, ignore_errors=True)
+    about = (
+        f"Peak memory of TIES and DARE-TIES merges of two Mistral-7B-shaped bfloat16 fine-tunes "
+        f"over their base ({args.layers} layers, density 0.5): GNU time's max RSS, and the "
+        "peaks of anonymous memory and PSS."
+    )
+    section = memory_section(about, records, fingerprint, args.note)
+    save_memory_section("task_vectors", section)
+    print(MEMORY_RESULTS.with_suffix(".md").read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=None, help="3 (--memory-only: 1)")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "out")
     parser.add_argument("--results", type=Path, default=BENCH_DIR / "task_vector_results.json")
     parser.add_argument("--keep", action="store_true", help="keep bench/out/ (the models)")
     parser.add_argument("--note", default="", help="conditions worth recording with the results")
+    parser.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="measure only the peak memory of each case and of mergekit (--runs each, default "
+        "1), into memory_results.json; task_vector_results.json is left as it is",
+    )
     args = parser.parse_args()
     if not Path(GNU_TIME).is_file():
         raise SystemExit(f"{GNU_TIME} (GNU time) is needed for peak memory: apt-get install time")
+    if args.memory_only:
+        memory_main(args)
+        return
+    args.runs = args.runs or 3
     with tempfile.TemporaryDirectory(prefix="pearl-edu-engine-") as snapshot:
         engine = snapshot_engine(Path(snapshot))
         try:

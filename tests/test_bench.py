@@ -489,3 +489,218 @@ def test_task_vector_table_says_how_each_output_compares():
     dare = dict(row, case="dare_ties", kept_fraction=0.75, mergekit_kept_fraction=0.751)
     del dare["versus_mergekit"]
     assert "entries changed 75.0% (mergekit 75.1%)" in bench_task_vectors.markdown_table([dare])
+
+
+# --------------------------------------------------------------------------------------
+# Peak memory beside max RSS: the /proc sampler, and the memory record.
+
+
+def test_proc_fields_are_read_in_kilobytes():
+    import proc_memory
+
+    text = "Name:\tpython\nVmRSS:\t  2128 kB\nRssAnon:\t 148 kB\nRssFile:\t1980 kB\nThreads:\t1\n"
+    assert proc_memory.kb_fields(text, ("VmRSS", "RssAnon", "RssShmem")) == {
+        "VmRSS": 2128,
+        "RssAnon": 148,
+    }
+    assert proc_memory.kb_fields(text, ()) == {}
+
+
+def run_child(code: str, rollup: bool = True):
+    import proc_memory
+
+    done, peaks = proc_memory.run_sampled([sys.executable, "-c", code], rollup=rollup)
+    assert done.returncode == 0, done.stderr
+    return done, peaks
+
+
+# The child's own high-water mark of its resident set, what GNU time reports as max RSS.
+PRINT_HWM = (
+    "print(next(int(line.split()[1]) for line in open('/proc/self/status') "
+    "if line.startswith('VmHWM')))"
+)
+
+
+def test_sampler_counts_anonymous_memory_of_the_whole_process_tree():
+    grandchild = "import time; b = bytearray(150 * 10**6); time.sleep(0.6)"
+    code = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {grandchild!r}])"
+    _, peaks = run_child(code)
+    # The grandchild's 150 MB, though the child itself holds next to nothing.
+    assert peaks["peak_rss_anon_mb"] > 140 and peaks["peak_pss_anon_mb"] > 140
+    assert peaks["peak_vmrss_mb"] >= peaks["peak_rss_anon_mb"]
+    assert peaks["memory_samples"] >= 10  # 20 ms apart over more than 0.6 s
+
+
+def test_sampler_tells_mapped_file_pages_from_anonymous_memory(tmp_path):
+    """A process that maps a file and touches it: max RSS counts the file, RssAnon does not."""
+    data = tmp_path / "weights.bin"
+    data.write_bytes(os.urandom(128 * 2**20))
+    code = (
+        "import mmap, time\n"
+        f"f = open({str(data)!r}, 'rb')\n"
+        "m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)\n"
+        "total = sum(m[i] for i in range(0, len(m), 4096))\n"
+        "time.sleep(0.4)\n" + PRINT_HWM
+    )
+    done, peaks = run_child(code)
+    max_rss_mb = int(done.stdout.split()[-1]) * 1024 / 1e6
+    assert max_rss_mb > 130  # the mapped file's 134 MB, counted as the process's own
+    assert peaks["peak_rss_file_mb"] > 130
+    assert peaks["peak_rss_anon_mb"] < 60 and peaks["peak_pss_anon_mb"] < 60
+    # PSS still counts a file mapped by this process alone, whole.
+    assert peaks["peak_pss_mb"] > 130
+
+
+def test_sampler_without_rollup_reads_status_only():
+    _, peaks = run_child("import time; time.sleep(0.1)", rollup=False)
+    assert {"peak_vmrss_mb", "peak_rss_anon_mb", "peak_rss_file_mb"} <= set(peaks)
+    assert "peak_pss_mb" not in peaks
+
+
+def test_process_tree_finds_children_and_grandchildren():
+    import time
+
+    import proc_memory
+
+    grandchild = "import time; time.sleep(3)"
+    code = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {grandchild!r}])"
+    child = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 20
+        while len(proc_memory.process_tree(child.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        tree = proc_memory.process_tree(child.pid)
+        assert tree[0] == child.pid and len(tree) == 2
+    finally:
+        child.wait(timeout=30)
+    assert proc_memory.process_tree(2**22 + 7) == [2**22 + 7]  # gone: itself only, no error
+    assert proc_memory.tree_memory(2**22 + 7)["VmRSS"] == 0
+
+
+def memory_record(case, tool, rss, anon, run=0):
+    return {
+        "case": case,
+        "tool": tool,
+        "run": run,
+        "peak_rss_mb": rss,
+        "peak_rss_anon_mb": anon,
+        "peak_pss_mb": rss - 10,
+        "peak_pss_anon_mb": anon,
+        "peak_rss_file_mb": rss - anon,
+    }
+
+
+def test_memory_record_keeps_each_section_and_labels_its_machine(tmp_path):
+    records = [
+        memory_record("slerp, 2 layers", "pearl-edu", 1200.0, 550.0),
+        memory_record("slerp, 2 layers", "mergekit", 4700.0, 1400.0),
+        memory_record("slerp, 2 layers", "mergekit", 4900.0, 1600.0, run=1),
+    ]
+    section = bench_merge.memory_section("about", records, "abc", "busy")
+    assert section["page_cache"].startswith("warm") and section["sample_interval_s"] == 0.02
+    assert {"cpu_count", "ram_gb"} <= set(section["machine"]) and section["note"] == "busy"
+    rows = {(r["case"], r["tool"]): r for r in section["summary"]}
+    assert rows[("slerp, 2 layers", "mergekit")]["peak_rss_anon_mb"] == 1500.0  # the median
+    assert rows[("slerp, 2 layers", "mergekit")]["runs"] == 2
+    path = tmp_path / "memory.json"
+    ties = bench_merge.memory_section("about", [memory_record("ties", "mergekit", 1, 1)], "", "")
+    path.write_text(json.dumps({"task_vectors": ties}))
+    bench_merge.save_memory_section("slerp", section, path)
+    saved = json.loads(path.read_text())
+    assert saved == {"task_vectors": ties, "slerp": section}
+    table = path.with_suffix(".md").read_text()
+    assert "## task_vectors" in table and "## slerp" in table
+    other = {**section, "summary": section["summary"][:1]}
+    bench_merge.save_memory_section("slerp", other, path)
+    assert json.loads(path.read_text())["slerp"]["summary"] == other["summary"]
+
+
+def test_memory_table_puts_anonymous_memory_beside_max_rss():
+    records = [memory_record("ties", "mergekit", 7365.0, 2100.0)]
+    section = bench_merge.memory_section("about", records, "abc", "")
+    table = bench_merge.memory_markdown({"task_vectors": section})
+    assert "| ties | mergekit | 7,365 MB | 2,100 MB | 7,355 MB | 2,100 MB | 5,265 MB |" in table
+    cores = section["machine"]["cpu_count"]
+    assert f"{cores} CPU cores" in table and "warm" in table
+
+
+# --------------------------------------------------------------------------------------
+# The package's GPU record, which --device auto reads, follows bench/gpu_results.json.
+
+
+def gpu_figures(cpu_s, cuda_s, ok=True, host=1.0, cpu_host=1.5):
+    return {
+        "cpu_s": cpu_s,
+        "cuda_s": cuda_s,
+        "contract_ok": ok,
+        "peak_host_gb": host,
+        "cpu_peak_host_gb": cpu_host,
+    }
+
+
+def test_gpu_check_judges_each_method_by_its_own_targets():
+    import gpu_check
+
+    assert gpu_check.method_met_targets("slerp", gpu_figures(12.6, 12.0)) is True
+    assert gpu_check.method_met_targets("slerp", gpu_figures(12.6, 15.4)) is False
+    assert gpu_check.method_met_targets("slerp", gpu_figures(12.6, 6.0, host=2.2)) is False
+    assert gpu_check.method_met_targets("ties", gpu_figures(60.0, 20.0)) is True
+    assert gpu_check.method_met_targets("ties", gpu_figures(59.0, 20.0)) is False
+    assert gpu_check.method_met_targets("ties", gpu_figures(60.0, 10.0, ok=False)) is False
+    assert gpu_check.method_met_targets("dare_ties", gpu_figures(60.0, 1.0)) is False
+
+
+def test_gpu_record_lists_only_real_runs_and_methods_that_met_their_targets(tmp_path, monkeypatch):
+    import gpu_check
+
+    from pearl_edu.devices import choose_device, gpu_record
+
+    runs = [
+        {
+            "date": "2027-01-05",
+            "device": "NVIDIA H100 80GB HBM3, 79 GiB",
+            "layers": 32,
+            "methods": {"slerp": gpu_figures(12.6, 15.4), "ties": gpu_figures(60.0, 12.0)},
+        },
+        {
+            "date": "2027-01-06",
+            "device": "cpu standing in for a GPU",
+            "methods": {"slerp": gpu_figures(12.6, 1.0)},
+        },
+        {"date": "2027-01-07", "device": "NVIDIA H100", "methods": {"slerp": gpu_figures(1, 2)}},
+    ]
+    results = tmp_path / "gpu_results.json"
+    results.write_text(json.dumps(runs))
+    path = tmp_path / "gpu_record.json"
+    made = gpu_check.sync_package_record(results, path)
+    assert [run["date"] for run in made["runs"]] == ["2027-01-05"]
+    assert made["runs"][0]["methods"] == {
+        "ties": {"targets_met": True, "cpu_s": 60.0, "cuda_s": 12.0}
+    }
+    record = gpu_record(path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert choose_device("auto", "ties", record=record).device.type == "cuda"
+    assert choose_device("auto", "slerp", record=record).device.type == "cpu"
+    assert gpu_check.sync_package_record(tmp_path / "none.json", path)["runs"] == []
+
+
+def test_shipped_gpu_record_is_what_gpu_check_makes_of_the_recorded_runs():
+    import gpu_check
+
+    from pearl_edu.devices import gpu_record
+
+    results = ROOT / "bench" / "gpu_results.json"
+    runs = json.loads(results.read_text()) if results.is_file() else []
+    assert gpu_record() == gpu_check.package_record(runs)
+
+
+def test_gpu_check_updates_the_package_record_only_with_the_repositorys_results(tmp_path):
+    import gpu_check
+
+    real = gpu_check.parse_args([str(tmp_path)])
+    assert real.package_record == gpu_check.PACKAGE_RECORD
+    elsewhere = gpu_check.parse_args([str(tmp_path), "--results-json", str(tmp_path / "r.json")])
+    assert elsewhere.package_record is None
+    standing_in = gpu_check.parse_args([str(tmp_path), "--gpu", "cpu"])
+    assert standing_in.results_json is None and standing_in.package_record is None

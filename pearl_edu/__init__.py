@@ -2,7 +2,8 @@
 
 It reads mergekit's YAML with mergekit's meaning, plans every output tensor from the
 models' headers, streams weights one tensor at a time, and merges on the CPU, or on a GPU
-where one is asked for or speeds the method up (`pearl_edu.devices.choose_device`).
+where one is asked for (`pearl_edu.devices.choose_device`; the device path has not yet run
+on a GPU, so ``auto`` merges on the CPU).
 
 Importing the package never touches the network, and loads only the engine: the book's
 teaching helpers live in `pearl_edu.teaching`, and the names of theirs listed in

@@ -94,16 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--device",
         default=None,
-        help="auto (the default: the first GPU for the methods it speeds up, else the CPU; "
-        "the merge prints which and why), cpu, cuda or cuda:N",
+        help="auto (the default), cpu, cuda or cuda:N. auto merges on the CPU, and on a GPU "
+        "only a method that a recorded GPU run met its targets in: the device path has not "
+        "yet run on a GPU (it is tested on the CPU against its contract), so today auto is "
+        "the CPU for every method; the merge prints which and why",
     )
     m.add_argument(
         "--exact",
         action="store_true",
         help="mergekit 0.1.5's bits on any device: on a GPU, SLERP's sums are taken on the "
-        "CPU and the other methods run there (slower). Without it a GPU runs everything "
-        "itself, to a documented bound (book, appendix 'The GPU contract'); on the CPU the "
-        "bits are mergekit's either way",
+        "CPU and the other methods run there. Without it a GPU runs everything itself, to a "
+        "bound derived in the book (appendix 'The GPU contract') and tested on the CPU, not "
+        "yet measured on a GPU; on the CPU the bits are mergekit's either way",
     )
     m.add_argument(
         "--shard-size",

@@ -12,7 +12,8 @@ and write into the engine's reused output buffer: SLERP on `pearl_edu.backends.c
 arithmetic, TIES and DARE on `pearl_edu.backends.task_vectors` (slice by slice, with one
 mask per model instead of copies of the task vectors); linear is the core's function.
 On a GPU, SLERP, linear and the task-vector methods run on `pearl_edu.backends.cuda`
-instead, to its documented contract with the core (``backend="exact"``: the CPU's bits).
+instead, to its derived contract with the core, tested on the CPU and not yet run on a GPU
+(``backend="exact"``: the CPU's bits).
 
 Task vectors: with the base model's tensor $\theta_\text{base}$, each other model's tensor
 gives $\delta_i = \theta_i - \theta_\text{base}$, what fine-tuning changed. Task arithmetic

@@ -162,3 +162,14 @@ def test_a_malformed_record_is_a_clear_error(tmp_path):
         gpu_record(path)
     path.write_text('{"about": "x", "runs": []}')
     assert gpu_record(path)["runs"] == []
+
+
+def test_merge_help_says_the_device_path_has_not_yet_run_on_a_gpu(capsys):
+    from pearl_edu.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "the device path has not yet run on a GPU" in text
+    assert "auto is the CPU for every method" in text
+    assert "not yet measured on a GPU" in text and "speeds" not in text

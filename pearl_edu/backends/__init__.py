@@ -13,8 +13,9 @@ Two backends, chosen by `backend_for` from the tensors' device and the ``backend
   from the host copy the engine read the tensor into, and runs only the weighted sum on
   the device: the CPU's bits, at the price of the copies (``pearl-edu merge --exact``).
 - `pearl_edu.backends.cuda` (``"device"``): everything on the tensors' device, with no host
-  synchronisation per tensor, to a documented contract with the core instead of its bits
-  (``tests/test_contract.py``; the book's appendix "The GPU contract").
+  synchronisation per tensor, to a derived contract with the core instead of its bits
+  (``tests/test_contract.py``, on the CPU; the book's appendix "The GPU contract"). It has
+  not yet run on a GPU.
 
 ``"auto"``, the default, is the device backend on a CUDA GPU and the CPU backend for
 every other device. The device backend runs on CPU tensors only when asked (``backend="device"``), which

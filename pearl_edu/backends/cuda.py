@@ -2,7 +2,8 @@ r"""The device backend: each merge's math where its tensors are, as whole-tensor
 
 Written for CUDA, where `pearl_edu.backends.backend_for` hands it out by default, but
 device-agnostic: the same code runs on CPU tensors, which is how its logic is tested
-without a GPU (``tests/test_cuda_backend.py``, ``tests/test_contract.py``).
+without a GPU (``tests/test_cuda_backend.py``, ``tests/test_contract.py``). It has not yet
+run on a GPU: its contract is derived and tested on the CPU, not yet measured on a GPU.
 
 What keeps a GPU busy is what this module avoids: a host synchronisation per tensor.
 There is no ``.item()``, no ``if`` on a value computed on the device, and no tensor made
@@ -18,7 +19,7 @@ from Python numbers by a blocking copy:
   input index), so a GPU merge is reproducible, but its random draws are not the CPU's.
 
 A device adds up long sums in another order than the reference core, so the results are
-not the core's bits. What they are is stated by the contract below (`COSINE_TOLERANCE`,
+not the core's bits. What they should be is stated by the contract below (`COSINE_TOLERANCE`,
 `CONTRACT_STEPS`, `slerp_input_scale`), derived in the book's appendix "The GPU contract",
 and checked by ``pearl-edu verify --config CONFIG --input-scale-ulp N``. ``--exact``
 (``backend="exact"``) gives mergekit 0.1.5's bits on any device instead.

@@ -88,6 +88,24 @@ def test_standard_error_of_a_proportion():
     assert evaluation.standard_error(a, "addition") == pytest.approx(expected)
 
 
+def test_standard_error_of_a_published_score():
+    # 60 of 100 right: the same as the item-level standard error.
+    a = scores([True] * 60 + [False] * 40)
+    assert evaluation.share_standard_error(0.6, 100) == pytest.approx(
+        evaluation.standard_error(a, "addition")
+    )
+    # Scores in [0, 1] with mean 0.6 vary less than right-or-wrong ones: a bound.
+    rng = random.Random(4)
+    graded = [rng.uniform(0.2, 1.0) for _ in range(400)]
+    mean = sum(graded) / len(graded)
+    sd = math.sqrt(sum((g - mean) ** 2 for g in graded) / (len(graded) - 1))
+    assert sd / math.sqrt(len(graded)) < evaluation.share_standard_error(mean, len(graded))
+    with pytest.raises(ValueError):
+        evaluation.share_standard_error(0.5, 1)
+    with pytest.raises(ValueError):
+        evaluation.share_standard_error(1.5, 10)
+
+
 def test_spread_over_seeds():
     s = evaluation.spread([0.1, 0.3, 0.2])
     assert s.mean == pytest.approx(0.2) and s.sd == pytest.approx(0.1)

@@ -266,6 +266,21 @@ def standard_error(scores: ItemScores, skill: str) -> float:
     return (variance.sqrt() / total.mean()).item()
 
 
+def share_standard_error(score: float, items: int) -> float:
+    r"""The standard error of a published score: a mean ``score`` over ``items`` items.
+
+    For right-or-wrong items, $\sqrt{p(1-p)/(n-1)}$, the same as `standard_error` gives for
+    a model with that share right (and what lm-evaluation-harness reports). For items
+    scored anywhere in $[0, 1]$ (a probability, say), their variance is at most
+    $p(1-p)$, so this is an upper bound.
+    """
+    if items < 2:
+        raise ValueError(f"a standard error needs at least two items, not {items}")
+    if not 0 <= score <= 1:
+        raise ValueError(f"a score must be a share between 0 and 1, not {score}")
+    return math.sqrt(score * (1 - score) / (items - 1))
+
+
 # ---------------------------------------------------------------------------------------
 # Seeds
 

@@ -112,7 +112,7 @@ def timed_run(command: list[str], engine: Path, rollup: bool = False) -> dict:
     GNU time's maximum RSS (``peak_rss_mb``), which counts the pages of mapped files, and
     beside it the peaks that `proc_memory.PeakMemory` samples from /proc every 20 ms:
     anonymous memory (``peak_rss_anon_mb``), file pages, and with ``rollup`` the
-    proportional set size (``peak_pss_mb``, ``peak_pss_anon_mb``).
+    proportional set size (``peak_pss_mb``, ``peak_pss_anon_mb``, sampled every second).
     """
     started = time.perf_counter()
     result, peaks = run_sampled(
@@ -277,7 +277,7 @@ def memory_line(record: dict) -> str:
 
 def memory_section(about: str, records: list[dict], fingerprint: str, note: str) -> dict:
     """One benchmark's memory record: where and when, and the medians per case and tool."""
-    from proc_memory import INTERVAL_S
+    from proc_memory import INTERVAL_S, ROLLUP_INTERVAL_S
 
     summary = []
     for case in dict.fromkeys(r["case"] for r in records):
@@ -294,6 +294,7 @@ def memory_section(about: str, records: list[dict], fingerprint: str, note: str)
         "page_cache": "warm: every input read once before the runs",
         "load_average_before": [round(x, 2) for x in os.getloadavg()],
         "sample_interval_s": INTERVAL_S,
+        "pss_interval_s": ROLLUP_INTERVAL_S,
         "pearl_edu_source_sha256": fingerprint,
         "summary": summary,
         "runs": records,
@@ -318,7 +319,8 @@ def memory_markdown(record: dict) -> str:
             "",
             f"{section['date']}: {m['cpu_count']} CPU cores, {m['ram_gb']} GB of RAM, "
             f"{section['page_cache']}; load average before {section['load_average_before']}; "
-            f"sampled every {section['sample_interval_s'] * 1000:.0f} ms.",
+            f"sampled every {section['sample_interval_s'] * 1000:.0f} ms "
+            f"(PSS every {section['pss_interval_s']:g} s).",
             "",
             "| case | tool | max RSS (GNU time) | anonymous (RssAnon) | PSS | PSS, anonymous "
             "| file pages (RssFile) |",

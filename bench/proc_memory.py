@@ -11,18 +11,24 @@ which is why ``Pss_Anon`` is recorded beside it.
 
 `PeakMemory` polls the tree of processes under one PID every `INTERVAL_S` seconds and keeps
 the peak of each sum. A peak shorter than the interval can be missed; GNU time's figure,
-a high-water mark kept by the kernel, cannot, so both are recorded side by side.
+a high-water mark kept by the kernel, cannot, so both are recorded side by side. The PSS
+fields are read less often, every `ROLLUP_INTERVAL_S`: reading smaps_rollup walks the
+process's page tables under its memory-map lock, which stalls a process that maps gigabytes
+(every 20 ms, it slowed a mergekit merge several times over on a busy 2-core machine), so
+their peaks are lower bounds.
 """
 
 from __future__ import annotations
 
 import subprocess
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 PROC = Path("/proc")
 INTERVAL_S = 0.02
+ROLLUP_INTERVAL_S = 1.0
 # Fields summed over the tree, in kB as /proc gives them: from status (cheap counters)...
 STATUS_FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
 # ... and from smaps_rollup (a walk of the page tables: read only when asked).
@@ -89,10 +95,18 @@ class PeakMemory:
     (10^6 bytes), keyed ``peak_vmrss_mb``, ``peak_rss_anon_mb``, ... and ``peak_pss_mb``.
     """
 
-    def __init__(self, root: int, interval: float = INTERVAL_S, rollup: bool = False) -> None:
+    def __init__(
+        self,
+        root: int,
+        interval: float = INTERVAL_S,
+        rollup: bool = False,
+        rollup_interval: float = ROLLUP_INTERVAL_S,
+    ) -> None:
         self.root, self.interval, self.rollup = root, interval, rollup
+        self.rollup_interval = rollup_interval
         self.peaks_kb: dict[str, int] = {}
-        self.samples = 0
+        self.samples = self.rollup_samples = 0
+        self._last_rollup = -float("inf")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -104,10 +118,14 @@ class PeakMemory:
                 return
 
     def sample(self) -> None:
-        now = tree_memory(self.root, self.rollup)
+        rollup = self.rollup and time.monotonic() - self._last_rollup >= self.rollup_interval
+        now = tree_memory(self.root, rollup)
         if not now.get("VmRSS"):
             return  # the process has gone (or not started)
         self.samples += 1
+        if rollup:
+            self._last_rollup = time.monotonic()
+            self.rollup_samples += 1
         for name, kb in now.items():
             self.peaks_kb[name] = max(kb, self.peaks_kb.get(name, 0))
 
@@ -130,17 +148,20 @@ class PeakMemory:
             "Pss_File": "peak_pss_file_mb",
         }
         peaks = {key[name]: kb * 1024 / 1e6 for name, kb in self.peaks_kb.items()}
-        return {**peaks, "memory_samples": self.samples}
+        return {**peaks, "memory_samples": self.samples, "pss_samples": self.rollup_samples}
 
 
 def run_sampled(
-    command: Sequence[str], env: dict[str, str] | None = None, rollup: bool = False
+    command: Sequence[str],
+    env: dict[str, str] | None = None,
+    rollup: bool = False,
+    rollup_interval: float = ROLLUP_INTERVAL_S,
 ) -> tuple[subprocess.CompletedProcess, dict[str, float]]:
     """Run ``command`` (output captured, as text) while `PeakMemory` samples its tree."""
     process = subprocess.Popen(
         list(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
-    with PeakMemory(process.pid, rollup=rollup) as peak:
+    with PeakMemory(process.pid, rollup=rollup, rollup_interval=rollup_interval) as peak:
         stdout, stderr = process.communicate()
     done = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     return done, peak.megabytes()

@@ -509,7 +509,8 @@ def test_proc_fields_are_read_in_kilobytes():
 def run_child(code: str, rollup: bool = True):
     import proc_memory
 
-    done, peaks = proc_memory.run_sampled([sys.executable, "-c", code], rollup=rollup)
+    command = [sys.executable, "-c", code]
+    done, peaks = proc_memory.run_sampled(command, rollup=rollup, rollup_interval=0.05)
     assert done.returncode == 0, done.stderr
     return done, peaks
 
@@ -529,6 +530,7 @@ def test_sampler_counts_anonymous_memory_of_the_whole_process_tree():
     assert peaks["peak_rss_anon_mb"] > 140 and peaks["peak_pss_anon_mb"] > 140
     assert peaks["peak_vmrss_mb"] >= peaks["peak_rss_anon_mb"]
     assert peaks["memory_samples"] >= 10  # 20 ms apart over more than 0.6 s
+    assert 2 <= peaks["pss_samples"] < peaks["memory_samples"]  # PSS less often
 
 
 def test_sampler_tells_mapped_file_pages_from_anonymous_memory(tmp_path):

@@ -2,7 +2,8 @@
 
     python bench/plot_results.py [RESULTS_JSON] [OUTPUT_PNG]
 
-Left: median wall time of each tool per layer count. Right: peak resident memory. Each bar
+Left: median wall time of each tool per layer count. Right: GNU time's max RSS, which
+counts mapped file pages (``memory_results.json`` has anonymous memory beside it). Each bar
 carries its value; one legend serves both panels. The figure is saved as
 ``book/_static/performance.png``, so the book build needs neither the benchmark nor a
 network.
@@ -47,7 +48,7 @@ def plot(results: dict, figure_path: Path) -> None:
             positions, [r[f"{key}_rss_mb"] / 1000 for r in summary], width, color=colour
         )
         ax_rss.bar_label(bars, fmt="%.1f", fontsize="small", padding=2)
-    for ax, ylabel in ((ax_time, "median wall time (s)"), (ax_rss, "peak resident memory (GB)")):
+    for ax, ylabel in ((ax_time, "median wall time (s)"), (ax_rss, "max RSS, GNU time (GB)")):
         ax.set_xticks(range(len(layers)), [f"{n} layers" for n in layers])
         ax.set_ylabel(ylabel)
         ax.spines[["top", "right"]].set_visible(False)
@@ -58,7 +59,7 @@ def plot(results: dict, figure_path: Path) -> None:
     machine = results["machine"]
     fig.suptitle(
         f"SLERP merge of two Mistral-7B-shaped bf16 models "
-        f"({machine['cpu_count']} CPU cores, warm page cache)",
+        f"({machine['cpu_count']} CPU cores, {machine['ram_gb']:g} GB of RAM, warm page cache)",
         fontsize="medium",
     )
     fig.tight_layout(rect=(0, 0, 1, 0.89))

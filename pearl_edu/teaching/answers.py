@@ -526,6 +526,38 @@ def _mlp_16() -> float:
     return _pearl_schedule().column("t", "mlp")[16]
 
 
+def _items_for_one_point(p: float = 0.72, gap: float = 0.01) -> int:
+    """ex-eval-items: the fewest items for which an unpaired gap lies outside the 95% bound,
+    1.96 * sqrt(2) * SE(p, n) < gap, with SE from `evaluation.share_standard_error`."""
+    from pearl_edu.teaching import evaluation
+
+    n = math.ceil(1 + 2 * p * (1 - p) * (1.96 / gap) ** 2)  # eq:standard-error, solved for n
+    while 1.96 * math.sqrt(2) * evaluation.share_standard_error(p, n) >= gap:
+        n += 1
+    return n
+
+
+@functools.cache
+def _seed_comparison():
+    """ex-eval-seeds: uniform t = 0.6 against t = 0.5 on additions, over the recorded seeds."""
+    from pearl_edu.teaching import evaluation
+
+    record = evaluation.Record.load("evaluation")
+    return record.compare("slerp t=0.6", "slerp t=0.5", "addition")
+
+
+def _seeds_excluding_zero() -> int:
+    return sum(d.excludes_zero for d in _seed_comparison().by_seed.values())
+
+
+def _paired_gsm8k_p(pearl: int = 971, omnibeagle: int = 924, disagree: int = 151) -> float:
+    """ex-eval-paired: McNemar's p when the two disagree on ``disagree`` problems."""
+    from pearl_edu.teaching import evaluation
+
+    wins = (disagree + pearl - omnibeagle) // 2
+    return evaluation.mcnemar(wins, disagree - wins)
+
+
 def _exercises() -> dict[str, Exercise]:
     exercises = [
         Exercise(
@@ -827,6 +859,52 @@ def _exercises() -> dict[str, Exercise]:
                     _capstone,
                     "Interpolating trades one skill for the other; look for a merge that keeps "
                     "more of both parents' steps (chapter 10's methods).",
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-eval-items",
+            (
+                Blank(
+                    "items_needed",
+                    "how many items a one-point unpaired difference near 72% needs",
+                    within_factor(_items_for_one_point, 1.1),
+                    "Set 1.96 * sqrt(2 * p * (1 - p) / (n - 1)) equal to 0.01 with p = 0.72 "
+                    "and solve for n.",
+                    _items_for_one_point,
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-eval-seeds",
+            (
+                Blank(
+                    "seeds_excluding_zero",
+                    "on how many seeds the paired interval excludes zero",
+                    close_to(_seeds_excluding_zero, abs_tol=0),
+                    "Count the seeds of record.compare(...).by_seed whose excludes_zero is True.",
+                    _seeds_excluding_zero,
+                ),
+                Blank(
+                    "verdict",
+                    'the verdict over seeds: "higher", "lower" or "indistinguishable"',
+                    same_words(lambda: _seed_comparison().verdict),
+                    "A verdict over seeds needs every seed's interval to exclude zero the "
+                    "same way.",
+                    lambda: _seed_comparison().verdict,
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-eval-paired",
+            (
+                Blank(
+                    "p_value",
+                    "the exact McNemar p-value of Pearl's wins and losses",
+                    close_to(_paired_gsm8k_p, rel_tol=0.05),
+                    "Solve wins - losses = 971 - 924 and wins + losses = 151, then call "
+                    "evaluation.mcnemar(wins, losses).",
+                    _paired_gsm8k_p,
                 ),
             ),
         ),

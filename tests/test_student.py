@@ -191,8 +191,8 @@ def test_markdown_pages_lose_their_solutions_and_hidden_cells_but_keep_outputs(e
     assert shown and all(c.outputs for c in shown)  # run in the teacher's folder
     intro = _text(nbformat.read(out / "book" / "intro.ipynb", as_version=4))
     assert "](performance.ipynb)" in intro and "](performance.md)" not in intro  # relinked
-    course = (out / "book" / "course.md").read_text()  # plain Markdown stays Markdown
-    assert course.startswith("# Teaching with this book")
+    page = (out / "book" / "course_student.md").read_text()  # plain Markdown stays Markdown
+    assert page.startswith("# About this course")
 
 
 def test_config_of_the_student_book(edition):
@@ -208,7 +208,13 @@ def test_config_of_the_student_book(edition):
     )
     for folder in config["sphinx"]["config"]["html_static_path"]:
         assert Path(folder).is_absolute()
-    assert (out / "_toc.yml").read_text() == (ROOT / "_toc.yml").read_text()
+    toc = yaml.safe_load((out / "_toc.yml").read_text())
+    assert toc == student.student_toc(ROOT)
+    teacher_toc = (ROOT / "_toc.yml").read_text()
+    assert "file: book/course\n" in teacher_toc and "course_student" not in teacher_toc
+    assert (out / "_toc.yml").read_text().replace("book/course_student", "book/course") == (
+        yaml.safe_dump(yaml.safe_load(teacher_toc), sort_keys=False)
+    )  # the same book, but for the course guide
     assert (out / "book" / "references.bib").is_file()
     assert (out / "pearl_edu" / "core" / "slerp.py").is_file()  # chapter 05's literalinclude
 
@@ -240,3 +246,86 @@ def test_the_command_writes_the_notebooks(tmp_path, capsys):
     said = capsys.readouterr().out
     assert f"in {tmp_path / 'notebooks'}, with {len(answers.EXERCISES)} exercises" in said
     assert (tmp_path / "notebooks" / "capstone.ipynb").is_file()
+
+
+# ---------------------------------------------------------------------------------------
+# Teacher-only pages: the course guide, and the capstone's worked solution and rubric
+
+COURSE_GUIDE = ROOT / "book" / "course.md"
+TEACHER_ONLY_PHRASES = [
+    "Keep this edition, with the solutions",
+    "Teaching with this book",
+    "How the capstone is marked",
+    "Rubric for the written explanation",
+    "What a good explanation says",
+    "WORKED_SOLUTION",
+    "weight: -0.4",
+]
+
+
+def _teacher_only_texts() -> list[str]:
+    """The phrases above, and every plain line of the course guide (no markup to render)."""
+    guide = COURSE_GUIDE.read_text()
+    assert all(p in guide for p in TEACHER_ONLY_PHRASES[:3])  # the guide says them
+    lines = [
+        line.strip()
+        for line in guide.split("\n")
+        if len(line.strip()) > 40 and not re.search(r"[`{}*|$\[\]_]", line)
+    ]
+    assert len(lines) > 20
+    return TEACHER_ONLY_PHRASES + lines
+
+
+def _normalised(text: str) -> str:
+    """Text as the HTML shows it, with Sphinx's curly quotes and dashes made plain again."""
+    for fancy, plain in (("\u2019", "'"), ("\u2018", "'"), ("\u201c", '"'), ("\u201d", '"')):
+        text = text.replace(fancy, plain)
+    return text.replace("\u2013", "--").replace("\u2014", "---")
+
+
+def test_the_student_edition_has_no_teacher_only_page(edition):
+    out, _ = edition
+    assert not (out / "book" / "course.md").exists()
+    assert "book/course\n" not in (out / "_toc.yml").read_text()
+    assert "book/course_student" in (out / "_toc.yml").read_text()
+    files = [p for p in out.rglob("*") if p.suffix in (".md", ".ipynb", ".yml")]
+    assert len(files) > 15
+    texts = _teacher_only_texts()
+    for path in files:
+        text = path.read_text()
+        for teacher in texts:
+            assert teacher not in text, f"{path.relative_to(out)}: teacher-only {teacher[:60]!r}"
+
+
+def test_the_check_would_catch_the_course_guide(tmp_path):
+    """Built the old way, with the guide listed, the student edition fails the check above."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(student, "TEACHER_ONLY", {})
+        student.build(tmp_path, ROOT)
+    leaked = (tmp_path / "book" / "course.md").read_text()
+    assert any(teacher in leaked for teacher in _teacher_only_texts())
+
+
+def test_the_capstone_keeps_its_task_and_loses_its_solution_and_rubric(edition):
+    out, _ = edition
+    cells = nbformat.read(out / "notebooks" / "capstone.ipynb", as_version=4).cells
+    text = "\n".join(c.source for c in cells)
+    assert "capstone.try_recipe" in text and ":label: ex-capstone" in text
+    assert "**Your explanation.**" in text  # the cell for the student's explanation
+    for teacher in ("Rubric", "rubric", "WORKED_SOLUTION", "weight: -0.4", "linear_recipe"):
+        assert teacher not in text
+    outputs = "\n".join(str(c.get("outputs", "")) for c in cells if c.cell_type == "code")
+    assert "test split" not in outputs  # only the validation split is shown to the student
+
+
+def test_the_student_html_has_no_teacher_only_page():
+    html = ROOT / "_build" / "student" / "html"
+    pages = sorted(html.glob("**/*.html"))
+    assert len(pages) > 10, f"{html}: build the student edition first ('make student')"
+    assert (html / "book" / "course_student.html").is_file()
+    assert not (html / "book" / "course.html").exists()
+    texts = _teacher_only_texts()
+    for path in pages:
+        shown = _normalised(path.read_text())
+        for teacher in texts:
+            assert teacher not in shown, f"{path.relative_to(html)}: teacher-only {teacher[:60]!r}"

@@ -13,7 +13,10 @@ notebook to hand out, ``<out>/notebooks/<chapter>.ipynb``:
 - every other cell stays as it is, with its saved outputs, so the figures are there
   before a student runs anything.
 
-The book's other pages come along without their solutions; those with code to run (MyST
+The teacher-only pages (`TEACHER_ONLY`: the course guide, ``book/course.md``, with its
+marking procedure) stay out of it: the student edition lists a page for students in their
+place (``book/course_student.md``), in its own ``_toc.yml``. The book's other pages come
+along without their solutions; those with code to run (MyST
 Markdown notebooks such as ``book/performance.md``) are run in the teacher's folder and
 written as notebooks, with their outputs. With ``--html`` it also builds the student
 edition of the HTML book into ``<out>/html``: the same theme and pages, from those
@@ -49,6 +52,11 @@ This is the **student edition**: the exercises' solutions are left out. Where an
 has an answer to compute, fill in the cell after it (replace each `...`) and run the cell
 below it, which checks your answer and gives a hint if it is not right yet.
 :::"""
+
+# The teacher's pages that the student edition leaves out, each with the page it lists in
+# its place (None: nothing). The main book does not build the replacements: they are not in
+# its _toc.yml, and its _config.yml builds only the pages listed there.
+TEACHER_ONLY: dict[str, str | None] = {"book/course": "book/course_student"}
 
 _OPEN = re.compile(r"^(?P<fence>:{3,}|`{3,})\{(?P<name>[a-z:-]+)\}\s*(?P<arg>\S*)")
 
@@ -258,6 +266,49 @@ def chapters(root: Path = ROOT) -> list[str]:
     return [re.sub(r"\.(ipynb|md)$", "", f) for f in found]
 
 
+def student_chapters(root: Path = ROOT) -> list[str]:
+    """`chapters` with each teacher-only page replaced by its student page (`TEACHER_ONLY`)."""
+    replaced = [TEACHER_ONLY.get(entry, entry) for entry in chapters(root)]
+    return [entry for entry in replaced if entry is not None]
+
+
+def student_toc(root: Path = ROOT) -> dict:
+    """The book's ``_toc.yml`` with each teacher-only page replaced (or left out)."""
+    toc = yaml.safe_load((root / "_toc.yml").read_text())
+
+    def replace(entries: list | None) -> list | None:
+        if entries is None:
+            return None
+        kept = []
+        for entry in entries:
+            entry = dict(entry)
+            if "file" in entry:
+                stem = re.sub(r"\.(ipynb|md)$", "", entry["file"])
+                if stem in TEACHER_ONLY:
+                    if TEACHER_ONLY[stem] is None:
+                        continue
+                    entry["file"] = TEACHER_ONLY[stem]
+            for key in ("sections", "chapters"):
+                if key in entry:
+                    entry[key] = replace(entry[key])
+            if "parts" in entry:
+                entry["parts"] = [
+                    {**part, "chapters": replace(part.get("chapters"))} for part in entry["parts"]
+                ]
+            kept.append(entry)
+        return kept
+
+    if toc["root"] in TEACHER_ONLY:
+        raise ValueError(f"_toc.yml: the root page {toc['root']} is teacher-only")
+    if "chapters" in toc:
+        toc["chapters"] = replace(toc["chapters"])
+    toc["parts"] = [
+        {**part, "chapters": replace(part.get("chapters"))} for part in toc.get("parts", [])
+    ]
+    toc["parts"] = [part for part in toc["parts"] if part["chapters"]]
+    return toc
+
+
 def build(out: Path = DEFAULT_OUT, root: Path = ROOT) -> dict[Path, list[str]]:
     """Write the student notebooks (and the book's other pages) under ``out``.
 
@@ -273,7 +324,7 @@ def build(out: Path = DEFAULT_OUT, root: Path = ROOT) -> dict[Path, list[str]]:
             target.unlink()
     written: dict[Path, list[str]] = {}
     pages: list[Path] = []
-    for entry in chapters(root):
+    for entry in student_chapters(root):
         source = _source_of(root, entry)
         target = out / source.relative_to(root)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -288,7 +339,7 @@ def build(out: Path = DEFAULT_OUT, root: Path = ROOT) -> dict[Path, list[str]]:
         _copy_included_files(source, root, out)
     _relink(pages, {p.with_suffix(".md") for p in written})
     _copy_book_assets(root, out)
-    shutil.copy2(root / "_toc.yml", out / "_toc.yml")
+    (out / "_toc.yml").write_text(yaml.safe_dump(student_toc(root), sort_keys=False))
     (out / "_config.yml").write_text(yaml.safe_dump(student_config(root), sort_keys=False))
     return written
 

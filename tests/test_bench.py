@@ -12,8 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from pearl_edu.io import read_header
+from pearl_edu.teaching import minipearl
+from pearl_edu.teaching.evaluation import ItemScores, Record
 from pearl_edu.teaching.toy import hf_config, load_state_dict, tensor_shapes
 from pearl_edu.verify import verify
 
@@ -23,6 +26,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import bench_merge  # noqa: E402
 import io_floor  # noqa: E402
 import mini_pearl_seeds  # noqa: E402
+import seeds_beyond_slerp  # noqa: E402
 from make_models import make_model_pair  # noqa: E402
 
 TOY = dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, vocab_size=96)
@@ -340,46 +344,121 @@ def test_gpu_check_refuses_unknown_methods():
     assert gpu_check.parse_args(["work"]).results_json == gpu_check.RESULTS_JSON
 
 
-def test_recorded_seeds_cover_both_regimes_and_add_up():
-    """The record chapter 07 shows: three seeds per regime, each share computed from its skills."""
-    import json
-
-    record = json.loads(mini_pearl_seeds.DATA_FILE.read_text())
-    rows = {(row["regime"], row["seed"]): row for row in record["rows"]}
-    assert set(rows) == {(regime, seed) for regime in ("siblings", "far") for seed in (0, 1, 2)}
-    for row in rows.values():
-        skills = row["skills"]
-        base, merge = skills["base"], skills["slerp_t_0.5"]
-        text_gain = skills["generalist"]["text"] - base["text"]
-        addition_gain = skills["specialist"]["addition"] - base["addition"]
-        assert row["text_gain"] == pytest.approx(text_gain)
-        assert row["addition_gain"] == pytest.approx(addition_gain)
-        assert row["text_kept"] == pytest.approx((merge["text"] - base["text"]) / text_gain)
-        assert row["addition_kept"] == pytest.approx(
-            (merge["addition"] - base["addition"]) / addition_gain
-        )
-    assert record["settings"]["siblings"] == repr(mini_pearl_seeds.REGIMES["siblings"])
-    assert record["settings"]["far"] == repr(mini_pearl_seeds.REGIMES["far"])
-
-
-def test_seeds_table_has_a_row_per_build():
-    row = {
-        "regime": "siblings",
-        "seed": 4,
-        "skills": {
-            "base": {"text": 0.5, "addition": 0.25},
-            "generalist": {"text": 0.75, "addition": 0.25},
-            "specialist": {"text": 0.5, "addition": 0.75},
-            "slerp_t_0.5": {"text": 0.625, "addition": 0.5},
-        },
-        "text_kept": 0.5,
-        "addition_kept": 0.5,
-    }
-    lines = mini_pearl_seeds.table([row, row]).splitlines()
-    assert len(lines) == 4
-    assert lines[2] == (
-        "| siblings | 4 | 50.0% / 25.0% | 75.0% | 75.0% | 62.5% / 50.0% | 50% | 50% |"
+def _stand_in(settings) -> minipearl.MiniPearl:
+    """A mini-Pearl whose folders are only names: enough to write the benches' recipes."""
+    folder = Path("/models")
+    return minipearl.MiniPearl(
+        folder / "base", folder / "generalist", folder / "math", {}, settings=settings
     )
+
+
+@pytest.mark.parametrize("regime", ["siblings", "far"])
+def test_chapter_07_record_holds_every_model_for_three_seeds(regime):
+    """The record chapter 07 prints: every model the bench makes, both splits, three seeds."""
+    name, settings = mini_pearl_seeds.REGIMES[regime]
+    record = Record.load(name)
+    assert record.seeds == [0, 1, 2]
+    expected = ["base", "generalist", "math"]
+    if regime == "siblings":
+        expected += [f"slerp t={t}" for t in mini_pearl_seeds.SWEEP]
+        expected += ["lerp t=0.5", *mini_pearl_seeds.SCHEDULES]
+    else:
+        expected += ["slerp t=0.5"]
+    expected += ["half generalist step", "half math step"]
+    assert record.names == expected
+    assert record.meta["settings"] == repr(settings)
+    for seed in record.seeds:
+        assert list(record.scores[seed]) == expected
+        for split in ("validation", "test"):
+            items = record.get(seed, "base", split)
+            assert len(items.addition_right) == 300 and len(items.text_total) == 300
+    # Three trainings, not one copied: the bases differ item by item.
+    assert record.get(0, "base") != record.get(1, "base") != record.get(2, "base")
+    # The parents gained their own skills on every seed.
+    for seed in record.seeds:
+        base, generalist, math = (record.get(seed, n) for n in ("base", "generalist", "math"))
+        assert generalist.text > base.text + 0.05 and math.addition > base.addition + 0.05
+
+
+def test_chapter_07_schedules_replace_only_the_lists_of_t():
+    from pearl_edu.config import load_config
+
+    mini = _stand_in(minipearl.SIBLING_SETTINGS)
+    attention, mlp = mini_pearl_seeds.SCHEDULES["ends moved in"]
+    config = load_config(mini_pearl_seeds.schedule_recipe(mini, attention, mlp))
+    pearl = load_config(minipearl.scaled_pearl_recipe(mini.generalist, mini.math, 4))
+    assert config.merge_method == pearl.merge_method == "slerp"
+    assert config.base_model == pearl.base_model and config.dtype == pearl.dtype
+    t = yaml.safe_load(mini_pearl_seeds.schedule_recipe(mini, attention, mlp))["parameters"]["t"]
+    assert t == [
+        {"filter": "self_attn", "value": [0.25, 0.5, 0.3, 0.7, 0.75]},
+        {"filter": "mlp", "value": [0.75, 0.5, 0.7, 0.3, 0.25]},
+        {"value": 0.5},
+    ]
+    pearl_t = yaml.safe_load(
+        mini_pearl_seeds.schedule_recipe(mini, *mini_pearl_seeds.SCHEDULES["Pearl's schedule"])
+    )["parameters"]["t"]
+    assert (
+        pearl_t
+        == yaml.safe_load(minipearl.scaled_pearl_recipe(mini.generalist, mini.math, 4))[
+            "parameters"
+        ]["t"]
+    )
+
+
+def test_chapter_07_table_has_a_row_per_model_and_a_column_per_seed():
+    right = ItemScores((3, 1), (4, 4), (True, False, True, True))
+    wrong = ItemScores((1, 1), (4, 4), (False, False, False, True))
+    record = Record(
+        {seed: {"base": {"test": wrong}, "merge": {"test": right}} for seed in (0, 4)}, {}
+    )
+    lines = mini_pearl_seeds.table(record).splitlines()
+    assert len(lines) == 3 and "seed 4" in lines[0]
+    assert lines[2] == f"{'merge':20s}" + "  50.0%/ 75.0%" * 2
+
+
+@pytest.mark.parametrize("regime", ["siblings", "far"])
+def test_chapter_10_record_holds_every_recipe_for_three_seeds(regime):
+    """The record chapter 10 prints: one model per recipe the bench writes, three seeds."""
+    name, settings = seeds_beyond_slerp.REGIMES[regime]
+    record = Record.load(name)
+    stand_in = _stand_in(settings)
+    recipes = (
+        seeds_beyond_slerp.recipes(stand_in)
+        if regime == "siblings"
+        else seeds_beyond_slerp.far_recipes(stand_in)
+    )
+    assert record.seeds == [0, 1, 2]
+    assert record.names == ["base", "generalist", "math", *recipes]
+    assert record.meta["settings"] == repr(settings)
+    if regime == "siblings":
+        for seed in record.seeds:
+            # Density 1 drops nothing: DARE's plain sum is task arithmetic, item by item.
+            for split in ("validation", "test"):
+                assert record.get(seed, "dare_linear 1.0", split) == record.get(
+                    seed, "task arithmetic 1.0", split
+                )
+            # Subtracting the specialist's step unlearns additions on every seed.
+            minus = record.get(seed, "minus the math step")
+            assert minus.addition < record.get(seed, "base").addition
+
+
+def test_chapter_10_recipes_are_the_methods_they_are_named_after():
+    from pearl_edu.config import load_config
+
+    recipes = seeds_beyond_slerp.recipes(_stand_in(minipearl.SIBLING_SETTINGS))
+    assert len(recipes) == 2 + 6 + 6 + 2 * 5 + 3
+    ties = load_config(recipes["ties 0.2"])
+    assert ties.merge_method == "ties" and ties.base_model == "/models/base"
+    densities = [m["parameters"]["density"] for m in yaml.safe_load(recipes["ties 0.2"])["models"]]
+    assert densities == [0.2, 0.2]
+    task = yaml.safe_load(recipes["task arithmetic 0.75"])
+    assert task["parameters"] == {"lambda": 0.75} and task["merge_method"] == "task_arithmetic"
+    linear = yaml.safe_load(recipes["linear"])
+    assert "base_model" not in linear
+    assert [m["parameters"]["weight"] for m in linear["models"]] == [0.5, 0.5]
+    minus = yaml.safe_load(recipes["minus the generalist step"])
+    assert minus["models"] == [{"model": "/models/generalist", "parameters": {"weight": -1.0}}]
 
 
 def test_numpy_era_drift_record_is_complete_and_adds_up():

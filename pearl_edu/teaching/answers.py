@@ -514,8 +514,11 @@ def _dare_noise_ratio(kept: float = 0.1) -> float:
 def _capstone(given: Any) -> tuple[bool, str]:
     from pearl_edu.teaching import capstone
 
-    result = capstone.evaluate(given)
-    return result.beats_baseline, result.summary()
+    # The student's check scores on validation, like the search: the test split, on which
+    # the recipe is judged, stays unseen until the teacher runs `capstone.evaluate`.
+    result = capstone.try_recipe(given)
+    note = "Your teacher judges the recipe on the test split, which this check never uses."
+    return result.beats_baseline, f"{result.summary()}\n{note}"
 
 
 def _attention_parent(layer: int) -> Callable[[], str]:
@@ -857,8 +860,8 @@ def _exercises() -> dict[str, Exercise]:
                     "recipe",
                     "your mergekit recipe (YAML text) for mini-Pearl",
                     _capstone,
-                    "Interpolating trades one skill for the other; look for a merge that keeps "
-                    "more of both parents' steps (chapter 10's methods).",
+                    "Interpolating trades one skill for the other; look for a merge that "
+                    "keeps more of both parents' steps than t = 0.5 does.",
                 ),
             ),
         ),

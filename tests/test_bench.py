@@ -705,6 +705,22 @@ def test_memory_table_puts_anonymous_memory_beside_max_rss():
     assert f"{cores} CPU cores" in table and "warm" in table
 
 
+def test_recorded_memory_is_consistent_with_itself():
+    """bench/memory_results.json: each tool's anonymous peak within its max RSS, both tools."""
+    record = json.loads((ROOT / "bench" / "memory_results.json").read_text())
+    assert set(record) == {"slerp", "task_vectors"}
+    for section in record.values():
+        assert section["page_cache"].startswith("warm") and section["machine"]["cpu_count"] >= 1
+        assert {r["tool"] for r in section["summary"]} == {"pearl-edu", "mergekit"}
+        for row in section["summary"]:
+            assert 0 < row["peak_rss_anon_mb"] <= row["peak_rss_mb"] * 1.02, row
+            assert row["peak_pss_anon_mb"] <= row["peak_pss_mb"] <= row["peak_rss_mb"] * 1.02
+        for run in section["runs"]:
+            assert run["memory_samples"] > 0
+    cases = [r["case"] for r in record["task_vectors"]["summary"]]
+    assert set(cases) == {"ties", "ties --fast-trim", "dare_ties"}
+
+
 # --------------------------------------------------------------------------------------
 # The package's GPU record, which --device auto reads, follows bench/gpu_results.json.
 

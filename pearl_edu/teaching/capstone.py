@@ -69,7 +69,8 @@ models:
 merge_method: linear
 dtype: bfloat16
 """
-"""The teacher's worked solution (chosen on the validation split; see the teacher's notebook)."""
+"""The teacher's worked solution, chosen on the validation split: the capstone notebook's
+solution (in the teacher's edition, which keeps the solution dropdowns) derives it."""
 
 
 def passes(difference: evaluation.Difference) -> bool:
@@ -131,7 +132,11 @@ class Result:
         return self.scores is not None and decide(self.text, self.addition)
 
     def summary(self) -> str:
-        """Both skills of the recipe and the baseline, both differences with intervals, verdict."""
+        """Both skills of the recipe and the baseline, both differences with intervals, verdict.
+
+        Differences are in points with two decimals, so that an interval's end near zero
+        shows its sign (``-0.03``, not ``-0.0``).
+        """
         if self.scores is None:
             return f"The recipe was not scored: {self.problem}"
         skills, baseline, text, addition = (
@@ -147,10 +152,10 @@ class Result:
             f"{'':24s} {'text':>7s} {'addition':>9s}",
             f"{'your recipe':24s} {skills.text:7.1%} {skills.addition:9.1%}",
             f"{'uniform t = 0.5 (SLERP)':24s} {baseline.text:7.1%} {baseline.addition:9.1%}",
-            f"text:      {100 * text.estimate:+.1f} points, 95% interval "
-            f"[{100 * text.low:+.1f}, {100 * text.high:+.1f}]",
-            f"additions: {extra:+d} of {self.problems} ({100 * addition.estimate:+.1f} points), "
-            f"95% interval [{100 * addition.low:+.1f}, {100 * addition.high:+.1f}]; "
+            f"text:      {100 * text.estimate:+.2f} points, 95% interval "
+            f"[{100 * text.low:+.2f}, {100 * text.high:+.2f}]",
+            f"additions: {extra:+d} of {self.problems} ({100 * addition.estimate:+.2f} points), "
+            f"95% interval [{100 * addition.low:+.2f}, {100 * addition.high:+.2f}]; "
             f"{addition.wins} won, {addition.losses} lost, McNemar p = {addition.p:.2g}",
         ]
         verdicts = {

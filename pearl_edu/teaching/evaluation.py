@@ -254,10 +254,21 @@ def mcnemar(wins: int, losses: int) -> float:
 
 
 def standard_error(scores: ItemScores, skill: str) -> float:
-    """The standard error of one model's score on ``skill`` over its items.
+    r"""The standard error of one model's score on ``skill`` over its items.
 
-    For additions, $\\sqrt{p(1-p)/n}$; for text, the same for a ratio of sums (the delta
-    method, items as clusters of tokens).
+    Each item $i$ of the $m$ items has $r_i$ right of $n_i$ (for additions, $n_i = 1$; for
+    text, the predicted tokens of sentence $i$), and the score is the ratio of sums
+    $\hat p = \sum_i r_i / \sum_i n_i$. Items, not tokens, are drawn independently, so the
+    standard error is taken over the items' residuals $r_i - \hat p\,n_i$:
+
+    $$\operatorname{SE}(\hat p) = \frac{1}{\bar n}
+    \sqrt{\frac{1}{m}\cdot\frac{1}{m-1}\sum_i (r_i - \hat p\,n_i)^2},$$
+
+    with $\bar n$ the mean of the $n_i$: a linear (first-order) approximation of the ratio
+    around its mean, with each sentence one cluster of tokens. For additions this is
+    $\sqrt{s^2/m}$ with the sample variance $s^2 = \frac{m}{m-1}\hat p(1-\hat p)$, that is
+    $\sqrt{\hat p(1-\hat p)/(m-1)}$, as `share_standard_error` and lm-evaluation-harness
+    compute it.
     """
     right, _, total = _rows(scores, scores, skill)
     mean = right.sum() / total.sum()

@@ -95,25 +95,7 @@ def recipes() -> dict[str, str]:
     return out
 
 
-def with_folders(recipe: str | dict, mini: minipearl.MiniPearl) -> str:
-    """The recipe's YAML with the words base, generalist and math replaced by ``mini``'s
-    folders wherever they name a model."""
-    folders = {"base": mini.base, "generalist": mini.generalist, "math": mini.math}
-
-    def swap(node):
-        if isinstance(node, dict):
-            return {
-                key: str(folders[value])
-                if key in ("model", "base_model") and value in folders
-                else swap(value)
-                for key, value in node.items()
-            }
-        if isinstance(node, list):
-            return [swap(item) for item in node]
-        return node
-
-    loaded = yaml.safe_load(recipe) if isinstance(recipe, str) else recipe
-    return yaml.safe_dump(swap(loaded), sort_keys=False)
+with_folders = evaluation.with_folders
 
 
 def make(mini: minipearl.MiniPearl, scratch: Path) -> dict[str, Path]:

@@ -171,3 +171,25 @@ def tiny_mini_pearl(tmp_path_factory):
     minipearl.save_model(model, tokenizer, folder)
     corpus = minipearl.make_corpus(sentences=50, test_sentences=12, test_problems=16)
     return folder, corpus
+
+
+def test_with_folders_replaces_the_words_only_where_they_name_models(tmp_path):
+    mini = minipearl.MiniPearl(
+        tmp_path / "b", tmp_path / "g", tmp_path / "m", {}, minipearl.SIBLING_SETTINGS
+    )
+    recipe = """
+models:
+  - model: generalist
+    parameters: {weight: 0.5}
+  - model: math
+    parameters: {weight: 0.5, note: base}
+base_model: base
+merge_method: ties
+"""
+    import yaml
+
+    config = yaml.safe_load(evaluation.with_folders(recipe, mini))
+    assert config["base_model"] == str(tmp_path / "b")
+    assert [m["model"] for m in config["models"]] == [str(tmp_path / "g"), str(tmp_path / "m")]
+    assert config["models"][1]["parameters"]["note"] == "base"  # not a model: left alone
+    assert yaml.safe_load(evaluation.with_folders(yaml.safe_load(recipe), mini)) == config

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from pearl_edu.teaching import minipearl
 
@@ -456,6 +457,27 @@ def mini_pearl(
     seed, trained once and then read from the cache (`minipearl.load_or_build_mini_pearl`)."""
     settings = dataclasses.replace(settings or minipearl.SIBLING_SETTINGS, seed=seed)
     return minipearl.load_or_build_mini_pearl(settings=settings)
+
+
+def with_folders(recipe: str | Mapping, mini: minipearl.MiniPearl) -> str:
+    """The recipe's YAML with the words ``base``, ``generalist`` and ``math`` replaced by
+    ``mini``'s folders wherever they name a model (``model:`` or ``base_model:``)."""
+    folders = {"base": mini.base, "generalist": mini.generalist, "math": mini.math}
+
+    def swap(node):
+        if isinstance(node, Mapping):
+            return {
+                key: str(folders[value])
+                if key in ("model", "base_model") and isinstance(value, str) and value in folders
+                else swap(value)
+                for key, value in node.items()
+            }
+        if isinstance(node, list):
+            return [swap(item) for item in node]
+        return node
+
+    loaded = yaml.safe_load(recipe) if isinstance(recipe, str) else recipe
+    return yaml.safe_dump(swap(loaded), sort_keys=False)
 
 
 def record(

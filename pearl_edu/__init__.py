@@ -14,29 +14,39 @@ and with it matplotlib or transformers, on first use.
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any
 
-from pearl_edu._version import __version__
-from pearl_edu.config import MergeConfig, load_config
-from pearl_edu.devices import resolve_device
-from pearl_edu.errors import ConfigError, HubError, ModelError, OutputError, PearlEduError
-from pearl_edu.hub import resolve_model
-from pearl_edu.io import ModelReader, read_header
-from pearl_edu.merge import MergeResult, merge
-from pearl_edu.methods import (
-    dare,
-    lerp,
-    linear,
-    magnitude_prune,
-    merge_tensor,
-    random_drop,
-    slerp,
-    task_arithmetic,
-    ties,
-)
-from pearl_edu.plan import MergePlan, TensorPlan, plan, schedule
-from pearl_edu.recipes import recipe_path, recipe_text
-from pearl_edu.verify import VerifyReport, verify
+try:
+    from pearl_edu._version import __version__
+    from pearl_edu.config import MergeConfig, load_config
+    from pearl_edu.devices import resolve_device
+    from pearl_edu.errors import ConfigError, HubError, ModelError, OutputError, PearlEduError
+    from pearl_edu.hub import resolve_model
+    from pearl_edu.io import ModelReader, read_header
+    from pearl_edu.merge import MergeResult, merge
+    from pearl_edu.methods import (
+        dare,
+        lerp,
+        linear,
+        magnitude_prune,
+        merge_tensor,
+        random_drop,
+        slerp,
+        task_arithmetic,
+        ties,
+    )
+    from pearl_edu.plan import MergePlan, TensorPlan, plan, schedule
+    from pearl_edu.recipes import recipe_path, recipe_text
+    from pearl_edu.verify import VerifyReport, verify
+except KeyboardInterrupt:
+    # Ctrl-C while the `pearl-edu` command starts (importing torch takes a while): one
+    # line, as during a merge, rather than a traceback. In any other program, as usual.
+    command = (sys.argv or [""])[0]
+    if command == "-m" or command.endswith(("pearl-edu", "pearl_edu/__main__.py")):
+        print("pearl-edu: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    raise
 
 __all__ = [
     "MergeConfig",

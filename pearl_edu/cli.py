@@ -20,11 +20,12 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
+import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from pearl_edu._version import __version__
-from pearl_edu.errors import ConfigError, PearlEduError
+from pearl_edu.errors import ConfigError, PearlEduError, PearlEduWarning
 
 if TYPE_CHECKING:
     from pearl_edu.config import MergeConfig
@@ -113,7 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest output shard in bytes: 5GB (the default), 500MB, 2GiB, 1000000; "
         "here B is bytes, so 1B is one byte (see --out-shard-size)",
     )
-    m.add_argument("--force", action="store_true", help="replace a non-empty OUTPUT_DIR")
+    m.add_argument(
+        "--force",
+        action="store_true",
+        help="replace OUTPUT_DIR when it holds a finished merged model (one written by "
+        "pearl-edu or mergekit); a folder holding anything else is refused, never deleted",
+    )
+    m.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="write a model whose merged tensors hold infinite or NaN values, with a "
+        "one-line warning naming each such tensor, instead of stopping the merge (mergekit "
+        "writes them silently)",
+    )
     m.add_argument(
         "--threads",
         "--num-threads",
@@ -352,6 +365,7 @@ def _run_merge(args: argparse.Namespace) -> int:
         copy_tokenizer=args.copy_tokenizer,
         fast_trim=args.fast_trim,
         backend="exact" if args.exact else "auto",
+        allow_nonfinite=args.allow_nonfinite,
     )
     resumed = f", {result.resumed_tensors} resumed" if result.resumed_tensors else ""
     print(
@@ -399,26 +413,45 @@ def _run_verify(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    if argv is None:
-        # Run as a command: everything imported so far (torch above all) lives until the
-        # process ends, and moving it out of the garbage collector's sight saves its final
-        # sweep, about 0.4 s at exit.
-        gc.freeze()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
+    args = None
     try:
-        return int(args.func(args) or 0)
+        if argv is None:
+            # Run as a command: everything imported so far (torch above all) lives until
+            # the process ends, and moving it out of the garbage collector's sight saves
+            # its final sweep, about 0.4 s at exit.
+            gc.freeze()
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", category=PearlEduWarning)
+            warnings.showwarning = _one_line_warning
+            return int(args.func(args) or 0)
     except PearlEduError as err:
-        if args.debug:
+        if args is not None and args.debug:
             raise
         print(f"pearl-edu: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("pearl-edu: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """pearl_edu's warnings printed as the errors are: one line, no source location."""
+    if issubclass(category, PearlEduWarning):
+        print(f"pearl-edu: warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 if __name__ == "__main__":

@@ -25,3 +25,7 @@ class OutputError(PearlEduError):
 
 class HubError(PearlEduError):
     """A Hugging Face repository could not be reached or resolved."""
+
+
+class PearlEduWarning(UserWarning):
+    """Base class of pearl_edu's warnings: one line each, printed by the CLI without source."""

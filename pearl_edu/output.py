@@ -9,7 +9,15 @@
   records which merge the partial folder belongs to (`merge_identity`); rerunning the same
   merge after an interruption (even ``kill -9``) skips the finished shards and produces
   byte-identical files, because the layout is fixed in advance and the math is
-  deterministic (`prepare_partial_dir`).
+  deterministic (`prepare_partial_dir`). Every option that changes the bits is part of the
+  identity, so a rerun with another one starts afresh instead of mixing two merges.
+- **one merge per output**: a merge holds an exclusive lock on its output for its whole
+  run, resume and publication included (`output_lock`); a second merge into the same
+  folder is refused in one line naming the first, and the lock of a killed merge is
+  taken over (the operating system releases it with the process).
+- **nothing of the user's deleted**: `--force` replaces only a finished model folder
+  (`replaceable_model`); a folder holding anything else is refused. A symlinked output is
+  written through its link (`resolve_output`).
 """
 
 from __future__ import annotations
@@ -21,8 +29,11 @@ import json
 import os
 import re
 import shutil
+import socket
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from pearl_edu._version import __version__
 from pearl_edu.errors import ConfigError, OutputError
@@ -32,19 +43,207 @@ from pearl_edu.plan import MergePlan
 MANIFEST = ".pearl-edu-merge.json"
 
 
+def resolve_output(output_dir: str | Path) -> Path:
+    """The folder a merge writes ``output_dir`` to: absolute, with every symlink resolved.
+
+    A symlinked output is written through its link, on the disk it points to (the link
+    stays as it is); a dangling link is written to the folder it names.
+    """
+    path = Path(output_dir).expanduser()
+    try:
+        return Path(os.path.realpath(path.absolute()))
+    except (OSError, ValueError) as err:
+        raise OutputError(f"output folder {str(output_dir)[:200]}: {_reason(err)}") from None
+
+
 def check_output_dir(output_dir: Path, model_dirs: Sequence[Path], *, force: bool) -> None:
-    """Refuse an output that would overwrite a model (its own input) or someone's files."""
-    target = output_dir.resolve()
-    for model_dir in model_dirs:
-        source = Path(model_dir).resolve()
-        if target == source or target.is_relative_to(source):
-            raise OutputError(f"output folder {output_dir} is inside input model folder {source}")
-        if source.is_relative_to(target):
-            raise OutputError(f"output folder {output_dir} contains input model folder {source}")
-    if output_dir.exists() and not output_dir.is_dir():
-        raise OutputError(f"output {output_dir} exists and is not a folder")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not force:
-        raise OutputError(f"output folder {output_dir} is not empty; pass --force to replace it")
+    """Refuse an output that would overwrite a model (its own input) or someone's files.
+
+    An existing folder that is not empty is replaced only with ``force``, and only when it
+    is a finished model folder (`replaceable_model`), never one holding anything else.
+    """
+    try:
+        target = output_dir.resolve()
+        for model_dir in model_dirs:
+            source = Path(model_dir).resolve()
+            if target == source:
+                raise OutputError(
+                    f"output folder {output_dir} is the input model folder {model_dir}; "
+                    "choose another folder"
+                )
+            if target.is_relative_to(source):
+                raise OutputError(
+                    f"output folder {output_dir} is inside input model folder {source}"
+                )
+            if source.is_relative_to(target):
+                raise OutputError(
+                    f"output folder {output_dir} contains input model folder {source}"
+                )
+        if output_dir.exists() and not output_dir.is_dir():
+            raise OutputError(f"output {output_dir} exists and is not a folder")
+        if not output_dir.is_dir() or not any(output_dir.iterdir()):
+            return
+        problem = replaceable_model(output_dir)
+        if problem is not None:
+            raise OutputError(
+                f"output folder {output_dir} is not empty and is not a merged model ({problem}); "
+                "choose a new or empty folder (--force replaces only a model folder written "
+                "by pearl-edu or mergekit)"
+            )
+        if not force:
+            raise OutputError(
+                f"output folder {output_dir} holds a merged model; pass --force to replace it"
+            )
+    except OSError as err:
+        raise OutputError(f"output folder {str(output_dir)[:200]}: {_reason(err)}") from None
+
+
+# The files of a finished model folder as pearl-edu and mergekit write them: what --force
+# may replace. Anything else in the folder (the merge's own YAML, notes, a subfolder) is
+# the user's, and the folder is refused rather than deleted.
+MODEL_FOLDER_FILES = frozenset(
+    {
+        "config.json",
+        "generation_config.json",
+        "mergekit_config.yml",
+        "README.md",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+        "pytorch_model.bin.index.json",
+        "tokenizer.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.json",
+        "merges.txt",
+        "vocab.txt",
+        "chat_template.jinja",
+        MANIFEST,  # left by a crash between publishing and removing it
+    }
+)
+MODEL_SHARD = re.compile(r"^(model|pytorch_model)-\d{5}-of-\d{5}\.(safetensors|bin)$")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def replaceable_model(folder: Path) -> str | None:
+    """None when ``folder`` is a finished merged model (--force may replace it), else why not.
+
+    A finished model holds ``mergekit_config.yml`` (pearl-edu and mergekit both write it),
+    ``config.json`` and weights, and nothing but the files of a model folder.
+    """
+    entries = sorted(folder.iterdir())
+    for entry in entries:
+        if entry.is_symlink() or not entry.is_file():
+            return f"{entry.name} is not a model file"
+        if entry.name not in MODEL_FOLDER_FILES and not MODEL_SHARD.match(entry.name):
+            return f"{entry.name} is not a model file"
+    names = {entry.name for entry in entries}
+    for needed in ("mergekit_config.yml", "config.json"):
+        if needed not in names:
+            return f"it has no {needed}"
+    if not names.intersection(WEIGHT_FILES) and not any(MODEL_SHARD.match(n) for n in names):
+        return "it has no weights"
+    return None
+
+
+def _reason(err: BaseException) -> str:
+    """An OS error's reason on one line."""
+    text = getattr(err, "strerror", None) or str(err)
+    return " ".join(str(text).split())
+
+
+# --------------------------------------------------------------------------------------
+# One merge per output
+# --------------------------------------------------------------------------------------
+
+
+def lock_path(output_dir: Path) -> Path:
+    """The lock file of an output folder: ``.<name>.lock`` beside it."""
+    return output_dir.parent / f".{output_dir.name}.lock"
+
+
+@contextlib.contextmanager
+def output_lock(output_dir: Path) -> Iterator[Path]:
+    """Hold the exclusive lock of ``output_dir`` (its resolved path) for the whole merge.
+
+    The lock is the operating system's (``flock``) on ``.<name>.lock`` beside the output,
+    so it is released when the process ends, however it ends: the lock file a killed merge
+    leaves behind is taken over by the next one. A merge that finds the lock held is
+    refused at once, in one line naming the merge that holds it (its process id, host and
+    start time, written into the lock file). The lock file is removed on release. Yields
+    the lock file's path.
+    """
+    path = lock_path(output_dir)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    fd = _acquire(path)
+    try:
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        with writing(path):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(record) + "\n").encode("utf-8"), 0)
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()  # still held: no other merge can be between its open and its lock
+        os.close(fd)
+
+
+def _acquire(path: Path) -> int:
+    """Open and lock ``path`` exclusively, or raise a one-line `OutputError` naming the holder."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock, as before (never the case on Linux)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    while True:
+        with writing(path):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise OutputError(
+                    f"output folder {path.parent / path.name[1:-5]} is being written by another "
+                    f"merge ({_holder(path)}); wait for it to finish, or stop it, then run "
+                    "this one again"
+                ) from None
+            if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                # A file system without locks: go on unlocked rather than refuse to merge.
+                with writing(path):
+                    return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            raise output_error(err, path) from None
+        # The file may have been removed (by the merge that held it, on release) between
+        # our open and our lock: then we hold a lock on a file nobody else will see.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except OSError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+def _holder(path: Path) -> str:
+    """Who holds the lock, from what the lock file says: 'process 123 on host, since 10:02'."""
+    try:
+        record: Any = json.loads(path.read_text(encoding="utf-8"))
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(record["started"])))
+        return f"process {int(record['pid'])} on {record['host']}, since {started}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its lock is {path}"
+
+
+def created_parents(folder: Path) -> list[Path]:
+    """The ancestors of ``folder`` that do not exist yet, nearest first (to remove if unused)."""
+    missing = []
+    for parent in folder.parents:
+        if parent.exists():
+            break
+        missing.append(parent)
+    return missing
 
 
 @contextlib.contextmanager
@@ -81,16 +280,22 @@ def partial_dir(output_dir: Path) -> Path:
 
 
 def merge_identity(
-    merge_plan: MergePlan, shards: Sequence[Shard], headers: Mapping[str, ModelHeader]
+    merge_plan: MergePlan,
+    shards: Sequence[Shard],
+    headers: Mapping[str, ModelHeader],
+    options: Mapping[str, Any] | None = None,
 ) -> str:
     """A hash of everything that determines the output bytes, to recognise a rerun.
 
-    The plan (names, inputs, methods, parameters, dtypes), the shard layout, the
-    config, pearl_edu's version and the input weight files (path, size, modification time).
+    The plan (names, inputs, methods, parameters, dtypes), the shard layout, the validated
+    config, pearl_edu's version, the input weight files (path, size, modification time)
+    and ``options``: every option of `pearl_edu.merge.merge` that can change a bit of the
+    output (``fast_trim``, the backend, the device, the number of CPU threads).
     """
     description = {
         "version": __version__,
-        "config": merge_plan.config.raw,
+        "config": _canonical(merge_plan.config),
+        "options": dict(options or {}),
         "tensors": [
             [
                 job.name,
@@ -111,6 +316,11 @@ def merge_identity(
     }
     text = json.dumps(description, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _canonical(config: Any) -> Any:
+    canonical = getattr(config, "canonical", None)
+    return canonical() if canonical is not None else config.raw
 
 
 def prepare_partial_dir(partial: Path, identity: str, shards: Sequence[Shard]) -> set[str]:

@@ -50,6 +50,27 @@ READ_AHEAD_BYTES = 512 * 1024**2
 SMALL_OUTPUT_BYTES = 16 * 1024**2
 
 
+# The most CPU threads a merge may be given (torch's own setting overflows far beyond).
+MAX_THREADS = 4096
+
+
+def check_threads(threads: int | None) -> None:
+    """Refuse a number of CPU threads that is not a whole number from 1 to `MAX_THREADS`."""
+    if threads is None:
+        return
+    if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= MAX_THREADS:
+        raise ConfigError(
+            f"threads: expected a whole number from 1 to {MAX_THREADS}, got {threads!r}"
+        )
+
+
+def threads_used(threads: int | None, device: torch.device) -> int | None:
+    """How many threads the CPU math will run on (None off the CPU): it decides the last bits."""
+    if device.type != "cpu":
+        return None
+    return threads if threads is not None else torch.get_num_threads()
+
+
 @contextlib.contextmanager
 def math_threads(threads: int | None, device: torch.device) -> Iterator[int]:
     """Run the CPU math on ``threads`` threads (default: torch's, one per core), then restore.
@@ -63,10 +84,9 @@ def math_threads(threads: int | None, device: torch.device) -> Iterator[int]:
     direct I/O), so the math can have every core. Afterwards both of torch's settings are
     as they were: this thread's, and the one that threads started later take.
     """
+    check_threads(threads)
     previous = torch.get_num_threads()
     wanted = threads if threads is not None else previous
-    if wanted < 1:
-        raise ConfigError(f"threads: expected a positive number, got {threads}")
     if device.type != "cpu":
         yield previous
         return

@@ -85,7 +85,7 @@ def test_bad_input_exits_2_with_one_line(config_file, tmp_path, capsys):
     output.mkdir()
     (output / "x").write_text("x")
     assert main(["merge", str(config_file), str(output), "--quiet"]) == EXIT_BAD_INPUT
-    assert "not empty; pass --force" in one_line_error(capsys)
+    assert "is not empty and is not a merged model" in one_line_error(capsys)
 
     assert main(["merge", str(config_file), str(tmp_path / "o2"), "--shard-size", "big"]) == 2
     assert "shard size 'big'" in one_line_error(capsys)
@@ -103,13 +103,18 @@ def test_cuda_without_gpu_exits_2(config_file, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_force_replaces_the_output(config_file, tmp_path, capsys):
+def test_force_replaces_a_merged_model_only(config_file, tmp_path, capsys):
     output = tmp_path / "out"
-    output.mkdir()
-    (output / "old.txt").write_text("old")
+    assert main(["merge", str(config_file), str(output), "--quiet"]) == 0
+    (output / "model.safetensors").write_bytes(b"old")
+    assert main(["merge", str(config_file), str(output), "--quiet"]) == 2
+    assert "pass --force" in one_line_error(capsys)
     assert main(["merge", str(config_file), str(output), "--quiet", "--force"]) == 0
-    assert not (output / "old.txt").exists()
-    assert (output / "model.safetensors").is_file()
+    assert (output / "model.safetensors").stat().st_size > 3
+    (output / "old.txt").write_text("old")
+    assert main(["merge", str(config_file), str(output), "--quiet", "--force"]) == 2
+    assert "old.txt is not a model file" in one_line_error(capsys)
+    assert (output / "old.txt").read_text() == "old"
 
 
 def test_shipped_recipe_offline_names_the_repo_and_writes_nothing(tmp_path):

@@ -359,19 +359,27 @@ def test_malicious_pickle_is_refused_and_never_runs(pair, tmp_path):
     assert not marker.exists()
 
 
-def test_non_empty_output_is_refused_unless_forced(pair, tmp_path):
+def test_a_folder_of_other_files_is_refused_even_with_force(pair, tmp_path):
     a, b = pair
     output = tmp_path / "out"
     output.mkdir()
     (output / "keep.txt").write_text("precious")
-    with pytest.raises(OutputError, match="not empty; pass --force"):
-        merge(slerp_config(a, b), output, progress=False)
-    assert (output / "keep.txt").read_text() == "precious"
-    assert not partial_dir(output).exists()
+    for force in (False, True):
+        with pytest.raises(OutputError, match="is not a merged model .keep.txt"):
+            merge(slerp_config(a, b), output, force=force, progress=False)
+        assert (output / "keep.txt").read_text() == "precious"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
-    merge(slerp_config(a, b), output, force=True, progress=False)
-    assert not (output / "keep.txt").exists()
-    assert (output / "model.safetensors").is_file()
+
+def test_a_merged_model_is_replaced_only_with_force(pair, tmp_path):
+    a, b = pair
+    output = tmp_path / "out"
+    merge(slerp_config(a, b), output, progress=False)
+    with pytest.raises(OutputError, match="holds a merged model; pass --force"):
+        merge(slerp_config(a, b, t="  t: 0.25\n"), output, progress=False)
+    merge(slerp_config(a, b, t="  t: 0.25\n"), output, force=True, progress=False)
+    assert "0.25" in (output / "mergekit_config.yml").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_empty_output_folder_is_fine(pair, tmp_path):
@@ -385,9 +393,10 @@ def test_output_inside_an_input_folder_is_refused(pair, tmp_path):
     a, b = pair
     copy = shutil.copytree(a, tmp_path / "a")
     before = sorted(p.name for p in copy.iterdir())
-    for output in (copy / "merged", copy):
-        with pytest.raises(OutputError, match="inside input model folder"):
-            merge(slerp_config(copy, b), output, force=True, progress=False)
+    with pytest.raises(OutputError, match="inside input model folder"):
+        merge(slerp_config(copy, b), copy / "merged", force=True, progress=False)
+    with pytest.raises(OutputError, match="is the input model folder .*; choose another"):
+        merge(slerp_config(copy, b), copy, force=True, progress=False)
     assert sorted(p.name for p in copy.iterdir()) == before
 
 

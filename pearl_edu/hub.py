@@ -33,8 +33,16 @@ def resolve_model(ref: str | Path, revision: str | None = None) -> Path:
     (``mlabonne/OmniBeagle-7B@<commit>``), else at its latest commit. Raises `ModelError`
     for a path that does not exist and `HubError` for a repository that cannot be
     downloaded (offline, unknown, gated, no such revision), saying what to do.
+
+    A reference that could be either, ``models/x`` where a folder ``models`` exists here,
+    is tried as a repository, and when that fails too the error says both.
     """
-    path = Path(ref).expanduser()
+    try:
+        path = Path(ref).expanduser()
+    except RuntimeError:  # "~name/..." where there is no user "name"
+        raise ModelError(
+            f"model folder {ref} does not exist (no home folder for {str(ref).split('/')[0]})"
+        ) from None
     if path.is_dir():
         return path.resolve()
     if path.exists():
@@ -44,7 +52,16 @@ def resolve_model(ref: str | Path, revision: str | None = None) -> Path:
         text, revision = text.rsplit("@", 1)
     if not looks_like_repo_id(text) or revision == "":
         raise ModelError(f"model folder {ref} does not exist")
-    return download(text, revision=revision)
+    owner, name = text.split("/")
+    try:
+        return download(text, revision=revision)
+    except HubError as err:
+        if not Path(owner).is_dir():
+            raise
+        raise ModelError(
+            f"model folder {ref} does not exist (the folder {owner} exists but holds no "
+            f"{name}); if it was meant as a Hugging Face repo: {err}"
+        ) from None
 
 
 def looks_like_repo_id(ref: str) -> bool:

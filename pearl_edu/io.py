@@ -211,10 +211,63 @@ def read_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     if not path.is_file():
         return {}
+    config = read_json(path, "config.json")
+    if not isinstance(config, dict):
+        raise ModelError(f"{path}: expected a JSON object, found {json_type(config)}")
+    return config
+
+
+def read_json(path: Path, what: str) -> object:
+    """The parsed contents of a json file; `ModelError` naming it when unreadable or invalid."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ModelError(f"{path}: not valid JSON ({err})") from None
+        text = path.read_bytes()
+    except OSError as err:
+        raise ModelError(f"{path}: cannot read {what} ({os_reason(err)})") from None
+    return parse_json(path, text, what)
+
+
+def parse_json(path: Path, text: bytes, what: str) -> object:
+    """``json.loads`` of ``text``, any failure a one-line `ModelError` naming ``path``.
+
+    Besides malformed JSON, this catches what a hostile file can make the parser raise:
+    ``ValueError`` for an integer of more than 4300 digits, ``RecursionError`` for deeply
+    nested brackets.
+    """
+    try:
+        return json.loads(text.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ModelError(f"{path}: {what} is not UTF-8 text ({err.reason})") from None
+    except ValueError as err:  # json.JSONDecodeError, or an integer too long to convert
+        raise ModelError(f"{path}: {what} is not valid JSON ({first_line(err)})") from None
+    except RecursionError:
+        raise ModelError(f"{path}: {what} is not valid JSON (nested too deeply)") from None
+
+
+def json_type(value: object) -> str:
+    """How JSON names the type of a parsed value, for messages (``a list``, ``a string``)."""
+    if isinstance(value, bool):
+        return "a boolean"
+    for kind, name in (
+        (dict, "an object"),
+        (list, "a list"),
+        (str, "a string"),
+        (int, "an integer"),
+        (float, "a number"),
+    ):
+        if isinstance(value, kind):
+            return name
+    return "null"
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """A parsed JSON value as JSON, cut to ``limit`` characters, for one-line messages."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def os_reason(err: OSError) -> str:
+    """The operating system's reason for an `OSError`, as one short phrase."""
+    return err.strerror or first_line(err)
 
 
 def find_weight_files(model_dir: Path) -> tuple[Literal["safetensors", "bin"], list[Path]]:
@@ -239,60 +292,159 @@ def find_weight_files(model_dir: Path) -> tuple[Literal["safetensors", "bin"], l
 
 
 def files_in_index(index_path: Path) -> list[Path]:
-    """The shard files an index json names, each checked to exist."""
-    try:
-        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+    """The shard files an index json names, each checked to exist inside the folder.
+
+    A shard name must be a relative path without ``..``, so that an index cannot bring in
+    another folder's weights or open any other file. This is decided on the name alone: a
+    shard may be a symbolic link to a file elsewhere, as the Hugging Face cache's
+    snapshot folders hold links to its blobs.
+    """
+    index = read_json(index_path, "index json")
+    if not isinstance(index, dict):
         raise ModelError(
-            f"{index_path}: not a valid index json with a weight_map ({err})"
-        ) from None
-    files = [index_path.parent / name for name in dict.fromkeys(weight_map.values())]
+            f"{index_path}: index json is {json_type(index)}; expected a JSON object with a "
+            "weight_map"
+        )
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict):
+        found = json_type(weight_map) if "weight_map" in index else "missing"
+        raise ModelError(
+            f"{index_path}: weight_map is {found}; expected an object of tensor name -> file name"
+        )
+    files = []
+    for tensor, name in weight_map.items():
+        if not isinstance(name, str) or not name:
+            raise ModelError(
+                f"{index_path}: weight_map[{tensor!r}] is {shown(name)}; expected the "
+                "name of a weight file"
+            )
+        file = index_path.parent / confined_name(index_path, tensor, name)
+        if file not in files:
+            files.append(file)
     for file in files:
         if not file.is_file():
             raise ModelError(f"{file}: weight file listed in {index_path.name} is missing")
     return files
 
 
+def confined_name(index_path: Path, tensor: str, name: str) -> str:
+    """``name`` when it is a relative path inside the index's folder, else a `ModelError`.
+
+    Both separators are checked, and a drive or UNC prefix, whatever this system is, so
+    that an index refused on one system is refused on every one.
+    """
+    parts = re.split(r"[\\/]", name)
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in parts:
+        raise ModelError(
+            f"{index_path}: weight_map[{tensor!r}] is {name!r}, which lies outside the model "
+            "folder; expected a file name inside it (no absolute path, no '..')"
+        )
+    return name
+
+
 def safetensors_metas(file: Path) -> list[TensorMeta]:
-    """Parse a safetensors header: 8 bytes of little-endian length, then that much JSON."""
-    file_size = file.stat().st_size
-    with open(file, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise ModelError(f"{file}: truncated, {file_size} bytes is too short for a header")
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > MAX_HEADER_BYTES or 8 + header_len > file_size:
-            raise ModelError(
-                f"{file}: not a safetensors file or truncated (header of {header_len} bytes, "
-                f"file of {file_size} bytes)"
-            )
-        try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ModelError(f"{file}: safetensors header is not valid JSON ({err})") from None
+    """Parse a safetensors header: 8 bytes of little-endian length, then that much JSON.
+
+    Every entry is checked as the safetensors library checks it (an object with a string
+    ``dtype``, a ``shape`` of non-negative integers and two ``data_offsets``, ``end`` not
+    before ``begin``; ``__metadata__`` null or an object of strings), and its byte count
+    against its shape and dtype, so that a damaged or crafted header is a `ModelError`
+    naming the file and the tensor, never a traceback.
+    """
+    try:
+        with open(file, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise ModelError(f"{file}: truncated, {file_size} bytes is too short for a header")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES or 8 + header_len > file_size:
+                raise ModelError(
+                    f"{file}: not a safetensors file or truncated (header of {header_len} "
+                    f"bytes, file of {file_size} bytes)"
+                )
+            text = f.read(header_len)
+    except OSError as err:
+        raise ModelError(f"{file}: cannot read weight file ({os_reason(err)})") from None
+    header = parse_json(file, text, "safetensors header")
+    if not isinstance(header, dict):
+        raise ModelError(
+            f"{file}: safetensors header is {json_type(header)}; expected a JSON object"
+        )
 
     data_start = 8 + header_len
     metas = []
     for name, entry in header.items():
         if name == "__metadata__":
+            check_safetensors_metadata(file, entry)
             continue
-        dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))
-        if dtype is None:
-            raise ModelError(f"{file}: tensor {name} has unsupported dtype {entry.get('dtype')}")
-        shape = tuple(int(n) for n in entry["shape"])
-        begin, end = entry["data_offsets"]
-        expected = math.prod(shape) * dtype.itemsize
-        if end - begin != expected:
-            raise ModelError(
-                f"{file}: tensor {name} has {end - begin} bytes, expected {expected} for "
-                f"shape {list(shape)} {entry['dtype']}"
-            )
-        metas.append(TensorMeta(name, shape, dtype, file, data_start + begin, expected))
+        dtype, shape, begin, nbytes = safetensors_entry(file, name, entry)
+        metas.append(TensorMeta(name, shape, dtype, file, data_start + begin, nbytes))
 
     needed = data_start + max((m.offset - data_start + m.nbytes for m in metas), default=0)
     if file_size < needed:
         raise ModelError(f"{file}: truncated, expected {needed} bytes, found {file_size}")
     return metas
+
+
+def safetensors_entry(
+    file: Path, name: str, entry: object
+) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    """The dtype, shape, first byte (after the header) and byte count of one header entry."""
+    where = f"{file}: tensor {name if name.isprintable() else repr(name)}"
+    if not isinstance(entry, dict):
+        raise ModelError(
+            f"{where}: entry is {json_type(entry)}; expected an object with dtype, shape "
+            "and data_offsets"
+        )
+    missing = [key for key in ("dtype", "shape", "data_offsets") if key not in entry]
+    if missing:
+        raise ModelError(f"{where}: entry has no {', '.join(missing)}")
+    raw_dtype, raw_shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(raw_dtype, str):
+        raise ModelError(f'{where}: dtype is {shown(raw_dtype)}; expected a string such as "BF16"')
+    dtype = SAFETENSORS_DTYPES.get(raw_dtype)
+    if dtype is None:
+        raise ModelError(f"{where} has unsupported dtype {shown(raw_dtype)}")
+    if not isinstance(raw_shape, list) or not all(is_count(n) for n in raw_shape):
+        raise ModelError(
+            f"{where}: shape is {shown(raw_shape)}; expected a list of non-negative integers"
+        )
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(is_count, offsets))):
+        raise ModelError(
+            f"{where}: data_offsets is {shown(offsets)}; expected two non-negative "
+            "integers [begin, end]"
+        )
+    begin, end = offsets
+    if end < begin:
+        raise ModelError(f"{where}: data_offsets [{begin}, {end}] end before they begin")
+    expected = math.prod(raw_shape) * dtype.itemsize
+    if end - begin != expected:
+        raise ModelError(
+            f"{where} has {end - begin} bytes, expected {expected} for shape "
+            f"{shown(raw_shape)} {raw_dtype}"
+        )
+    return dtype, tuple(raw_shape), begin, expected
+
+
+def is_count(value: object) -> bool:
+    """Whether a parsed JSON value is a non-negative integer (``true`` is not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_safetensors_metadata(file: Path, metadata: object) -> None:
+    """``__metadata__`` must be null or an object of strings, as the safetensors library reads it."""
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict):
+        raise ModelError(
+            f"{file}: __metadata__ is {json_type(metadata)}; expected an object of strings"
+        )
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            raise ModelError(
+                f"{file}: __metadata__[{key!r}] is {json_type(value)}; expected a string"
+            )
 
 
 def load_bin(file: Path) -> dict[str, torch.Tensor]:
@@ -329,8 +481,11 @@ def check_zip_checkpoint(file: Path) -> None:
     ``torch.save`` has written zip archives since torch 1.6; only those can be
     memory-mapped. A zip without its closing directory was cut short.
     """
-    with open(file, "rb") as f:
-        magic = f.read(4)
+    try:
+        with open(file, "rb") as f:
+            magic = f.read(4)
+    except OSError as err:
+        raise ModelError(f"{file}: cannot read weight file ({os_reason(err)})") from None
     if zipfile.is_zipfile(file):
         return
     if magic == b"PK\x03\x04":
@@ -352,6 +507,9 @@ def first_line(err: BaseException) -> str:
 def bin_metas(file: Path) -> list[TensorMeta]:
     """Describe the tensors of a pickle checkpoint (memory-mapped, so no weights are read)."""
     state = load_bin(file)
+    for name in state:
+        if not isinstance(name, str):
+            raise ModelError(f"{file}: tensor name {name!r} is not a string")
     return [
         TensorMeta(name, tuple(t.shape), t.dtype, file, None, t.numel() * t.element_size())
         for name, t in state.items()
@@ -461,7 +619,7 @@ class ModelReader:
             try:
                 fd = self._fds[file] = os.open(file, os.O_RDONLY | O_BINARY)
             except OSError as err:
-                raise ModelError(f"{file}: cannot open weight file ({err.strerror})") from None
+                raise ModelError(f"{file}: cannot open weight file ({os_reason(err)})") from None
         return fd
 
     def _pread_into(self, meta: TensorMeta, raw: torch.Tensor) -> None:
@@ -469,7 +627,12 @@ class ModelReader:
         view = memoryview(raw.numpy())
         done = 0
         while done < meta.nbytes:  # a positioned read may return fewer bytes than asked
-            got = read_at(fd, view[done:], meta.offset + done)
+            try:
+                got = read_at(fd, view[done:], meta.offset + done)
+            except OSError as err:
+                raise ModelError(
+                    f"{meta.file}: cannot read tensor {meta.name} ({os_reason(err)})"
+                ) from None
             if got == 0:
                 raise ModelError(
                     f"{meta.file}: truncated, tensor {meta.name} needs bytes up to "

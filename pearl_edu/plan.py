@@ -483,9 +483,16 @@ def model_layout(model: str, header: Header) -> ModelLayout:
     if missing:
         raise ModelError(f"{model}: no tensors for layer {missing[0]} of {count}")
     declared = header.config.get("num_hidden_layers")
+    if declared is not None and (not isinstance(declared, int) or isinstance(declared, bool)):
+        kinds = {str: "a string", float: "a number", bool: "a boolean", list: "a list"}
+        kind = kinds.get(type(declared), "an object")
+        raise ModelError(
+            f"{model}: config.json: num_hidden_layers is {repr(declared)[:60]} ({kind}); "
+            "expected an integer"
+        )
     if declared is not None and declared != count:
         raise ModelError(
-            f"{model}: config.json says num_hidden_layers={declared} but the weights have "
+            f"{model}: config.json says num_hidden_layers={declared!r} but the weights have "
             f"{count} layers"
         )
     return ModelLayout(
@@ -645,6 +652,7 @@ def _tensor_plan(
         for i, lookup in zip(inputs, lookup_names, strict=True)
     ]
     _check_weights(config, name, params, [values for values, _ in per_input])
+    _check_float8(config, inputs, metas, [values for values, _ in per_input])
     problem = check_parameters(
         config.merge_method,
         tuple(metas[base].shape),
@@ -760,12 +768,43 @@ def _check_weights(
         )
 
 
+def _check_float8(
+    config: MergeConfig,
+    inputs: Sequence[TensorInput],
+    metas: Sequence[TensorInfo],
+    input_params: Sequence[Mapping],
+) -> None:
+    """Refuse float8 inputs to the math when the config gives no ``dtype`` to compute in.
+
+    torch has no arithmetic in float8, and mergekit 0.1.5 computes in the stored dtype when
+    ``dtype`` is not set: its linear and TIES then fail inside torch, its SLERP does not.
+    Here every method refuses alike, before anything is written. A passthrough without
+    ``scale`` copies the tensor, with no arithmetic, and keeps working as in mergekit.
+    """
+    if config.dtype:
+        return
+    for tensor_input, meta, values in zip(inputs, metas, input_params, strict=True):
+        dtype = meta.dtype
+        copy = config.merge_method == "passthrough" and "scale" not in values
+        if dtype.is_floating_point and dtype.itemsize == 1 and not copy:
+            raise ConfigError(
+                f"{config.source}: {tensor_input.model}: tensor {tensor_input.tensor} is "
+                f"{str(dtype).removeprefix('torch.')}, and torch cannot compute in float8; set "
+                f"'dtype: bfloat16' (or float16, float32) in the config so that "
+                f"{config.merge_method} computes in that type"
+            )
+
+
 def _result_dtype(config: MergeConfig, metas: Sequence[TensorInfo], base: int) -> torch.dtype:
     """The dtype a method returns: the base's for SLERP, else all inputs' common dtype.
 
     Linear, task arithmetic, TIES and DARE promote their inputs to a common dtype before
     the math (bfloat16 and float16 give float32), and return that dtype, as in mergekit.
+    With ``dtype`` the inputs are cast to it first (float8 ones too, which torch cannot
+    promote).
     """
+    if config.dtype:
+        return torch_dtype(config.dtype, where=config.source, key="dtype")
     if config.merge_method == "slerp":
         return metas[base].dtype
     dtype = metas[0].dtype

@@ -183,7 +183,8 @@ def output_lock(output_dir: Path) -> Iterator[Path]:
         record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
         with writing(path):
             os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(record) + "\n").encode("utf-8"), 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, (json.dumps(record) + "\n").encode("utf-8"))
         yield path
     finally:
         with contextlib.suppress(OSError):
@@ -195,7 +196,7 @@ def _acquire(path: Path) -> int:
     """Open and lock ``path`` exclusively, or raise a one-line `OutputError` naming the holder."""
     try:
         import fcntl
-    except ImportError:  # not a POSIX system: no lock, as before (never the case on Linux)
+    except ImportError:  # not a POSIX system (Windows): no lock, one merge per output is on you
         return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     while True:
         with writing(path):

@@ -27,6 +27,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,7 +75,8 @@ TOP_LEVEL_KEYS = frozenset(
         "parameters",
         "dtype",
         "out_dtype",
-        # Tokenizer and template options are accepted and left to the writer.
+        # Tokenizer and template options: validated as mergekit 0.1.5 does, then left to
+        # the writer.
         "tokenizer_source",
         "tokenizer",
         "chat_template",
@@ -91,6 +93,32 @@ SLICE_KEYS = frozenset({"sources", "base_model", "parameters"})
 SOURCE_KEYS = frozenset({"model", "layer_range", "parameters"})
 MODEL_KEYS = frozenset({"model", "parameters"})
 FILTER_KEYS = frozenset({"filter", "value"})
+# mergekit 0.1.5's TokenizerConfig and TokenEmbeddingConfig (mergekit/tokenizer/config.py).
+TOKENIZER_KEYS = frozenset({"source", "tokens", "pad_to_multiple_of"})
+TOKEN_KEYS = frozenset({"source", "force"})
+TOKEN_SOURCE_KEYS = {  # by kind: ModelTokenEmbedding and ZeroEmbedding
+    "model_token": frozenset({"kind", "model", "token_id", "token"}),
+    "zero": frozenset({"kind"}),
+}
+# The tokenizer sources that are not a model: mergekit's Literal["union"] and ["base"].
+TOKENIZER_SOURCES = ("union", "base")
+# The chat templates shipped with mergekit 0.1.5 (mergekit/_data/chat_templates/*.jinja);
+# "auto" takes the most common template of the input models.
+CHAT_TEMPLATE_NAMES = ("alpaca", "chatml", "exaone", "llama3", "mistral")
+# mergekit's _set_chat_template takes any other text for Jinja when it is at least this
+# long and has a "{"; shorter text, or text without "{", is refused.
+MIN_JINJA_LENGTH = 20
+
+# Bounds on what the reader accepts, so that hostile YAML ends in a one-line error at once
+# instead of a hang or an exhausted memory. A real merge config is a few kilobytes, nested
+# fewer than 10 levels, with a few hundred values.
+MAX_CONFIG_BYTES = 1 << 20  # the YAML text: 1 MiB
+MAX_DEPTH = 64  # levels of nesting, counted with every alias (*name) expanded
+MAX_EXPANDED_NODES = 100_000  # keys, values and list items, with every alias expanded
+MAX_EXPANDED_CHARS = 4 << 20  # characters of all keys and strings, likewise
+MAX_NUMBER_LENGTH = 100  # characters of one number in the YAML (PyYAML's ints are exact)
+MAX_MODEL_REF_LENGTH = 4096  # a model reference: a repo id or a path (PATH_MAX)
+MAX_LAYERS = 10_000  # layer indices, and output layers in all (the largest models have ~100)
 
 Number = float
 Gradient = tuple[float, ...]
@@ -162,11 +190,48 @@ class SliceConfig:
 
 
 @dataclass(frozen=True)
+class TokenSource:
+    """Where the embedding of an added token comes from (mergekit's ``tokens.X.source``).
+
+    ``kind`` is ``"model"`` (the same token in ``model``), ``"model_token"`` (token
+    ``token_id`` or text ``token`` of ``model``) or ``"zero"`` (a zero vector).
+    """
+
+    kind: str
+    model: str | None = None
+    token_id: int | None = None
+    token: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenEmbedding:
+    """One entry of ``tokenizer.tokens``: its source and whether to ``force`` it."""
+
+    source: TokenSource | None = None
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """The ``tokenizer:`` mapping (mergekit 0.1.5's TokenizerConfig), validated only.
+
+    ``source`` is ``"union"`` (the default), ``"base"`` or a model reference.
+    """
+
+    source: str = "union"
+    tokens: dict[str, TokenEmbedding] = field(default_factory=dict)
+    pad_to_multiple_of: int | None = None
+
+
+@dataclass(frozen=True)
 class MergeConfig:
     """A validated merge config (see the module docstring for its meaning).
 
     ``source`` is where it came from (a file path, a recipe, or ``"<string>"``), used in
-    error messages; ``raw`` is the YAML as parsed, kept for the model card.
+    error messages; ``raw`` is the YAML as parsed, kept for the model card (bounded by the
+    reader's limits: :data:`MAX_CONFIG_BYTES`, :data:`MAX_DEPTH`, :data:`MAX_EXPANDED_NODES`).
+    The tokenizer options (``tokenizer_source``, ``tokenizer``, ``chat_template``) and
+    ``name`` are validated as mergekit does; pearl_edu does not merge tokenizers.
     """
 
     merge_method: str
@@ -178,6 +243,10 @@ class MergeConfig:
     source: str
     raw: dict
     random_seed: int = 0
+    tokenizer_source: str | None = None
+    tokenizer: TokenizerConfig | None = None
+    chat_template: str | None = None
+    name: str | None = None
 
     def models(self) -> list[str]:
         """Distinct model references, in order of first appearance."""
@@ -191,19 +260,58 @@ class MergeConfig:
         """The base model of a slice: its own ``base_model``, else the top-level one."""
         return self.slices[slice_index].base_model or self.base_model
 
+    def canonical(self) -> str:
+        """The validated merge as compact JSON with sorted keys: what determines the bits.
+
+        The method, the slices (sources, layer ranges, parameters), the base model, the
+        parameters, dtype, out_dtype, the random seed and the tokenizer options, as
+        validated; not ``name``, comments, key order or how a value was spelled
+        (``0.5`` or ``5e-1``). Built from the validated fields, never from ``raw``, so it
+        is as bounded as the reader's limits make them.
+        """
+        data = {
+            "merge_method": self.merge_method,
+            "slices": [
+                {
+                    "sources": [
+                        {
+                            "model": source.model,
+                            "layer_range": source.layer_range,
+                            "parameters": _params_data(source.parameters),
+                        }
+                        for source in sl.sources
+                    ],
+                    "base_model": sl.base_model,
+                    "parameters": _params_data(sl.parameters),
+                }
+                for sl in self.slices
+            ],
+            "base_model": self.base_model,
+            "parameters": _params_data(self.parameters),
+            "dtype": self.dtype,
+            "out_dtype": self.out_dtype,
+            "random_seed": self.random_seed,
+            "tokenizer_source": self.tokenizer_source,
+            "tokenizer": None if self.tokenizer is None else dataclasses.asdict(self.tokenizer),
+            "chat_template": self.chat_template,
+        }
+        return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
     def config_hash(self) -> str:
-        """A stable hex digest of what the merge computes (not of comments or key order).
+        """A stable hex digest of what the merge computes: the SHA-256 of :meth:`canonical`.
 
         Two configs with the same hash produce the same model from the same inputs, so a
         resumed merge can check it is continuing the same work.
         """
-        canonical = json.dumps(
-            {key: self.raw.get(key) for key in sorted(self.raw) if key != "name"},
-            sort_keys=True,
-            separators=(",", ":"),
-            default=str,
-        )
-        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+        return hashlib.sha256(self.canonical().encode("utf-8")).hexdigest()
+
+
+def _params_data(parameters: Mapping[str, ParamSpec]) -> dict[str, list[list[Any]]]:
+    """Parameters as JSON-ready data: each name's ordered [filter, value] rules."""
+    return {
+        name: [[rule.filter, rule.value] for rule in spec.rules]
+        for name, spec in parameters.items()
+    }
 
 
 def load_config(source: str | Path) -> MergeConfig:
@@ -211,12 +319,14 @@ def load_config(source: str | Path) -> MergeConfig:
 
     ``source`` is a path to a YAML file, YAML text (any string containing a newline), or
     the name of a recipe shipped with the package, such as ``"pearl-7b-slerp"``.
+
+    The reader is bounded: at most :data:`MAX_CONFIG_BYTES` of UTF-8 text, nested at most
+    :data:`MAX_DEPTH` levels, and at most :data:`MAX_EXPANDED_NODES` values once every
+    alias is expanded (counted on the YAML's node graph before any Python object is
+    built), so that hostile input is a one-line `ConfigError`, never a hang.
     """
     text, where = _read_source(source)
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{where}: malformed YAML{_yaml_location(err)}") from None
+    raw = _load_yaml(text, where)
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping of keys (merge_method, slices, ...)")
     return parse_config(raw, where)
@@ -224,12 +334,16 @@ def load_config(source: str | Path) -> MergeConfig:
 
 def parse_config(raw: Mapping[str, Any], where: str = "<config>") -> MergeConfig:
     """Validate an already-parsed YAML mapping (see :func:`load_config`)."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of keys (merge_method, slices, ...)")
+    _check_tree(raw, where)
     _reject_unknown_keys(raw, TOP_LEVEL_KEYS, where, "")
     method = _merge_method(raw, where)
     base_model = _optional_model_ref(raw, "base_model", where, "base_model")
     slices = _slices(raw, where)
     if "models" in raw:
         slices = (_with_base_model(slices[0], base_model),)
+    tokenizer_source, tokenizer = _tokenizer_options(raw, where)
     config = MergeConfig(
         merge_method=method,
         slices=slices,
@@ -240,6 +354,10 @@ def parse_config(raw: Mapping[str, Any], where: str = "<config>") -> MergeConfig
         source=where,
         raw=dict(raw),
         random_seed=_random_seed(raw, where),
+        tokenizer_source=tokenizer_source,
+        tokenizer=tokenizer,
+        chat_template=_chat_template(raw, where),
+        name=_name(raw, where),
     )
     _check_method_requirements(config)
     return config
@@ -252,17 +370,228 @@ def parse_config(raw: Mapping[str, Any], where: str = "<config>") -> MergeConfig
 def _read_source(source: str | Path) -> tuple[str, str]:
     """The YAML text of ``source`` and the name to use for it in error messages."""
     if isinstance(source, str) and "\n" in source:
-        return source, "<string>"
+        where = "<string>"
+        if len(source) > MAX_CONFIG_BYTES or len(_utf8(source)) > MAX_CONFIG_BYTES:
+            raise ConfigError(_too_large(where))
+        return source, where
     path = Path(source)
-    if path.is_file():
-        return path.read_text(encoding="utf-8"), str(path)
+    where = _shown_path(source)
+    try:
+        is_file = path.is_file()
+        is_dir = not is_file and path.is_dir()
+    except OSError as err:  # a name too long, a loop of links, ...
+        raise ConfigError(f"{where}: cannot read the config: {_os_reason(err)}") from None
+    if is_file:
+        return _read_text(path, where), where
     if isinstance(source, str) and not source.endswith((".yml", ".yaml")) and "/" not in source:
         try:
             recipe = recipe_path(source)
         except FileNotFoundError as err:
-            raise ConfigError(f"{source}: not a file, and {err}") from None
-        return recipe.read_text(encoding="utf-8"), str(recipe)
-    raise ConfigError(f"{source}: no such file (expected a mergekit YAML config)")
+            if is_dir:
+                raise ConfigError(f"{where}: a folder, not a YAML config file") from None
+            raise ConfigError(f"{where}: not a file, and {err}") from None
+        except (OSError, ValueError) as err:  # a name no file system takes
+            raise ConfigError(f"{where}: not a file, and not a shipped recipe ({err})") from None
+        return _read_text(recipe, str(recipe)), str(recipe)
+    if is_dir:
+        raise ConfigError(f"{where}: a folder, not a YAML config file")
+    raise ConfigError(f"{where}: no such file (expected a mergekit YAML config)")
+
+
+def _read_text(path: Path, where: str) -> str:
+    """The text of a config file: at most MAX_CONFIG_BYTES bytes of UTF-8."""
+    try:
+        with path.open("rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        raise ConfigError(f"{where}: cannot read the config: {_os_reason(err)}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(_too_large(where))
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{where}: not UTF-8 text (byte 0x{data[err.start]:02x} at byte offset "
+            f"{err.start}); save the config as UTF-8"
+        ) from None
+
+
+def _utf8(text: str) -> bytes:
+    """``text`` as UTF-8 bytes (lone surrogates kept, for YAML's reader to refuse)."""
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _too_large(where: str) -> str:
+    return (
+        f"{where}: larger than {MAX_CONFIG_BYTES // (1 << 20)} MiB; a merge config is a few "
+        "kilobytes of YAML"
+    )
+
+
+def _os_reason(err: OSError) -> str:
+    """The operating system's reason for ``err``, on one line ("Permission denied")."""
+    return " ".join(str(err.strerror or err).split())
+
+
+def _shown_path(source: str | Path) -> str:
+    """A file name as error messages show it: on one line, and shortened when very long."""
+    text = str(source)
+    if text.isprintable() and len(text) <= 200:
+        return text
+    shown = repr(text) if not text.isprintable() else text
+    if len(shown) > 200:
+        shown = f"{shown[:100]}...{shown[-40:]} (a name of {len(text)} characters)"
+    return shown
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with bounds: nesting depth while composing, number length.
+
+    Composing is recursive (two Python frames per level), so a document nested thousands
+    of levels deep would otherwise end in a RecursionError.
+    """
+
+    def __init__(self, stream: str, where: str) -> None:
+        super().__init__(stream)
+        self.where = where
+        self.depth = 0
+        self.nodes = 0
+
+    def fetch_flow_collection_start(self, token_class: Any) -> None:
+        # Refused while scanning too: a run of "[" or "{" would otherwise be scanned up to
+        # 1024 characters ahead (for a possible key) before composing sees its depth.
+        if self.flow_level >= MAX_DEPTH:
+            raise ConfigError(
+                f"{self.where}: nested deeper than {MAX_DEPTH} levels at line {self.line + 1}; "
+                "a merge config needs fewer than 10"
+            )
+        super().fetch_flow_collection_start(token_class)
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.depth >= MAX_DEPTH:
+            line = self.peek_event().start_mark.line + 1
+            raise ConfigError(
+                f"{self.where}: nested deeper than {MAX_DEPTH} levels at line {line}; "
+                "a merge config needs fewer than 10"
+            )
+        self.nodes += 1
+        if self.nodes > MAX_EXPANDED_NODES:
+            line = self.peek_event().start_mark.line + 1
+            raise ConfigError(
+                f"{self.where}: more than {MAX_EXPANDED_NODES} values (at line {line}); "
+                "a merge config has a few hundred"
+            )
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        if (
+            isinstance(node, yaml.ScalarNode)
+            and node.tag in (_INT_TAG, _FLOAT_TAG)
+            and len(node.value) > MAX_NUMBER_LENGTH
+        ):
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"a number of {len(node.value)} characters (at most {MAX_NUMBER_LENGTH})",
+                node.start_mark,
+            )
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError) as err:  # such as a date 2024-13-45
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {_short(node.value)}: {err}", node.start_mark
+            ) from None
+
+
+_INT_TAG = "tag:yaml.org,2002:int"
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """The YAML document of ``text``, within the reader's bounds."""
+    loader = _BoundedLoader(text, where)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node, where)
+        return loader.construct_document(node)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: malformed YAML{_yaml_location(err)}") from None
+    finally:
+        loader.dispose()
+
+
+def _check_expansion(root: yaml.Node, where: str) -> None:
+    """Refuse a node graph that, with every alias expanded, is too big, too deep or cyclic.
+
+    YAML aliases (``*name``) let a few lines stand for billions of values (an "alias
+    bomb"), and an alias inside its own anchor for an endless one. Each node's expanded
+    size is computed once (memoised) with an explicit stack, so this takes time in
+    proportion to the text, however large the expansion would be.
+    """
+    # id(node) -> (values, characters, depth) of the node with its aliases expanded
+    sizes: dict[int, tuple[int, int, int]] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            open_nodes.discard(key)
+            parts = [sizes[id(child)] for child in _children(node)]
+            count = 1 + sum(part[0] for part in parts)
+            chars = sum(part[1] for part in parts)
+            depth = 1 + max((part[2] for part in parts), default=0)
+            sizes[key] = (count, chars, depth)
+            _check_expanded_size(node, count, chars, depth, where)
+            continue
+        if key in sizes:
+            continue
+        if key in open_nodes:
+            raise ConfigError(
+                f"{where}: an alias at line {node.start_mark.line + 1} refers to a value that "
+                "contains it (a recursive alias), which has no end when expanded"
+            )
+        if isinstance(node, yaml.ScalarNode):
+            sizes[key] = (1, len(node.value), 1)
+            continue
+        open_nodes.add(key)
+        stack.append((node, True))
+        stack.extend((child, False) for child in _children(node))
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    """The nodes inside a sequence or mapping node (keys and values)."""
+    if isinstance(node, yaml.MappingNode):
+        return [item for pair in node.value for item in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _check_expanded_size(node: yaml.Node, count: int, chars: int, depth: int, where: str) -> None:
+    """Refuse a node whose expansion is deeper, has more values or more text than allowed."""
+    line = node.start_mark.line + 1
+    if depth > MAX_DEPTH:
+        raise ConfigError(
+            f"{where}: nested deeper than {MAX_DEPTH} levels at line {line} once its aliases "
+            "(*name) are expanded; a merge config needs fewer than 10"
+        )
+    if count > MAX_EXPANDED_NODES:
+        raise ConfigError(
+            f"{where}: the value at line {line} would hold more than {MAX_EXPANDED_NODES} "
+            "values once its aliases (*name) are expanded; a merge config has a few hundred"
+        )
+    if chars > MAX_EXPANDED_CHARS:
+        raise ConfigError(
+            f"{where}: the value at line {line} would hold more than "
+            f"{MAX_EXPANDED_CHARS >> 20} MiB of text once its aliases (*name) are expanded"
+        )
 
 
 def _yaml_location(err: yaml.YAMLError) -> str:
@@ -274,6 +603,95 @@ def _yaml_location(err: yaml.YAMLError) -> str:
 
 
 # ---------------------------------------------------------------------------------------
+# The whole tree: bounded, every key a string
+
+
+def _check_tree(raw: Mapping[str, Any], where: str) -> None:
+    """Every mapping key anywhere must be a string, and the tree must be bounded.
+
+    The same bounds as the YAML reader (depth, values, characters), counted with shared
+    values counted at every place they appear, for mappings given to :func:`parse_config`
+    directly. Walks with an explicit stack; a path is built only for an error message.
+    """
+    count, chars = 0, 0
+    # (value, path as a linked (parent, segment) pair, depth)
+    stack: list[tuple[Any, Any, int]] = [(raw, None, 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        count += 1
+        if depth > MAX_DEPTH:
+            raise ConfigError(
+                f"{where}: {_path_text(path)}: nested deeper than {MAX_DEPTH} levels; "
+                "a merge config needs fewer than 10"
+            )
+        if count > MAX_EXPANDED_NODES:
+            raise ConfigError(
+                f"{where}: more than {MAX_EXPANDED_NODES} values (aliases counted at every "
+                "place they appear); a merge config has a few hundred"
+            )
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    inside = _path_text(path)
+                    raise ConfigError(
+                        f"{where}: {inside + ': ' if inside else ''}the key {_short(key)} is "
+                        f"{_kind_of(key)}, not a string; every key must be a string "
+                        "(put it in quotes)"
+                    )
+                chars += len(key)
+                segment = f".{_key_text(key)}" if path else _key_text(key)
+                stack.append((item, (path, segment), depth + 1))
+        elif isinstance(value, list | tuple):
+            stack.extend((item, (path, f"[{i}]"), depth + 1) for i, item in enumerate(value))
+        elif isinstance(value, str):
+            chars += len(value)
+        if chars > MAX_EXPANDED_CHARS:
+            raise ConfigError(
+                f"{where}: more than {MAX_EXPANDED_CHARS >> 20} MiB of text (aliases counted "
+                "at every place they appear)"
+            )
+
+
+def _path_text(path: Any) -> str:
+    """``slices[0].parameters`` from a linked (parent, segment) path; '' for the top."""
+    segments = []
+    while path is not None:
+        path, segment = path
+        segments.append(segment)
+    return "".join(reversed(segments))
+
+
+def _kind_of(value: Any) -> str:
+    """'an integer', 'a boolean (YAML reads ...)': what YAML made of an unquoted key."""
+    if isinstance(value, bool):
+        return "a boolean (YAML reads true, false, yes, no, on and off as one)"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if value is None:
+        return "null"
+    return f"a {type(value).__name__}"
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = 60
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict = 2, 6, 6, 4
+
+
+def _short(value: Any) -> str:
+    """``repr(value)`` shortened for a one-line message (long strings and lists cut)."""
+    return _REPR.repr(value)
+
+
+def _key_text(key: Any) -> str:
+    """A key as messages show it: as written when short and printable, else its repr."""
+    if isinstance(key, str) and key.isprintable() and 0 < len(key) <= 60:
+        return key
+    return _short(key)
+
+
+# ---------------------------------------------------------------------------------------
 # Keys
 
 
@@ -282,9 +700,10 @@ def _merge_method(raw: Mapping[str, Any], where: str) -> str:
     method = raw.get("merge_method")
     if method is None:
         raise ConfigError(f"{where}: merge_method: missing; known: {', '.join(known_methods())}")
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise ConfigError(
-            f"{where}: merge_method: unknown method {method!r}; known: {', '.join(known_methods())}"
+            f"{where}: merge_method: unknown method {_short(method)}; "
+            f"known: {', '.join(known_methods())}"
         )
     return method
 
@@ -299,7 +718,14 @@ def _slices(raw: Mapping[str, Any], where: str) -> tuple[SliceConfig, ...]:
     slices = raw["slices"]
     if not isinstance(slices, list) or not slices:
         raise ConfigError(f"{where}: slices: expected a non-empty list of slices")
-    return tuple(_slice(entry, where, f"slices[{i}]") for i, entry in enumerate(slices))
+    parsed = tuple(_slice(entry, where, f"slices[{i}]") for i, entry in enumerate(slices))
+    total = sum(sl.sources[0].num_layers or 0 for sl in parsed)
+    if total > MAX_LAYERS:
+        raise ConfigError(
+            f"{where}: slices: {total} output layers in all, more than {MAX_LAYERS}; no model "
+            "has so many"
+        )
+    return parsed
 
 
 def _models_form(models: Any, where: str) -> SliceConfig:
@@ -373,7 +799,9 @@ def _layer_range(value: Any, where: str, key: str) -> tuple[int, int]:
         or len(value) != 2
         or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
     ):
-        raise ConfigError(f"{where}: {key}: expected two integers [start, end], got {value!r}")
+        raise ConfigError(
+            f"{where}: {key}: expected two integers [start, end], got {_short(value)}"
+        )
     start, end = value
     if start < 0 or end < 0:
         raise ConfigError(f"{where}: {key}: layer indices must not be negative, got {value}")
@@ -382,6 +810,10 @@ def _layer_range(value: Any, where: str, key: str) -> tuple[int, int]:
             f"{where}: {key}: expected start < end (half-open range), got {value}; "
             "did you reverse it?"
         )
+    if end > MAX_LAYERS:
+        raise ConfigError(
+            f"{where}: {key}: layer {end} is beyond {MAX_LAYERS}; no model has so many layers"
+        )
     return (start, end)
 
 
@@ -389,7 +821,14 @@ def _model_ref(entry: Mapping[str, Any], name: str, where: str, key: str) -> str
     """A model reference (HF repo id or local folder), which must be a non-empty string."""
     value = entry.get(name)
     if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{where}: {key}: expected a model (repo id or folder), got {value!r}")
+        raise ConfigError(
+            f"{where}: {key}: expected a model (repo id or folder), got {_short(value)}"
+        )
+    if not value.isprintable() or len(value) > MAX_MODEL_REF_LENGTH:
+        raise ConfigError(
+            f"{where}: {key}: expected a model (repo id or folder) on one line, of at most "
+            f"{MAX_MODEL_REF_LENGTH} characters, got {_short(value)}"
+        )
     return value
 
 
@@ -406,7 +845,9 @@ def torch_dtype(value: Any, *, where: str, key: str) -> torch.dtype:
     plain = value.removeprefix("torch.") if isinstance(value, str) else value
     dtype = DTYPES.get(plain) if isinstance(plain, str) else None
     if dtype is None:
-        raise ConfigError(f"{where}: {key}: unknown dtype {value!r}; known: {', '.join(DTYPES)}")
+        raise ConfigError(
+            f"{where}: {key}: unknown dtype {_short(value)}; known: {', '.join(DTYPES)}"
+        )
     return dtype
 
 
@@ -427,7 +868,143 @@ def _random_seed(raw: Mapping[str, Any], where: str) -> int:
         return 0
     value = raw[given[0]]
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ConfigError(f"{where}: {given[0]}: expected an integer, got {value!r}")
+        raise ConfigError(f"{where}: {given[0]}: expected an integer, got {_short(value)}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenizer, chat template and name (validated as mergekit 0.1.5 reads them; not applied)
+
+
+def _tokenizer_options(
+    raw: Mapping[str, Any], where: str
+) -> tuple[str | None, TokenizerConfig | None]:
+    """``tokenizer_source`` and ``tokenizer``, at most one of them (as in mergekit)."""
+    source = raw.get("tokenizer_source")
+    tokenizer = raw.get("tokenizer")
+    if source is not None and tokenizer is not None:
+        raise ConfigError(
+            f"{where}: tokenizer_source: give either tokenizer_source or tokenizer, not both "
+            "(mergekit refuses both; put the source in tokenizer.source)"
+        )
+    if source is not None:
+        source = _tokenizer_source(source, where, "tokenizer_source")
+    if tokenizer is not None:
+        tokenizer = _tokenizer(tokenizer, where)
+    return source, tokenizer
+
+
+def _tokenizer_source(value: Any, where: str, key: str) -> str:
+    """``union``, ``base`` or a model reference (mergekit's Literal or ModelReference)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(
+            f"{where}: {key}: expected {' or '.join(TOKENIZER_SOURCES)} or a model (repo id or "
+            f"folder), got {_short(value)}"
+        )
+    return _model_ref({key: value}, key, where, key)
+
+
+def _tokenizer(value: Any, where: str) -> TokenizerConfig:
+    """The ``tokenizer:`` mapping: ``source``, ``tokens`` and ``pad_to_multiple_of``."""
+    _require_mapping(value, where, "tokenizer")
+    _reject_unknown_keys(value, TOKENIZER_KEYS, where, "tokenizer")
+    source = value.get("source")
+    source = "union" if source is None else _tokenizer_source(source, where, "tokenizer.source")
+    tokens_raw = value.get("tokens")
+    if tokens_raw is not None:
+        _require_mapping(tokens_raw, where, "tokenizer.tokens")
+    tokens = {
+        token: _token_embedding(token, entry, where, f"tokenizer.tokens.{_key_text(token)}")
+        for token, entry in (tokens_raw or {}).items()
+    }
+    pad = value.get("pad_to_multiple_of")
+    if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
+        raise ConfigError(
+            f"{where}: tokenizer.pad_to_multiple_of: expected a positive integer (such as "
+            f"64), got {_short(pad)}"
+        )
+    return TokenizerConfig(source=source, tokens=tokens, pad_to_multiple_of=pad)
+
+
+def _token_embedding(token: str, entry: Any, where: str, key: str) -> TokenEmbedding:
+    """One ``tokens`` entry: ``{source, force}`` (mergekit's TokenEmbeddingConfig)."""
+    if not token:
+        raise ConfigError(f"{where}: {key}: expected a non-empty token")
+    _require_mapping(entry, where, key)
+    _reject_unknown_keys(entry, TOKEN_KEYS, where, key)
+    force = entry.get("force", False)
+    if not isinstance(force, bool):
+        raise ConfigError(f"{where}: {key}.force: expected true or false, got {_short(force)}")
+    source = entry.get("source")
+    if source is not None:
+        source = _token_source(source, where, f"{key}.source")
+    return TokenEmbedding(source=source, force=force)
+
+
+def _token_source(value: Any, where: str, key: str) -> TokenSource:
+    """A model (the same token there), ``{kind: model_token, ...}`` or ``{kind: zero}``."""
+    if isinstance(value, str):
+        return TokenSource(kind="model", model=_model_ref({key: value}, key, where, key))
+    kinds = " or ".join(TOKEN_SOURCE_KEYS)
+    if not isinstance(value, dict) or value.get("kind") not in TOKEN_SOURCE_KEYS:
+        got = value.get("kind") if isinstance(value, dict) else value
+        raise ConfigError(
+            f"{where}: {key}: expected a model, or a mapping with kind {kinds}, got {_short(got)}"
+        )
+    kind = value["kind"]
+    _reject_unknown_keys(value, TOKEN_SOURCE_KEYS[kind], where, key)
+    if kind == "zero":
+        return TokenSource(kind="zero")
+    model = _model_ref(value, "model", where, f"{key}.model")
+    token_id, token = value.get("token_id"), value.get("token")
+    if (token_id is None) == (token is None):
+        raise ConfigError(f"{where}: {key}: give either token_id or token (one of them)")
+    if token_id is not None and (
+        not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0
+    ):
+        raise ConfigError(
+            f"{where}: {key}.token_id: expected a token number (0 or more), got {_short(token_id)}"
+        )
+    if token is not None and (not isinstance(token, str) or not token):
+        raise ConfigError(f"{where}: {key}.token: expected a non-empty string, got {_short(token)}")
+    return TokenSource(kind="model_token", model=model, token_id=token_id, token=token)
+
+
+def _chat_template(raw: Mapping[str, Any], where: str) -> str | None:
+    """``chat_template``: ``auto``, a template mergekit ships, or Jinja text.
+
+    mergekit 0.1.5 checks it when it writes the tokenizer, at the end of a merge; an empty
+    one means none.
+    """
+    value = raw.get("chat_template")
+    if value is None or value == "":
+        return None
+    names = ", ".join(CHAT_TEMPLATE_NAMES)
+    if not isinstance(value, str):
+        raise ConfigError(
+            f"{where}: chat_template: expected auto, a template name ({names}) or Jinja "
+            f"text, got {_short(value)}"
+        )
+    if (
+        value != "auto"
+        and value not in CHAT_TEMPLATE_NAMES
+        and (len(value) < MIN_JINJA_LENGTH or "{" not in value)
+    ):
+        raise ConfigError(
+            f"{where}: chat_template: {_short(value)} is neither auto, a template name "
+            f"({names}) nor Jinja text (at least {MIN_JINJA_LENGTH} characters, with "
+            "{{ ... }} or {% ... %})"
+        )
+    return value
+
+
+def _name(raw: Mapping[str, Any], where: str) -> str | None:
+    """``name``: a label for the merged model, a string (it does not change the weights)."""
+    value = raw.get("name")
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(
+            f"{where}: name: expected a string, got {_short(value)}; put it in quotes"
+        )
     return value
 
 
@@ -440,7 +1017,10 @@ def _parameters(value: Any, where: str, key: str) -> dict[str, ParamSpec]:
     if value is None:
         return {}
     _require_mapping(value, where, key)
-    return {name: _param_spec(name, spec, where, f"{key}.{name}") for name, spec in value.items()}
+    return {
+        name: _param_spec(name, spec, where, f"{key}.{_key_text(name)}")
+        for name, spec in value.items()
+    }
 
 
 def _param_spec(name: str, value: Any, where: str, key: str) -> ParamSpec:
@@ -465,7 +1045,7 @@ def _check_parameter_name(name: str, where: str, key: str) -> None:
     known = sorted({p for m in METHODS.values() for p in (*m.parameters, *m.input_parameters)})
     if name not in known:
         close = difflib.get_close_matches(name, known, n=1)
-        hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
+        hint = f"did you mean {_short(close[0])}?" if close else f"known: {', '.join(known)}"
         raise ConfigError(f"{where}: {key}: unknown parameter; {hint}")
 
 
@@ -476,7 +1056,7 @@ def _filter_rule(name: str, entry: dict, where: str, key: str) -> FilterRule:
         raise ConfigError(f"{where}: {key}: missing 'value' (a number or a list of numbers)")
     flt = entry.get("filter")
     if flt is not None and (not isinstance(flt, str) or not flt):
-        raise ConfigError(f"{where}: {key}.filter: expected a non-empty string, got {flt!r}")
+        raise ConfigError(f"{where}: {key}.filter: expected a non-empty string, got {_short(flt)}")
     value = _value(name, entry["value"], where, f"{key}.value")
     return FilterRule(filter=None if flt in (None, MATCH_ALL) else flt, value=value)
 
@@ -495,13 +1075,13 @@ def _number(name: str, value: Any, where: str, key: str) -> float:
     if isinstance(value, bool):
         if name in BOOLEAN_PARAMETERS:
             return float(value)
-        raise ConfigError(f"{where}: {key}: expected a number, got {value!r}")
+        raise ConfigError(f"{where}: {key}: expected a number, got {_short(value)}")
     number = _finite_number(value, where, key)
     if name in BOOLEAN_PARAMETERS and number not in (0.0, 1.0):
-        raise ConfigError(f"{where}: {key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{where}: {key}: expected true or false, got {_short(value)}")
     if name in FRACTION_PARAMETERS and not 0.0 <= number <= 1.0:
         raise ConfigError(
-            f"{where}: {key}: expected a fraction of entries to keep, from 0 to 1, got {value!r}"
+            f"{where}: {key}: expected a fraction of entries to keep, from 0 to 1, got {_short(value)}"
         )
     return number
 
@@ -512,13 +1092,13 @@ def _finite_number(value: Any, where: str, key: str) -> float:
         try:
             value = float(value)
         except ValueError:
-            raise ConfigError(f"{where}: {key}: expected a number, got {value!r}") from None
+            raise ConfigError(f"{where}: {key}: expected a number, got {_short(value)}") from None
     if (
         not isinstance(value, int | float)
         or value != value
         or value in (float("inf"), -float("inf"))
     ):
-        raise ConfigError(f"{where}: {key}: expected a finite number, got {value!r}")
+        raise ConfigError(f"{where}: {key}: expected a finite number, got {_short(value)}")
     return float(value)
 
 
@@ -604,7 +1184,7 @@ def _check_base(config: MergeConfig, slice_index: int, key: str) -> None:
         )
     if base not in models:
         raise ConfigError(
-            f"{where}: base_model: {base!r} is not among the models of {key} ({', '.join(models)})"
+            f"{where}: base_model: {_short(base)} is not among the models of {key} ({', '.join(models)})"
         )
 
 
@@ -634,5 +1214,6 @@ def _reject_unknown_keys(
     if unknown:
         prefix = f"{key}." if key else ""
         raise ConfigError(
-            f"{where}: {prefix}{unknown[0]}: unknown key; expected one of {', '.join(sorted(known))}"
+            f"{where}: {prefix}{_key_text(unknown[0])}: unknown key; expected one of "
+            f"{', '.join(sorted(known))}"
         )

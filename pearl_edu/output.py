@@ -295,7 +295,7 @@ def merge_identity(
     """
     description = {
         "version": __version__,
-        "config": _canonical(merge_plan.config),
+        "config": merge_plan.config.canonical(),
         "options": dict(options or {}),
         "tensors": [
             [
@@ -317,11 +317,6 @@ def merge_identity(
     }
     text = json.dumps(description, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _canonical(config: Any) -> Any:
-    canonical = getattr(config, "canonical", None)
-    return canonical() if canonical is not None else config.raw
 
 
 def prepare_partial_dir(partial: Path, identity: str, shards: Sequence[Shard]) -> set[str]:

@@ -777,11 +777,12 @@ def _check_float8(
     """Refuse float8 inputs to the math when the config gives no ``dtype`` to compute in.
 
     torch has no arithmetic in float8, and mergekit 0.1.5 computes in the stored dtype when
-    ``dtype`` is not set: its linear and TIES then fail inside torch, its SLERP does not.
-    Here every method refuses alike, before anything is written. A passthrough without
-    ``scale`` copies the tensor, with no arithmetic, and keeps working as in mergekit.
+    ``dtype`` is not set: its linear and TIES then fail inside torch. Here they, and every
+    other method, refuse before anything is written, except two that work as in mergekit:
+    SLERP (which computes in float32 and gives mergekit's bits on float8 inputs) and a
+    passthrough without ``scale``, a copy.
     """
-    if config.dtype:
+    if config.dtype or config.merge_method == "slerp":
         return
     for tensor_input, meta, values in zip(inputs, metas, input_params, strict=True):
         dtype = meta.dtype

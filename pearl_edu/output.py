@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from pearl_edu._version import __version__
+from pearl_edu.card import TOKENIZER_FILES
 from pearl_edu.errors import ConfigError, OutputError
 from pearl_edu.io import ModelHeader, Shard
 from pearl_edu.plan import MergePlan
@@ -111,15 +112,7 @@ MODEL_FOLDER_FILES = frozenset(
         "model.safetensors.index.json",
         "pytorch_model.bin",
         "pytorch_model.bin.index.json",
-        "tokenizer.json",
-        "tokenizer.model",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "added_tokens.json",
-        "vocab.json",
-        "merges.txt",
-        "vocab.txt",
-        "chat_template.jinja",
+        *TOKENIZER_FILES,
         MANIFEST,  # left by a crash between publishing and removing it
     }
 )

@@ -100,7 +100,7 @@ def tools_for(method: str) -> list[tuple[str, list[str]]]:
 
 def kept_fraction(merged: Path, base: Path) -> float:
     """The fraction of entries where the merged model differs from the base (kept somewhere)."""
-    from pearl_edu.io import ModelReader, read_header
+    from pearl_edu.reading import ModelReader, read_header
 
     changed = total = 0
     header = read_header(merged)
@@ -121,7 +121,7 @@ def sort_seconds(base: Path, others: tuple[Path, ...]) -> float:
     """
     import torch
 
-    from pearl_edu.io import ModelReader, read_header
+    from pearl_edu.reading import ModelReader, read_header
 
     header = read_header(base)
     seconds = 0.0

@@ -154,7 +154,7 @@ def cosine_gap(config: str, device: str) -> float:
     import torch
 
     from pearl_edu.backends import cpu, cuda
-    from pearl_edu.verify import MergeInputs
+    from pearl_edu.contract import MergeInputs
 
     inputs = MergeInputs(config)
     largest = 0.0

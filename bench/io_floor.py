@@ -6,7 +6,7 @@ Every merge must at least read each input tensor once and write each output tens
 This script does exactly that and nothing else: for every tensor of model A it reads A's
 bytes and B's bytes into two reused buffers with positioned reads, and writes A's bytes
 into an output file of the same layout. By default the output is written the fastest way
-this machine allows, the way pearl_edu's writer does (`pearl_edu.io.SequentialFile`:
+this machine allows, the way pearl_edu's writer does (`pearl_edu.writing.SequentialFile`:
 ``O_DIRECT`` where the file system takes it, flushed to disk when complete);
 ``--buffered`` writes through the page cache and leaves flushing to the kernel, as
 mergekit does. The time it takes is what a merge costs with infinitely fast math.
@@ -25,7 +25,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from pearl_edu.io import SequentialFile, read_header  # noqa: E402  (no reader: reads are below)
+from pearl_edu.reading import read_header  # noqa: E402  (no reader: reads are below)
+from pearl_edu.writing import SequentialFile  # noqa: E402
 
 
 def copy_through(model_a: Path, model_b: Path, out_dir: Path, *, buffered: bool = False) -> int:

@@ -34,8 +34,8 @@ STAGES = (
     ("pearl_edu.backends.cpu", "", "cosine", "slerp: norms and dot product"),
     ("pearl_edu.backends.cpu", "", "weighted_sum", "slerp: weighted sum"),
     ("pearl_edu.pipeline", "", "load_input", "read: read and cast one input"),
-    ("pearl_edu.io", "ModelReader", "_pread_into", "read: positioned reads"),
-    ("pearl_edu.io", "ShardedWriter", "write", "write: one tensor (with fsync per shard)"),
+    ("pearl_edu.reading", "ModelReader", "_pread_into", "read: positioned reads"),
+    ("pearl_edu.writing", "ShardedWriter", "write", "write: one tensor (with fsync per shard)"),
 )
 
 stage_seconds: dict[str, float] = defaultdict(float)

@@ -260,8 +260,8 @@ def _run_plan(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pearl_edu.config import load_config
-    from pearl_edu.io import read_header
     from pearl_edu.plan import plan, show_plan
+    from pearl_edu.reading import read_header
 
     config = load_config(args.config)
     # Only folders on this machine are read: `plan` never downloads, so Hub ids that are

@@ -44,16 +44,6 @@ from pearl_edu.config import MergeConfig, load_config, torch_dtype
 from pearl_edu.devices import choose_device
 from pearl_edu.errors import ConfigError, ModelError, PearlEduWarning
 from pearl_edu.hub import resolve_model
-from pearl_edu.io import (
-    DIRECT_ALIGNMENT,
-    ModelHeader,
-    ModelReader,
-    OutputTensor,
-    Shard,
-    ShardedWriter,
-    layout_shards,
-    read_header,
-)
 from pearl_edu.methods import merge_tensor
 from pearl_edu.output import (  # noqa: F401  (importable from here, as before)
     MANIFEST,
@@ -92,6 +82,8 @@ from pearl_edu.pipeline import (  # noqa: F401  (importable from here, as before
     transfers_for,
 )
 from pearl_edu.plan import MergePlan, TensorPlan, plan
+from pearl_edu.reading import ModelHeader, ModelReader, read_header
+from pearl_edu.writing import DIRECT_ALIGNMENT, OutputTensor, Shard, ShardedWriter, layout_shards
 
 
 @dataclass(frozen=True)

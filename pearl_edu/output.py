@@ -38,8 +38,9 @@ from typing import Any
 from pearl_edu._version import __version__
 from pearl_edu.card import TOKENIZER_FILES
 from pearl_edu.errors import ConfigError, OutputError
-from pearl_edu.io import ModelHeader, Shard
 from pearl_edu.plan import MergePlan
+from pearl_edu.reading import ModelHeader
+from pearl_edu.writing import Shard
 
 MANIFEST = ".pearl-edu-merge.json"
 

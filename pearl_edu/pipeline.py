@@ -8,7 +8,7 @@
   so the embeddings of a 7B model are not held twice.
 - `OutputBuffers`: the result goes into one of two reused output buffers (`aligned_view`
   places it as its bytes will lie on disk), and `WriteBehind`, another thread, writes it
-  past the page cache (`pearl_edu.io.SequentialFile`) while the next one is merged.
+  past the page cache (`pearl_edu.writing.SequentialFile`) while the next one is merged.
 - `math_threads`: the CPU math gets torch's threads, as mergekit's does.
 - `CudaTransfers`: on a GPU, inputs go up and results come down on copy streams of their
   own, ordered by events, so the merging thread never waits for a copy: it queues the
@@ -40,9 +40,10 @@ from pearl_edu.backends.cpu import (
     threads_for_new_threads,
 )
 from pearl_edu.errors import ConfigError
-from pearl_edu.io import DIRECT_ALIGNMENT, ModelReader, ShardedWriter
 from pearl_edu.output import output_error
 from pearl_edu.plan import TensorPlan
+from pearl_edu.reading import ModelReader
+from pearl_edu.writing import DIRECT_ALIGNMENT, ShardedWriter
 
 # Read ahead at most this many bytes of inputs while the current tensor is merged.
 READ_AHEAD_BYTES = 512 * 1024**2
@@ -356,7 +357,7 @@ def aligned_view(buffer: torch.Tensor, job: TensorPlan, file_offset: int) -> tor
 
     The tensor starts at the same offset within a 4 KiB page of memory as within a block
     of its file, so that the writer can send it to the disk without copying it
-    (`pearl_edu.io.SequentialFile.write`). ``buffer`` has a block to spare for the shift.
+    (`pearl_edu.writing.SequentialFile.write`). ``buffer`` has a block to spare for the shift.
     """
     shift = (file_offset - buffer.data_ptr()) % DIRECT_ALIGNMENT
     if shift % job.dtype.itemsize:

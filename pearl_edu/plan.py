@@ -59,7 +59,7 @@ class TensorInfo(Protocol):
 
 
 class Header(Protocol):
-    """What the plan needs of a model header (see :func:`pearl_edu.io.read_header`)."""
+    """What the plan needs of a model header (see :func:`pearl_edu.reading.read_header`)."""
 
     tensors: Mapping[str, TensorInfo]
     config: Mapping[str, Any]

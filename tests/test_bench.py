@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from pearl_edu.io import read_header
+from pearl_edu.reading import read_header
 from pearl_edu.teaching import minipearl
 from pearl_edu.teaching.evaluation import ItemScores, Record
 from pearl_edu.teaching.toy import hf_config, load_state_dict, tensor_shapes

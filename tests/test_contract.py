@@ -24,7 +24,8 @@ from pearl_edu.backends import cuda
 from pearl_edu.cli import main
 from pearl_edu.merge import merge
 from pearl_edu.teaching.toy import make_tiny_model
-from pearl_edu.verify import ulp_at_each, verify
+from pearl_edu.ulp import ulp_at_each
+from pearl_edu.verify import verify
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 PEARL_TS = [0.0, 0.3, 0.5, 0.7, 1.0]
@@ -325,8 +326,8 @@ def test_verify_command_takes_the_config_and_the_input_scale(pearl_pair, tmp_pat
 
 
 def test_input_scale_of_each_method_and_only_where_asked():
+    from pearl_edu.contract import input_scale
     from pearl_edu.errors import ModelError
-    from pearl_edu.verify import input_scale
 
     x = torch.tensor([1.0, -2.0, 0.5, 0.0])
     y = torch.tensor([-1.0, 3.0, 0.5, 4.0])

@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from pearl_edu import core, methods
 from pearl_edu.backends import backend_for, cpu, cuda, on_device
 from pearl_edu.errors import ConfigError
-from pearl_edu.verify import ulp_at_each
+from pearl_edu.ulp import ulp_at_each
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # The aten operations that make the host wait for the device: reading a value back

@@ -13,7 +13,7 @@ import yaml
 
 from pearl_edu import load_config, merge, recipe_text, verify
 from pearl_edu.errors import HubError, ModelError
-from pearl_edu.io import read_header
+from pearl_edu.reading import read_header
 from pearl_edu.teaching import fullrun
 from pearl_edu.teaching.toy import edited_copy, make_tiny_model
 

@@ -21,12 +21,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pearl_edu import io
+from pearl_edu import reading
 from pearl_edu.errors import ConfigError, HubError, ModelError
+from pearl_edu.headers import SAFETENSORS_INDEX
 from pearl_edu.hub import resolve_model
-from pearl_edu.io import ModelReader, read_header
 from pearl_edu.merge import merge
 from pearl_edu.output import partial_dir
+from pearl_edu.reading import ModelReader, read_header
 from pearl_edu.teaching.toy import make_tiny_model
 
 
@@ -225,10 +226,10 @@ def test_a_tensor_name_with_a_line_break_stays_on_one_line(tmp_path):
 )
 def test_a_malformed_index_is_one_line(tiny, tmp_path, index, expected):
     folder = copy_model(tiny, tmp_path / "m")
-    (folder / io.SAFETENSORS_INDEX).write_text(json.dumps(index))
+    (folder / SAFETENSORS_INDEX).write_text(json.dumps(index))
     with pytest.raises(ModelError) as caught:
         read_header(folder)
-    one_line(caught, io.SAFETENSORS_INDEX, expected)
+    one_line(caught, SAFETENSORS_INDEX, expected)
 
 
 # ---------------------------------------------------------------------------------------
@@ -237,7 +238,7 @@ def test_a_malformed_index_is_one_line(tiny, tmp_path, index, expected):
 
 def point_index_at(folder: Path, shard: str) -> None:
     """Make the index json send one tensor to ``shard``."""
-    path = folder / io.SAFETENSORS_INDEX
+    path = folder / SAFETENSORS_INDEX
     index = json.loads(path.read_text())
     index["weight_map"][next(iter(index["weight_map"]))] = shard
     path.write_text(json.dumps(index))
@@ -264,7 +265,7 @@ def test_an_index_cannot_bring_in_another_models_weights(tmp_path):
         point_index_at(a, shard)
         with pytest.raises(ModelError) as caught:
             read_header(a)
-        one_line(caught, io.SAFETENSORS_INDEX, repr(shard), "outside the model folder")
+        one_line(caught, SAFETENSORS_INDEX, repr(shard), "outside the model folder")
 
 
 def test_an_index_cannot_open_a_system_file(tiny, tmp_path):
@@ -307,10 +308,10 @@ def test_an_unreadable_config_json_is_one_line(tiny, tmp_path, monkeypatch):
 def test_an_unreadable_index_is_one_line(tiny, tmp_path, monkeypatch):
     """Simulated: opening the index json raises PermissionError."""
     folder = copy_model(tiny, tmp_path / "m")
-    deny(monkeypatch, folder / io.SAFETENSORS_INDEX)
+    deny(monkeypatch, folder / SAFETENSORS_INDEX)
     with pytest.raises(ModelError) as caught:
         read_header(folder)
-    one_line(caught, io.SAFETENSORS_INDEX, os.strerror(errno.EACCES))
+    one_line(caught, SAFETENSORS_INDEX, os.strerror(errno.EACCES))
 
 
 def test_an_unreadable_shard_is_one_line(tiny, tmp_path, monkeypatch):
@@ -342,7 +343,7 @@ def test_a_failing_read_of_a_tensor_is_one_line(tiny, monkeypatch):
     def failing(fd, view, offset):
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr(io, "read_at", failing)
+    monkeypatch.setattr(reading, "read_at", failing)
     with ModelReader(header) as reader, pytest.raises(ModelError) as caught:
         reader.read(name)
     one_line(caught, header.tensors[name].file.name, name, os.strerror(errno.EIO))

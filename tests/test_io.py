@@ -10,19 +10,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import pearl_edu.io
+import pearl_edu.writing
 from pearl_edu.errors import ModelError, OutputError
-from pearl_edu.io import (
+from pearl_edu.reading import ModelReader, read_header
+from pearl_edu.teaching.toy import load_state_dict, make_tiny_model
+from pearl_edu.writing import (
     DIRECT_ALIGNMENT,
     STAGING_BYTES,
-    ModelReader,
     OutputTensor,
     SequentialFile,
     ShardedWriter,
     layout_shards,
-    read_header,
 )
-from pearl_edu.teaching.toy import load_state_dict, make_tiny_model
 
 
 class CreatesMarker:
@@ -171,7 +170,7 @@ def test_sequential_file_writes_aligned_memory_without_copying_it(
         assert sum(staged) == len(header) + size + 4  # copied through the staging buffer
 
 
-@pytest.mark.skipif(pearl_edu.io.O_DIRECT is None, reason="no O_DIRECT and fcntl here")
+@pytest.mark.skipif(pearl_edu.writing.O_DIRECT is None, reason="no O_DIRECT and fcntl here")
 def test_sequential_file_falls_back_where_direct_io_is_refused(tmp_path, monkeypatch):
     """A file system that opens with O_DIRECT but refuses the writes still gets the bytes."""
     import errno
@@ -377,9 +376,9 @@ def test_writer_refuses_wrong_shape_dtype_or_order(models, tmp_path):
 
 
 def test_pickle_is_remapped_to_release_pages_and_still_reads_right(models, monkeypatch):
-    import pearl_edu.io as io
+    import pearl_edu.reading as reading
 
-    monkeypatch.setattr(io, "BIN_REMAP_BYTES", 1)  # unmap after every tensor
+    monkeypatch.setattr(reading, "BIN_REMAP_BYTES", 1)  # unmap after every tensor
     weights = load_state_dict(models["bin"])
     with ModelReader(read_header(models["bin"])) as reader:
         for name, tensor in weights.items():

@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 from pearl_edu import __version__
 from pearl_edu.config import load_config
 from pearl_edu.errors import ConfigError, ModelError, OutputError, PearlEduError
-from pearl_edu.io import ModelReader, read_header
 from pearl_edu.merge import MANIFEST, merge, parse_size, partial_dir, read_ahead
 from pearl_edu.methods import merge_tensor
 from pearl_edu.plan import plan
+from pearl_edu.reading import ModelReader, read_header
 from pearl_edu.teaching.toy import load_state_dict, make_tiny_model
 from pearl_edu.verify import verify
 
@@ -528,8 +528,8 @@ def test_read_ahead_raises_reader_errors_in_the_caller(pair, tmp_path):
 
 
 def test_write_behind_writes_in_order_and_reports_errors(tmp_path):
-    from pearl_edu.io import OutputTensor, ShardedWriter, layout_shards
     from pearl_edu.merge import WriteBehind
+    from pearl_edu.writing import OutputTensor, ShardedWriter, layout_shards
 
     tensors = {f"t{i}": torch.full((4,), float(i)) for i in range(5)}
     layout = layout_shards([OutputTensor(n, (4,), torch.float32) for n in tensors], 10**6)
@@ -575,8 +575,8 @@ def test_small_outputs_do_not_hold_the_kept_buffers():
 
 
 def test_write_behind_hands_buffers_back_even_after_an_error(tmp_path):
-    from pearl_edu.io import OutputTensor, ShardedWriter, layout_shards
     from pearl_edu.merge import WriteBehind
+    from pearl_edu.writing import OutputTensor, ShardedWriter, layout_shards
 
     layout = layout_shards([OutputTensor("t0", (4,), torch.float32)], 10**9)
     handed_back = []

@@ -144,7 +144,7 @@ def test_runs_on_cuda_and_agrees_with_cpu():
     assert torch.equal(slerp(g0, g1, 0.3, backend=exact).cpu(), on_gpu.cpu())
     # By default, everything on the GPU: within the device backend's contract.
     from pearl_edu.backends import cuda
-    from pearl_edu.verify import ulp_at_each
+    from pearl_edu.ulp import ulp_at_each
 
     on_device = slerp(v0.cuda(), v1.cuda(), 0.3)
     steps = (on_device.cpu().double() - on_gpu.cpu().double()).abs() / ulp_at_each(

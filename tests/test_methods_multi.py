@@ -308,7 +308,7 @@ parameters:
 
 
 def test_plan_carries_per_input_parameters_and_seeds(family):
-    from pearl_edu.io import read_header
+    from pearl_edu.reading import read_header
 
     config = load_config(dare_yaml(family))
     headers = {m: read_header(m) for m in config.models()}
@@ -387,7 +387,7 @@ def test_dare_merge_is_reproducible_and_each_tensor_stands_alone(family, tmp_pat
     assert "Random seed: `7`" in (first.output_dir / "README.md").read_text()
 
     # Each tensor, merged alone and in reverse order, is the tensor the engine wrote.
-    from pearl_edu.io import read_header
+    from pearl_edu.reading import read_header
 
     config = load_config(dare_yaml(family))
     headers = {m: read_header(m) for m in config.models()}

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pearl_edu import cli, io
+from pearl_edu import cli, writing
 from pearl_edu.errors import OutputError
 from pearl_edu.merge import MANIFEST, merge, partial_dir
 from pearl_edu.teaching.toy import make_tiny_model
@@ -48,7 +48,7 @@ def weight_bytes(folder: Path) -> dict[str, bytes]:
 
 def disk_full_after(monkeypatch, writes: int) -> None:
     """Let the output's files take ``writes`` writes, then fail as a full disk does."""
-    real_write = io.SequentialFile.write
+    real_write = writing.SequentialFile.write
     count = 0
 
     def write(self, data, **kwargs):
@@ -58,7 +58,7 @@ def disk_full_after(monkeypatch, writes: int) -> None:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as os.write raises it
         real_write(self, data, **kwargs)
 
-    monkeypatch.setattr(io.SequentialFile, "write", write)
+    monkeypatch.setattr(writing.SequentialFile, "write", write)
 
 
 def assert_one_line(err: OutputError, *names: str) -> str:

@@ -335,7 +335,7 @@ def test_output_dtype():
 
 
 def test_real_toy_model_headers(tmp_path):
-    from pearl_edu.io import read_header
+    from pearl_edu.reading import read_header
     from pearl_edu.teaching.toy import make_tiny_model
 
     a = make_tiny_model(tmp_path / "a", arch="qwen2", num_layers=3)

@@ -17,9 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pearl_edu import io
-from pearl_edu.io import ModelReader, SequentialFile, read_header
+from pearl_edu import reading, writing
+from pearl_edu.reading import ModelReader, read_header
 from pearl_edu.teaching.toy import load_state_dict, make_tiny_model
+from pearl_edu.writing import SequentialFile
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +55,7 @@ elif scenario == "windows":  # none of Linux's fast paths, and no fcntl module
 
 import torch
 import pearl_edu  # the import is under test
-from pearl_edu import io
+from pearl_edu import reading, writing
 from pearl_edu.merge import merge
 
 config = (
@@ -66,24 +67,24 @@ config = (
 )
 merge(config, out + "/merged/model", shard_size="50KB", progress=False, threads=1)
 for i, model in enumerate(models):
-    header = io.read_header(model)
+    header = reading.read_header(model)
     names = sorted(header.tensors)
-    shards = io.layout_shards(
-        [io.OutputTensor(n, header.tensors[n].shape, header.tensors[n].dtype) for n in names],
+    shards = writing.layout_shards(
+        [writing.OutputTensor(n, header.tensors[n].shape, header.tensors[n].dtype) for n in names],
         30_000,
     )
-    writer = io.ShardedWriter(Path(out) / f"copy{i}", shards)
+    writer = writing.ShardedWriter(Path(out) / f"copy{i}", shards)
     writer.folder.mkdir()
     buffer = torch.empty(1 << 20, dtype=torch.uint8)
-    with io.ModelReader(header) as reader:
+    with reading.ModelReader(header) as reader:
         for name in names:
             writer.write(name, reader.read(name, out=buffer))
     writer.write_index()
 print(json.dumps({
-    "fcntl": io.fcntl is not None,
-    "read_at": io.read_at.__name__,
-    "O_DIRECT": io.O_DIRECT is not None,
-    "MADV_WILLNEED": io.MADV_WILLNEED is not None,
+    "fcntl": writing.fcntl is not None,
+    "read_at": reading.read_at.__name__,
+    "O_DIRECT": writing.O_DIRECT is not None,
+    "MADV_WILLNEED": reading.MADV_WILLNEED is not None,
     "maps": len(maps),
 }))
 """
@@ -146,12 +147,14 @@ def test_without_linux_io_the_output_is_the_same_bytes(pair, native, scenario, t
     assert folder_bytes(tmp_path / "out") == expected
 
 
-@pytest.mark.parametrize("read_at", [io.read_at_preadv, io.read_at_pread, io.read_at_seek])
+@pytest.mark.parametrize(
+    "read_at", [reading.read_at_preadv, reading.read_at_pread, reading.read_at_seek]
+)
 def test_every_way_of_reading_gives_the_stored_tensors(pair, monkeypatch, read_at):
     needed = read_at.__name__.removeprefix("read_at_")
     if needed != "seek" and not hasattr(os, needed):
         pytest.skip(f"os.{needed} is missing here")
-    monkeypatch.setattr(io, "read_at", read_at)
+    monkeypatch.setattr(reading, "read_at", read_at)
     weights = load_state_dict(pair[1])
     with ModelReader(read_header(pair[1])) as reader:
         for name, tensor in weights.items():
@@ -164,9 +167,9 @@ def test_short_reads_are_resumed(pair, monkeypatch):
 
     def at_most_100_bytes(fd, view, offset):
         calls.append(offset)
-        return io.read_at_seek(fd, view[:100], offset)
+        return reading.read_at_seek(fd, view[:100], offset)
 
-    monkeypatch.setattr(io, "read_at", at_most_100_bytes)
+    monkeypatch.setattr(reading, "read_at", at_most_100_bytes)
     weights = load_state_dict(pair[0])
     with ModelReader(read_header(pair[0])) as reader:
         assert torch.equal(reader.read("lm_head.weight"), weights["lm_head.weight"])
@@ -176,7 +179,8 @@ def test_short_reads_are_resumed(pair, monkeypatch):
 def test_files_are_opened_in_binary_mode(pair, tmp_path, monkeypatch):
     """os.O_BINARY (Windows) goes into every os.open; here a harmless flag stands in for it."""
     stand_in = os.O_CLOEXEC
-    monkeypatch.setattr(io, "O_BINARY", stand_in)
+    monkeypatch.setattr(reading, "O_BINARY", stand_in)
+    monkeypatch.setattr(writing, "O_BINARY", stand_in)
     flags = []
     real_open = os.open
 
@@ -199,11 +203,11 @@ def test_files_are_opened_in_binary_mode(pair, tmp_path, monkeypatch):
 def test_index_json_has_unix_line_ends(pair, tmp_path):
     header = read_header(pair[1])
     names = sorted(header.tensors)
-    shards = io.layout_shards(
-        [io.OutputTensor(n, header.tensors[n].shape, header.tensors[n].dtype) for n in names],
+    shards = writing.layout_shards(
+        [writing.OutputTensor(n, header.tensors[n].shape, header.tensors[n].dtype) for n in names],
         30_000,
     )
-    path = io.ShardedWriter(tmp_path, shards).write_index()
+    path = writing.ShardedWriter(tmp_path, shards).write_index()
     assert b"\r" not in path.read_bytes() and path.read_bytes().endswith(b"}\n")
 
 

@@ -23,7 +23,8 @@ import torch
 import yaml
 
 from pearl_edu.teaching.toy import load_state_dict, make_tiny_model
-from pearl_edu.verify import VerifyReport, ulp_distance, verify
+from pearl_edu.ulp import ulp_distance
+from pearl_edu.verify import VerifyReport, verify
 
 NUM_LAYERS = 6
 # The fraction of elements allowed to differ (by one ULP at most): none.

@@ -29,10 +29,10 @@ from pearl_edu.config import load_config
 from pearl_edu.core import model_stock as stock
 from pearl_edu.core import sphere
 from pearl_edu.errors import ConfigError, ModelError
-from pearl_edu.io import read_header
 from pearl_edu.merge import merge
 from pearl_edu.methods import merge_tensor
 from pearl_edu.plan import plan, show_plan
+from pearl_edu.reading import read_header
 from pearl_edu.teaching.toy import load_state_dict, make_tiny_model
 
 NUM_LAYERS = 3

@@ -11,9 +11,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pearl_edu import comparison
+from pearl_edu.comparison import compare_tensors
 from pearl_edu.errors import ModelError
 from pearl_edu.teaching.toy import edited_copy, load_state_dict, make_tiny_model
-from pearl_edu.verify import compare_tensors, ulp_distance, verify
+from pearl_edu.ulp import ulp_at, ulp_distance
+from pearl_edu.verify import verify
 
 # The package exports the function `verify`, which hides the module of the same name.
 verify_module = importlib.import_module("pearl_edu.verify")
@@ -122,7 +125,7 @@ def test_compare_in_chunks_gives_the_same_answer(monkeypatch):
     b = a.clone()
     b[::7] = torch.randn(b[::7].shape, generator=generator).to(torch.bfloat16)
     whole = compare_tensors("x", a, b)
-    monkeypatch.setattr(verify_module, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(comparison, "CHUNK_ELEMENTS", 64)
     chunked = compare_tensors("x", a, b)
     assert whole == chunked
     assert whole.num_differing == int((a != b).sum())
@@ -199,16 +202,16 @@ def test_ulp_at_is_the_gap_to_the_next_number_of_the_dtype():
         for value in (1.0, 0.75, 3.0, 0.0123, 1000.0):
             x = torch.tensor([value], dtype=dtype)
             gap = float(torch.nextafter(x, torch.tensor([math.inf], dtype=dtype)) - x)
-            assert verify_module.ulp_at(float(x), dtype) == gap, (dtype, value)
+            assert ulp_at(float(x), dtype) == gap, (dtype, value)
     tiny = torch.finfo(torch.bfloat16).smallest_normal
-    assert verify_module.ulp_at(0.0, torch.bfloat16) == verify_module.ulp_at(tiny, torch.bfloat16)
+    assert ulp_at(0.0, torch.bfloat16) == ulp_at(tiny, torch.bfloat16)
 
 
 def test_scale_ulp_measures_a_difference_at_the_tensor_s_largest_value():
     # Largest value 1.5 (its bfloat16 step 2^-7); a small element moved by 4 of its own steps.
     a = torch.tensor([1.5, 0.01, -0.5, 0.25], dtype=torch.bfloat16)
     b = a.clone()
-    step = verify_module.ulp_at(0.01, torch.bfloat16)
+    step = ulp_at(0.01, torch.bfloat16)
     b[1] = float(a[1]) + 4 * step
     result = compare_tensors("x", a, b)
     assert result.max_ulp_diff == 4

@@ -412,7 +412,7 @@ def merged_size_bytes(parents: list[str | Path]) -> int:
 
 def parameter_count(parents: list[str | Path]) -> int:
     """Parameters of the first parent on disk, else of a Mistral-7B (Pearl's shape)."""
-    from pearl_edu.io import read_header
+    from pearl_edu.reading import read_header
 
     for ref in parents:
         folder = local_folder(ref)
@@ -423,7 +423,7 @@ def parameter_count(parents: list[str | Path]) -> int:
 
 def largest_tensor_elements(parents: list[str | Path]) -> int:
     """Elements of the largest tensor: from a local parent, else Mistral-7B's embeddings."""
-    from pearl_edu.io import read_header
+    from pearl_edu.reading import read_header
 
     for ref in parents:
         folder = local_folder(ref)

@@ -212,7 +212,7 @@ def load_state_dict(model_dir: str | Path) -> dict[str, torch.Tensor]:
     """Load every weight of a (tiny) model folder into memory, safetensors or ``.bin``.
 
     Only for small models: the merge engine reads real models one tensor at a time
-    through `pearl_edu.io` instead.
+    through `pearl_edu.reading` instead.
     """
     from safetensors.torch import load_file
 

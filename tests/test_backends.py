@@ -13,14 +13,11 @@ import torch
 
 from pearl_edu import core, kernels
 from pearl_edu.backends import REFERENCE, backend_for, cpu
+from pearl_edu.ulp import same_bits
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 TS = [0.0, 0.3, 0.5, 0.7, 1.0, -0.25]
 CHUNK = 1 << 20
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
 
 def pair(shape, dtype, kind: str, seed: int = 0):

@@ -15,6 +15,7 @@ import yaml
 import pearl_edu
 from pearl_edu.core import model_stock, sphere
 from pearl_edu.teaching import evaluation, minipearl
+from pearl_edu.ulp import same_bits
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -61,18 +62,18 @@ def test_sphere_merges_are_the_methods_of_the_chapter(mini, sphere_models):
     base, general, special = parts(mini)
     merged = {name: minipearl.load_weights(folder) for name, folder in sphere_models.items()}
     assert set(merged) == set(seeds_sphere.RECIPES)
-    assert torch.equal(
+    assert same_bits(
         merged["nuslerp"][KEY],
         sphere.nuslerp([general[KEY], special[KEY]], [0.5, 0.5], base=base[KEY]),
     )
-    assert torch.equal(
+    assert same_bits(
         merged["model_stock"][KEY], model_stock.model_stock(base[KEY], [general[KEY], special[KEY]])
     )
-    assert torch.equal(
+    assert same_bits(
         merged["karcher"][KEY],
         sphere.karcher_mean([general[KEY], special[KEY], base[KEY]], [1 / 3] * 3),
     )
-    assert torch.equal(merged["slerp"][KEY], pearl_edu.slerp(general[KEY], special[KEY], 0.5))
+    assert same_bits(merged["slerp"][KEY], pearl_edu.slerp(general[KEY], special[KEY], 0.5))
 
 
 def test_change_length_is_one_for_the_plain_average(mini, tmp_path, sphere_models):
@@ -152,7 +153,7 @@ def test_pruning_make_merges_every_recipe_with_its_draws(mini, tmp_path):
         {"normalize": 1.0, "rescale": 0.0, "lambda": 1.0, "int8_mask": 0.0},
         input_params=[{}, {"weight": 1.0, "density": 0.5}, {"weight": 1.0, "density": 0.5}],
     )
-    assert torch.equal(ties, expected)
+    assert same_bits(ties, expected)
 
 
 @pytest.mark.parametrize(

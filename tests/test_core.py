@@ -3,9 +3,9 @@
 Three implementations of each method's math for one tensor: mergekit's (through its own
 method objects, which promote dtypes and pack the tensor as a batch of one), the core's
 (plain torch, printed in the book) and the engine's (`pearl_edu.methods`: threads,
-compiled loops, reused buffers). All three must agree bit for bit (``torch.equal``, same
-dtype) on ragged shapes, tensors of several 2^20-element chunks, near-parallel pairs (the
-linear fallback), zero tensors, each input dtype and several ``t``.
+compiled loops, reused buffers). All three must agree bit for bit (`same_bits`, same
+dtype; NaNs in the same places) on ragged shapes, tensors of several 2^20-element chunks,
+near-parallel pairs (the linear fallback), zero tensors, each input dtype and several ``t``.
 
 DARE draws at random. mergekit draws each model's mask in turn from torch's global
 generator; the core draws the same way (or from generators it is given); the engine draws
@@ -27,6 +27,7 @@ from mergekit.merge_methods.base import TensorGroup
 from mergekit.merge_methods.registry import get as mergekit_method
 
 from pearl_edu import core, methods
+from pearl_edu.ulp import same_bits
 
 # The modules themselves: `pearl_edu.core.slerp` is also the name of the function.
 core_slerp = importlib.import_module("pearl_edu.core.slerp")
@@ -58,8 +59,11 @@ def mergekit_merge(
 def assert_same(ours: torch.Tensor, theirs: torch.Tensor, label: str) -> None:
     assert ours.dtype == theirs.dtype, f"{label}: {ours.dtype} vs {theirs.dtype}"
     assert ours.shape == theirs.shape, f"{label}: {ours.shape} vs {theirs.shape}"
-    differ = (ours != theirs) & ~(ours.isnan() & theirs.isnan())
+    both_nan = ours.isnan() & theirs.isnan()
+    differ = (ours != theirs) & ~both_nan
     assert not differ.any(), f"{label}: {int(differ.sum())} of {ours.numel()} elements differ"
+    # == takes -0.0 for +0.0; the bits tell them apart.
+    assert same_bits(ours[~both_nan], theirs[~both_nan]), f"{label}: the signs of zeros differ"
 
 
 def check_slerp(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:

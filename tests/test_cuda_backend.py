@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from pearl_edu import core, methods
 from pearl_edu.backends import backend_for, cpu, cuda, on_device
 from pearl_edu.errors import ConfigError
-from pearl_edu.ulp import ulp_at_each
+from pearl_edu.ulp import same_bits, ulp_at_each
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # The aten operations that make the host wait for the device: reading a value back
@@ -41,13 +41,6 @@ class NoHostSync(TorchDispatchMode):
         if name in SYNCING_OPS or (name in MASK_INDEXING and _has_bool_index(args)):
             raise AssertionError(f"host synchronisation: aten.{name}")
         return func(*args, **(kwargs or {}))
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    width = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-    return torch.equal(a.contiguous().view(width), b.contiguous().view(width))
 
 
 def models(shape, dtype, count=3, seed=0, scale=0.01):

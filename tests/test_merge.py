@@ -22,6 +22,7 @@ from pearl_edu.methods import merge_tensor
 from pearl_edu.plan import plan
 from pearl_edu.reading import ModelReader, read_header
 from pearl_edu.teaching.toy import load_state_dict, make_tiny_model
+from pearl_edu.ulp import same_bits
 from pearl_edu.verify import verify
 
 PEARL_T = """\
@@ -97,10 +98,10 @@ def test_merged_tensors_match_the_plan_and_load_with_transformers(pair, tmp_path
     assert written.keys() == expected.keys()
     for name, tensor in expected.items():
         assert written[name].dtype == torch.bfloat16
-        assert torch.equal(written[name], tensor), name
+        assert same_bits(written[name], tensor), name
     # t = 0 at layer 0 for self_attn: exactly the base model's tensor (cast to bf16).
     base_q = load_state_dict(a)["model.layers.0.self_attn.q_proj.weight"].to(torch.bfloat16)
-    assert torch.equal(written["model.layers.0.self_attn.q_proj.weight"], base_q)
+    assert same_bits(written["model.layers.0.self_attn.q_proj.weight"], base_q)
 
     model, info = AutoModelForCausalLM.from_pretrained(result.output_dir, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
@@ -116,7 +117,7 @@ def test_without_dtype_the_result_takes_the_base_dtype(pair, tmp_path):
     written = load_state_dict(result.output_dir)
     assert all(t.dtype == torch.float16 for t in written.values())
     expected = expected_weights(config)
-    assert all(torch.equal(written[n], expected[n]) for n in expected)
+    assert all(same_bits(written[n], expected[n]) for n in expected)
     hf_config = json.loads((result.output_dir / "config.json").read_text())
     assert hf_config["torch_dtype"] == hf_config["dtype"] == "float16"
 
@@ -131,7 +132,7 @@ def test_float64_merges_as_it_plans(pair, tmp_path):
     written = load_state_dict(result.output_dir)
     expected = expected_weights(config)
     assert all(written[n].dtype == torch.float64 for n in expected)
-    assert all(torch.equal(written[n], expected[n]) for n in expected)
+    assert all(same_bits(written[n], expected[n]) for n in expected)
     hf_config = json.loads((result.output_dir / "config.json").read_text())
     assert hf_config["torch_dtype"] == hf_config["dtype"] == "float64"
 
@@ -280,7 +281,7 @@ def test_partial_folder_of_another_merge_is_started_afresh(pair, tmp_path):
     assert result.resumed_tensors == 0
     expected = expected_weights(config)
     written = load_state_dict(output)
-    assert all(torch.equal(written[n], expected[n]) for n in expected)
+    assert all(same_bits(written[n], expected[n]) for n in expected)
 
 
 def test_foreign_partial_folder_is_refused_not_deleted(pair, tmp_path):
@@ -596,7 +597,7 @@ def test_endpoint_and_cast_merges_are_copied_out_of_the_reused_buffers(pair, tmp
     written = load_file(tmp_path / "out" / "model.safetensors")
     base = load_state_dict(pair[0])
     for name, tensor in expected_weights(config_text).items():
-        assert torch.equal(written[name], tensor), name
+        assert same_bits(written[name], tensor), name
         assert torch.equal(written[name].float(), base[name].float()), name
 
 

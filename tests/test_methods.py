@@ -15,6 +15,7 @@ from pearl_edu import methods
 from pearl_edu.backends import cpu
 from pearl_edu.errors import ModelError
 from pearl_edu.methods import lerp, merge_tensor, slerp
+from pearl_edu.ulp import same_bits
 
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -134,14 +135,14 @@ def test_runs_on_cuda_and_agrees_with_cpu():
     assert on_gpu.device.type == "cuda"
     assert on_gpu.dtype == torch.bfloat16
     # The cosine is summed on the CPU, the weighted sum is elementwise: the same bits.
-    assert torch.equal(on_gpu.cpu(), slerp(v0, v1, 0.3))
-    assert torch.equal(lerp(v0.cuda(), v1.cuda(), 0.3, backend=exact).cpu(), lerp(v0, v1, 0.3))
+    assert same_bits(on_gpu.cpu(), slerp(v0, v1, 0.3))
+    assert same_bits(lerp(v0.cuda(), v1.cuda(), 0.3, backend=exact).cpu(), lerp(v0, v1, 0.3))
     out = torch.empty_like(v0, device="cuda")
     assert slerp(v0.cuda(), v1.cuda(), 0.3, out=out, backend=exact) is out
-    assert torch.equal(out.cpu(), on_gpu.cpu())
+    assert same_bits(out.cpu(), on_gpu.cpu())
     # As the engine runs it: the cosine summed from the host copies the inputs came from.
     g0, g1 = (methods.keep_host_copy(v.cuda(), v) for v in (v0, v1))
-    assert torch.equal(slerp(g0, g1, 0.3, backend=exact).cpu(), on_gpu.cpu())
+    assert same_bits(slerp(g0, g1, 0.3, backend=exact).cpu(), on_gpu.cpu())
     # By default, everything on the GPU: within the device backend's contract.
     from pearl_edu.backends import cuda
     from pearl_edu.ulp import ulp_at_each
@@ -185,7 +186,7 @@ def test_chunked_loop_covers_every_element(monkeypatch):
     v0, v1 = _pair(5, (7, 11))
     whole = slerp(v0, v1, 0.4)
     monkeypatch.setattr(cpu.reference, "CHUNK_ELEMENTS", 10)  # the core's, which it reads
-    assert torch.equal(slerp(v0, v1, 0.4), whole)
+    assert same_bits(slerp(v0, v1, 0.4), whole)
 
 
 def test_empty_tensors():
@@ -265,7 +266,7 @@ def _mergekit_slerp(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tenso
 def test_agrees_with_mergekit_on_small_tensors(dtype, t):
     for seed in range(5):
         v0, v1 = _pair(seed, (64, 48), correlation=0.4, dtype=dtype)
-        assert torch.equal(slerp(v0, v1, t), _mergekit_slerp(v0, v1, t))
+        assert same_bits(slerp(v0, v1, t), _mergekit_slerp(v0, v1, t))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -275,7 +276,7 @@ def test_agrees_with_mergekit_bit_for_bit_on_a_multi_chunk_tensor(dtype):
     # every bit agrees, where float64 sums would flip the rounding of ~0.3% of bf16 outputs.
     v0, v1 = _pair(11, (2000, 1100), correlation=0.5, dtype=dtype)  # 2.2M elements, 3 chunks
     for t in (0.3, 0.5, 0.77):
-        assert torch.equal(slerp(v0, v1, t), _mergekit_slerp(v0, v1, t))
+        assert same_bits(slerp(v0, v1, t), _mergekit_slerp(v0, v1, t))
 
 
 def test_the_norms_taken_side_by_side_equal_the_norms_taken_in_turn(monkeypatch):
@@ -289,11 +290,11 @@ def test_the_norms_taken_side_by_side_equal_the_norms_taken_in_turn(monkeypatch)
         used = []
         helper = ThreadPoolExecutor(1)
         monkeypatch.setattr(cpu, "helper_thread", lambda: used.append(1) or helper)
-        assert torch.equal(slerp(v0, v1, 0.3), side_by_side[0]) and used == [1]
+        assert same_bits(slerp(v0, v1, 0.3), side_by_side[0]) and used == [1]
         monkeypatch.setattr(cpu.torch, "get_num_threads", lambda: 1)
         in_turn = [slerp(v0, v1, t) for t in (0.3, 0.6)]
         assert used == [1], "one torch thread: no helper"
-        assert all(torch.equal(x, y) for x, y in zip(side_by_side, in_turn, strict=True))
+        assert all(same_bits(x, y) for x, y in zip(side_by_side, in_turn, strict=True))
     finally:
         torch.set_num_threads(threads)
 
@@ -335,7 +336,7 @@ def test_agrees_with_mergekit_in_the_lerp_region_bit_for_bit():
     v0, _ = _pair(1, (256, 64), dtype=torch.bfloat16)
     v1 = (v0.float() * 1.01).to(torch.bfloat16)
     for t in (0.2, 0.5, 0.7):
-        assert torch.equal(slerp(v0, v1, t), _mergekit_slerp(v0, v1, t))
+        assert same_bits(slerp(v0, v1, t), _mergekit_slerp(v0, v1, t))
 
 
 def test_mergekit_agrees_on_every_tensor_of_a_batch():
@@ -360,8 +361,8 @@ def test_mergekit_agrees_on_every_tensor_of_a_batch():
 
 def test_merge_tensor_uses_the_base_index():
     v0, v1 = _pair(4, (40,))
-    assert torch.equal(merge_tensor("slerp", [v0, v1], 0, {"t": 0.3}), slerp(v0, v1, 0.3))
-    assert torch.equal(merge_tensor("slerp", [v1, v0], 1, {"t": 0.3}), slerp(v0, v1, 0.3))
+    assert same_bits(merge_tensor("slerp", [v0, v1], 0, {"t": 0.3}), slerp(v0, v1, 0.3))
+    assert same_bits(merge_tensor("slerp", [v1, v0], 1, {"t": 0.3}), slerp(v0, v1, 0.3))
 
 
 def test_registry_describes_slerp():

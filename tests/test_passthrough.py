@@ -22,6 +22,7 @@ from pearl_edu.errors import ConfigError, ModelError
 from pearl_edu.merge import merge
 from pearl_edu.methods import merge_tensor
 from pearl_edu.teaching.toy import load_state_dict, make_tiny_model
+from pearl_edu.ulp import same_bits
 
 LAYERS = 10  # the 40 layers of orca_mini_v3_13b and Platypus2-13B, scaled down by 4
 ORCAMINI_PLATY_44 = """
@@ -83,7 +84,7 @@ def assert_identical(ours: dict, theirs: dict) -> None:
     assert sorted(ours) == sorted(theirs)
     for name, tensor in ours.items():
         assert tensor.dtype == theirs[name].dtype, name
-        assert torch.equal(tensor, theirs[name]), f"{name} differs from mergekit's"
+        assert same_bits(tensor, theirs[name]), f"{name} differs from mergekit's"
 
 
 def layer_count(folder: Path) -> int:

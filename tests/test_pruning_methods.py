@@ -28,6 +28,7 @@ from pearl_edu.errors import ConfigError
 from pearl_edu.merge import merge
 from pearl_edu.methods import METHODS, input_generators, merge_tensor, tensor_seed
 from pearl_edu.teaching.toy import load_state_dict
+from pearl_edu.ulp import same_bits
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_reference_methods import assert_identical, make_family, run_both  # noqa: E402
@@ -96,15 +97,6 @@ def _delta(shape, dtype, seed=0):
     return delta
 
 
-def _same(ours: torch.Tensor, theirs: torch.Tensor) -> bool:
-    """Equal bits: values, dtypes and the sign of zeros."""
-    return (
-        ours.dtype == theirs.dtype
-        and torch.equal(ours, theirs)
-        and torch.equal(ours.signbit(), theirs.signbit())
-    )
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize(
@@ -123,7 +115,7 @@ def test_breadcrumbs_trim_is_mergekits(dtype, shape, density, gamma):
             # The L1 norm overflows float16: mergekit gives NaNs there, and so do we.
             assert bool(ours.isnan().all()) and bool(theirs.isnan().all())
             continue
-        assert _same(ours, theirs)
+        assert same_bits(ours, theirs)
 
 
 @pytest.mark.parametrize("dtype", [*DTYPES, torch.float64])
@@ -141,9 +133,11 @@ def test_della_drop_is_mergekits_from_the_same_generator(dtype, shape, density, 
         theirs = della_magprune(delta, density, epsilon, RescaleNorm.l1 if rescale else None)
         torch.manual_seed(7)
         ours = pruning.della_prune(delta, density, epsilon, rescale=rescale)
-        assert _same(ours, theirs)
+        assert same_bits(ours, theirs)
         generator = torch.Generator().manual_seed(7)
-        assert _same(pruning.della_prune(delta, density, epsilon, generator, rescale=rescale), ours)
+        assert same_bits(
+            pruning.della_prune(delta, density, epsilon, generator, rescale=rescale), ours
+        )
 
 
 def _group(base, others):
@@ -188,7 +182,7 @@ def test_whole_merge_step_is_mergekits(dtype, method, shared):
         ours = pruning.della(base, others, weights, densities, extra, **options)
     else:
         ours = pruning.breadcrumbs(base, others, weights, densities, extra, **options)
-    assert _same(ours, theirs)
+    assert same_bits(ours, theirs)
 
 
 # --- the engine: Breadcrumbs identical to mergekit's merges ------------------------------
@@ -430,7 +424,7 @@ random_seed: 3
             input_generators(job["seed"], 2),
             scale=1.1,
         )
-        assert torch.equal(ours[name], expected), name
+        assert same_bits(ours[name], expected), name
     # Where the two models leave the base alone, both dropped: about (1 - 0.3)(1 - density).
     for merged in (ours, theirs):
         unchanged = sum(int((merged[n] == base[n]).sum()) for n in merged)
@@ -474,7 +468,7 @@ def test_engine_is_the_core_for_each_method():
             core = pruning.della(base, [a, b], [0.4, 1.0], [0.5, 0.3], [0.1, 0.15], gens, **options)
         else:
             core = pruning.breadcrumbs(base, [a, b], [0.4, 1.0], [0.5, 0.3], [0.1, 0.01], **options)
-        assert torch.equal(merged, core), method
+        assert same_bits(merged, core), method
 
 
 def test_della_keep_probabilities_span_density_plus_minus_epsilon():

@@ -21,6 +21,7 @@ import yaml
 
 from pearl_edu.merge import merge
 from pearl_edu.teaching.toy import load_state_dict, make_tiny_model
+from pearl_edu.ulp import same_bits
 
 NUM_LAYERS = 4
 
@@ -79,7 +80,7 @@ def assert_identical(ours: dict, theirs: dict) -> None:
     assert sorted(ours) == sorted(theirs)
     for name, tensor in ours.items():
         assert tensor.dtype == theirs[name].dtype, name
-        assert torch.equal(tensor, theirs[name]), f"{name} differs from mergekit's"
+        assert same_bits(tensor, theirs[name]), f"{name} differs from mergekit's"
 
 
 # --- the deterministic methods: identical to mergekit ------------------------------------

@@ -34,6 +34,7 @@ from pearl_edu.methods import merge_tensor
 from pearl_edu.plan import plan, show_plan
 from pearl_edu.reading import read_header
 from pearl_edu.teaching.toy import load_state_dict, make_tiny_model
+from pearl_edu.ulp import same_bits
 
 NUM_LAYERS = 3
 
@@ -50,11 +51,6 @@ def mergekit_merge(method: str, tensors, *, base_index=None, **parameters) -> to
     group = TensorGroup.from_tensors(list(tensors), base_index=base_index)
     (result,) = registry.get(method)((group,), parameters=parameters)
     return result
-
-
-def same_bits(ours: torch.Tensor, theirs: torch.Tensor) -> bool:
-    """Equal dtype, shape and bits (NaNs would not be equal, and none are expected)."""
-    return ours.dtype == theirs.dtype and ours.shape == theirs.shape and torch.equal(ours, theirs)
 
 
 def siblings(shape, count, dtype, *, seed=0, spread=0.3):
@@ -277,7 +273,7 @@ def assert_identical(ours: dict, theirs: dict, inputs: list[Path]) -> None:
     assert sorted(ours) == sorted(theirs)
     for name, tensor in ours.items():
         assert tensor.dtype == theirs[name].dtype, name
-        assert torch.equal(tensor, theirs[name]), f"{name} differs from mergekit's"
+        assert same_bits(tensor, theirs[name]), f"{name} differs from mergekit's"
     for model in inputs:
         weights = load_state_dict(model)
         assert any(not torch.equal(ours[n], weights[n].to(ours[n].dtype)) for n in ours), model

@@ -15,17 +15,9 @@ import torch
 
 from pearl_edu import core
 from pearl_edu.backends import task_vectors as backend
+from pearl_edu.ulp import same_bits
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if a.dtype == torch.float64:
-        return torch.equal(a.view(torch.int64), b.view(torch.int64))
-    width = {2: torch.int16, 4: torch.int32}[a.element_size()]
-    return torch.equal(a.view(width), b.view(width))  # -0 and NaN payloads count
 
 
 def models(shape, dtype, count=3, seed=0, scale=0.01):

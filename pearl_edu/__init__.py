@@ -18,6 +18,8 @@ import sys
 from typing import Any
 
 try:
+    # Each family of methods registers its methods in `pearl_edu.methods.METHODS` on import.
+    from pearl_edu import families  # noqa: F401
     from pearl_edu._version import __version__
     from pearl_edu.config import MergeConfig, load_config
     from pearl_edu.devices import resolve_device

@@ -517,7 +517,7 @@ def _task_vector_method(*, pruning: str | None, sign_election: bool) -> MergeFun
     return merge
 
 
-def _task_vector_parameters(*, normalize: bool, rescale: bool) -> dict[str, float | None]:
+def task_vector_parameters(*, normalize: bool, rescale: bool) -> dict[str, float | None]:
     """Shared parameters of the task-vector methods, with mergekit's defaults."""
     return {
         "normalize": float(normalize),
@@ -563,7 +563,7 @@ for _name, _pruning, _election, _normalize, _rescale in (
         MergeMethod(
             name=_name,
             merge=_task_vector_method(pruning=_pruning, sign_election=_election),
-            parameters=_task_vector_parameters(normalize=_normalize, rescale=_rescale),
+            parameters=task_vector_parameters(normalize=_normalize, rescale=_rescale),
             min_models=1,
             needs_base=True,
             input_parameters=TASK_VECTOR_INPUTS,
@@ -573,8 +573,3 @@ for _name, _pruning, _election, _normalize, _rescale in (
             takes_backend=True,
         )
     )
-
-
-# The other families of methods (the SLERP family for many models, the pruning variants,
-# passthrough) register themselves from modules of their own.
-from pearl_edu import families  # noqa: E402, F401

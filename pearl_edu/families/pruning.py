@@ -33,10 +33,10 @@ import torch
 from pearl_edu.core import pruning
 from pearl_edu.methods import (
     MergeMethod,
-    _task_vector_parameters,  # the task-vector methods' shared parameters and defaults
     input_generators,
     register,
     task_vector_inputs,
+    task_vector_parameters,
 )
 
 
@@ -146,7 +146,7 @@ for _name, _kind, _election, _normalize, _rescale, _title, _paper in (
         MergeMethod(
             name=_name,
             merge=_pruning_method(kind=_kind, sign_election=_election),
-            parameters=_task_vector_parameters(normalize=_normalize, rescale=_rescale),
+            parameters=task_vector_parameters(normalize=_normalize, rescale=_rescale),
             min_models=1,
             needs_base=True,
             input_parameters={"weight": None, "density": 1.0, **_extra},

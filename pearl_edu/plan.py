@@ -37,9 +37,10 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from pearl_edu.config import BOOLEAN_PARAMETERS, FilterRule, MergeConfig, ParamSpec, torch_dtype
+from pearl_edu.config import MergeConfig, torch_dtype
 from pearl_edu.errors import ConfigError, ModelError
 from pearl_edu.methods import METHODS, check_parameters, tensor_seed
+from pearl_edu.parameters import BOOLEAN_PARAMETERS, FilterRule, ParamSpec
 
 # Column label of the catch-all entry (a filter rule without `filter`).
 OTHER = "other"

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from pearl_edu.config import FilterRule, MergeConfig, load_config, parse_config
+from pearl_edu.config import MergeConfig, load_config, parse_config
 from pearl_edu.errors import ConfigError, PearlEduError
 from pearl_edu.methods import METHODS
+from pearl_edu.parameters import FilterRule
 from pearl_edu.recipes import recipe_path
 
 TWO_MODELS = """

@@ -25,6 +25,7 @@ try:
     from pearl_edu.devices import resolve_device
     from pearl_edu.errors import ConfigError, HubError, ModelError, OutputError, PearlEduError
     from pearl_edu.hub import resolve_model
+    from pearl_edu.layer_schedule import schedule
     from pearl_edu.merge import MergeResult, merge
     from pearl_edu.methods import (
         dare,
@@ -37,7 +38,7 @@ try:
         task_arithmetic,
         ties,
     )
-    from pearl_edu.plan import MergePlan, TensorPlan, plan, schedule
+    from pearl_edu.plan import MergePlan, TensorPlan, plan
     from pearl_edu.reading import ModelReader, read_header
     from pearl_edu.recipes import recipe_path, recipe_text
     from pearl_edu.verify import VerifyReport, verify

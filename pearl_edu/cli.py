@@ -260,7 +260,8 @@ def _run_plan(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pearl_edu.config import load_config
-    from pearl_edu.plan import plan, show_plan
+    from pearl_edu.plan import plan
+    from pearl_edu.plan_table import show_plan
     from pearl_edu.reading import read_header
 
     config = load_config(args.config)

@@ -1,7 +1,9 @@
-"""How a plan is shown: the tables and the JSON that ``pearl-edu plan`` prints.
+"""How a plan is shown: the text and the JSON that ``pearl-edu plan`` prints.
 
-`pearl_edu.plan` decides which tensor gets which ``t``; this module only formats what it
-decided, for people (aligned tables) and for programs (plain data for JSON).
+`pearl_edu.plan` decides which tensor gets which ``t``, and `pearl_edu.layer_schedule` what
+each parameter is worth at each layer; this module only puts what they decided together,
+for people (the schedule's table and the tensors outside the layers) and for programs
+(plain data for JSON).
 """
 
 from __future__ import annotations
@@ -11,88 +13,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from pearl_edu.config import MergeConfig
+from pearl_edu.layer_schedule import OTHER, cell, schedule
 from pearl_edu.methods import METHODS
-from pearl_edu.plan import OTHER, MergePlan, Schedule, TensorPlan, schedule
-
-
-def plan_dict(merge_plan: MergePlan) -> dict[str, Any]:
-    """The plan as plain data for JSON (dtypes by name, e.g. ``"bfloat16"``)."""
-    return {
-        "num_layers": merge_plan.num_layers,
-        "base_model": merge_plan.base_model,
-        "total_bytes": merge_plan.total_bytes,
-        "tensors": [
-            {
-                "name": t.name,
-                "layer": t.layer,
-                "x": t.x,
-                "inputs": [{"model": i.model, "tensor": i.tensor} for i in t.inputs],
-                "base_index": t.base_index,
-                "method": t.method,
-                "params": t.params,
-                "matched_filter": t.matched_filter,
-                "input_params": list(t.input_params),
-                "input_filters": list(t.input_filters),
-                "seed": t.seed,
-                "shape": list(t.shape),
-                "dtype": str(t.dtype).removeprefix("torch."),
-            }
-            for t in merge_plan.tensors
-        ],
-    }
-
-
-def schedule_table(sched: Schedule) -> str:
-    """A readable table: one row per layer, one column per parameter and filter.
-
-    When layers are stacked (some output layer comes from a layer of another index), a
-    ``from`` column says which layer of which model each output layer copies or merges.
-    """
-    moved = sched.moves_layers
-    headers = ["layer", "slice", "x"] + (["from"] if moved else [])
-    headers += [
-        f"{parameter}[{label}]" for parameter, labels in sched.columns.items() for label in labels
-    ]
-    lines = [headers]
-    for row in sched.rows:
-        cells = [str(row.layer), str(row.slice_index), f"{row.x:.3f}"]
-        if moved:
-            cells.append(",".join(f"{sched.model_labels[m]}:{i}" for m, i in row.sources))
-        cells += [
-            cell(row.values[p][label]) for p, labels in sched.columns.items() for label in labels
-        ]
-        lines.append(cells)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(headers))]
-    return "\n".join(
-        "  ".join(text.rjust(width) for text, width in zip(line, widths, strict=True))
-        for line in lines
-    )
-
-
-def schedule_dict(sched: Schedule) -> dict[str, Any]:
-    """The schedule as plain data for JSON."""
-    return {
-        "columns": {parameter: list(labels) for parameter, labels in sched.columns.items()},
-        "layers": [
-            {
-                "layer": r.layer,
-                "slice": r.slice_index,
-                "x": r.x,
-                "sources": [{"model": model, "layer": layer} for model, layer in r.sources],
-                **r.values,
-            }
-            for r in sched.rows
-        ],
-        "outside_layers": sched.outside_layers,
-        "outside_sources": {name: list(models) for name, models in sched.outside_sources.items()},
-    }
-
-
-def cell(value: float | None) -> str:
-    """A table cell: four decimals (small values such as eps in four digits), '-' for none."""
-    if value is None:
-        return "-"
-    return f"{value:.4g}" if 0 < abs(value) < 1e-3 else f"{value:.4f}"
+from pearl_edu.plan import MergePlan, TensorPlan
 
 
 def show_plan(
@@ -118,10 +41,10 @@ def show_plan(
             "slices": slice_summaries(config),
             "models_read": merge_plan is not None,
             "unread_models": list(unread),
-            "schedule": schedule_dict(sched),
+            "schedule": sched.to_dict(),
         }
         if merge_plan is not None:
-            data["plan"] = plan_dict(merge_plan)
+            data["plan"] = merge_plan.to_dict()
         return json.dumps(data, indent=2)
 
     lines = [f"{config.source}: {config.merge_method}, dtype {config.dtype or 'of each input'}"]
@@ -148,7 +71,7 @@ def show_plan(
         if sched.moves_layers:
             donor = sched.model_labels.get(merge_plan.base_model, merge_plan.base_model)
             lines[-1] += f"; config.json from {donor}"
-    lines += ["", schedule_table(sched), "", "outside the layers (x = 0):"]
+    lines += ["", sched.table(), "", "outside the layers (x = 0):"]
     # Where layers are stacked, say which models the tensors outside them come from.
     labels = sched.model_labels
 

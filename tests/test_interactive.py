@@ -81,7 +81,7 @@ def test_mistakes_are_one_line_errors():
 def test_the_schedule_figure_adds_up_anchors_as_the_planner_does():
     import numpy as np
 
-    from pearl_edu.plan import gradient_value, layer_position
+    from pearl_edu.layer_schedule import gradient_value, layer_position
 
     anchors = [0.1, 0.9, 0.2, 0.6, 0.35]
     figure = interactive.schedule_explorer(anchors, 9, {"model.layers.0.mlp.up_proj.weight": 1})

@@ -12,15 +12,15 @@ import torch
 
 from pearl_edu.config import load_config
 from pearl_edu.errors import ConfigError, ModelError
-from pearl_edu.plan import (
+from pearl_edu.layer_schedule import (
     OTHER,
     gradient_value,
     interpolation_t,
     layer_position,
-    plan,
     schedule,
     slice_scopes,
 )
+from pearl_edu.plan import plan
 
 MERGEKIT_ARCHITECTURES = Path(__import__("mergekit").__file__).parent / "_data" / "architectures"
 LAYER_TENSORS = {

@@ -31,7 +31,8 @@ from pearl_edu.core import sphere
 from pearl_edu.errors import ConfigError, ModelError
 from pearl_edu.merge import merge
 from pearl_edu.methods import merge_tensor
-from pearl_edu.plan import plan, show_plan
+from pearl_edu.plan import plan
+from pearl_edu.plan_table import show_plan
 from pearl_edu.reading import read_header
 from pearl_edu.teaching.toy import load_state_dict, make_tiny_model
 from pearl_edu.ulp import same_bits

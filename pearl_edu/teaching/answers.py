@@ -398,7 +398,7 @@ def _layer5(label: str) -> float:
 
 
 def _layers_on_anchors(num_layers: int) -> list[int]:
-    from pearl_edu.plan import layer_position
+    from pearl_edu.layer_schedule import layer_position
 
     anchors = 5
     return [

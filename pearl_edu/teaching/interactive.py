@@ -457,14 +457,15 @@ def schedule_explorer(
 
     The attention's $t$ follows the gradient ``values`` (one slider per anchor), the MLP's
     is its complement $1 - t$ as in Pearl's recipe, every other tensor keeps ``catch_all``.
-    Each layer's $t$ is `pearl_edu.plan.gradient_value` at `pearl_edu.plan.layer_position`,
-    which is linear in the anchors: the figure stores one basis vector per anchor.
+    Each layer's $t$ is `pearl_edu.layer_schedule.gradient_value` at
+    `pearl_edu.layer_schedule.layer_position`, which is linear in the anchors: the figure
+    stores one basis vector per anchor.
     ``sizes`` (tensor name -> number of parameters, e.g. Mistral-7B's) weighs the readout's
     share of the second model.
     """
     import matplotlib.pyplot as plt
 
-    from pearl_edu.plan import gradient_value, layer_position
+    from pearl_edu.layer_schedule import gradient_value, layer_position
 
     count = len(values)
     sliders = [

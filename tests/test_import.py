@@ -1,10 +1,15 @@
-"""`import pearl_edu` loads the engine only; the teaching helpers load on first use."""
+"""`import pearl_edu` loads the engine only; the teaching helpers load on first use.
+
+And the modules of pearl_edu import one another one way: no import cycle on load.
+"""
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -71,3 +76,57 @@ def test_old_module_names_still_reach_the_teaching_modules(module):
 def test_unknown_names_are_attribute_errors():
     with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
         pearl_edu.no_such_name  # noqa: B018
+
+
+PACKAGE = Path(pearl_edu.__file__).parent
+
+
+def _imports_on_load(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+    """The imports a module runs when it loads: not those in functions or under TYPE_CHECKING."""
+    found, blocks = [], [tree.body]
+    while blocks:
+        for node in blocks.pop():
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                found.append(node)
+            elif isinstance(node, ast.Try):
+                blocks += [node.body, node.orelse, node.finalbody, *(h.body for h in node.handlers)]
+            elif isinstance(node, ast.If) and "TYPE_CHECKING" not in ast.unparse(node.test):
+                blocks += [node.body, node.orelse]
+    return found
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the modules of pearl_edu it imports on load (``from P import M``: P.M)."""
+    paths = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        paths[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in paths.items():
+        names = set()
+        for node in _imports_on_load(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names |= {alias.name for alias in node.names}
+            elif node.module and not node.level:
+                for alias in node.names:
+                    submodule = f"{node.module}.{alias.name}"
+                    names.add(submodule if submodule in paths else node.module)
+        graph[name] = {n for n in names if n in paths and n != name}
+    return graph
+
+
+def test_no_import_cycle_inside_the_package():
+    graph = _import_graph()
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            cycle = " -> ".join(path[path.index(module) :] + [module])
+            pytest.fail(f"import cycle: {cycle}")
+        if module not in done:
+            for imported in sorted(graph[module]):
+                visit(imported, [*path, module])
+            done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])

@@ -328,6 +328,7 @@ def _run_merge(args: argparse.Namespace) -> int:
     from pearl_edu.config import load_config
     from pearl_edu.merge import merge, parse_size
     from pearl_edu.methods import METHODS
+    from pearl_edu.pipeline import return_freed_memory_to_the_system
 
     shard_size = _shard_size(args)
     device = args.device if args.device is not None else ("cuda" if args.cuda else "auto")
@@ -355,6 +356,9 @@ def _run_merge(args: argparse.Namespace) -> int:
             settings.append("mergekit's bits on any device (--exact)")
         print(f"pearl-edu: {', '.join(settings)}", file=sys.stderr)
 
+    # The command's own process: glibc's allocator tuned for good, which a library call
+    # of merge() never does (the tuning cannot be undone).
+    return_freed_memory_to_the_system()
     result = merge(
         config,
         args.output_dir,

@@ -2,9 +2,9 @@
 
 The heart of this module is the loop in `merge`::
 
-    for job, inputs in read_ahead(jobs, readers, dtype=..., device=...):
+    for job, inputs, hosts in read_ahead(jobs, readers, dtype=..., device=...):
         result = outputs.take(job.nbytes)  # a reused buffer, viewed as the output tensor
-        ready = merge_into(result, job, inputs)  # merge_tensor: the method's math
+        ready = merge_into(result, job, inputs, hosts)  # merge_tensor: the method's math
         write_behind.write(job.name, result, ready=ready)  # hands the buffer back once written
 
 Each step lives in a module of its own, and this one only puts them in order:
@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from pearl_edu.backends import BACKENDS
+from pearl_edu.backends.cpu import host_copies
 from pearl_edu.card import (  # noqa: F401  (importable from here, as before)
     TOKENIZER_FILES,
     model_card,
@@ -72,12 +73,10 @@ from pearl_edu.pipeline import (  # noqa: F401  (importable from here, as before
     WriteBehind,
     aligned_view,
     check_threads,
-    kill_self_if_testing,
     load_input,
     math_threads,
     progress_bar,
     read_ahead,
-    return_freed_memory_to_the_system,
     threads_used,
     transfers_for,
 )
@@ -135,6 +134,12 @@ def merge(
     stops the merge with a `ConfigError` naming it (nothing is published), unless
     ``allow_nonfinite``, which publishes it with a `NonFiniteWarning`. The merge holds an
     exclusive lock on ``output_dir`` while it runs (`pearl_edu.output.output_lock`).
+
+    A call leaves the process as it found it: the threads it starts (reader, writer, the
+    math's helper) are stopped before it returns, torch's thread settings are restored,
+    and glibc's allocator is left as it is. The ``pearl-edu merge`` command alone tunes the
+    allocator, for its own process, to keep the resident memory at a few tensors
+    (`pearl_edu.pipeline.return_freed_memory_to_the_system`, which cannot be undone).
     """
     started = time.perf_counter()
     # config -> plan: every mistake is reported here, before anything is written.
@@ -254,11 +259,10 @@ def _merge_locked(
         write_behind = WriteBehind(writer)
         transfers = transfers_for(compute_device)  # streams and events on a GPU, else None
         outputs = OutputBuffers(pinned=compute_device.type == "cuda")
-        return_freed_memory_to_the_system()
         base_dir = model_dirs[merge_plan.base_model]
         try:
             with math_threads(threads, compute_device):
-                for job, inputs in read_ahead(
+                for job, inputs, hosts in read_ahead(
                     jobs, readers, dtype=compute_dtype, device=compute_device, transfers=transfers
                 ):
                     buffer = outputs.take(job.nbytes + DIRECT_ALIGNMENT)
@@ -267,6 +271,7 @@ def _merge_locked(
                         result,
                         job,
                         inputs,
+                        hosts,
                         fast_trim=fast_trim,
                         backend=backend,
                         transfers=transfers,
@@ -299,6 +304,7 @@ def merge_into(
     result: torch.Tensor,
     job: TensorPlan,
     inputs: list[torch.Tensor],
+    hosts: Sequence[torch.Tensor | None] | None = None,
     *,
     fast_trim: bool = False,
     backend: str = "auto",
@@ -307,24 +313,28 @@ def merge_into(
 ) -> Any:
     """The math of one output tensor, written into ``result`` (a reused output buffer).
 
-    Returns None when ``result`` holds the values on return, or, with ``transfers`` (on a
-    GPU), the event of the download that fills it (see `WriteBehind.write`). A result
-    with an infinite or NaN value is refused (`check_finite`).
+    ``hosts`` are the inputs' host copies, None for an input on the CPU (`read_ahead`):
+    the CPU sums of ``--exact`` on a GPU are taken from them
+    (`pearl_edu.backends.cpu.host_copies`). Returns None when ``result`` holds the values
+    on return, or, with ``transfers`` (on a GPU), the event of the download that fills it
+    (see `WriteBehind.write`). A result with an infinite or NaN value is refused
+    (`check_finite`).
     """
     base = inputs[job.base_index]
     direct = transfers is None and base.device == result.device and base.dtype == job.dtype
-    merged = merge_tensor(
-        job.method,
-        inputs,
-        job.base_index,
-        job.params,
-        input_params=job.input_params or None,
-        seed=job.seed,
-        name=job.name,
-        out=result if direct else None,
-        fast_trim=fast_trim,
-        backend=backend,
-    )
+    with host_copies(inputs, hosts if hosts is not None else [None] * len(inputs)):
+        merged = merge_tensor(
+            job.method,
+            inputs,
+            job.base_index,
+            job.params,
+            input_params=job.input_params or None,
+            seed=job.seed,
+            name=job.name,
+            out=result if direct else None,
+            fast_trim=fast_trim,
+            backend=backend,
+        )
     check_finite(merged, job, inputs, allow=allow_nonfinite)
     if merged is result:
         return None

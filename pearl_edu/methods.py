@@ -34,7 +34,6 @@ from pearl_edu.backends import backend_for, on_device
 from pearl_edu.backends import cuda as device_backend
 from pearl_edu.backends import task_vectors as task_vector_backend
 from pearl_edu.backends.cpu import (  # noqa: F401  (the engine's helpers, importable here)
-    keep_host_copy,
     on_cpu,
     set_threads_for_new_threads,
     threads_for_new_threads,

@@ -9,7 +9,8 @@
 - `OutputBuffers`: the result goes into one of two reused output buffers (`aligned_view`
   places it as its bytes will lie on disk), and `WriteBehind`, another thread, writes it
   past the page cache (`pearl_edu.writing.SequentialFile`) while the next one is merged.
-- `math_threads`: the CPU math gets torch's threads, as mergekit's does.
+- `math_threads`: the CPU math gets torch's threads, as mergekit's does, and a helper
+  thread (`pearl_edu.backends.cpu.helper_thread`) that lives as long as the merge.
 - `CudaTransfers`: on a GPU, inputs go up and results come down on copy streams of their
   own, ordered by events, so the merging thread never waits for a copy: it queues the
   math, and the writer waits for each result's download before writing it.
@@ -17,17 +18,16 @@
 Fresh memory and the page cache are avoided because on the machines measured (see the
 book's performance appendix) touching new pages cost as much as the arithmetic.
 
-For testing resume, the internal environment variable ``PEARL_EDU_KILL_AFTER_TENSORS=N``
-makes the process kill itself with SIGKILL after writing N tensors.
+A merge leaves the process as it found it: its threads are stopped, torch's thread
+settings restored, and glibc's allocator left alone (the ``pearl-edu`` command tunes it
+for its own process: `return_freed_memory_to_the_system`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
 import queue
-import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from pearl_edu.backends.cpu import (
-    keep_host_copy,
+    helper_thread,
     set_threads_for_new_threads,
     threads_for_new_threads,
 )
@@ -84,17 +84,23 @@ def math_threads(threads: int | None, device: torch.device) -> Iterator[int]:
     almost no CPU (inputs are used in place from the page cache, outputs are written by
     direct I/O), so the math can have every core. Afterwards both of torch's settings are
     as they were: this thread's, and the one that threads started later take.
+
+    The block is also the life of the CPU math's helper thread (on a GPU too, where
+    ``--exact`` sums SLERP's cosine on the CPU): started by the first tensor that needs
+    it, stopped at the end (`pearl_edu.backends.cpu.helper_thread`).
     """
     check_threads(threads)
     previous = torch.get_num_threads()
     wanted = threads if threads is not None else previous
     if device.type != "cpu":
-        yield previous
+        with helper_thread():
+            yield previous
         return
     for_new_threads = threads_for_new_threads()
     torch.set_num_threads(wanted)
     try:
-        yield wanted
+        with helper_thread():
+            yield wanted
     finally:
         # Both settings: this thread's, and the one threads started later take (which
         # `torch.set_num_threads` changes too).
@@ -108,6 +114,11 @@ def return_freed_memory_to_the_system() -> None:
     glibc raises its mmap threshold after large frees (up to 32 MiB), after which freed
     tensors stay in the process's heap and the resident size grows with the model: pinning
     the threshold at 4 MiB keeps the peak at a few tensors. Elsewhere than glibc, nothing.
+
+    For the whole process, and for good: glibc's settings cannot be read back, so nothing
+    could restore them. The ``pearl-edu merge`` command calls it for its own process
+    (`pearl_edu.cli`); `pearl_edu.merge.merge` never does, and leaves a notebook's
+    allocator as it is (where the resident size may then grow with the model).
     """
     m_trim_threshold, m_mmap_threshold = -1, -3
     with contextlib.suppress(OSError, AttributeError):
@@ -222,15 +233,16 @@ def read_ahead(
     device: torch.device,
     budget_bytes: int = READ_AHEAD_BYTES,
     transfers: CudaTransfers | None = None,
-) -> Iterator[tuple[TensorPlan, list[torch.Tensor]]]:
-    """Yield ``(job, inputs)`` in order, reading the next job's inputs in a background thread.
+) -> Iterator[tuple[TensorPlan, list[torch.Tensor], list[torch.Tensor | None]]]:
+    """Yield ``(job, inputs, hosts)`` in order, reading the next job's inputs in a thread.
 
     Inputs are cast to ``dtype`` (the config's ``dtype``) as they are loaded, before any
-    arithmetic, and moved to ``device``. They are valid until the next iteration: their
-    buffers are then reused. Two buffer sets alternate, and the thread starts reading a
-    job early only while the bytes in flight stay within ``budget_bytes``. With
-    ``transfers`` (`CudaTransfers`), inputs are uploaded on its stream, and the math waits
-    for them on the device.
+    arithmetic, and moved to ``device``; ``hosts[i]`` is the host copy of ``inputs[i]``
+    when it was moved off the CPU, else None (`load_input`). They are valid until the next
+    iteration: their buffers are then reused. Two buffer sets alternate, and the thread
+    starts reading a job early only while the bytes in flight stay within
+    ``budget_bytes``. With ``transfers`` (`CudaTransfers`), inputs are uploaded on its
+    stream, and the math waits for them on the device.
     """
 
     def input_bytes(job: TensorPlan) -> list[int]:
@@ -260,13 +272,16 @@ def read_ahead(
                 in_flight.acquire(job_bytes(job), stop)
                 if stop.is_set():
                     return
-                inputs = [
+                loaded = [
                     load_input(readers[i.model], i.tensor, buffers, k, dtype, device, transfers)
                     for k, i in enumerate(job.inputs)
                 ]
+                inputs = [tensor for tensor, _ in loaded]
+                hosts = [host for _, host in loaded]
+                del loaded
                 if transfers is not None:
                     buffers.uploaded = transfers.mark()
-                ready.put((job, inputs, buffers))
+                ready.put((job, inputs, hosts, buffers))
             ready.put(finished)
         except BaseException as err:  # handed to the merging thread, which raises it
             ready.put(err)
@@ -277,11 +292,12 @@ def read_ahead(
         while (item := ready.get()) is not finished:
             if isinstance(item, BaseException):
                 raise item
-            job, inputs, buffers = item
+            job, inputs, hosts, buffers = item
+            del item
             if transfers is not None:
                 transfers.use(inputs, buffers.uploaded)
-            yield job, inputs
-            del inputs  # the caller is done with them: give their memory back
+            yield job, inputs, hosts
+            del inputs, hosts  # the caller is done with them: give their memory back
             in_flight.release(job_bytes(job))
             free_sets.put(buffers)
     finally:
@@ -299,13 +315,15 @@ def load_input(
     dtype: torch.dtype | None,
     device: torch.device,
     transfers: CudaTransfers | None = None,
-) -> torch.Tensor:
-    """Read one input tensor, then cast it and move it for the math.
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Read one input tensor, then cast it and move it for the math: ``(tensor, host)``.
 
     On the CPU a safetensors tensor is used in place, from the page cache (`ModelReader.map`):
     no copy, and no buffer. Otherwise (pickle checkpoints, the GPU path, whose copies are
     faster from pinned memory) it is read into its reused buffer; with ``transfers`` it is
-    uploaded on their stream (`CudaTransfers.upload`), cast on the device.
+    uploaded on their stream (`CudaTransfers.upload`), cast on the device. ``host`` is
+    the tensor as read, in host memory, when the tensor for the math lies elsewhere (SLERP
+    sums its cosine from it: `pearl_edu.backends.cpu.host_copies`), else None.
     """
     if device.type == "cpu" and transfers is None and reader.can_map(name):
         tensor = reader.map(name, populate=True)
@@ -318,8 +336,8 @@ def load_input(
         moved = tensor.to(device=device, dtype=dtype or tensor.dtype, non_blocking=True)
     if moved.device != tensor.device:
         # SLERP sums its cosine on the CPU: from this copy, rather than one back from the GPU.
-        keep_host_copy(moved, tensor)
-    return moved
+        return moved, tensor
+    return moved, None
 
 
 class InFlightBytes:
@@ -430,7 +448,6 @@ class WriteBehind:
             queue.Queue(maxsize=pending)
         )
         self.error: BaseException | None = None
-        self.written = 0
         self.files = {t.name: writer.folder / s.file_name for s in writer.shards for t in s.tensors}
         self.thread = threading.Thread(target=self._write_all, name="pearl-edu-writer")
         self.thread.start()
@@ -470,8 +487,6 @@ class WriteBehind:
                     ready.synchronize()  # the result's download from the GPU
                 if self.error is None:  # after an error, keep draining: never block the merge
                     self.writer.write(name, tensor)
-                    self.written += 1
-                    kill_self_if_testing(self.written)
             except OSError as err:  # a full disk: one line, raised in the merging thread
                 self.error = output_error(err, self.files[name])
             except BaseException as err:  # raised again in the merging thread
@@ -486,10 +501,17 @@ class WriteBehind:
 
 
 def progress_bar(total: int, *, initial: int, enabled: bool | None) -> Any:
-    """A tqdm bar over bytes merged; ``None`` shows it only on a terminal."""
+    """A tqdm bar over bytes merged; ``None`` shows it only on a terminal.
+
+    Without tqdm's monitor thread, which tqdm starts for any bar, shown or not, and never
+    stops: it would outlive the merge. The bar is redrawn as bytes are merged.
+    """
     from tqdm import tqdm
 
-    return tqdm(
+    class Bar(tqdm):
+        monitor_interval = 0  # no monitor thread
+
+    return Bar(
         total=total,
         initial=initial,
         unit="B",
@@ -498,10 +520,3 @@ def progress_bar(total: int, *, initial: int, enabled: bool | None) -> Any:
         desc="merging",
         disable=None if enabled is None else not enabled,
     )
-
-
-def kill_self_if_testing(tensors_written: int) -> None:
-    """Simulate ``kill -9`` after N tensors when ``PEARL_EDU_KILL_AFTER_TENSORS=N`` is set."""
-    limit = os.environ.get("PEARL_EDU_KILL_AFTER_TENSORS")
-    if limit and tensors_written >= int(limit):
-        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))  # Windows: no SIGKILL

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from faults import after_each_write, signalled_merge_command
 
-from pearl_edu import cli, pipeline
+from pearl_edu import cli
 from pearl_edu.errors import ConfigError, OutputError
 from pearl_edu.merge import merge, partial_dir
 from pearl_edu.teaching.toy import make_tiny_model
@@ -102,21 +103,11 @@ def one_line_error(capsys) -> str:
     return lines[0]
 
 
-# A merge that stops itself (SIGSTOP) after writing two tensors, so that a second merge
-# can be started while it holds the output; the test continues it with SIGCONT.
-PAUSING_MERGE = """\
-import os, signal, sys
-from pearl_edu import pipeline
-from pearl_edu.merge import merge
-written = []
-real = pipeline.kill_self_if_testing
-def pause(count):
-    if count == 2:
-        os.kill(os.getpid(), signal.SIGSTOP)
-pipeline.kill_self_if_testing = pause
-merge(sys.argv[1], sys.argv[2], shard_size="20KB", progress=False)
-print("published")
-"""
+def pausing_merge(config: Path, output: Path) -> list[str]:
+    """A merge that stops itself (SIGSTOP) after writing two tensors, so that a second merge
+    can be started while it holds the output; the test continues it with SIGCONT."""
+    args = ["merge", str(config), str(output), "--quiet", "--shard-size", "20KB"]
+    return signalled_merge_command("STOP", 2, args)
 
 
 def wait_until_stopped(process: subprocess.Popen, timeout: float = 120) -> None:
@@ -138,7 +129,7 @@ def test_a_second_merge_into_a_busy_output_is_refused(
     """Item 1: merge B while A is paused mid-shard: B is refused in one line, A publishes whole."""
     output = tmp_path / "out"
     first = subprocess.Popen(
-        [sys.executable, "-c", PAUSING_MERGE, str(slerp_file), str(output)],
+        pausing_merge(slerp_file, output),
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -159,7 +150,7 @@ def test_a_second_merge_into_a_busy_output_is_refused(
         first.send_signal(signal.SIGCONT)
         out, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
-    assert "published" in out
+    assert f"into {output}" in out, "published"
     assert files(output) == files(clean), "the published model is the first merge's, whole"
     assert leftovers(tmp_path) == [], "no lock, no partial folder left"
 
@@ -168,10 +159,15 @@ def test_a_second_merge_into_a_busy_output_is_refused(
 def test_the_lock_of_a_killed_merge_is_taken_over(slerp_file, clean, tmp_path):
     """Item 1: kill -9 leaves the lock file behind; the next merge takes it over and resumes."""
     output = tmp_path / "out"
-    command = [sys.executable, "-m", "pearl_edu", "merge", str(slerp_file), str(output)]
-    command += ["--quiet", "--shard-size", "20KB"]
-    env = {**os.environ, "PEARL_EDU_KILL_AFTER_TENSORS": "12"}
-    killed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    args = ["merge", str(slerp_file), str(output), "--quiet", "--shard-size", "20KB"]
+    command = [sys.executable, "-m", "pearl_edu", *args]
+    killed = subprocess.run(
+        signalled_merge_command("KILL", 12, args),
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=300,
+    )
     assert killed.returncode == -9, killed.stderr
     assert lock_path(output).is_file(), "the killed merge's lock file is left behind"
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -188,7 +184,7 @@ def interrupted_after(monkeypatch, tensors: int) -> None:
         if count >= tensors:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "kill_self_if_testing", stop)
+    after_each_write(monkeypatch, stop)
 
 
 def test_resume_with_another_fast_trim_starts_afresh(models, tmp_path, monkeypatch):
@@ -426,7 +422,7 @@ def test_the_lock_file_names_its_merge(slerp_file, tmp_path, monkeypatch):
         if count == 1:
             seen.update(json.loads(lock_path(tmp_path / "out").read_text()))
 
-    monkeypatch.setattr(pipeline, "kill_self_if_testing", look)
+    after_each_write(monkeypatch, look)
     merge(slerp_file, tmp_path / "out", progress=False)
     assert seen["pid"] == os.getpid()
     assert not lock_path(tmp_path / "out").exists()

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from faults import signalled_merge_command
 from safetensors.torch import load_file
 
 from pearl_edu import __version__
@@ -232,16 +233,15 @@ def test_same_merge_twice_gives_identical_files(pair, tmp_path):
 # --- resume after kill -9 ------------------------------------------------------------
 
 
-def run_merge_cli(config_file: Path, output: Path, *extra: str, env=None):
-    command = [sys.executable, "-m", "pearl_edu", "merge", str(config_file), str(output)]
-    return subprocess.run(
-        [*command, "--quiet", "--shard-size", "50KB", *extra],
-        capture_output=True,
-        text=True,
-        cwd=REPO_ROOT,
-        env={**os.environ, **(env or {})},
-        timeout=300,
-    )
+def run_merge_cli(config_file: Path, output: Path, *extra: str, kill_after: int | None = None):
+    """``pearl-edu merge`` in a process of its own; with ``kill_after``, killed (``kill -9``)
+    once it has written that many tensors."""
+    args = ["merge", str(config_file), str(output), "--quiet", "--shard-size", "50KB", *extra]
+    if kill_after is None:
+        command = [sys.executable, "-m", "pearl_edu", *args]
+    else:
+        command = signalled_merge_command("KILL", kill_after, args)
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
 
 
 def test_killed_merge_resumes_to_byte_identical_files(pair, tmp_path):
@@ -254,7 +254,7 @@ def test_killed_merge_resumes_to_byte_identical_files(pair, tmp_path):
     # The same folder name as the clean run, elsewhere: the model card names the folder.
     (tmp_path / "resumed").mkdir()
     output = tmp_path / "resumed" / "clean"
-    killed = run_merge_cli(config_file, output, env={"PEARL_EDU_KILL_AFTER_TENSORS": "12"})
+    killed = run_merge_cli(config_file, output, kill_after=12)
     assert killed.returncode == -9, killed.stderr
     partial = partial_dir(output)
     assert not output.exists() and (partial / MANIFEST).is_file()
@@ -273,7 +273,7 @@ def test_partial_folder_of_another_merge_is_started_afresh(pair, tmp_path):
     output = tmp_path / "out"
     config_file = tmp_path / "merge.yml"
     config_file.write_text(slerp_config(a, b, t="  t: 0.25\n"))
-    killed = run_merge_cli(config_file, output, env={"PEARL_EDU_KILL_AFTER_TENSORS": "12"})
+    killed = run_merge_cli(config_file, output, kill_after=12)
     assert killed.returncode == -9
 
     config = slerp_config(a, b)
@@ -497,10 +497,11 @@ def test_read_ahead_yields_every_job_in_order_with_cast_inputs(pair):
     weights = {ref: load_state_dict(ref) for ref in config.models()}
     seen = []
     # A tiny budget forces the reader to wait for every job: order must still hold.
-    for job, inputs in read_ahead(
+    for job, inputs, hosts in read_ahead(
         jobs, readers, dtype=torch.float32, device=torch.device("cpu"), budget_bytes=1
     ):
         seen.append(job.name)
+        assert hosts == [None] * len(inputs)  # on the CPU: no host copies
         for tensor_input, tensor in zip(job.inputs, inputs, strict=True):
             assert tensor.dtype == torch.float32
             stored = weights[tensor_input.model][tensor_input.tensor]
@@ -631,19 +632,3 @@ def test_math_threads_defaults_to_torchs_and_restores_the_setting():
     assert torch.get_num_threads() == before
     with pytest.raises(ConfigError, match="threads"), math_threads(0, torch.device("cpu")):
         pass
-
-
-def test_a_merge_leaves_torchs_thread_settings_as_they_were(pair, tmp_path):
-    # torch has two settings: this thread's, and the one threads started later take;
-    # torch.set_num_threads sets both, so restoring this thread's alone would not do.
-    from pearl_edu.methods import set_threads_for_new_threads, threads_for_new_threads
-
-    threads, for_new = torch.get_num_threads(), threads_for_new_threads()
-    set_threads_for_new_threads(threads + 1)  # the two differ, as another thread may leave them
-    try:
-        for used in (1, None):
-            merge(slerp_config(*pair), tmp_path / f"out-{used}", threads=used, progress=False)
-            assert torch.get_num_threads() == threads
-            assert threads_for_new_threads() == threads + 1
-    finally:
-        set_threads_for_new_threads(for_new)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -141,8 +143,9 @@ def test_runs_on_cuda_and_agrees_with_cpu():
     assert slerp(v0.cuda(), v1.cuda(), 0.3, out=out, backend=exact) is out
     assert same_bits(out.cpu(), on_gpu.cpu())
     # As the engine runs it: the cosine summed from the host copies the inputs came from.
-    g0, g1 = (methods.keep_host_copy(v.cuda(), v) for v in (v0, v1))
-    assert same_bits(slerp(g0, g1, 0.3, backend=exact).cpu(), on_gpu.cpu())
+    g0, g1 = v0.cuda(), v1.cuda()
+    with cpu.host_copies([g0, g1], [v0, v1]):
+        assert same_bits(slerp(g0, g1, 0.3, backend=exact).cpu(), on_gpu.cpu())
     # By default, everything on the GPU: within the device backend's contract.
     from pearl_edu.backends import cuda
     from pearl_edu.ulp import ulp_at_each
@@ -161,17 +164,18 @@ def test_a_host_copy_stands_in_for_a_device_tensor():
     m0, m1 = torch.empty_like(v0, device="meta"), torch.empty_like(v1, device="meta")
     with pytest.raises((NotImplementedError, RuntimeError)):
         slerp(m0, m1, 0.3)  # no host copy: nothing to sum
-    methods.keep_host_copy(m0, v0)
-    methods.keep_host_copy(m1, v1)
-    assert cpu.on_cpu(m0) is v0
-    result = slerp(m0, m1, 0.3)
+    with cpu.host_copies([m0, m1], [v0, v1]):
+        assert cpu.on_cpu(m0) is v0
+        result = slerp(m0, m1, 0.3)
     assert result.device.type == "meta" and result.shape == v0.shape
+    # The copies stand in within the block only.
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        cpu.on_cpu(m0)
     # A copy of another dtype or shape does not stand in.
     other = torch.empty_like(v0, device="meta")
-    methods.keep_host_copy(other, v0.float())
-    methods.keep_host_copy(other, v0[:3])
-    with pytest.raises((NotImplementedError, RuntimeError)):
-        cpu.on_cpu(other)
+    for copy in (v0.float(), v0[:3]):
+        with cpu.host_copies([other], [copy]), pytest.raises((NotImplementedError, RuntimeError)):
+            cpu.on_cpu(other)
 
 
 @settings(max_examples=60, deadline=None)
@@ -289,34 +293,48 @@ def test_the_norms_taken_side_by_side_equal_the_norms_taken_in_turn(monkeypatch)
         side_by_side = [slerp(v0, v1, t) for t in (0.3, 0.6)]
         used = []
         helper = ThreadPoolExecutor(1)
-        monkeypatch.setattr(cpu, "helper_thread", lambda: used.append(1) or helper)
+
+        @contextlib.contextmanager
+        def counted_helper():
+            used.append(1)
+            yield helper
+
+        monkeypatch.setattr(cpu, "helper_thread", counted_helper)
         assert same_bits(slerp(v0, v1, 0.3), side_by_side[0]) and used == [1]
         monkeypatch.setattr(cpu.torch, "get_num_threads", lambda: 1)
         in_turn = [slerp(v0, v1, t) for t in (0.3, 0.6)]
         assert used == [1], "one torch thread: no helper"
         assert all(same_bits(x, y) for x, y in zip(side_by_side, in_turn, strict=True))
     finally:
+        helper.shutdown()
         torch.set_num_threads(threads)
 
 
-def test_slerp_leaves_torchs_thread_settings_as_they_were(monkeypatch):
+def test_slerp_leaves_torchs_thread_settings_as_they_were():
     # The helper thread runs torch on one thread; torch.set_num_threads also sets the number
     # that threads started later take, which must stay as it was, as must this thread's.
+    # The helper thread itself lives as long as the block that holds it (a merge's), or
+    # as the call that needed it.
     v0, v1 = _pair(13, (3000, 1000), correlation=0.5, dtype=torch.bfloat16)  # 3 chunks
     threads = torch.get_num_threads()
     torch.set_num_threads(max(2, threads))  # more than one: the helper thread is used
-    monkeypatch.setattr(cpu, "_HELPER", None)  # a helper of its own, started afresh
+
+    def settings():
+        return torch.get_num_threads(), methods.threads_for_new_threads()
+
     try:
-        before = torch.get_num_threads(), methods.threads_for_new_threads()
-        slerp(v0, v1, 0.3)
-        assert cpu._HELPER is not None, "the helper thread was used"
-        assert (torch.get_num_threads(), methods.threads_for_new_threads()) == before
-        assert cpu._HELPER.submit(torch.get_num_threads).result() == 1
-        slerp(v0, v1, 0.6)
-        assert (torch.get_num_threads(), methods.threads_for_new_threads()) == before
+        before, count = settings(), threading.active_count()
+        slerp(v0, v1, 0.3)  # a helper of its own, stopped on return
+        assert (settings(), threading.active_count()) == (before, count)
+        with cpu.helper_thread() as helper:
+            slerp(v0, v1, 0.3)
+            assert threading.active_count() == count + 1, "the block's helper thread was used"
+            assert settings() == before
+            assert helper.submit(torch.get_num_threads).result() == 1
+            slerp(v0, v1, 0.6)
+            assert (settings(), threading.active_count()) == (before, count + 1)
+        assert (settings(), threading.active_count()) == (before, count)
     finally:
-        if cpu._HELPER is not None:
-            cpu._HELPER.shutdown()
         torch.set_num_threads(threads)
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from faults import signalled_merge_command
 
 from pearl_edu.cli import main
 from pearl_edu.config import load_config
@@ -413,20 +413,14 @@ def test_killed_dare_merge_resumes_to_identical_files(family, tmp_path):
     config_file.write_text(dare_yaml(family))
     clean = merge(config_file, tmp_path / "clean" / "out", shard_size="20KB", progress=False)
     output = tmp_path / "resumed" / "out"
-    command = [
-        sys.executable,
-        "-m",
-        "pearl_edu",
-        "merge",
-        str(config_file),
-        str(output),
-        "--quiet",
-        "--shard-size",
-        "20KB",
-    ]
-    env = {**os.environ, "PEARL_EDU_KILL_AFTER_TENSORS": "15"}
+    args = ["merge", str(config_file), str(output), "--quiet", "--shard-size", "20KB"]
+    command = [sys.executable, "-m", "pearl_edu", *args]
     killed = subprocess.run(
-        command, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=300
+        signalled_merge_command("KILL", 15, args),
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=300,
     )
     assert killed.returncode == -9, killed.stderr
     assert partial_dir(output).is_dir()

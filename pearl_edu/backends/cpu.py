@@ -7,11 +7,12 @@ the passes over memory are made:
 - **compiled loops** (`pearl_edu.kernels`): the cast to float32 before each chunk's norm,
   the normalized products behind the dot product and the weighted sum each run in one
   pass instead of torch's five or six, each operation rounded as torch rounds it;
-- **a helper thread**: the two tensors' chunk norms are taken side by side;
+- **a helper thread**: the two tensors' chunk norms are taken side by side, on a thread
+  that lives as long as the merge (`helper_thread`);
 - **reused buffers**: one scratch row per operand instead of a fresh float32 chunk per
   step, and ``out=``, the engine's kept output buffer, instead of a new result tensor;
 - **host copies**: for a tensor on a GPU, the sums behind the angle are taken on the CPU,
-  from the copy the engine read it into (`keep_host_copy`), so a GPU gives the CPU's bits;
+  from the copy the engine read it into (`host_copies`), so a GPU gives the CPU's bits;
   only the elementwise weighted sum runs on the device.
 
 The chunk size is the core's (`pearl_edu.core.slerp.CHUNK_ELEMENTS`, read at each call):
@@ -20,10 +21,13 @@ it fixes the order of the float32 sums, and so mergekit's bits.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import threading
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextvars import ContextVar
+from typing import Any
 
 import torch
 
@@ -105,11 +109,12 @@ def cosine(a: torch.Tensor, b: torch.Tensor, *, eps: float, work: torch.dtype) -
     # thread, a's here. Same operations, same bits, about half the time. (Not when torch
     # is given one thread: then the math keeps to one core.)
     if a.numel() > reference.CHUNK_ELEMENTS and torch.get_num_threads() > 1:
-        norms_b = helper_thread().submit(chunk_norms, rows_b, scratch_b)
-        try:
-            norm_parts_a = chunk_norms(rows_a, scratch_a)
-        finally:
-            norm_parts_b = norms_b.result()
+        with helper_thread() as helper:
+            norms_b = helper.submit(chunk_norms, rows_b, scratch_b)
+            try:
+                norm_parts_a = chunk_norms(rows_a, scratch_a)
+            finally:
+                norm_parts_b = norms_b.result()
     else:
         norm_parts_a, norm_parts_b = chunk_norms(rows_a, scratch_a), chunk_norms(rows_b, scratch_b)
     norm_a = norm_or_one(torch.linalg.vector_norm(torch.stack(norm_parts_a), dim=0), eps)
@@ -205,30 +210,51 @@ def chunks(numel: int) -> Iterator[slice]:
 # ---------------------------------------------------------------------------------------
 # Host copies: a GPU tensor's angle is summed on the CPU, from the copy it was read into.
 
+# The host copies `on_cpu` may use, by the id of the tensor they stand in for (with the
+# tensor itself, so that only that tensor matches): set by `host_copies`, for its block.
+_HOST_COPIES: ContextVar[Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None] = ContextVar(
+    "pearl_edu_host_copies", default=None
+)
 
-def keep_host_copy(tensor: torch.Tensor, host: torch.Tensor) -> torch.Tensor:
-    """Note that ``host``, a CPU tensor, holds ``tensor``'s values; returns ``tensor``.
 
-    The engine reads each input into host memory before it moves it to the GPU; SLERP then
-    sums its cosine from that copy instead of copying the tensor back (see `cosine`).
-    ``host`` must hold the same values as long as ``tensor`` is used (the engine's input
-    buffers are reused only after a tensor's merge), and a copy of another shape or dtype
-    is ignored.
+@contextlib.contextmanager
+def host_copies(
+    tensors: Sequence[torch.Tensor], hosts: Sequence[torch.Tensor | None]
+) -> Iterator[None]:
+    """Within the block, `on_cpu` takes each of ``tensors`` from its copy in ``hosts``.
+
+    The engine reads each input into host memory before it moves it to the GPU
+    (`pearl_edu.pipeline.load_input` returns both); SLERP then sums its cosine from that
+    copy instead of copying the tensor back (see `cosine`). ``hosts[i]``, a CPU tensor,
+    must hold the same values as ``tensors[i]`` for the whole block (the engine's input
+    buffers are reused only after a tensor's merge); None, or a copy of another shape or
+    dtype, is ignored. On leaving the block, the copies are forgotten.
     """
-    if host.device.type == "cpu" and host.shape == tensor.shape and host.dtype == tensor.dtype:
-        tensor._pearl_edu_host_copy = host  # type: ignore[attr-defined]
-    return tensor
+    known = dict(_HOST_COPIES.get() or {})
+    for tensor, host in zip(tensors, hosts, strict=True):
+        if (
+            host is not None
+            and host.device.type == "cpu"
+            and host.shape == tensor.shape
+            and host.dtype == tensor.dtype
+        ):
+            known[id(tensor)] = (tensor, host)
+    token = _HOST_COPIES.set(known)
+    try:
+        yield
+    finally:
+        _HOST_COPIES.reset(token)
 
 
 def on_cpu(x: torch.Tensor) -> torch.Tensor:
-    """``x`` itself on the CPU; else its host copy (`keep_host_copy`), or a copy to the CPU.
+    """``x`` itself on the CPU; else its host copy (`host_copies`), or a copy to the CPU.
 
     A copy from CUDA goes through pinned memory, for a fast transfer.
     """
     if x.device.type == "cpu":
         return x
-    host = getattr(x, "_pearl_edu_host_copy", None)
-    if host is not None:
+    tensor, host = (_HOST_COPIES.get() or {}).get(id(x), (None, None))
+    if tensor is x and host is not None:
         return host
     copy = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.device.type == "cuda")
     return copy.copy_(x)
@@ -237,23 +263,57 @@ def on_cpu(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------
 # The helper thread, and torch's thread settings around it.
 
-_HELPER: ThreadPoolExecutor | None = None
-_HELPER_LOCK = threading.Lock()
 
+class HelperThread:
+    """One background thread for arithmetic beside the calling thread's, started at first use.
 
-def helper_thread() -> ThreadPoolExecutor:
-    """One background thread for arithmetic that runs beside the calling thread's.
-
-    It runs torch with one intra-op thread: a second team of OpenMP threads would spin
-    between operations and slow the calling thread's own operations about twofold.
+    It runs torch with one intra-op thread (`use_one_math_thread`): a second team of OpenMP
+    threads would spin between operations and slow the calling thread's own operations
+    about twofold. `close` stops it; `helper_thread` does, at the end of its block.
     """
-    global _HELPER
-    with _HELPER_LOCK:
-        if _HELPER is None:
-            _HELPER = ThreadPoolExecutor(
+
+    def __init__(self) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+
+    def submit(self, function: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Run ``function(*args)`` on the thread (started now if need be)."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(
                 1, thread_name_prefix="pearl-edu-math", initializer=use_one_math_thread
             )
-        return _HELPER
+        return self._executor.submit(function, *args)
+
+    def close(self) -> None:
+        """Wait for the work submitted, then stop the thread (if it was started)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+
+# The helper thread of the enclosing `helper_thread` block, if any.
+_HELPER: ContextVar[HelperThread | None] = ContextVar("pearl_edu_helper_thread", default=None)
+
+
+@contextlib.contextmanager
+def helper_thread() -> Iterator[HelperThread]:
+    """The helper thread for the block: the enclosing block's, or one stopped at its end.
+
+    A merge opens one block for all its tensors (`pearl_edu.pipeline.math_threads`), so
+    its helper thread is started once, at the first tensor that needs it, and stopped when
+    the merge ends; a `slerp` called on its own starts and stops one for its call. Either
+    way no thread outlives the call that needed it.
+    """
+    current = _HELPER.get()
+    if current is not None:
+        yield current
+        return
+    helper = HelperThread()
+    token = _HELPER.set(helper)
+    try:
+        yield helper
+    finally:
+        _HELPER.reset(token)
+        helper.close()
 
 
 def use_one_math_thread() -> None:

@@ -80,6 +80,8 @@ def main() -> None:
         importlib.import_module("pearl_edu.core.slerp").CHUNK_ELEMENTS = args.chunk_elements
     instrument()
     merge = importlib.import_module("pearl_edu.merge").merge
+    # As the pearl-edu command does before merging (a library call leaves the allocator be).
+    importlib.import_module("pearl_edu.pipeline").return_freed_memory_to_the_system()
 
     out = Path(tempfile.mkdtemp(prefix="pearl-profile-")) / "merged"
     cpu_started, started = time.process_time(), time.perf_counter()

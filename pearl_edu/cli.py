@@ -326,8 +326,9 @@ def _with_random_seed(config: MergeConfig, seed: int) -> MergeConfig:
 
 def _run_merge(args: argparse.Namespace) -> int:
     from pearl_edu.config import load_config
-    from pearl_edu.merge import merge, parse_size
+    from pearl_edu.merge import merge
     from pearl_edu.methods import METHODS
+    from pearl_edu.output import parse_size
     from pearl_edu.pipeline import return_freed_memory_to_the_system
 
     shard_size = _shard_size(args)

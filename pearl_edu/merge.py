@@ -35,10 +35,7 @@ import torch
 
 from pearl_edu.backends import BACKENDS
 from pearl_edu.backends.cpu import host_copies
-from pearl_edu.card import (  # noqa: F401  (importable from here, as before)
-    TOKENIZER_FILES,
-    model_card,
-    write_hf_config,
+from pearl_edu.card import (
     write_model_files,
 )
 from pearl_edu.config import MergeConfig, load_config, torch_dtype
@@ -46,34 +43,25 @@ from pearl_edu.devices import choose_device
 from pearl_edu.errors import ConfigError, ModelError, PearlEduWarning
 from pearl_edu.hub import resolve_model
 from pearl_edu.methods import merge_tensor
-from pearl_edu.output import (  # noqa: F401  (importable from here, as before)
-    MANIFEST,
-    SIZE_PATTERN,
+from pearl_edu.output import (
     check_output_dir,
     created_parents,
     discard_unfinished,
     merge_identity,
-    output_error,
     output_lock,
     parse_size,
     partial_dir,
     prepare_partial_dir,
     publish,
-    read_identity,
     resolve_output,
     writing,
 )
-from pearl_edu.pipeline import (  # noqa: F401  (importable from here, as before)
-    READ_AHEAD_BYTES,
-    SMALL_OUTPUT_BYTES,
-    BufferSet,
+from pearl_edu.pipeline import (
     CudaTransfers,
-    InFlightBytes,
     OutputBuffers,
     WriteBehind,
     aligned_view,
     check_threads,
-    load_input,
     math_threads,
     progress_bar,
     read_ahead,

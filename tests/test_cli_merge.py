@@ -275,7 +275,7 @@ def test_out_shard_size_mistakes_are_one_line(config_file, tmp_path, capsys):
 
 
 def test_no_copy_tokenizer_leaves_the_tokenizer_out(config_file, plain_merge, tmp_path):
-    from pearl_edu.merge import TOKENIZER_FILES
+    from pearl_edu.card import TOKENIZER_FILES
 
     output = tmp_path / "out"
     assert main(["merge", str(config_file), str(output), "--quiet", "--no-copy-tokenizer"]) == 0

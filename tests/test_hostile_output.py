@@ -20,7 +20,8 @@ from faults import after_each_write, signalled_merge_command
 
 from pearl_edu import cli
 from pearl_edu.errors import ConfigError, OutputError
-from pearl_edu.merge import merge, partial_dir
+from pearl_edu.merge import merge
+from pearl_edu.output import partial_dir
 from pearl_edu.teaching.toy import make_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

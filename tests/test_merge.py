@@ -18,8 +18,10 @@ from safetensors.torch import load_file
 from pearl_edu import __version__
 from pearl_edu.config import load_config
 from pearl_edu.errors import ConfigError, ModelError, OutputError, PearlEduError
-from pearl_edu.merge import MANIFEST, merge, parse_size, partial_dir, read_ahead
+from pearl_edu.merge import merge
 from pearl_edu.methods import merge_tensor
+from pearl_edu.output import MANIFEST, parse_size, partial_dir
+from pearl_edu.pipeline import read_ahead
 from pearl_edu.plan import plan
 from pearl_edu.reading import ModelReader, read_header
 from pearl_edu.teaching.toy import load_state_dict, make_tiny_model
@@ -530,7 +532,7 @@ def test_read_ahead_raises_reader_errors_in_the_caller(pair, tmp_path):
 
 
 def test_write_behind_writes_in_order_and_reports_errors(tmp_path):
-    from pearl_edu.merge import WriteBehind
+    from pearl_edu.pipeline import WriteBehind
     from pearl_edu.writing import OutputTensor, ShardedWriter, layout_shards
 
     tensors = {f"t{i}": torch.full((4,), float(i)) for i in range(5)}
@@ -549,7 +551,7 @@ def test_write_behind_writes_in_order_and_reports_errors(tmp_path):
 
 
 def test_output_buffers_are_reused_and_grow_to_the_largest_tensor():
-    from pearl_edu.merge import OutputBuffers
+    from pearl_edu.pipeline import OutputBuffers
 
     outputs = OutputBuffers(count=2, small_bytes=0)
     first, second = outputs.take(100), outputs.take(50)
@@ -563,7 +565,7 @@ def test_output_buffers_are_reused_and_grow_to_the_largest_tensor():
 
 
 def test_small_outputs_do_not_hold_the_kept_buffers():
-    from pearl_edu.merge import OutputBuffers
+    from pearl_edu.pipeline import OutputBuffers
 
     outputs = OutputBuffers(count=1, small_bytes=64)
     large = outputs.take(1000)
@@ -577,7 +579,7 @@ def test_small_outputs_do_not_hold_the_kept_buffers():
 
 
 def test_write_behind_hands_buffers_back_even_after_an_error(tmp_path):
-    from pearl_edu.merge import WriteBehind
+    from pearl_edu.pipeline import WriteBehind
     from pearl_edu.writing import OutputTensor, ShardedWriter, layout_shards
 
     layout = layout_shards([OutputTensor("t0", (4,), torch.float32)], 10**9)
@@ -603,7 +605,7 @@ def test_endpoint_and_cast_merges_are_copied_out_of_the_reused_buffers(pair, tmp
 
 
 def test_buffers_are_allocated_once_and_oversized_ones_dropped():
-    from pearl_edu.merge import BufferSet
+    from pearl_edu.pipeline import BufferSet
 
     buffers = BufferSet(keep_bytes=1000, pinned=False)
     first = buffers.buffer(0, 10)
@@ -621,7 +623,7 @@ def test_math_threads_defaults_to_torchs_and_restores_the_setting():
     import torch
 
     from pearl_edu.errors import ConfigError
-    from pearl_edu.merge import math_threads
+    from pearl_edu.pipeline import math_threads
 
     before = torch.get_num_threads()
     with math_threads(None, torch.device("cpu")) as used:

@@ -15,7 +15,7 @@ from pearl_edu.cli import main
 from pearl_edu.config import load_config
 from pearl_edu.errors import ConfigError
 from pearl_edu.layer_schedule import parameter_value
-from pearl_edu.merge import merge, partial_dir
+from pearl_edu.merge import merge
 from pearl_edu.methods import (
     METHODS,
     dare,
@@ -29,6 +29,7 @@ from pearl_edu.methods import (
     tensor_seed,
     ties,
 )
+from pearl_edu.output import partial_dir
 from pearl_edu.plan import plan
 from pearl_edu.teaching.toy import load_state_dict, make_tiny_model
 from pearl_edu.ulp import same_bits

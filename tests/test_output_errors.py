@@ -16,7 +16,8 @@ import torch
 
 from pearl_edu import cli, writing
 from pearl_edu.errors import OutputError
-from pearl_edu.merge import MANIFEST, merge, partial_dir
+from pearl_edu.merge import merge
+from pearl_edu.output import MANIFEST, partial_dir
 from pearl_edu.teaching.toy import make_tiny_model
 
 CONFIG = """\

@@ -212,7 +212,7 @@ def bench_one(layers: int, runs: int, out_root: Path, engine: Path) -> tuple[lis
 
 def agreement(case_dir: Path, config: Path, models: tuple[Path, Path], engine: Path) -> dict:
     """Merge once more with each engine (untimed) and compare the two outputs element-wise."""
-    from pearl_edu.verify import verify
+    from pearl_edu.verification import verify
 
     outs = {tool: case_dir / f"agreement-{tool}" for tool in ("pearl-edu", "mergekit")}
     for tool, out in outs.items():

@@ -138,7 +138,7 @@ def sort_seconds(base: Path, others: tuple[Path, ...]) -> float:
 
 
 def compare(a: Path, b: Path) -> dict:
-    from pearl_edu.verify import verify
+    from pearl_edu.verification import verify
 
     report = verify(a, b)
     return {

@@ -106,7 +106,7 @@ def measure_one(config: str, out: str, device: str, backend: str, fast_trim: boo
 
     import torch
 
-    from pearl_edu.merge import merge
+    from pearl_edu.engine import merge
     from pearl_edu.pipeline import return_freed_memory_to_the_system
 
     return_freed_memory_to_the_system()  # as the pearl-edu command does before merging
@@ -186,7 +186,7 @@ def cosine_gap(config: str, device: str) -> float:
 def check_contract(gpu_out: Path, cpu_out: Path, config: str, method: str, device: str) -> dict:
     """`pearl-edu verify` at the inputs' scale, and (SLERP) the cosines: the contract's figures."""
     from pearl_edu.backends.cuda import COSINE_TOLERANCE
-    from pearl_edu.verify import verify
+    from pearl_edu.verification import verify
 
     report = verify(cpu_out, gpu_out, config=config, input_scale_ulp=1)
     figures = {
@@ -439,7 +439,7 @@ def run(
         f"({' and '.join(PARENT_DTYPES)}, {size:.2f} GB each)"
     )
     if args.make_only:
-        from pearl_edu.verify import verify
+        from pearl_edu.verification import verify
 
         if not verify(work / "model_a", work / "model_a").identical:
             raise SystemExit("gpu_check: error: model_a cannot be read back")

@@ -73,9 +73,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from pearl_edu.config import load_config  # noqa: E402
-from pearl_edu.merge import merge  # noqa: E402
+from pearl_edu.engine import merge  # noqa: E402
 from pearl_edu.methods import DOT_THRESHOLD  # noqa: E402
-from pearl_edu.plan import plan  # noqa: E402
 from pearl_edu.reading import ModelReader, read_header  # noqa: E402
 from pearl_edu.recipes import pearl_recipe  # noqa: E402
 from pearl_edu.teaching import fullrun  # noqa: E402
@@ -87,6 +86,7 @@ from pearl_edu.teaching.toy import (  # noqa: E402
     tensor_shapes,
     write_json,
 )
+from pearl_edu.tensor_plan import plan  # noqa: E402
 from pearl_edu.ulp import ulp_distance  # noqa: E402
 
 DATA_FILE = REPO_ROOT / "pearl_edu" / "data" / "numpy_era_drift.json"

@@ -2,7 +2,7 @@
 
     python bench/profile_merge.py CONFIG [--threads N] [--chunk-elements N]
 
-Runs `pearl_edu.merge.merge` in this process with timers around the stages of the
+Runs `pearl_edu.engine.merge` in this process with timers around the stages of the
 streaming loop (the two passes of SLERP, reading, writing), then prints the wall time
 spent in each, per thread, next to the process's CPU time. Wall time far above CPU time
 means a stage waits (for the disk, for another thread, or for cores that other
@@ -77,9 +77,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.chunk_elements:
         # The core's chunk size, which the CPU backend reads at each call.
-        importlib.import_module("pearl_edu.core.slerp").CHUNK_ELEMENTS = args.chunk_elements
+        importlib.import_module("pearl_edu.core.interpolation").CHUNK_ELEMENTS = args.chunk_elements
     instrument()
-    merge = importlib.import_module("pearl_edu.merge").merge
+    merge = importlib.import_module("pearl_edu.engine").merge
     # As the pearl-edu command does before merging (a library call leaves the allocator be).
     importlib.import_module("pearl_edu.pipeline").return_freed_memory_to_the_system()
 

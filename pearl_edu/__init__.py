@@ -23,10 +23,10 @@ try:
     from pearl_edu._version import __version__
     from pearl_edu.config import MergeConfig, load_config
     from pearl_edu.devices import resolve_device
+    from pearl_edu.engine import MergeResult, merge
     from pearl_edu.errors import ConfigError, HubError, ModelError, OutputError, PearlEduError
     from pearl_edu.hub import resolve_model
     from pearl_edu.layer_schedule import schedule
-    from pearl_edu.merge import MergeResult, merge
     from pearl_edu.methods import (
         dare,
         lerp,
@@ -38,10 +38,10 @@ try:
         task_arithmetic,
         ties,
     )
-    from pearl_edu.plan import MergePlan, TensorPlan, plan
     from pearl_edu.reading import ModelReader, read_header
     from pearl_edu.recipes import recipe_path, recipe_text
-    from pearl_edu.verify import VerifyReport, verify
+    from pearl_edu.tensor_plan import MergePlan, TensorPlan, plan
+    from pearl_edu.verification import VerifyReport, verify
 except KeyboardInterrupt:
     # Ctrl-C while the `pearl-edu` command starts (importing torch takes a while): one
     # line, as during a merge, rather than a traceback. In any other program, as usual.

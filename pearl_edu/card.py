@@ -16,7 +16,7 @@ import yaml
 from pearl_edu._version import __version__
 from pearl_edu.config import DTYPE_NAMES, MergeConfig
 from pearl_edu.methods import METHODS
-from pearl_edu.plan import MergePlan
+from pearl_edu.tensor_plan import MergePlan
 
 # Files copied from the base model, when present, so the merged folder is usable as is.
 TOKENIZER_FILES = (

@@ -260,9 +260,9 @@ def _run_plan(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pearl_edu.config import load_config
-    from pearl_edu.plan import plan
     from pearl_edu.plan_table import show_plan
     from pearl_edu.reading import read_header
+    from pearl_edu.tensor_plan import plan
 
     config = load_config(args.config)
     # Only folders on this machine are read: `plan` never downloads, so Hub ids that are
@@ -326,7 +326,7 @@ def _with_random_seed(config: MergeConfig, seed: int) -> MergeConfig:
 
 def _run_merge(args: argparse.Namespace) -> int:
     from pearl_edu.config import load_config
-    from pearl_edu.merge import merge
+    from pearl_edu.engine import merge
     from pearl_edu.methods import METHODS
     from pearl_edu.output import parse_size
     from pearl_edu.pipeline import return_freed_memory_to_the_system
@@ -385,7 +385,7 @@ def _run_merge(args: argparse.Namespace) -> int:
 def _run_verify(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from pearl_edu.verify import verify
+    from pearl_edu.verification import verify
 
     bar = None
 

@@ -124,8 +124,8 @@ class MergeInputs:
     def __init__(self, config: MergeConfig | str | Path) -> None:
         from pearl_edu.config import MergeConfig, load_config, torch_dtype
         from pearl_edu.hub import resolve_model
-        from pearl_edu.plan import plan
         from pearl_edu.reading import ModelReader, read_header
+        from pearl_edu.tensor_plan import plan
 
         if not isinstance(config, MergeConfig):
             config = load_config(config)

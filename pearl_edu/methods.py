@@ -38,7 +38,7 @@ from pearl_edu.backends.cpu import (  # noqa: F401  (the engine's helpers, impor
     set_threads_for_new_threads,
     threads_for_new_threads,
 )
-from pearl_edu.core.slerp import CHUNK_ELEMENTS, DOT_THRESHOLD, NORM_EPS  # noqa: F401
+from pearl_edu.core.interpolation import CHUNK_ELEMENTS, DOT_THRESHOLD, NORM_EPS  # noqa: F401
 from pearl_edu.core.task_vectors import (  # noqa: F401  (L1_EPS, WEIGHT_SUM_EPS: importable here)
     L1_EPS,
     WEIGHT_SUM_EPS,

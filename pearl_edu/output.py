@@ -38,8 +38,8 @@ from typing import Any
 from pearl_edu._version import __version__
 from pearl_edu.card import TOKENIZER_FILES
 from pearl_edu.errors import ConfigError, OutputError
-from pearl_edu.plan import MergePlan
 from pearl_edu.reading import ModelHeader
+from pearl_edu.tensor_plan import MergePlan
 from pearl_edu.writing import Shard
 
 MANIFEST = ".pearl-edu-merge.json"
@@ -284,7 +284,7 @@ def merge_identity(
 
     The plan (names, inputs, methods, parameters, dtypes), the shard layout, the validated
     config, pearl_edu's version, the input weight files (path, size, modification time)
-    and ``options``: every option of `pearl_edu.merge.merge` that can change a bit of the
+    and ``options``: every option of `pearl_edu.engine.merge` that can change a bit of the
     output (``fast_trim``, the backend, the device, the number of CPU threads).
     """
     description = {

@@ -41,8 +41,8 @@ from pearl_edu.backends.cpu import (
 )
 from pearl_edu.errors import ConfigError
 from pearl_edu.output import output_error
-from pearl_edu.plan import TensorPlan
 from pearl_edu.reading import ModelReader
+from pearl_edu.tensor_plan import TensorPlan
 from pearl_edu.writing import DIRECT_ALIGNMENT, ShardedWriter
 
 # Read ahead at most this many bytes of inputs while the current tensor is merged.
@@ -117,7 +117,7 @@ def return_freed_memory_to_the_system() -> None:
 
     For the whole process, and for good: glibc's settings cannot be read back, so nothing
     could restore them. The ``pearl-edu merge`` command calls it for its own process
-    (`pearl_edu.cli`); `pearl_edu.merge.merge` never does, and leaves a notebook's
+    (`pearl_edu.cli`); `pearl_edu.engine.merge` never does, and leaves a notebook's
     allocator as it is (where the resident size may then grow with the model).
     """
     m_trim_threshold, m_mmap_threshold = -1, -3

@@ -15,7 +15,7 @@ from typing import Any
 from pearl_edu.config import MergeConfig
 from pearl_edu.layer_schedule import OTHER, cell, schedule
 from pearl_edu.methods import METHODS
-from pearl_edu.plan import MergePlan, TensorPlan
+from pearl_edu.tensor_plan import MergePlan, TensorPlan
 
 
 def show_plan(

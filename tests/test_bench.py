@@ -18,7 +18,7 @@ from pearl_edu.reading import read_header
 from pearl_edu.teaching import minipearl
 from pearl_edu.teaching.evaluation import ItemScores, Record
 from pearl_edu.teaching.toy import hf_config, load_state_dict, tensor_shapes
-from pearl_edu.verify import verify
+from pearl_edu.verification import verify
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -467,7 +467,7 @@ def test_numpy_era_drift_record_is_complete_and_adds_up():
 
     import numpy_era_drift
 
-    from pearl_edu.verify import NUMPY_ERA_TOLERANCE
+    from pearl_edu.verification import NUMPY_ERA_TOLERANCE
 
     assert numpy_era_drift.DATA_FILE.stat().st_size < 16_000, "a few KB for a notebook"
     record = json.loads(numpy_era_drift.DATA_FILE.read_text())
@@ -527,7 +527,7 @@ def test_task_vector_benchmark_models_configs_and_counting(tmp_path):
     import bench_task_vectors
     from make_models import make_models
 
-    from pearl_edu.merge import merge
+    from pearl_edu.engine import merge
 
     models = make_models(tmp_path / "family", num_layers=2, count=3, **TOY)
     assert [m.name for m in models] == ["model_a", "model_b", "model_c"]

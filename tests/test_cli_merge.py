@@ -359,12 +359,11 @@ def test_verbose_prints_the_settings(dare_config, tmp_path, capsys):
 
 def test_options_reach_merge_wherever_they_are(monkeypatch, tmp_path):
     """--quiet and --debug before or after the subcommand; mergekit's names for the rest."""
-    import importlib
-
-    from pearl_edu.errors import OutputError
 
     # pearl_edu.merge is also the name of the function the package exports.
-    merge_module = importlib.import_module("pearl_edu.merge")
+    import pearl_edu.engine as merge_module
+    from pearl_edu.errors import OutputError
+
     calls = []
 
     def spy(config, output_dir, **options):

@@ -101,7 +101,7 @@ def test_the_installed_command_runs_with_a_progress_bar(models):
 
 
 def test_scale_ulp_and_max_fraction_options(models, capsys):
-    from pearl_edu.verify import verify
+    from pearl_edu.verification import verify
 
     model, _, nudged = models
     # The nudge moves every element of one tensor by a few steps at the tensor's scale.

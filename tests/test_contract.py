@@ -22,10 +22,10 @@ import torch
 from pearl_edu import core
 from pearl_edu.backends import cuda
 from pearl_edu.cli import main
-from pearl_edu.merge import merge
+from pearl_edu.engine import merge
 from pearl_edu.teaching.toy import make_tiny_model
 from pearl_edu.ulp import ulp_at_each
-from pearl_edu.verify import verify
+from pearl_edu.verification import verify
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 PEARL_TS = [0.0, 0.3, 0.5, 0.7, 1.0]

@@ -27,10 +27,11 @@ from mergekit.merge_methods.base import TensorGroup
 from mergekit.merge_methods.registry import get as mergekit_method
 
 from pearl_edu import core, methods
-from pearl_edu.ulp import same_bits
 
 # The modules themselves: `pearl_edu.core.slerp` is also the name of the function.
-core_slerp = importlib.import_module("pearl_edu.core.slerp")
+from pearl_edu.core import interpolation as core_slerp
+from pearl_edu.ulp import same_bits
+
 mergekit_slerp = importlib.import_module("mergekit.merge_methods.slerp")
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]

@@ -334,11 +334,10 @@ def slerp_config(a, b) -> str:
 def test_the_writer_waits_for_each_download_and_the_math_for_each_upload(
     pearl_pair, tmp_path, monkeypatch
 ):
-    import importlib
 
-    from pearl_edu.verify import verify
+    import pearl_edu.engine as merge_module
+    from pearl_edu.verification import verify
 
-    merge_module = importlib.import_module("pearl_edu.merge")
     config = slerp_config(*pearl_pair)
     plain = merge_module.merge(config, tmp_path / "plain", device="cpu", backend="device")
     late = LateTransfers()
@@ -404,6 +403,6 @@ def test_merge_command_prints_the_device_and_why_and_takes_exact(pearl_pair, tmp
     assert "(auto: " in out and expected in out
     assert main(["merge", str(config), str(tmp_path / "b"), "--quiet", "--exact", "-v"]) == 0
     assert "mergekit's bits on any device (--exact)" in capsys.readouterr().err
-    from pearl_edu.verify import verify
+    from pearl_edu.verification import verify
 
     assert verify(tmp_path / "a", tmp_path / "b").identical  # the CPU's bits either way

@@ -121,7 +121,7 @@ def test_explain_one_ulp_as_rounding(merged, tmp_path):
 
 
 def test_explain_with_the_published_models_tolerance(merged, tmp_path):
-    from pearl_edu.verify import NUMPY_ERA_TOLERANCE
+    from pearl_edu.verification import NUMPY_ERA_TOLERANCE
 
     report = fullrun.compare(
         merged, edited_copy(merged, tmp_path / "ulp", one_ulp_up), **NUMPY_ERA_TOLERANCE
@@ -133,7 +133,7 @@ def test_explain_with_the_published_models_tolerance(merged, tmp_path):
 
 
 def test_the_tolerance_refuses_a_tensor_rounded_everywhere(merged, tmp_path):
-    from pearl_edu.verify import NUMPY_ERA_TOLERANCE
+    from pearl_edu.verification import NUMPY_ERA_TOLERANCE
 
     def every_element_one_ulp_up(weights):
         bits = weights[NORM].view(torch.int16)

@@ -22,10 +22,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pearl_edu import reading
+from pearl_edu.engine import merge
 from pearl_edu.errors import ConfigError, HubError, ModelError
 from pearl_edu.headers import SAFETENSORS_INDEX
 from pearl_edu.hub import resolve_model
-from pearl_edu.merge import merge
 from pearl_edu.output import partial_dir
 from pearl_edu.reading import ModelReader, read_header
 from pearl_edu.teaching.toy import make_tiny_model

@@ -19,8 +19,8 @@ import torch
 from faults import after_each_write, signalled_merge_command
 
 from pearl_edu import cli
+from pearl_edu.engine import merge
 from pearl_edu.errors import ConfigError, OutputError
-from pearl_edu.merge import merge
 from pearl_edu.output import partial_dir
 from pearl_edu.teaching.toy import make_tiny_model
 

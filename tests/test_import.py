@@ -130,3 +130,18 @@ def test_no_import_cycle_inside_the_package():
 
     for module in sorted(graph):
         visit(module, [])
+
+
+def test_no_function_shadows_a_module_of_the_same_name():
+    """`pearl_edu.merge`, `plan`, `verify` and `core.slerp` are functions, and no module
+    of the same name exists beside them, so importing a module never rebinds a name."""
+    root = Path(pearl_edu.__file__).parent
+    for package, folder in ((pearl_edu, root), (pearl_edu.core, root / "core")):
+        modules = {p.stem for p in folder.glob("*.py") if p.stem != "__init__"} | {
+            p.name for p in folder.iterdir() if (p / "__init__.py").is_file()
+        }
+        for name in modules:
+            value = getattr(package, name, None)
+            assert value is None or isinstance(value, type(pearl_edu)), (
+                f"{package.__name__}.{name} is {type(value).__name__}, and a module too"
+            )

@@ -17,16 +17,16 @@ from safetensors.torch import load_file
 
 from pearl_edu import __version__
 from pearl_edu.config import load_config
+from pearl_edu.engine import merge
 from pearl_edu.errors import ConfigError, ModelError, OutputError, PearlEduError
-from pearl_edu.merge import merge
 from pearl_edu.methods import merge_tensor
 from pearl_edu.output import MANIFEST, parse_size, partial_dir
 from pearl_edu.pipeline import read_ahead
-from pearl_edu.plan import plan
 from pearl_edu.reading import ModelReader, read_header
 from pearl_edu.teaching.toy import load_state_dict, make_tiny_model
+from pearl_edu.tensor_plan import plan
 from pearl_edu.ulp import same_bits
-from pearl_edu.verify import verify
+from pearl_edu.verification import verify
 
 PEARL_T = """\
   t:

@@ -13,9 +13,9 @@ from faults import signalled_merge_command
 
 from pearl_edu.cli import main
 from pearl_edu.config import load_config
+from pearl_edu.engine import merge
 from pearl_edu.errors import ConfigError
 from pearl_edu.layer_schedule import parameter_value
-from pearl_edu.merge import merge
 from pearl_edu.methods import (
     METHODS,
     dare,
@@ -30,8 +30,8 @@ from pearl_edu.methods import (
     ties,
 )
 from pearl_edu.output import partial_dir
-from pearl_edu.plan import plan
 from pearl_edu.teaching.toy import load_state_dict, make_tiny_model
+from pearl_edu.tensor_plan import plan
 from pearl_edu.ulp import same_bits
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

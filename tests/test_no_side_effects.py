@@ -1,6 +1,6 @@
 """A library call of `merge` leaves the process as it found it; the command tunes its own.
 
-After `pearl_edu.merge.merge` returns, the threads it started are gone, torch's thread
+After `pearl_edu.engine.merge` returns, the threads it started are gone, torch's thread
 settings are as they were, glibc's allocator has not been touched, and no tensor carries
 anything of the merge's. ``pearl-edu merge`` (`pearl_edu.cli.main`) alone tunes the
 allocator, for its own process, before it merges.
@@ -9,7 +9,6 @@ allocator, for its own process, before it merges.
 from __future__ import annotations
 
 import ctypes
-import importlib
 import math
 import threading
 
@@ -18,15 +17,16 @@ import torch
 from faults import after_each_write
 
 import pearl_edu
+import pearl_edu.engine as merge_module
 from pearl_edu import cli
 from pearl_edu.backends import cpu
-from pearl_edu.core.slerp import CHUNK_ELEMENTS
-from pearl_edu.merge import merge, merge_into
+from pearl_edu.core.interpolation import CHUNK_ELEMENTS
+from pearl_edu.engine import merge, merge_into
 from pearl_edu.methods import set_threads_for_new_threads, threads_for_new_threads
 from pearl_edu.pipeline import read_ahead
-from pearl_edu.plan import plan
 from pearl_edu.reading import ModelReader, read_header
 from pearl_edu.teaching.toy import make_tiny_model
+from pearl_edu.tensor_plan import plan
 
 SLERP = """\
 slices:
@@ -42,7 +42,6 @@ parameters:
 dtype: bfloat16
 """
 
-merge_module = importlib.import_module("pearl_edu.merge")  # the module, not the function
 
 # glibc's mallopt parameters (malloc.h), as `return_freed_memory_to_the_system` sets them.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from pearl_edu import cli, writing
+from pearl_edu.engine import merge
 from pearl_edu.errors import OutputError
-from pearl_edu.merge import merge
 from pearl_edu.output import MANIFEST, partial_dir
 from pearl_edu.teaching.toy import make_tiny_model
 

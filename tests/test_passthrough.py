@@ -18,8 +18,8 @@ import yaml
 
 from pearl_edu.cli import main
 from pearl_edu.config import load_config
+from pearl_edu.engine import merge
 from pearl_edu.errors import ConfigError, ModelError
-from pearl_edu.merge import merge
 from pearl_edu.methods import merge_tensor
 from pearl_edu.teaching.toy import load_state_dict, make_tiny_model
 from pearl_edu.ulp import same_bits

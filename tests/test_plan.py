@@ -20,7 +20,7 @@ from pearl_edu.layer_schedule import (
     schedule,
     slice_scopes,
 )
-from pearl_edu.plan import plan
+from pearl_edu.tensor_plan import plan
 
 MERGEKIT_ARCHITECTURES = Path(__import__("mergekit").__file__).parent / "_data" / "architectures"
 LAYER_TENSORS = {

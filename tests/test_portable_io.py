@@ -56,7 +56,7 @@ elif scenario == "windows":  # none of Linux's fast paths, and no fcntl module
 import torch
 import pearl_edu  # the import is under test
 from pearl_edu import reading, writing
-from pearl_edu.merge import merge
+from pearl_edu.engine import merge
 
 config = (
     "slices:\n  - sources:\n"

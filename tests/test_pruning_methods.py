@@ -24,8 +24,8 @@ from pearl_edu.card import model_card
 from pearl_edu.cli import main
 from pearl_edu.config import load_config
 from pearl_edu.core import pruning
+from pearl_edu.engine import merge
 from pearl_edu.errors import ConfigError
-from pearl_edu.merge import merge
 from pearl_edu.methods import METHODS, input_generators, merge_tensor, tensor_seed
 from pearl_edu.teaching.toy import load_state_dict
 from pearl_edu.ulp import same_bits

@@ -24,7 +24,7 @@ import yaml
 
 from pearl_edu.teaching.toy import load_state_dict, make_tiny_model
 from pearl_edu.ulp import ulp_distance
-from pearl_edu.verify import VerifyReport, verify
+from pearl_edu.verification import VerifyReport, verify
 
 NUM_LAYERS = 6
 # The fraction of elements allowed to differ (by one ULP at most): none.
@@ -87,7 +87,7 @@ def run_mergekit(config_text: str, out_dir: Path) -> Path:
 
 def run_pearl(config_text: str, out_dir: Path) -> Path:
     """Merge with pearl_edu on the CPU."""
-    from pearl_edu.merge import merge
+    from pearl_edu.engine import merge
 
     merge(config_text, out_dir, device="cpu", progress=False)
     return out_dir

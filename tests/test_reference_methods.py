@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from pearl_edu.merge import merge
+from pearl_edu.engine import merge
 from pearl_edu.teaching.toy import load_state_dict, make_tiny_model
 from pearl_edu.ulp import same_bits
 

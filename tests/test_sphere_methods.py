@@ -6,7 +6,7 @@ Three layers of checks:
   mergekit's own methods, called through its Python API on small tensors chosen to reach
   every branch (colinear rows, zero tensors, opposite tensors, singular Model Stock angles);
 - whole merges of tiny models, once with mergekit's ``run_merge`` and once with
-  `pearl_edu.merge.merge`, every output tensor compared bit for bit;
+  `pearl_edu.engine.merge`, every output tensor compared bit for bit;
 - the config's one-line errors, and a property of the math: the Karcher mean of two points
   with weights (1 - t, t) is their SLERP.
 """
@@ -28,13 +28,13 @@ from pearl_edu.card import model_card
 from pearl_edu.config import load_config
 from pearl_edu.core import model_stock as stock
 from pearl_edu.core import sphere
+from pearl_edu.engine import merge
 from pearl_edu.errors import ConfigError, ModelError
-from pearl_edu.merge import merge
 from pearl_edu.methods import merge_tensor
-from pearl_edu.plan import plan
 from pearl_edu.plan_table import show_plan
 from pearl_edu.reading import read_header
 from pearl_edu.teaching.toy import load_state_dict, make_tiny_model
+from pearl_edu.tensor_plan import plan
 from pearl_edu.ulp import same_bits
 
 NUM_LAYERS = 3

@@ -216,7 +216,7 @@ def test_config_of_the_student_book(edition):
         yaml.safe_dump(yaml.safe_load(teacher_toc), sort_keys=False)
     )  # the same book, but for the course guide
     assert (out / "book" / "references.bib").is_file()
-    assert (out / "pearl_edu" / "core" / "slerp.py").is_file()  # chapter 05's literalinclude
+    assert (out / "pearl_edu" / "core" / "interpolation.py").is_file()  # chapter 05 includes it
 
 
 def test_strip_solutions_keeps_the_rest():

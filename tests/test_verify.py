@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import math
 from pathlib import Path
 
@@ -11,15 +10,14 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+# The package exports the function `verify`, which hides the module of the same name.
+import pearl_edu.verification as verify_module
 from pearl_edu import comparison
 from pearl_edu.comparison import compare_tensors
 from pearl_edu.errors import ModelError
 from pearl_edu.teaching.toy import edited_copy, load_state_dict, make_tiny_model
 from pearl_edu.ulp import ulp_at, ulp_distance
-from pearl_edu.verify import verify
-
-# The package exports the function `verify`, which hides the module of the same name.
-verify_module = importlib.import_module("pearl_edu.verify")
+from pearl_edu.verification import verify
 
 NORM = "model.layers.0.input_layernorm.weight"
 Q_PROJ = "model.layers.1.self_attn.q_proj.weight"

@@ -15,14 +15,13 @@ the passes over memory are made:
   from the copy the engine read it into (`host_copies`), so a GPU gives the CPU's bits;
   only the elementwise weighted sum runs on the device.
 
-The chunk size is the core's (`pearl_edu.core.slerp.CHUNK_ELEMENTS`, read at each call):
+The chunk size is the core's (`pearl_edu.core.interpolation.CHUNK_ELEMENTS`, read at each call):
 it fixes the order of the float32 sums, and so mergekit's bits.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,8 +32,9 @@ import torch
 
 from pearl_edu import kernels
 
-# The core's module (``pearl_edu.core.slerp`` the attribute is the function): its constants.
-reference = importlib.import_module("pearl_edu.core.slerp")
+# The core's module: its constants.
+from pearl_edu.core import interpolation as reference
+
 DOT_THRESHOLD = reference.DOT_THRESHOLD
 NORM_EPS = reference.NORM_EPS
 work_dtype = reference.work_dtype
@@ -78,7 +78,7 @@ def slerp(
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor, *, eps: float, work: torch.dtype) -> torch.Tensor:
-    """`pearl_edu.core.slerp.cosine` of two flat CPU vectors: the same sums, in its order.
+    """`pearl_edu.core.interpolation.cosine` of two flat CPU vectors: the same sums, in its order.
 
     Measured on a full-size 7B pair, a GPU's own sums moved the bfloat16 rounding of 0.3%
     of the output's elements, hence CPU tensors only (see `on_cpu`). The result is a

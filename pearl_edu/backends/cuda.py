@@ -27,7 +27,6 @@ and checked by ``pearl-edu verify --config CONFIG --input-scale-ulp N``. ``--exa
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Sequence
 
@@ -35,10 +34,10 @@ import torch
 
 from pearl_edu.backends import cpu
 from pearl_edu.backends.cpu import on_cpu
-from pearl_edu.core.linear import common_dtype
+from pearl_edu.core import interpolation as reference
 from pearl_edu.core.task_vectors import L1_EPS, WEIGHT_SUM_EPS
+from pearl_edu.core.weighted_average import common_dtype
 
-reference = importlib.import_module("pearl_edu.core.slerp")
 DOT_THRESHOLD = reference.DOT_THRESHOLD
 NORM_EPS = reference.NORM_EPS
 work_dtype = reference.work_dtype

@@ -28,8 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from pearl_edu.core.linear import common_dtype
 from pearl_edu.core.task_vectors import L1_EPS, WEIGHT_SUM_EPS
+from pearl_edu.core.weighted_average import common_dtype
 
 # Entries per slice of the elementwise steps: small enough for the cache, large enough that
 # the Python around each slice costs nothing.

@@ -7,8 +7,7 @@ buffers, no files. They give mergekit 0.1.5's results bit for bit, and the fast 
 them.
 """
 
-from pearl_edu.core.linear import linear
-from pearl_edu.core.slerp import lerp, slerp
+from pearl_edu.core.interpolation import lerp, slerp
 from pearl_edu.core.task_vectors import (
     combine,
     dare,
@@ -18,6 +17,7 @@ from pearl_edu.core.task_vectors import (
     task_arithmetic,
     ties,
 )
+from pearl_edu.core.weighted_average import linear
 
 __all__ = [
     "combine",

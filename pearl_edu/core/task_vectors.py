@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from pearl_edu.core.linear import common_dtype
+from pearl_edu.core.weighted_average import common_dtype
 
 # Below these, an L1 norm counts as zero (nothing to rescale) and a sum of weights as zero
 # (nothing to divide by): mergekit's thresholds.

@@ -30,7 +30,7 @@ import torch
 
 from pearl_edu.core import model_stock as stock
 from pearl_edu.core import sphere
-from pearl_edu.core.linear import common_dtype
+from pearl_edu.core.weighted_average import common_dtype
 from pearl_edu.errors import ModelError
 from pearl_edu.methods import MergeMethod, register
 

@@ -28,11 +28,11 @@ from pathlib import Path
 import yaml
 
 from pearl_edu.config import MergeConfig, load_config
+from pearl_edu.engine import MergeResult, merge
 from pearl_edu.errors import HubError, ModelError
 from pearl_edu.hub import hub_reachable, resolve_model
-from pearl_edu.merge import MergeResult, merge
 from pearl_edu.recipes import pearl_recipe
-from pearl_edu.verify import VerifyReport, verify
+from pearl_edu.verification import VerifyReport, verify
 
 OMNIBEAGLE = "mlabonne/OmniBeagle-7B"
 WIZARDMATH = "WizardLM/WizardMath-7B-V1.1"
@@ -132,7 +132,7 @@ def compare(
     """`pearl_edu.verify` of the merge against the reference, with a progress bar.
 
     ``scale_ulp`` and ``max_fraction`` are `verify`'s tolerance; to compare with the published
-    Pearl-7B-slerp, pass ``**pearl_edu.verify.NUMPY_ERA_TOLERANCE``.
+    Pearl-7B-slerp, pass ``**pearl_edu.verification.NUMPY_ERA_TOLERANCE``.
     """
     from tqdm import tqdm
 

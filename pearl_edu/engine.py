@@ -68,8 +68,8 @@ from pearl_edu.pipeline import (
     threads_used,
     transfers_for,
 )
-from pearl_edu.plan import MergePlan, TensorPlan, plan
 from pearl_edu.reading import ModelHeader, ModelReader, read_header
+from pearl_edu.tensor_plan import MergePlan, TensorPlan, plan
 from pearl_edu.writing import DIRECT_ALIGNMENT, OutputTensor, Shard, ShardedWriter, layout_shards
 
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from pearl_edu.core.slerp import work_dtype
+from pearl_edu.core.interpolation import work_dtype
 
 
 def common_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:

@@ -145,3 +145,11 @@ def test_no_function_shadows_a_module_of_the_same_name():
             assert value is None or isinstance(value, type(pearl_edu)), (
                 f"{package.__name__}.{name} is {type(value).__name__}, and a module too"
             )
+
+
+def test_the_package_says_it_is_typed():
+    """PEP 561: `py.typed` ships with the package, so type checkers read its annotations."""
+    root = Path(pearl_edu.__file__).parent
+    assert (root / "py.typed").is_file()
+    pyproject = (root.parent / "pyproject.toml").read_text(encoding="utf-8")
+    assert '"py.typed"' in pyproject.split("[tool.setuptools.package-data]")[1].split("[")[0]

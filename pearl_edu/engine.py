@@ -45,10 +45,8 @@ from pearl_edu.hub import resolve_model
 from pearl_edu.methods import merge_tensor
 from pearl_edu.output import (
     check_output_dir,
-    created_parents,
     discard_unfinished,
     merge_identity,
-    output_lock,
     parse_size,
     partial_dir,
     prepare_partial_dir,
@@ -56,6 +54,7 @@ from pearl_edu.output import (
     resolve_output,
     writing,
 )
+from pearl_edu.output_lock import created_parents, output_lock
 from pearl_edu.pipeline import (
     CudaTransfers,
     OutputBuffers,
@@ -121,7 +120,7 @@ def merge(
     (`pearl_edu.output.replaceable_model`). A merged tensor with an infinite or NaN value
     stops the merge with a `ConfigError` naming it (nothing is published), unless
     ``allow_nonfinite``, which publishes it with a `NonFiniteWarning`. The merge holds an
-    exclusive lock on ``output_dir`` while it runs (`pearl_edu.output.output_lock`).
+    exclusive lock on ``output_dir`` while it runs (`pearl_edu.output_lock.output_lock`).
 
     A call leaves the process as it found it: the threads it starts (reader, writer, the
     math's helper) are stopped before it returns, torch's thread settings are restored,

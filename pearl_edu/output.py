@@ -11,10 +11,7 @@
   byte-identical files, because the layout is fixed in advance and the math is
   deterministic (`prepare_partial_dir`). Every option that changes the bits is part of the
   identity, so a rerun with another one starts afresh instead of mixing two merges.
-- **one merge per output**: a merge holds an exclusive lock on its output for its whole
-  run, resume and publication included (`output_lock`); a second merge into the same
-  folder is refused in one line naming the first, and the lock of a killed merge is
-  taken over (the operating system releases it with the process).
+- **one merge per output**: the folder's lock, in `pearl_edu.output_lock`.
 - **nothing of the user's deleted**: `--force` replaces only a finished model folder
   (`replaceable_model`); a folder holding anything else is refused. A symlinked output is
   written through its link (`resolve_output`).
@@ -29,8 +26,6 @@ import json
 import os
 import re
 import shutil
-import socket
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -146,99 +141,6 @@ def _reason(err: BaseException) -> str:
     """An OS error's reason on one line."""
     text = getattr(err, "strerror", None) or str(err)
     return " ".join(str(text).split())
-
-
-# --------------------------------------------------------------------------------------
-# One merge per output
-# --------------------------------------------------------------------------------------
-
-
-def lock_path(output_dir: Path) -> Path:
-    """The lock file of an output folder: ``.<name>.lock`` beside it."""
-    return output_dir.parent / f".{output_dir.name}.lock"
-
-
-@contextlib.contextmanager
-def output_lock(output_dir: Path) -> Iterator[Path]:
-    """Hold the exclusive lock of ``output_dir`` (its resolved path) for the whole merge.
-
-    The lock is the operating system's (``flock``) on ``.<name>.lock`` beside the output,
-    so it is released when the process ends, however it ends: the lock file a killed merge
-    leaves behind is taken over by the next one. A merge that finds the lock held is
-    refused at once, in one line naming the merge that holds it (its process id, host and
-    start time, written into the lock file). The lock file is removed on release. Yields
-    the lock file's path.
-    """
-    path = lock_path(output_dir)
-    with writing(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    fd = _acquire(path)
-    try:
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-        with writing(path):
-            os.ftruncate(fd, 0)
-            os.lseek(fd, 0, os.SEEK_SET)
-            os.write(fd, (json.dumps(record) + "\n").encode("utf-8"))
-        yield path
-    finally:
-        with contextlib.suppress(OSError):
-            path.unlink()  # still held: no other merge can be between its open and its lock
-        os.close(fd)
-
-
-def _acquire(path: Path) -> int:
-    """Open and lock ``path`` exclusively, or raise a one-line `OutputError` naming the holder."""
-    try:
-        import fcntl
-    except ImportError:  # not a POSIX system (Windows): no lock, one merge per output is on you
-        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    while True:
-        with writing(path):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            os.close(fd)
-            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise OutputError(
-                    f"output folder {path.parent / path.name[1:-5]} is being written by another "
-                    f"merge ({_holder(path)}); wait for it to finish, or stop it, then run "
-                    "this one again"
-                ) from None
-            if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                # A file system without locks: go on unlocked rather than refuse to merge.
-                with writing(path):
-                    return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            raise output_error(err, path) from None
-        # The file may have been removed (by the merge that held it, on release) between
-        # our open and our lock: then we hold a lock on a file nobody else will see.
-        try:
-            same = os.path.samestat(os.fstat(fd), os.stat(path))
-        except OSError:
-            same = False
-        if same:
-            return fd
-        os.close(fd)
-
-
-def _holder(path: Path) -> str:
-    """Who holds the lock, from what the lock file says: 'process 123 on host, since 10:02'."""
-    try:
-        record: Any = json.loads(path.read_text(encoding="utf-8"))
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(record["started"])))
-        return f"process {int(record['pid'])} on {record['host']}, since {started}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"its lock is {path}"
-
-
-def created_parents(folder: Path) -> list[Path]:
-    """The ancestors of ``folder`` that do not exist yet, nearest first (to remove if unused)."""
-    missing = []
-    for parent in folder.parents:
-        if parent.exists():
-            break
-        missing.append(parent)
-    return missing
 
 
 @contextlib.contextmanager

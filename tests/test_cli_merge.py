@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pearl_edu.cli import EXIT_BAD_INPUT, main
+from pearl_edu.cli import main
+from pearl_edu.cli_options import EXIT_BAD_INPUT
 from pearl_edu.teaching.toy import load_state_dict, make_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

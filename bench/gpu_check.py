@@ -107,7 +107,7 @@ def measure_one(config: str, out: str, device: str, backend: str, fast_trim: boo
     import torch
 
     from pearl_edu.engine import merge
-    from pearl_edu.pipeline import return_freed_memory_to_the_system
+    from pearl_edu.process_settings import return_freed_memory_to_the_system
 
     return_freed_memory_to_the_system()  # as the pearl-edu command does before merging
     started = time.perf_counter()

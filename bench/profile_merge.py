@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO_ROOT))
 STAGES = (
     ("pearl_edu.backends.cpu", "", "cosine", "slerp: norms and dot product"),
     ("pearl_edu.backends.cpu", "", "weighted_sum", "slerp: weighted sum"),
-    ("pearl_edu.pipeline", "", "load_input", "read: read and cast one input"),
+    ("pearl_edu.read_ahead", "", "load_input", "read: read and cast one input"),
     ("pearl_edu.reading", "ModelReader", "_pread_into", "read: positioned reads"),
     ("pearl_edu.writing", "ShardedWriter", "write", "write: one tensor (with fsync per shard)"),
 )
@@ -81,7 +81,7 @@ def main() -> None:
     instrument()
     merge = importlib.import_module("pearl_edu.engine").merge
     # As the pearl-edu command does before merging (a library call leaves the allocator be).
-    importlib.import_module("pearl_edu.pipeline").return_freed_memory_to_the_system()
+    importlib.import_module("pearl_edu.process_settings").return_freed_memory_to_the_system()
 
     out = Path(tempfile.mkdtemp(prefix="pearl-profile-")) / "merged"
     cpu_started, started = time.process_time(), time.perf_counter()

@@ -110,7 +110,7 @@ def _run_merge(args: argparse.Namespace) -> int:
     from pearl_edu.engine import merge
     from pearl_edu.methods import METHODS
     from pearl_edu.output import parse_size
-    from pearl_edu.pipeline import return_freed_memory_to_the_system
+    from pearl_edu.process_settings import return_freed_memory_to_the_system
 
     shard_size = _shard_size(args)
     device = args.device if args.device is not None else ("cuda" if args.cuda else "auto")

@@ -11,13 +11,25 @@ Each step lives in a module of its own, and this one only puts them in order:
 
 - **config** (`pearl_edu.config`) and **plan** (`pearl_edu.plan`): every mistake is
   reported before anything is written;
-- **read** and **write** (`pearl_edu.pipeline`): inputs read ahead in a background thread,
-  results written behind by another, into reused buffers, so memory stays at a few tensors
-  and the disk and the math overlap;
+- **read** (`pearl_edu.read_ahead`) and **write** (`pearl_edu.write_behind`): inputs read
+  ahead in a background thread, results written behind by another, into reused buffers, so
+  memory stays at a few tensors and the disk and the math overlap;
+- **the process's settings** (`pearl_edu.process_settings`): the math's CPU threads for
+  the length of the merge, and the allocator tuning that only the command applies;
 - **math** (`pearl_edu.methods`, over `pearl_edu.core` and `pearl_edu.backends`);
 - **the output folder** (`pearl_edu.output`): written hidden, resumed after a crash,
   published by a rename only when complete; failed writes are one-line `OutputError`s;
 - **the files beside the weights** (`pearl_edu.card`): config.json, tokenizer, model card.
+
+Around the loop, the reader thread prepares the next tensor's inputs while the current one
+is merged (`pearl_edu.read_ahead.READ_AHEAD_BYTES` ahead at most); the writer thread writes
+each result, from one of two reused buffers, past the page cache while the next is merged;
+the CPU math's threads live as long as the merge. On a GPU, inputs go up and results come
+down on copy streams of their own, ordered by events (`CudaTransfers`), so the merging
+thread never waits for a copy. Fresh memory and the page cache are avoided because on the
+machines measured (see the book's performance appendix) touching new pages cost as much as
+the arithmetic. A merge leaves the process as it found it: its threads stopped, torch's
+thread settings restored, glibc's allocator left alone.
 """
 
 from __future__ import annotations
@@ -55,20 +67,11 @@ from pearl_edu.output import (
     writing,
 )
 from pearl_edu.output_lock import created_parents, output_lock
-from pearl_edu.pipeline import (
-    CudaTransfers,
-    OutputBuffers,
-    WriteBehind,
-    aligned_view,
-    check_threads,
-    math_threads,
-    progress_bar,
-    read_ahead,
-    threads_used,
-    transfers_for,
-)
+from pearl_edu.process_settings import check_threads, math_threads, threads_used
+from pearl_edu.read_ahead import CudaTransfers, read_ahead, transfers_for
 from pearl_edu.reading import ModelHeader, ModelReader, read_header
 from pearl_edu.tensor_plan import MergePlan, TensorPlan, plan
+from pearl_edu.write_behind import OutputBuffers, WriteBehind, aligned_view, progress_bar
 from pearl_edu.writing import DIRECT_ALIGNMENT, OutputTensor, Shard, ShardedWriter, layout_shards
 
 
@@ -126,7 +129,7 @@ def merge(
     math's helper) are stopped before it returns, torch's thread settings are restored,
     and glibc's allocator is left as it is. The ``pearl-edu merge`` command alone tunes the
     allocator, for its own process, to keep the resident memory at a few tensors
-    (`pearl_edu.pipeline.return_freed_memory_to_the_system`, which cannot be undone).
+    (`pearl_edu.process_settings.return_freed_memory_to_the_system`, which cannot be undone).
     """
     started = time.perf_counter()
     # config -> plan: every mistake is reported here, before anything is written.

@@ -349,7 +349,7 @@ def test_the_writer_waits_for_each_download_and_the_math_for_each_upload(
 
 
 def test_a_buffer_set_is_refilled_only_after_its_uploads():
-    from pearl_edu.pipeline import BufferSet
+    from pearl_edu.read_ahead import BufferSet
 
     waited = []
 
@@ -365,7 +365,7 @@ def test_a_buffer_set_is_refilled_only_after_its_uploads():
 
 
 def test_transfers_are_plain_copies_without_cuda():
-    from pearl_edu.pipeline import transfers_for
+    from pearl_edu.read_ahead import transfers_for
 
     assert transfers_for(torch.device("cpu")) is None
     if not torch.cuda.is_available():

@@ -21,7 +21,7 @@ from pearl_edu.engine import merge
 from pearl_edu.errors import ConfigError, ModelError, OutputError, PearlEduError
 from pearl_edu.methods import merge_tensor
 from pearl_edu.output import MANIFEST, parse_size, partial_dir
-from pearl_edu.pipeline import read_ahead
+from pearl_edu.read_ahead import read_ahead
 from pearl_edu.reading import ModelReader, read_header
 from pearl_edu.teaching.toy import load_state_dict, make_tiny_model
 from pearl_edu.tensor_plan import plan
@@ -532,7 +532,7 @@ def test_read_ahead_raises_reader_errors_in_the_caller(pair, tmp_path):
 
 
 def test_write_behind_writes_in_order_and_reports_errors(tmp_path):
-    from pearl_edu.pipeline import WriteBehind
+    from pearl_edu.write_behind import WriteBehind
     from pearl_edu.writing import OutputTensor, ShardedWriter, layout_shards
 
     tensors = {f"t{i}": torch.full((4,), float(i)) for i in range(5)}
@@ -551,7 +551,7 @@ def test_write_behind_writes_in_order_and_reports_errors(tmp_path):
 
 
 def test_output_buffers_are_reused_and_grow_to_the_largest_tensor():
-    from pearl_edu.pipeline import OutputBuffers
+    from pearl_edu.write_behind import OutputBuffers
 
     outputs = OutputBuffers(count=2, small_bytes=0)
     first, second = outputs.take(100), outputs.take(50)
@@ -565,7 +565,7 @@ def test_output_buffers_are_reused_and_grow_to_the_largest_tensor():
 
 
 def test_small_outputs_do_not_hold_the_kept_buffers():
-    from pearl_edu.pipeline import OutputBuffers
+    from pearl_edu.write_behind import OutputBuffers
 
     outputs = OutputBuffers(count=1, small_bytes=64)
     large = outputs.take(1000)
@@ -579,7 +579,7 @@ def test_small_outputs_do_not_hold_the_kept_buffers():
 
 
 def test_write_behind_hands_buffers_back_even_after_an_error(tmp_path):
-    from pearl_edu.pipeline import WriteBehind
+    from pearl_edu.write_behind import WriteBehind
     from pearl_edu.writing import OutputTensor, ShardedWriter, layout_shards
 
     layout = layout_shards([OutputTensor("t0", (4,), torch.float32)], 10**9)
@@ -605,7 +605,7 @@ def test_endpoint_and_cast_merges_are_copied_out_of_the_reused_buffers(pair, tmp
 
 
 def test_buffers_are_allocated_once_and_oversized_ones_dropped():
-    from pearl_edu.pipeline import BufferSet
+    from pearl_edu.read_ahead import BufferSet
 
     buffers = BufferSet(keep_bytes=1000, pinned=False)
     first = buffers.buffer(0, 10)
@@ -623,7 +623,7 @@ def test_math_threads_defaults_to_torchs_and_restores_the_setting():
     import torch
 
     from pearl_edu.errors import ConfigError
-    from pearl_edu.pipeline import math_threads
+    from pearl_edu.process_settings import math_threads
 
     before = torch.get_num_threads()
     with math_threads(None, torch.device("cpu")) as used:

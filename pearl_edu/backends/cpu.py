@@ -224,7 +224,7 @@ def host_copies(
     """Within the block, `on_cpu` takes each of ``tensors`` from its copy in ``hosts``.
 
     The engine reads each input into host memory before it moves it to the GPU
-    (`pearl_edu.pipeline.load_input` returns both); SLERP then sums its cosine from that
+    (`pearl_edu.read_ahead.load_input` returns both); SLERP then sums its cosine from that
     copy instead of copying the tensor back (see `cosine`). ``hosts[i]``, a CPU tensor,
     must hold the same values as ``tensors[i]`` for the whole block (the engine's input
     buffers are reused only after a tensor's merge); None, or a copy of another shape or
@@ -298,7 +298,7 @@ _HELPER: ContextVar[HelperThread | None] = ContextVar("pearl_edu_helper_thread",
 def helper_thread() -> Iterator[HelperThread]:
     """The helper thread for the block: the enclosing block's, or one stopped at its end.
 
-    A merge opens one block for all its tensors (`pearl_edu.pipeline.math_threads`), so
+    A merge opens one block for all its tensors (`pearl_edu.process_settings.math_threads`), so
     its helper thread is started once, at the first tensor that needs it, and stopped when
     the merge ends; a `slerp` called on its own starts and stops one for its call. Either
     way no thread outlives the call that needed it.

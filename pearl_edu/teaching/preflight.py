@@ -344,7 +344,7 @@ def merge_memory_bytes(largest_tensor_elements: int) -> int:
     with $n_{\\max}$ the elements of the largest tensor, 4 bytes per float32 element and
     $k$ = `MERGE_WORKING_COPIES` working copies (inputs, their float32 versions, the result).
     """
-    from pearl_edu.pipeline import READ_AHEAD_BYTES
+    from pearl_edu.read_ahead import READ_AHEAD_BYTES
 
     return READ_AHEAD_BYTES + MERGE_WORKING_COPIES * 4 * largest_tensor_elements
 

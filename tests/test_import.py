@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -152,4 +153,5 @@ def test_the_package_says_it_is_typed():
     root = Path(pearl_edu.__file__).parent
     assert (root / "py.typed").is_file()
     pyproject = (root.parent / "pyproject.toml").read_text(encoding="utf-8")
-    assert '"py.typed"' in pyproject.split("[tool.setuptools.package-data]")[1].split("[")[0]
+    shipped = re.search(r"\[tool\.setuptools\.package-data\]\npearl_edu = \[(.*?)\]", pyproject)
+    assert shipped and '"py.typed"' in shipped.group(1)

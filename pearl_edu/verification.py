@@ -30,7 +30,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -49,6 +49,7 @@ NUMPY_ERA_TOLERANCE = {"scale_ulp": 1.0, "max_fraction": 0.25}
 
 Progress = Callable[[int, int, str], None]
 """Called as ``progress(done, total, tensor_name)`` after each tensor is compared."""
+Number = TypeVar("Number", int, float)
 
 
 @dataclass(frozen=True)
@@ -118,28 +119,19 @@ class VerifyReport:
     @property
     def max_ulp_diff(self) -> int | None:
         """The largest ULP distance; None when some tensor could not be measured in ULPs."""
-        ulps = [t.max_ulp_diff for t in self.tensors]
-        if any(u is None for u in ulps):
-            return None
-        return max(ulps, default=0)  # type: ignore[type-var]
+        return _largest_measured([t.max_ulp_diff for t in self.tensors], default=0)
 
     @property
     def max_scale_ulp_diff(self) -> float | None:
         """The largest difference in steps at its tensor's scale; None when some tensor
         could not be measured so."""
-        steps = [t.max_scale_ulp_diff for t in self.tensors]
-        if any(s is None for s in steps):
-            return None
-        return max(steps, default=0.0)  # type: ignore[type-var]
+        return _largest_measured([t.max_scale_ulp_diff for t in self.tensors], default=0.0)
 
     @property
     def max_input_scale_ulp_diff(self) -> float | None:
         """The largest difference in steps at its element's input scale; None when some
         tensor was not measured so."""
-        steps = [t.max_input_scale_ulp_diff for t in self.tensors]
-        if any(s is None for s in steps):
-            return None
-        return max(steps, default=0.0)  # type: ignore[type-var]
+        return _largest_measured([t.max_input_scale_ulp_diff for t in self.tensors], default=0.0)
 
     @property
     def max_fraction_differing(self) -> float:
@@ -241,26 +233,14 @@ def verify(
         isinstance(max_ulp, bool) or not isinstance(max_ulp, int) or max_ulp < 0
     ):
         raise ModelError(f"max_ulp must be a whole number >= 0, got {max_ulp!r}")
-    if scale_ulp is not None and (
-        isinstance(scale_ulp, bool)
-        or not isinstance(scale_ulp, int | float)
-        or not math.isfinite(scale_ulp)
-        or scale_ulp < 0
-    ):
-        raise ModelError(f"scale_ulp must be a finite number >= 0, got {scale_ulp!r}")
+    _check_steps("scale_ulp", scale_ulp)
     if max_fraction is not None and (
         isinstance(max_fraction, bool)
         or not isinstance(max_fraction, int | float)
         or not 0 <= max_fraction <= 1
     ):
         raise ModelError(f"max_fraction must be a number from 0 to 1, got {max_fraction!r}")
-    if input_scale_ulp is not None and (
-        isinstance(input_scale_ulp, bool)
-        or not isinstance(input_scale_ulp, int | float)
-        or not math.isfinite(input_scale_ulp)
-        or input_scale_ulp < 0
-    ):
-        raise ModelError(f"input_scale_ulp must be a finite number >= 0, got {input_scale_ulp!r}")
+    _check_steps("input_scale_ulp", input_scale_ulp)
     if input_scale_ulp is not None and config is None:
         raise ModelError(
             "input_scale_ulp: the inputs' scale needs the merge's config (--config CONFIG)"
@@ -296,6 +276,18 @@ def verify(
     )
 
 
+def _check_steps(option: str, steps: float | None) -> None:
+    """Raise `ModelError` unless ``steps`` (the value of ``option``) is None or a finite
+    number >= 0."""
+    if steps is not None and (
+        isinstance(steps, bool)
+        or not isinstance(steps, int | float)
+        or not math.isfinite(steps)
+        or steps < 0
+    ):
+        raise ModelError(f"{option} must be a finite number >= 0, got {steps!r}")
+
+
 def _compare_one(
     name: str, meta_a, meta_b, reader_a, reader_b, inputs: MergeInputs | None = None
 ) -> TensorComparison:
@@ -304,6 +296,14 @@ def _compare_one(
         return shape_mismatch(name, meta_a, meta_b)
     scale = (lambda: inputs.scale(name)) if inputs is not None else None
     return compare_tensors(name, reader_a.read(name), reader_b.read(name), scale)
+
+
+def _largest_measured(values: list[Number | None], *, default: Number) -> Number | None:
+    """The largest of the tensors' ``values`` (``default`` when there are none); None when
+    some tensor was not measured."""
+    if any(v is None for v in values):
+        return None
+    return max(values, default=default)  # type: ignore[type-var]
 
 
 def _badness(t: TensorComparison) -> tuple[bool, float, int]:

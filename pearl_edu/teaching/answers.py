@@ -157,6 +157,12 @@ def _number(given: Any) -> float:
     return float(given)
 
 
+def _require_type(given: Any, kind: type, what: str) -> None:
+    """Raise ``TypeError`` unless ``given`` is a ``kind``; ``what`` names it in the message."""
+    if not isinstance(given, kind):
+        raise TypeError(f"expected {what}, got {type(given).__name__}")
+
+
 def close_to(expected: Callable[[], float], *, abs_tol: float = 0.0, rel_tol: float = 0.0):
     """A judge: a number within ``abs_tol`` or ``rel_tol`` of ``expected()``."""
 
@@ -215,8 +221,7 @@ def truth(expected: Callable[[], bool]):
     """A judge: ``True`` or ``False``, as ``expected()``."""
 
     def judge(given: Any) -> tuple[bool, str]:
-        if not isinstance(given, bool):
-            raise TypeError(f"expected True or False, got {type(given).__name__}")
+        _require_type(given, bool, "True or False")
         ok = given == expected()
         return ok, "" if ok else "Not so."
 
@@ -234,8 +239,7 @@ def one_of_the_parents(expected: Callable[[], str]):
     """
 
     def judge(given: Any) -> tuple[bool, str]:
-        if not isinstance(given, str):
-            raise TypeError(f"expected a model's name, got {type(given).__name__}")
+        _require_type(given, str, "a model's name")
         named = [p for p in _pearl_parents() if _words(p) in _words(given)]
         if len(named) != 1:
             return False, f"Name one of the two parents, {' or '.join(_pearl_parents())}."
@@ -249,8 +253,7 @@ def same_words(expected: Callable[[], str]):
     """A judge: a text equal to ``expected()``, ignoring case, spaces and punctuation."""
 
     def judge(given: Any) -> tuple[bool, str]:
-        if not isinstance(given, str):
-            raise TypeError(f"expected a text, got {type(given).__name__}")
+        _require_type(given, str, "a text")
         ok = _words(given) == _words(expected())
         return ok, "" if ok else "Not this one."
 
@@ -306,8 +309,7 @@ def _flat_recipe(given: Any) -> tuple[bool, str]:
     """ex-meet-recipe: a recipe of Pearl's two models with t = 0.3 for every tensor."""
     import pearl_edu
 
-    if not isinstance(given, str):
-        raise TypeError(f"expected the recipe's YAML text, got {type(given).__name__}")
+    _require_type(given, str, "the recipe's YAML text")
     try:
         config = pearl_edu.load_config(given)
     except pearl_edu.PearlEduError as error:

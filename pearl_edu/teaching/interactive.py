@@ -613,6 +613,21 @@ def path_explorer(paths: dict[str, Sequence[Any]], *, start: tuple[int, float] =
             f"text {points[i].skills.text:.1%}, addition {points[i].skills.addition:.1%}."
         )
 
+    def at_t(what: str, *, axis: int) -> dict:
+        """The open circle that marks the slider's t on the loss (axis 1) or the skills (2)."""
+        return _line(
+            None,
+            None,
+            f"at t ({what})",
+            "black",
+            width=0,
+            marker=True,
+            size=12,
+            legend=False,
+            symbol="circle-open",
+            axis=axis,
+        )
+
     pairs = sliders[:1]
     per_pair = grid(pairs, curves)
     per_point = grid(sliders, marker)
@@ -623,29 +638,8 @@ def path_explorer(paths: dict[str, Sequence[Any]], *, start: tuple[int, float] =
         _line([ts[0], ts[-1]], None, "chord", "#7f7f7f", width=1.5, dash="dash"),
         _line(ts, None, "text accuracy", COLOURS[0], width=2, marker=True, size=6, axis=2),
         _line(ts, None, "addition accuracy", COLOURS[1], width=2, marker=True, size=6, axis=2),
-        _line(
-            None,
-            None,
-            "at t (loss)",
-            "black",
-            width=0,
-            marker=True,
-            size=12,
-            legend=False,
-            symbol="circle-open",
-        ),
-        _line(
-            None,
-            None,
-            "at t (skills)",
-            "black",
-            width=0,
-            marker=True,
-            size=12,
-            legend=False,
-            symbol="circle-open",
-            axis=2,
-        ),
+        at_t("loss", axis=1),
+        at_t("skills", axis=2),
     ]
     layout = _layout(
         "Along the straight path between two models",

@@ -73,8 +73,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from pearl_edu.config import load_config  # noqa: E402
+from pearl_edu.core.interpolation import DOT_THRESHOLD  # noqa: E402
 from pearl_edu.engine import merge  # noqa: E402
-from pearl_edu.methods import DOT_THRESHOLD  # noqa: E402
 from pearl_edu.reading import ModelReader, read_header  # noqa: E402
 from pearl_edu.recipes import pearl_recipe  # noqa: E402
 from pearl_edu.teaching import fullrun  # noqa: E402

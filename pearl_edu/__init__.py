@@ -25,19 +25,19 @@ try:
     from pearl_edu.devices import resolve_device
     from pearl_edu.engine import MergeResult, merge
     from pearl_edu.errors import ConfigError, HubError, ModelError, OutputError, PearlEduError
-    from pearl_edu.hub import resolve_model
-    from pearl_edu.layer_schedule import schedule
-    from pearl_edu.methods import (
+    from pearl_edu.functions import (
         dare,
         lerp,
         linear,
         magnitude_prune,
-        merge_tensor,
         random_drop,
         slerp,
         task_arithmetic,
         ties,
     )
+    from pearl_edu.hub import resolve_model
+    from pearl_edu.layer_schedule import schedule
+    from pearl_edu.methods import merge_tensor
     from pearl_edu.reading import ModelReader, read_header
     from pearl_edu.recipes import recipe_path, recipe_text
     from pearl_edu.tensor_plan import MergePlan, TensorPlan, plan

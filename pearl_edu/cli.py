@@ -134,8 +134,8 @@ def _run_merge(args: argparse.Namespace) -> int:
         ]
         if args.fast_trim:
             settings.append("ties at the trim's cut kept by position (--fast-trim)")
-        if args.exact:
-            settings.append("mergekit's bits on any device (--exact)")
+        if args.backend != "auto":
+            settings.append(f"the {args.backend} backend (--backend {args.backend})")
         print(f"pearl-edu: {', '.join(settings)}", file=sys.stderr)
 
     # The command's own process: glibc's allocator tuned for good, which a library call
@@ -151,7 +151,7 @@ def _run_merge(args: argparse.Namespace) -> int:
         threads=args.threads,
         copy_tokenizer=args.copy_tokenizer,
         fast_trim=args.fast_trim,
-        backend="exact" if args.exact else "auto",
+        backend=args.backend,
         allow_nonfinite=args.allow_nonfinite,
     )
     resumed = f", {result.resumed_tensors} resumed" if result.resumed_tensors else ""

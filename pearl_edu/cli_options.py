@@ -77,12 +77,22 @@ def build_parser() -> argparse.ArgumentParser:
         "the CPU for every method; the merge prints which and why",
     )
     m.add_argument(
+        "--backend",
+        choices=("auto", "reference", "cpu", "device"),
+        default="auto",
+        help="what runs the math: reference, the core as the book prints it (slow; the "
+        "same bits as cpu); cpu, mergekit 0.1.5's bits, fast, on any device (on a GPU, "
+        "SLERP's sums are taken on the CPU and the other methods run there); device, "
+        "everything on the device, to a bound derived in the book (appendix 'The GPU "
+        "contract') and tested on the CPU, not yet measured on a GPU. auto (the default) "
+        "is device on a GPU and cpu elsewhere",
+    )
+    m.add_argument(
         "--exact",
-        action="store_true",
-        help="mergekit 0.1.5's bits on any device: on a GPU, SLERP's sums are taken on the "
-        "CPU and the other methods run there. Without it a GPU runs everything itself, to a "
-        "bound derived in the book (appendix 'The GPU contract') and tested on the CPU, not "
-        "yet measured on a GPU; on the CPU the bits are mergekit's either way",
+        dest="backend",
+        action="store_const",
+        const="cpu",
+        help="the same as --backend cpu: mergekit 0.1.5's bits on any device",
     )
     m.add_argument(
         "--shard-size",

@@ -1,8 +1,8 @@
-"""The inputs' scale: how large the numbers are that each output element is made from.
+r"""The GPU contract, and the inputs' scale it is stated at.
 
 A GPU merge cannot give the reference's bits (it adds long sums in another order). Its
-contract with the reference (`pearl_edu.backends.cuda`, the book's appendix "The GPU
-contract") is stated in steps of the output dtype at each element's **input scale**, the
+contract with the reference (`pearl_edu.backends.device`, the book's appendix "The GPU
+contract": `COSINE_TOLERANCE`, `CONTRACT_STEPS`, `CONTRACT_MIN_COSINE`) is stated in steps of the output dtype at each element's **input scale**, the
 size of the terms its method adds: for SLERP, $|w_0 x_i| + |w_1 y_i|$, the reference's
 weights applied to the element's inputs (`input_scale`). A correct element where the two
 weighted inputs nearly cancel is then small next to its scale, whatever its own ULP.
@@ -14,16 +14,80 @@ that `pearl_edu.verify` can measure two outputs of that merge at their inputs' s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from pearl_edu.backends.cpu import cosine, on_cpu
+from pearl_edu.core.interpolation import DOT_THRESHOLD, NORM_EPS, slerp_weights, work_dtype
 from pearl_edu.errors import ModelError
 
 if TYPE_CHECKING:
     from pearl_edu.config import MergeConfig
+
+
+# SLERP's cosine differs from the reference's by at most this much. The reference's is
+# mergekit's: torch's CPU norm of each 2^20-element chunk comes out about 3e-5 high, which
+# leaves the cosine about 7e-5 below the exact value on tensors of 2^20 elements and more
+# (measured in the book's appendix); the device's whole-tensor sums land within 1e-7 of
+# it. The tolerance is the reference's error, with room to spare.
+COSINE_TOLERANCE = 2e-4
+# Every SLERP output element lies within this many steps of the output dtype of the
+# reference's, the step taken at the element's input scale |w0 x| + |w1 y|
+# (`slerp_input_scale`), for 0 <= t <= 1, norms not within a millionth of NORM_EPS, and a
+# reference cosine of at least CONTRACT_MIN_COSINE (for more obtuse pairs the weights
+# swing too fast with the angle). The book's appendix "The GPU contract" derives each.
+CONTRACT_STEPS = {torch.bfloat16: 1, torch.float16: 1, torch.float32: 2200}
+CONTRACT_MIN_COSINE = {torch.bfloat16: -0.9, torch.float16: 0.0, torch.float32: 0.0}
+
+
+def reference_weights(v0: torch.Tensor, v1: torch.Tensor, t: float) -> tuple[float, float]:
+    """SLERP's weights ``(w0, w1)`` as the reference core computes them (Python floats).
+
+    The CPU backend's cosine (the core's bits, faster) and the core's weights.
+    """
+    work = work_dtype(v0)
+    if v0.numel() == 0:
+        cos = torch.ones((), dtype=work)  # no direction: the fallback's weights
+    else:
+        flat0, flat1 = (on_cpu(v).reshape(-1) for v in (v0, v1))
+        cos = cosine(flat0, flat1, eps=NORM_EPS, work=work)
+    w0, w1 = slerp_weights(cos, t)
+    return float(w0), float(w1)
+
+
+def slerp_input_scale(
+    v0: torch.Tensor, v1: torch.Tensor, t: float, weights: tuple[float, float] | None = None
+) -> torch.Tensor:
+    r"""Each output element's input scale, $|w_0 x_i| + |w_1 y_i|$, in float64.
+
+    The reference's weights (`reference_weights`) unless ``weights`` are given.
+    """
+    w0, w1 = weights if weights is not None else reference_weights(v0, v1, t)
+    x, y = v0.to(torch.float64), v1.to(torch.float64)
+    return x.abs().mul_(abs(w0)).add_(y.abs().mul_(abs(w1)))
+
+
+def weight_sensitivity(cos: float, t: float) -> float:
+    r"""How fast SLERP's weights move, relative to themselves, per unit of cosine.
+
+    $\max_k |\partial \ln w_k / \partial \cos\theta|$ with $w_0 = \sin((1-t)\theta)/\sin\theta$
+    and $w_1 = \sin(t\theta)/\sin\theta$:
+    $|\tau \cot(\tau\theta) - \cot\theta| / \sin\theta$ for $\tau = 1 - t$ and $\tau = t$
+    (a weight that is exactly 0, at $\tau = 0$, does not move). 0 in the linear fallback.
+    """
+    if abs(cos) > DOT_THRESHOLD:
+        return 0.0
+    theta = math.acos(cos)
+    sensitivities = [
+        abs(tau / math.tan(tau * theta) - 1 / math.tan(theta)) / math.sin(theta)
+        for tau in (1 - t, t)
+        if tau != 0
+    ]
+    return max(sensitivities, default=0.0)
 
 
 class InputScale:
@@ -66,7 +130,7 @@ def input_scale(
     r"""Each output element's input scale: the size of the terms its method adds.
 
     - ``slerp``: $|w_0 x_i| + |w_1 y_i|$, with the reference's weights
-      (`pearl_edu.backends.cuda.slerp_input_scale`);
+      (`slerp_input_scale`);
     - ``linear``: $\sum_k |w_k x_{k,i}|$, over $|\sum_k w_k|$ when ``normalize``;
     - ``task_arithmetic`` and ``ties``: $|b_i| + |\lambda| \max_k |\delta_{k,i}|$ when
       ``normalize`` (an average of the task vectors), else
@@ -75,8 +139,6 @@ def input_scale(
     Other methods (DARE's random drops among them) have no element-by-element agreement
     to measure: `ModelError`.
     """
-    from pearl_edu.backends.cuda import reference_weights
-
     if method == "slerp":
         other = 1 - base_index
         w0, w1 = reference_weights(inputs[base_index], inputs[other], float(params["t"]))

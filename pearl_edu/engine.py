@@ -113,10 +113,11 @@ def merge(
     ``threads`` is how many CPU threads the math may use on the CPU; by default torch's,
     as mergekit (see `math_threads`). ``device="auto"`` picks the device by the merge
     method (`pearl_edu.devices.choose_device`; the result says which and why).
-    ``backend``: ``"auto"`` runs the math where the device is (on a GPU, to the contract of
-    `pearl_edu.backends.cuda`), ``"exact"`` gives mergekit 0.1.5's bits on any device
-    (``pearl-edu merge --exact``), ``"device"`` the GPU's math on any device, the CPU
-    included (to check that contract without a GPU).
+    ``backend`` (`pearl_edu.backends`): ``"auto"`` runs the math where the device is (on a
+    GPU, to the contract of `pearl_edu.backends.device`), ``"cpu"`` gives mergekit 0.1.5's
+    bits on any device (``pearl-edu merge --backend cpu``), ``"reference"`` runs the core
+    itself, as the book prints it (the same bits as ``"cpu"``, slowly), ``"device"`` the
+    GPU's math on any device, the CPU included (to check that contract without a GPU).
 
     Bad input raises a `PearlEduError` before anything is written. ``force`` replaces an
     existing output folder only when it is a finished model folder
@@ -304,7 +305,7 @@ def merge_into(
     """The math of one output tensor, written into ``result`` (a reused output buffer).
 
     ``hosts`` are the inputs' host copies, None for an input on the CPU (`read_ahead`):
-    the CPU sums of ``--exact`` on a GPU are taken from them
+    the CPU backend's sums on a GPU are taken from them
     (`pearl_edu.backends.cpu.host_copies`). Returns None when ``result`` holds the values
     on return, or, with ``transfers`` (on a GPU), the event of the download that fills it
     (see `WriteBehind.write`). A result with an infinite or NaN value is refused

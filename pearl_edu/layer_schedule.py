@@ -33,8 +33,8 @@ import numpy as np
 from pearl_edu.config import MergeConfig
 from pearl_edu.errors import ConfigError
 from pearl_edu.layout import LM_HEAD
-from pearl_edu.methods import METHODS
-from pearl_edu.parameters import BOOLEAN_PARAMETERS, FilterRule, ParamSpec
+from pearl_edu.methods import METHODS, boolean_parameters
+from pearl_edu.parameters import FilterRule, ParamSpec
 
 # Column label of the catch-all entry (a filter rule without `filter`).
 OTHER = "other"
@@ -82,7 +82,7 @@ def parameter_value(
         spec = scope.get(parameter)
         rule = spec.rule_for(tensor_name) if spec is not None else None
         if rule is not None:
-            return rule_value(rule, x, discrete=parameter in BOOLEAN_PARAMETERS), rule.filter
+            return rule_value(rule, x, discrete=parameter in boolean_parameters()), rule.filter
     return None
 
 

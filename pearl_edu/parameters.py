@@ -16,24 +16,11 @@ from typing import Any
 
 from pearl_edu.config_checks import reject_unknown_keys, require_mapping
 from pearl_edu.errors import ConfigError
-from pearl_edu.methods import METHODS
+from pearl_edu.methods import METHODS, boolean_parameters
 from pearl_edu.yaml_reader import key_text, short
 
 # A filter of "*" matches every tensor in mergekit, like an entry without a filter.
 MATCH_ALL = "*"
-# Parameters that later methods take as booleans (stored as 1.0 / 0.0).
-BOOLEAN_PARAMETERS = frozenset(
-    {
-        "normalize",
-        "int8_mask",
-        "rescale",
-        "lambda_normalize",
-        "nuslerp_flatten",
-        "nuslerp_row_wise",
-        "normalize_weights",
-        "filter_wise",
-    }
-)
 # Parameters that are fractions of a tensor's entries.
 FRACTION_PARAMETERS = frozenset({"density"})
 FILTER_KEYS = frozenset({"filter", "value"})
@@ -138,11 +125,11 @@ def _value(name: str, value: Any, where: str, key: str) -> Number | Gradient:
 def _number(name: str, value: Any, where: str, key: str) -> float:
     """A finite number; booleans only for the parameters that are flags."""
     if isinstance(value, bool):
-        if name in BOOLEAN_PARAMETERS:
+        if name in boolean_parameters():
             return float(value)
         raise ConfigError(f"{where}: {key}: expected a number, got {short(value)}")
     number = _finite_number(value, where, key)
-    if name in BOOLEAN_PARAMETERS and number not in (0.0, 1.0):
+    if name in boolean_parameters() and number not in (0.0, 1.0):
         raise ConfigError(f"{where}: {key}: expected true or false, got {short(value)}")
     if name in FRACTION_PARAMETERS and not 0.0 <= number <= 1.0:
         raise ConfigError(

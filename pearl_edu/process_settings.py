@@ -1,7 +1,7 @@
 """The process's settings for a merge: torch's CPU threads, and glibc's allocator.
 
 - `math_threads`: the CPU math gets torch's threads, as mergekit's does, and a helper
-  thread (`pearl_edu.backends.cpu.helper_thread`) that lives as long as the merge; both
+  thread (`pearl_edu.backends.threads.helper_thread`) that lives as long as the merge; both
   of torch's thread settings are restored afterwards (`check_threads` refuses a number
   outside 1 to `MAX_THREADS`, `threads_used` says how many the math runs on).
 - `return_freed_memory_to_the_system`: glibc's allocator tuned so that freed tensors give
@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import torch
 
-from pearl_edu.backends.cpu import (
+from pearl_edu.backends.threads import (
     helper_thread,
     set_threads_for_new_threads,
     threads_for_new_threads,
@@ -59,8 +59,8 @@ def math_threads(threads: int | None, device: torch.device) -> Iterator[int]:
     as they were: this thread's, and the one that threads started later take.
 
     The block is also the life of the CPU math's helper thread (on a GPU too, where
-    ``--exact`` sums SLERP's cosine on the CPU): started by the first tensor that needs
-    it, stopped at the end (`pearl_edu.backends.cpu.helper_thread`).
+    ``--backend cpu`` sums SLERP's cosine on the CPU): started by the first tensor that needs
+    it, stopped at the end (`pearl_edu.backends.threads.helper_thread`).
     """
     check_threads(threads)
     previous = torch.get_num_threads()

@@ -22,22 +22,18 @@ it fixes the order of the float32 sums, and so mergekit's bits.
 from __future__ import annotations
 
 import contextlib
-import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
-from typing import Any
 
 import torch
 
 from pearl_edu import kernels
-
-# The core's module: its constants.
+from pearl_edu.backends import task_vectors
+from pearl_edu.backends.reference import Reference, into
+from pearl_edu.backends.threads import helper_thread
 from pearl_edu.core import interpolation as reference
-
-DOT_THRESHOLD = reference.DOT_THRESHOLD
-NORM_EPS = reference.NORM_EPS
-work_dtype = reference.work_dtype
+from pearl_edu.core import linear as core_linear
+from pearl_edu.core.interpolation import DOT_THRESHOLD, NORM_EPS, slerp_weights, work_dtype
 
 
 def lerp(
@@ -59,22 +55,17 @@ def slerp(
 ) -> torch.Tensor:
     """`pearl_edu.core.slerp`, written into ``out`` when given (see `weighted_sum`).
 
-    The scalars (cosine, angle, weights) are computed on the CPU whatever the tensors'
-    device; only the weighted sum, elementwise and so rounded alike everywhere, runs on
-    the device.
+    The cosine is this module's (the core's sums, fast); the weights are the core's
+    (`pearl_edu.core.interpolation.slerp_weights`). The scalars are computed on the CPU
+    whatever the tensors' device; only the weighted sum, elementwise and so rounded alike
+    everywhere, runs on the device.
     """
     work = work_dtype(v0)
-    t_ = torch.tensor(t, dtype=work)
     if v0.numel() == 0:  # an empty tensor has no direction: nothing to interpolate
-        return weighted_sum(v0, v1, 1 - t_, t_, out=out)
+        return lerp(v0, v1, t, out=out)
     cos_theta = cosine(on_cpu(v0).reshape(-1), on_cpu(v1).reshape(-1), eps=eps, work=work)
-    if abs(cos_theta.item()) > dot_threshold:  # nearly parallel or opposite: linear
-        return weighted_sum(v0, v1, 1 - t_, t_, out=out)
-    theta = torch.acos(cos_theta)
-    sin_theta = torch.sin(theta)
-    weight0 = torch.sin((1 - t_) * theta) / sin_theta
-    weight1 = torch.sin(t_ * theta) / sin_theta
-    return weighted_sum(v0, v1, weight0, weight1, out=out)
+    w0, w1 = slerp_weights(cos_theta, t, dot_threshold)
+    return weighted_sum(v0, v1, w0, w1, out=out)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor, *, eps: float, work: torch.dtype) -> torch.Tensor:
@@ -117,8 +108,8 @@ def cosine(a: torch.Tensor, b: torch.Tensor, *, eps: float, work: torch.dtype) -
                 norm_parts_b = norms_b.result()
     else:
         norm_parts_a, norm_parts_b = chunk_norms(rows_a, scratch_a), chunk_norms(rows_b, scratch_b)
-    norm_a = norm_or_one(torch.linalg.vector_norm(torch.stack(norm_parts_a), dim=0), eps)
-    norm_b = norm_or_one(torch.linalg.vector_norm(torch.stack(norm_parts_b), dim=0), eps)
+    norm_a = reference.norm_of_norms(norm_parts_a, eps)
+    norm_b = reference.norm_of_norms(norm_parts_b, eps)
     dot_parts = []
     flat_a, flat_b = a.reshape(-1), b.reshape(-1)
     scale_a, scale_b = norm_a.item(), norm_b.item()
@@ -134,11 +125,6 @@ def cosine(a: torch.Tensor, b: torch.Tensor, *, eps: float, work: torch.dtype) -
         dot_parts.append(xy.sum(dim=1, keepdim=True))
     # The clamp matters only beyond the fallback threshold, where the result is lerp anyway.
     return torch.stack(dot_parts).sum(dim=0).clamp(-1, 1).reshape(())
-
-
-def norm_or_one(norm: torch.Tensor, eps: float) -> torch.Tensor:
-    """The norm to divide by: mergekit leaves a (near-)zero vector undivided."""
-    return torch.where(norm > eps, norm, 1)
 
 
 def weighted_sum(
@@ -261,90 +247,61 @@ def on_cpu(x: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------
-# The helper thread, and torch's thread settings around it.
+# The backend
 
 
-class HelperThread:
-    """One background thread for arithmetic beside the calling thread's, started at first use.
+class CPU(Reference):
+    """The core's bits, fast: SLERP here, task arithmetic, TIES and DARE in slices.
 
-    It runs torch with one intra-op thread (`use_one_math_thread`): a second team of OpenMP
-    threads would spin between operations and slow the calling thread's own operations
-    about twofold. `close` stops it; `helper_thread` does, at the end of its block.
+    SLERP and lerp are this module's; task arithmetic, TIES and DARE are
+    `pearl_edu.backends.task_vectors`' (slice by slice, a mask per model); every other
+    method is the core's (`Reference`). For tensors on a GPU it gives the CPU's bits:
+    SLERP's sums are taken from the host copies (`host_copies`), and linear and the
+    task-vector methods run on the CPU and send their result back.
     """
 
-    def __init__(self) -> None:
-        self._executor: ThreadPoolExecutor | None = None
+    name = "cpu"
 
-    def submit(self, function: Callable[..., Any], *args: Any) -> Future[Any]:
-        """Run ``function(*args)`` on the thread (started now if need be)."""
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(
-                1, thread_name_prefix="pearl-edu-math", initializer=use_one_math_thread
-            )
-        return self._executor.submit(function, *args)
+    def slerp(self, v0, v1, t, *, dot_threshold=DOT_THRESHOLD, eps=NORM_EPS, out=None):
+        return slerp(v0, v1, t, dot_threshold=dot_threshold, eps=eps, out=out)
 
-    def close(self) -> None:
-        """Wait for the work submitted, then stop the thread (if it was started)."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+    def lerp(self, v0, v1, t, *, out=None):
+        return lerp(v0, v1, t, out=out)
 
+    def linear(self, tensors, weights, *, normalize=True, out=None):
+        merged = core_linear([on_cpu(x) for x in tensors], weights, normalize=normalize)
+        return into(merged.to(tensors[0].device), out)
 
-# The helper thread of the enclosing `helper_thread` block, if any.
-_HELPER: ContextVar[HelperThread | None] = ContextVar("pearl_edu_helper_thread", default=None)
+    def task_arithmetic(self, base, others, weights, *, normalize=False, scale=1.0, out=None):
+        options = {"normalize": normalize, "scale": scale, "rescale": False, "sign_election": False}
+        return _on_cpu(base, others, weights, [1.0] * len(others), out, pruning=None, **options)
 
+    def ties(self, base, others, weights, densities, *, stable=False, out=None, **options):
+        options = {"normalize": True, "scale": 1.0, "rescale": False, **options}
+        options |= {"sign_election": True, "position": stable}
+        return _on_cpu(base, others, weights, densities, out, pruning="magnitude", **options)
 
-@contextlib.contextmanager
-def helper_thread() -> Iterator[HelperThread]:
-    """The helper thread for the block: the enclosing block's, or one stopped at its end.
-
-    A merge opens one block for all its tensors (`pearl_edu.process_settings.math_threads`), so
-    its helper thread is started once, at the first tensor that needs it, and stopped when
-    the merge ends; a `slerp` called on its own starts and stops one for its call. Either
-    way no thread outlives the call that needed it.
-    """
-    current = _HELPER.get()
-    if current is not None:
-        yield current
-        return
-    helper = HelperThread()
-    token = _HELPER.set(helper)
-    try:
-        yield helper
-    finally:
-        _HELPER.reset(token)
-        helper.close()
+    def dare(self, base, others, weights, densities, generators=None, *, out=None, **options):
+        options = {
+            "sign_election": False,
+            "normalize": False,
+            "scale": 1.0,
+            "rescale": True,
+            **options,
+        }
+        options |= {"generators": generators}
+        return _on_cpu(base, others, weights, densities, out, pruning="random", **options)
 
 
-def use_one_math_thread() -> None:
-    """Give the calling thread one torch thread, and leave every other thread's as it was.
-
-    `torch.set_num_threads` sets the calling thread's OpenMP setting, and also the number
-    that each thread started afterwards takes on its first torch operation: set here
-    alone, it would give every later thread of the process one thread. So the number new
-    threads take is read first, and put back afterwards from a short-lived thread of its
-    own (which leaves this thread's setting at one).
-    """
-    for_new_threads = torch.get_num_threads()  # a new thread's first call: what they get
-    torch.set_num_threads(1)
-    set_threads_for_new_threads(for_new_threads)
+def _on_cpu(base, others, weights, densities, out, **options):
+    """`pearl_edu.backends.task_vectors.merge` on the CPU, the result where ``base`` is."""
+    device = base.device
+    if device.type == "cpu":
+        return task_vectors.merge(base, others, weights, densities, out=out, **options)
+    merged = task_vectors.merge(
+        on_cpu(base), [on_cpu(x) for x in others], weights, densities, **options
+    )
+    return into(merged.to(device), out)
 
 
-def threads_for_new_threads() -> int:
-    """The number of torch threads that a thread started now would have."""
-    seen: list[int] = []
-    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
-    thread.start()
-    thread.join()
-    return seen[0]
-
-
-def set_threads_for_new_threads(count: int) -> None:
-    """Make threads started from now on use ``count`` torch threads; this thread's stays.
-
-    torch keeps one process-wide number that new threads take, and sets it on every
-    `torch.set_num_threads`; calling that from a throwaway thread changes only this number.
-    """
-    thread = threading.Thread(target=torch.set_num_threads, args=(count,))
-    thread.start()
-    thread.join()
+BACKEND = CPU()

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from pearl_edu.core.task_vectors import L1_EPS, WEIGHT_SUM_EPS
+from pearl_edu.core.task_vectors import combine, drop_mask, l1_ratio
 from pearl_edu.core.weighted_average import common_dtype
 
 # Entries per slice of the elementwise steps: small enough for the cache, large enough that
@@ -120,58 +120,10 @@ def merge(
     result = out if out is not None else torch.empty(base.shape, dtype=common)
     flat_result = result.reshape(-1)
     options = {"sign_election": sign_election, "normalize": normalize, "scale": scale}
-    w = torch.tensor(list(weights), dtype=common).reshape(-1, 1)  # rounded as the core's
     for part in slices(base.numel()):
         parts = [p.values(delta(i, part), part) for i, p in enumerate(pruned)]
-        flat_result[part] = combine(flat_base[part].to(common), parts, w, **options)
+        flat_result[part] = combine(flat_base[part].to(common), parts, weights, **options)
     return result
-
-
-def combine(
-    base: torch.Tensor,
-    deltas: Sequence[torch.Tensor],
-    w: torch.Tensor,
-    *,
-    sign_election: bool,
-    normalize: bool,
-    scale: float,
-) -> torch.Tensor:
-    """`pearl_edu.core.combine` of one slice, in cheaper operations, to the same bits.
-
-    ``w``: the weights in the slice's dtype, one per row. What differs from the core is
-    only how each value is reached: the agreement is a number, ``max(0, sign(s) * e)``,
-    instead of a comparison of booleans (the same 0 or 1 for every value, NaN included),
-    products are taken in place, and each sum over the models is the core's reduction
-    written out: from +0, in order, in the accumulation dtype, rounded once.
-    """
-    if not deltas:
-        return base
-    stacked = torch.stack(list(deltas)).mul_(w)
-    if sign_election:
-        elected = (total(stacked) >= 0).to(stacked.dtype).mul_(2).sub_(1)
-        agree = stacked.sign().mul_(elected).clamp_(min=0)
-        mixed = total(stacked.mul_(agree))
-        if normalize:
-            divisor = total(w * agree)
-            mixed = mixed / torch.where(divisor == 0, 1, divisor)
-    else:
-        mixed = total(stacked)
-        if normalize:
-            divisor = w.sum(dim=0)
-            divisor[divisor.abs() < WEIGHT_SUM_EPS] = 1
-            mixed = mixed / divisor
-    if scale != 1:
-        mixed = mixed * scale
-    return (base + mixed).to(base.dtype)
-
-
-def total(rows: torch.Tensor) -> torch.Tensor:
-    """``rows.sum(dim=0)`` as torch reduces it: from +0, row by row, in float32 for 16-bit rows."""
-    accumulate = torch.float32 if rows.element_size() < 4 else rows.dtype
-    result = torch.zeros(rows.shape[1:], dtype=accumulate)
-    for row in rows:
-        result += row
-    return result.to(rows.dtype)
 
 
 def trim(
@@ -227,9 +179,7 @@ def drop_masks(
         if densities[index] >= 1:
             return None
         generator = generators[index] if generators is not None else None
-        draws = torch.full((numel,), densities[index], dtype=work)  # the probabilities, then
-        torch.bernoulli(draws, generator=generator, out=draws)  # the draws (the same bits)
-        return draws.to(torch.bool)
+        return drop_mask((numel,), densities[index], generator, work).to(torch.bool)
 
     indices = range(len(densities))
     if generators is None or len(densities) < 2:  # torch's global generator: one at a time
@@ -252,17 +202,14 @@ def drop(
     return Pruned(mask=mask, factor=factor, work=work)
 
 
-def l1_factor(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
-    """The rescale of `pearl_edu.core.rescaled`: ``|delta|_1 / |mask * delta|_1``, or None.
+def l1_factor(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The rescale of `pearl_edu.core.rescaled` (`pearl_edu.core.task_vectors.l1_ratio`).
 
-    Whole-tensor sums, as the core takes them, in ``delta``'s dtype; ``delta`` (a task
-    vector of this call's own) is overwritten.
+    ``|delta|_1 / |mask * delta|_1``, or 1: whole-tensor sums, as the core takes them, in
+    ``delta``'s dtype; ``delta`` (a task vector of this call's own) is overwritten.
     """
     before = delta.abs().sum()
-    after = delta.mul_(mask.to(delta.dtype)).abs_().sum()
-    if before < L1_EPS or after < L1_EPS:
-        return None
-    return before / after
+    return l1_ratio(before, delta.mul_(mask.to(delta.dtype)).abs_().sum())
 
 
 def magnitude_keys(values: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,11 @@ def norm(v: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
     1 leaves it as it is, and its cosine with anything is 0.
     """
     parts = [torch.linalg.vector_norm(chunk, dim=1, keepdim=True) for _, chunk in _chunks(v)]
+    return norm_of_norms(parts, eps)
+
+
+def norm_of_norms(parts: list[torch.Tensor], eps: float = NORM_EPS) -> torch.Tensor:
+    """The norm of the chunks' norms ``parts``, or 1 when it is at most ``eps``."""
     total = torch.linalg.vector_norm(torch.stack(parts), dim=0)
     return torch.where(total > eps, total, 1)
 
@@ -115,12 +120,25 @@ def slerp(
         raise ValueError(f"slerp: shapes differ: {tuple(v0.shape)} vs {tuple(v1.shape)}")
     if v0.numel() == 0:  # no direction: nothing to measure an angle from
         return lerp(v0, v1, t)
-    cos_theta = cosine(v0, v1, eps)
-    if cos_theta.abs().item() > dot_threshold:  # nearly parallel or opposite: sin(theta) ~ 0
-        return lerp(v0, v1, t)
-    # The weights are computed in the work dtype, from t in the work dtype, as mergekit does.
-    t_ = torch.tensor(t, dtype=cos_theta.dtype, device=cos_theta.device)
-    theta = torch.acos(cos_theta)
-    w0 = torch.sin((1 - t_) * theta) / torch.sin(theta)
-    w1 = torch.sin(t_ * theta) / torch.sin(theta)
+    w0, w1 = slerp_weights(cosine(v0, v1, eps), t, dot_threshold)
     return weighted_sum(v0, v1, w0, w1)
+
+
+def slerp_weights(
+    cos_theta: torch.Tensor, t: float, dot_threshold: float = DOT_THRESHOLD
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""SLERP's two weights from $\cos\theta$: eq:slerp's, or $(1 - t, t)$ past the threshold.
+
+    Both are computed in ``cos_theta``'s dtype (the work dtype), from ``t`` rounded to it,
+    as mergekit computes them. Which pair applies is chosen by `torch.where`, not by an
+    ``if`` on the cosine's value, as in mergekit: nothing waits for the sums to finish (on
+    a GPU, no host synchronisation), and the angle of a (nearly) parallel pair is taken as
+    0 so that the unused branch stays finite.
+    """
+    t_ = torch.full((), t, dtype=cos_theta.dtype, device=cos_theta.device)
+    linear = cos_theta.abs() > dot_threshold  # nearly parallel or opposite: sin(theta) ~ 0
+    theta = torch.acos(torch.where(linear, 0, cos_theta))
+    sin_theta = torch.sin(theta)
+    w0 = torch.where(linear, 1 - t_, torch.sin((1 - t_) * theta) / sin_theta)
+    w1 = torch.where(linear, t_, torch.sin(t_ * theta) / sin_theta)
+    return w0, w1

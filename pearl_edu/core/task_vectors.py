@@ -43,10 +43,16 @@ def rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.T
     masked = tensor * mask
     if not rescale:
         return masked
-    before, after = tensor.abs().sum(), masked.abs().sum()
-    if before < L1_EPS or after < L1_EPS:
-        return masked
-    return masked * (before / after)
+    return masked * l1_ratio(tensor.abs().sum(), masked.abs().sum())
+
+
+def l1_ratio(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """``before / after``, two L1 norms, or 1 when either is below 1e-7 (mergekit's test).
+
+    Chosen by `torch.where`, so that nothing waits for the sums (on a GPU, no host
+    synchronisation); multiplying by 1 changes no bit.
+    """
+    return torch.where((before < L1_EPS) | (after < L1_EPS), 1, before / after)
 
 
 def magnitude_prune(
@@ -93,10 +99,27 @@ def random_drop(
     """
     if density >= 1:
         return delta
-    work = torch.bfloat16 if delta.dtype == torch.bfloat16 else torch.float32
-    probability = torch.full_like(delta, density, dtype=work)
-    mask = torch.bernoulli(probability, generator=generator)
-    return rescaled(delta.to(work), mask, rescale).to(delta.dtype)
+    mask = drop_mask(delta.shape, density, generator, delta.dtype).to(delta.device)
+    return rescaled(delta.to(mask.dtype), mask, rescale).to(delta.dtype)
+
+
+def drop_mask(
+    shape: torch.Size | tuple[int, ...],
+    density: float,
+    generator: torch.Generator | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """DARE's mask of ``shape``: 1 with probability ``density``, else 0, as mergekit draws it.
+
+    In bfloat16 for bfloat16 deltas (0.3 becomes 0.30078125), float32 for any other
+    ``dtype``; drawn on ``generator``'s device (the global generator's, the CPU, for None),
+    so a seed keeps the same entries whatever device the deltas are on. The probabilities
+    are replaced by the draws in place: the same bits as a new tensor, in half the memory.
+    """
+    work = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    device = generator.device if generator is not None else torch.device("cpu")
+    draws = torch.full(shape, density, dtype=work, device=device)
+    return torch.bernoulli(draws, generator=generator, out=draws)
 
 
 def elect_signs(weighted_deltas: torch.Tensor) -> torch.Tensor:
@@ -146,11 +169,11 @@ def combine(
         agree = elect_signs(stacked)
         mixed = (stacked * agree).sum(dim=0)
         divisor = (w * agree).sum(dim=0)
-        divisor[divisor == 0] = 1
+        divisor = torch.where(divisor == 0, 1, divisor)
     else:
         mixed = stacked.sum(dim=0)
         divisor = w.sum(dim=0)
-        divisor[divisor.abs() < WEIGHT_SUM_EPS] = 1
+        divisor = torch.where(divisor.abs() < WEIGHT_SUM_EPS, 1, divisor)
     if normalize:
         mixed = mixed / divisor
     if scale != 1:

@@ -18,11 +18,9 @@ next, so a recipe that names ``base_model`` gets the same files from both.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
 import torch
 
-from pearl_edu.methods import MergeMethod, register
+from pearl_edu.methods import MergeContext, MergeInputs, PerInput, merge_method
 
 
 def passthrough(tensor: torch.Tensor, scale: float | None = None) -> torch.Tensor:
@@ -30,35 +28,14 @@ def passthrough(tensor: torch.Tensor, scale: float | None = None) -> torch.Tenso
     return tensor if scale is None else tensor * scale
 
 
-def _passthrough_method(
-    tensors: Sequence[torch.Tensor],
-    base_index: int,
-    params: Mapping[str, float],
-    input_params: Sequence[Mapping[str, float]],
-    seed: int,
-    *,
-    out: torch.Tensor | None = None,
+@merge_method("passthrough", models=(1, 1))
+def _passthrough(
+    inputs: MergeInputs, run: MergeContext, *, scale: PerInput[float | None] = None
 ) -> torch.Tensor:
-    """The engine's entry: one input, written into ``out`` when the engine gives one."""
-    (tensor,) = tensors
-    scale = input_params[0].get("scale") if input_params else None
-    if out is None:
-        return passthrough(tensor, scale)
-    if scale is None:
-        return out.copy_(tensor)
-    return torch.mul(tensor, scale, out=out)
-
-
-register(
-    MergeMethod(
-        name="passthrough",
-        merge=_passthrough_method,
-        parameters={},
-        min_models=1,
-        max_models=1,
-        input_parameters={"scale": None},
-        base_has_input_parameters=True,
-        writes_into_out=True,
-        optional_inputs=frozenset({"scale"}),
-    )
-)
+    """The engine's entry: one input, written into the output buffer when there is one."""
+    ((tensor,), (factor,)) = inputs.tensors, scale
+    if run.out is None:
+        return passthrough(tensor, factor)
+    if factor is None:
+        return run.out.copy_(tensor)
+    return torch.mul(tensor, factor, out=run.out)

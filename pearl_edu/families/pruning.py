@@ -30,14 +30,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from pearl_edu.backends.reference import input_generators
 from pearl_edu.core import pruning
-from pearl_edu.methods import (
-    MergeMethod,
-    input_generators,
-    register,
-    task_vector_inputs,
-    task_vector_parameters,
-)
+from pearl_edu.methods import REQUIRED, MergeContext, MergeInputs, PerNonBase, merge_method
 
 
 def _gamma_problem(values: Mapping[str, float], label: str) -> str | None:
@@ -86,73 +81,86 @@ def _check(kind: str) -> Callable[..., str | None]:
     return check
 
 
-def _pruning_method(*, kind: str, sign_election: bool):
-    """The engine's entry for Breadcrumbs (``"outliers"``) or DELLA (``"della"``)."""
-
-    def merge(
-        tensors: Sequence[torch.Tensor],
-        base_index: int,
-        params: Mapping[str, float],
-        input_params: Sequence[Mapping[str, float]],
-        seed: int,
+def _breadcrumbs(*, sign_election: bool):
+    def breadcrumbs(
+        inputs: MergeInputs,
+        run: MergeContext,
+        *,
+        weight: PerNonBase[float],
+        density: PerNonBase[float] = 1.0,
+        gamma: PerNonBase[float] = pruning.DEFAULT_GAMMA,
+        normalize: bool = False,
+        lambda_: float = 1.0,
+        rescale: bool = False,
+        int8_mask: bool = False,
     ) -> torch.Tensor:
-        base, others, weights, densities = task_vector_inputs(tensors, base_index, input_params)
-        rows = [values for index, values in enumerate(input_params) if index != base_index]
-        options = {
-            "sign_election": sign_election,
-            "normalize": bool(params["normalize"]),
-            "scale": float(params["lambda"]),
-            "rescale": bool(params["rescale"]),
-        }
-        if kind == "outliers":
-            gammas = [values["gamma"] for values in rows]
-            return pruning.breadcrumbs(base, others, weights, densities, gammas, **options)
-        epsilons = [values["epsilon"] for values in rows]
-        generators = input_generators(seed, len(others))
-        if base.device.type == "cpu":
-            return pruning.della(base, others, weights, densities, epsilons, generators, **options)
-        # The draw is made on the CPU, so a seed keeps the same entries on any device.
-        cpu = [tensor.cpu() for tensor in tensors]
-        merged = merge(cpu, base_index, params, input_params, seed)
-        return merged.to(base.device)
+        """Trim each task vector to a band of magnitudes (no outliers), then add them."""
+        options = {"sign_election": sign_election, "normalize": normalize, "scale": lambda_}
+        options["rescale"] = rescale
+        base, others = inputs.base, inputs.others
+        return run.backend.breadcrumbs(base, others, weight, density, gamma, **options)
 
-    return merge
+    return breadcrumbs
+
+
+def _della(*, sign_election: bool, normalize: bool):
+    def della(
+        inputs: MergeInputs,
+        run: MergeContext,
+        *,
+        weight: PerNonBase[float],
+        density: PerNonBase[float] = 1.0,
+        epsilon: PerNonBase[float] = pruning.DEFAULT_EPSILON,
+        normalize: bool = normalize,
+        lambda_: float = 1.0,
+        rescale: bool = True,
+        int8_mask: bool = False,
+    ) -> torch.Tensor:
+        """Drop entries at random, larger ones kept more often, then add (with or without TIES)."""
+        options = {"sign_election": sign_election, "normalize": normalize, "scale": lambda_}
+        options["rescale"] = rescale
+        # Drawn on the CPU, so that a seed keeps the same entries on any device.
+        device = inputs.base.device
+        base, others = inputs.base.cpu(), [other.cpu() for other in inputs.others]
+        generators = input_generators(run.seed, len(others))
+        merged = run.backend.della(base, others, weight, density, epsilon, generators, **options)
+        return merged.to(device)
+
+    return della
 
 
 # The papers, for the model card (mergekit's names and links for the methods).
 BREADCRUMBS_PAPER = "https://arxiv.org/abs/2312.06795"
 DELLA_PAPER = "https://arxiv.org/abs/2406.11617"
+TASK_VECTORS = {"models": (1, None), "base": REQUIRED}
 
-for _name, _kind, _election, _normalize, _rescale, _title, _paper in (
-    ("breadcrumbs", "outliers", False, False, False, "Model Breadcrumbs", BREADCRUMBS_PAPER),
-    (
-        "breadcrumbs_ties",
-        "outliers",
-        True,
-        False,
-        False,
-        "Model Breadcrumbs with TIES",
-        BREADCRUMBS_PAPER,
-    ),
-    ("della", "della", True, True, True, "DELLA", DELLA_PAPER),
-    ("della_linear", "della", False, False, True, "Linear DELLA", DELLA_PAPER),
-):
-    _extra = (
-        {"gamma": pruning.DEFAULT_GAMMA}
-        if _kind == "outliers"
-        else {"epsilon": pruning.DEFAULT_EPSILON}
-    )
-    register(
-        MergeMethod(
-            name=_name,
-            merge=_pruning_method(kind=_kind, sign_election=_election),
-            parameters=task_vector_parameters(normalize=_normalize, rescale=_rescale),
-            min_models=1,
-            needs_base=True,
-            input_parameters={"weight": None, "density": 1.0, **_extra},
-            random=_kind == "della",
-            check=_check(_kind),
-            title=_title,
-            reference=_paper,
-        )
-    )
+merge_method(
+    "breadcrumbs",
+    **TASK_VECTORS,
+    check=_check("outliers"),
+    title="Model Breadcrumbs",
+    reference=BREADCRUMBS_PAPER,
+)(_breadcrumbs(sign_election=False))
+merge_method(
+    "breadcrumbs_ties",
+    **TASK_VECTORS,
+    check=_check("outliers"),
+    title="Model Breadcrumbs with TIES",
+    reference=BREADCRUMBS_PAPER,
+)(_breadcrumbs(sign_election=True))
+merge_method(
+    "della",
+    **TASK_VECTORS,
+    random=True,
+    check=_check("della"),
+    title="DELLA",
+    reference=DELLA_PAPER,
+)(_della(sign_election=True, normalize=True))
+merge_method(
+    "della_linear",
+    **TASK_VECTORS,
+    random=True,
+    check=_check("della"),
+    title="Linear DELLA",
+    reference=DELLA_PAPER,
+)(_della(sign_election=False, normalize=False))

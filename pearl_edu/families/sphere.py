@@ -28,89 +28,69 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from pearl_edu.core import model_stock as stock
 from pearl_edu.core import sphere
 from pearl_edu.core.weighted_average import common_dtype
 from pearl_edu.errors import ModelError
-from pearl_edu.methods import MergeMethod, register
+from pearl_edu.methods import (
+    OPTIONAL,
+    REQUIRED,
+    MergeContext,
+    MergeInputs,
+    PerNonBase,
+    merge_method,
+)
 
 
-def _promoted(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def _promoted(inputs: MergeInputs) -> MergeInputs:
     """The inputs in their common dtype (bfloat16 and float16 meet in float32), as mergekit."""
-    common = common_dtype(tensors)
-    return [tensor.to(common) for tensor in tensors]
+    common = common_dtype(inputs.tensors)
+    tensors = [tensor.to(common) for tensor in inputs.tensors]
+    return MergeInputs(tensors, inputs.base_index, inputs.has_base)
 
 
-def _split(
-    tensors: Sequence[torch.Tensor], base_index: int, input_params: Sequence[Mapping[str, float]]
-) -> tuple[torch.Tensor | None, list[torch.Tensor], list[float]]:
-    """The base (None when there is none), the other tensors and their weights, in order.
-
-    A method whose base is optional sees an empty row of per-input parameters for its base;
-    without a base, every input, the one at ``base_index`` too, has its weight.
-    """
-    has_base = not input_params[base_index]
-    others = [i for i in range(len(tensors)) if not (has_base and i == base_index)]
-    base = tensors[base_index] if has_base else None
-    return base, [tensors[i] for i in others], [input_params[i]["weight"] for i in others]
+def _base(inputs: MergeInputs) -> torch.Tensor | None:
+    """The base tensor, or None for a merge without one (the base is optional)."""
+    return inputs.base if inputs.has_base else None
 
 
-def _nuslerp_method(
-    tensors: Sequence[torch.Tensor],
-    base_index: int,
-    params: Mapping[str, float],
-    input_params: Sequence[Mapping[str, float]],
-    seed: int,
+@merge_method("nuslerp", models=(1, None), base=OPTIONAL, non_base=(2, 2), title="NuSLERP")
+def nuslerp(
+    inputs: MergeInputs,
+    run: MergeContext,
+    *,
+    weight: PerNonBase[float],
+    nuslerp_flatten: bool = True,
+    nuslerp_row_wise: bool = False,
 ) -> torch.Tensor:
     """nuslerp of the two models (or of their task vectors, with a base)."""
-    base, others, weights = _split(_promoted(tensors), base_index, input_params)
-    return sphere.nuslerp(
-        others,
-        weights,
-        base=base,
-        row_wise=bool(params["nuslerp_row_wise"]),
-        flatten=bool(params["nuslerp_flatten"]),
-    )
+    inputs = _promoted(inputs)
+    options = {"base": _base(inputs), "row_wise": nuslerp_row_wise, "flatten": nuslerp_flatten}
+    return run.backend.nuslerp(inputs.others, weight, **options)
 
 
-def _multislerp_method(
-    tensors: Sequence[torch.Tensor],
-    base_index: int,
-    params: Mapping[str, float],
-    input_params: Sequence[Mapping[str, float]],
-    seed: int,
+@merge_method(
+    "multislerp",
+    models=(1, None),
+    base=OPTIONAL,
+    non_base=(1, None),
+    title="Multi-SLERP",
+    reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+)
+def multislerp(
+    inputs: MergeInputs,
+    run: MergeContext,
     *,
-    name: str = "tensor",
+    weight: PerNonBase[float],
+    normalize_weights: bool = True,
+    eps: float = sphere.MULTISLERP_EPS,
 ) -> torch.Tensor:
     """multislerp of the models (or of their task vectors, with a base)."""
-    base, others, weights = _split(_promoted(tensors), base_index, input_params)
+    inputs = _promoted(inputs)
+    options = {"base": _base(inputs), "normalize_weights": normalize_weights, "eps": eps}
     try:
-        return sphere.multislerp(
-            others,
-            weights,
-            base=base,
-            normalize_weights=bool(params["normalize_weights"]),
-            eps=float(params["eps"]),
-        )
+        return run.backend.multislerp(inputs.others, weight, **options)
     except sphere.AntipodalError as err:
-        raise ModelError(f"{name}: multislerp: {err}") from None
-
-
-def _karcher_method(
-    tensors: Sequence[torch.Tensor],
-    base_index: int,
-    params: Mapping[str, float],
-    input_params: Sequence[Mapping[str, float]],
-    seed: int,
-) -> torch.Tensor:
-    """The Karcher mean of every input, the base too, with equal weights."""
-    promoted = _promoted(tensors)
-    return sphere.karcher_mean(
-        promoted,
-        [1.0 / len(promoted)] * len(promoted),
-        max_iter=int(params["max_iter"]),
-        tol=float(params["tol"]),
-    )
+        raise ModelError(f"{run.name}: multislerp: {err}") from None
 
 
 def _karcher_check(
@@ -126,65 +106,36 @@ def _karcher_check(
     return None
 
 
-def _model_stock_method(
-    tensors: Sequence[torch.Tensor],
-    base_index: int,
-    params: Mapping[str, float],
-    input_params: Sequence[Mapping[str, float]],
-    seed: int,
+@merge_method(
+    "karcher",
+    models=(1, None),
+    check=_karcher_check,
+    title="Karcher Mean",
+    reference="https://arxiv.org/abs/2603.04972",
+)
+def karcher(
+    inputs: MergeInputs,
+    run: MergeContext,
+    *,
+    max_iter: int = sphere.KARCHER_MAX_ITER,
+    tol: float = sphere.KARCHER_TOL,
+) -> torch.Tensor:
+    """The Karcher mean of every input, the base too, with equal weights."""
+    tensors = _promoted(inputs).tensors
+    weights = [1.0 / len(tensors)] * len(tensors)
+    return run.backend.karcher_mean(tensors, weights, max_iter=max_iter, tol=tol)
+
+
+@merge_method(
+    "model_stock",
+    models=(3, None),
+    base=REQUIRED,
+    title="Model Stock",
+    reference="https://arxiv.org/abs/2403.19522",
+)
+def model_stock(
+    inputs: MergeInputs, run: MergeContext, *, filter_wise: bool = False
 ) -> torch.Tensor:
     """Model Stock: from the base towards the others' average, by their mutual angle."""
-    promoted = _promoted(tensors)
-    others = [tensor for i, tensor in enumerate(promoted) if i != base_index]
-    return stock.model_stock(promoted[base_index], others, filter_wise=bool(params["filter_wise"]))
-
-
-register(
-    MergeMethod(
-        name="nuslerp",
-        merge=_nuslerp_method,
-        parameters={"nuslerp_flatten": 1.0, "nuslerp_row_wise": 0.0},
-        min_models=1,  # the count that matters is the one besides the base
-        input_parameters={"weight": None},
-        optional_base=True,
-        min_non_base=2,
-        max_non_base=2,
-        title="NuSLERP",
-    )
-)
-register(
-    MergeMethod(
-        name="multislerp",
-        merge=_multislerp_method,
-        parameters={"normalize_weights": 1.0, "eps": sphere.MULTISLERP_EPS},
-        min_models=1,
-        input_parameters={"weight": None},
-        optional_base=True,
-        min_non_base=1,
-        named=True,
-        title="Multi-SLERP",
-        reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
-    )
-)
-register(
-    MergeMethod(
-        name="karcher",
-        merge=_karcher_method,
-        parameters={"max_iter": float(sphere.KARCHER_MAX_ITER), "tol": sphere.KARCHER_TOL},
-        min_models=1,
-        check=_karcher_check,
-        title="Karcher Mean",
-        reference="https://arxiv.org/abs/2603.04972",
-    )
-)
-register(
-    MergeMethod(
-        name="model_stock",
-        merge=_model_stock_method,
-        parameters={"filter_wise": 0.0},
-        min_models=3,
-        needs_base=True,
-        title="Model Stock",
-        reference="https://arxiv.org/abs/2403.19522",
-    )
-)
+    inputs = _promoted(inputs)
+    return run.backend.model_stock(inputs.base, inputs.others, filter_wise=filter_wise)

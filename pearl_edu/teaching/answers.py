@@ -362,7 +362,7 @@ def _fallback_jump() -> float:
     import torch
 
     import pearl_edu
-    from pearl_edu.methods import DOT_THRESHOLD
+    from pearl_edu.core.interpolation import DOT_THRESHOLD
 
     omega = math.acos(DOT_THRESHOLD) * 1.005  # a hair outside: |cos| just below 0.9995
     p0 = torch.tensor([1.0, 0.0])

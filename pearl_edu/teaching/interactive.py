@@ -326,7 +326,7 @@ def slerp_arc(
     import matplotlib.pyplot as plt
     import torch
 
-    from pearl_edu.methods import lerp, slerp
+    from pearl_edu.functions import lerp, slerp
 
     sliders = [
         Slider("angle Ω", list(angles_degrees), _index(angles_degrees, start[0]), 0, "°"),

@@ -42,8 +42,9 @@ from typing import Literal
 import torch
 import yaml
 
+from pearl_edu.core.interpolation import DOT_THRESHOLD
 from pearl_edu.errors import ModelError
-from pearl_edu.methods import DOT_THRESHOLD, lerp, slerp
+from pearl_edu.functions import lerp, slerp
 from pearl_edu.recipes import pearl_recipe
 
 

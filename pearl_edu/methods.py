@@ -313,6 +313,7 @@ def merge_tensor(
     for other in tensors:
         check_same_shape(tensors[base_index], other, name=name)
     spec = METHODS[method]
+    params = _with_defaults(spec, params, name)
     rows = _with_input_defaults(spec, len(tensors), base_index, input_params, name)
     labels = [f"input {i}" for i in range(len(tensors))]
     problem = check_parameters(method, tuple(tensors[base_index].shape), params, rows, labels)
@@ -339,8 +340,8 @@ def _typed_parameters(
 ) -> dict[str, Any]:
     """The function's keyword arguments: each shared value, and each per-input list, typed."""
     values: dict[str, Any] = {
-        argument_name(parameter): _typed(params.get(parameter, default), spec.types[parameter])
-        for parameter, default in spec.parameters.items()
+        argument_name(parameter): _typed(params[parameter], spec.types[parameter])
+        for parameter in spec.parameters
     }
     for parameter, scope in spec.input_scopes.items():
         indices = range(len(inputs.tensors))
@@ -381,6 +382,14 @@ def check_same_shape(v0: torch.Tensor, v1: torch.Tensor, *, name: str) -> None:
             "models of the same architecture and size (for different vocabularies, align "
             "the tokenizers and resize the embeddings first)"
         )
+
+
+def _with_defaults(spec: MergeMethod, given: Mapping[str, float], name: str) -> dict[str, float]:
+    """The shared parameters completed with the method's defaults; a missing required one fails."""
+    missing = [parameter for parameter in spec.required_parameters() if parameter not in given]
+    if missing:
+        raise ValueError(f"{name}: no {missing[0]!r} ({spec.name})")
+    return {**{p: d for p, d in spec.parameters.items() if d is not None}, **given}
 
 
 def _with_input_defaults(

@@ -2,8 +2,9 @@
 
 Three implementations of each method's math for one tensor: mergekit's (through its own
 method objects, which promote dtypes and pack the tensor as a batch of one), the core's
-(plain torch, printed in the book) and the engine's (`pearl_edu.methods`: threads,
-compiled loops, reused buffers). All three must agree bit for bit (`same_bits`, same
+(plain torch, printed in the book) and the engine's (`pearl_edu.slerp` and the others on
+the CPU backend, and `pearl_edu.methods.merge_tensor`: threads, compiled loops, reused
+buffers). All three must agree bit for bit (`same_bits`, same
 dtype; NaNs in the same places) on ragged shapes, tensors of several 2^20-element chunks,
 near-parallel pairs (the linear fallback), zero tensors, each input dtype and several ``t``.
 
@@ -26,7 +27,9 @@ from hypothesis import strategies as st
 from mergekit.merge_methods.base import TensorGroup
 from mergekit.merge_methods.registry import get as mergekit_method
 
+import pearl_edu
 from pearl_edu import core, methods
+from pearl_edu.backends.reference import input_generators
 
 # The modules themselves: `pearl_edu.core.slerp` is also the name of the function.
 from pearl_edu.core import interpolation as core_slerp
@@ -72,7 +75,7 @@ def check_slerp(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:
     ours = core.slerp(v0, v1, t)
     label = f"slerp {tuple(v0.shape)} {v0.dtype} t={t}"
     assert_same(ours, mergekit_merge("slerp", [v0, v1], 0, t=t), f"{label} vs mergekit")
-    assert_same(ours, methods.slerp(v0, v1, t), f"{label} vs pearl_edu.methods")
+    assert_same(ours, pearl_edu.slerp(v0, v1, t), f"{label} vs pearl_edu.slerp")
     return ours
 
 
@@ -147,7 +150,7 @@ def test_lerp_is_slerps_fallback():
         for t in TS:
             ours = core.lerp(v0, v1, t)
             assert_same(ours, check_slerp(v0, v1, t), f"lerp {dtype} t={t} vs slerp")
-            assert_same(ours, methods.lerp(v0, v1, t), f"lerp {dtype} t={t} vs methods")
+            assert_same(ours, pearl_edu.lerp(v0, v1, t), f"lerp {dtype} t={t} vs pearl_edu")
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -175,8 +178,8 @@ def check_linear(tensors: list[torch.Tensor], weights: list[float], normalize: b
     label = f"linear {tuple(tensors[0].shape)} {[t.dtype for t in tensors]} {weights}"
     theirs = mergekit_merge("linear", tensors, None, weight=weights, normalize=normalize)
     assert_same(ours, theirs, f"{label} vs mergekit")
-    engine = methods.linear(tensors, weights, normalize=normalize)
-    assert_same(ours, engine, f"{label} vs pearl_edu.methods")
+    engine = pearl_edu.linear(tensors, weights, normalize=normalize)
+    assert_same(ours, engine, f"{label} vs pearl_edu.linear")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -266,7 +269,7 @@ def check_task_merge(
         assert_same(ours, theirs, f"{label} vs mergekit")
     if "methods" in against:
         # The engine draws model i's mask from a generator seeded seed + i.
-        generators = methods.input_generators(seed, len(others))
+        generators = input_generators(seed, len(others))
         ours = core_task_merge(name, base, others, weights, densities, generators, **options)
         engine = methods.merge_tensor(
             name,

@@ -210,7 +210,7 @@ def test_resume_with_another_fast_trim_starts_afresh(models, tmp_path, monkeypat
     ("first", "second"),
     [
         ({"threads": 1}, {"threads": 2}),
-        ({"backend": "device"}, {"backend": "exact"}),
+        ({"backend": "device"}, {"backend": "cpu"}),
     ],
 )
 def test_resume_with_another_bit_changing_option_starts_afresh(

@@ -7,8 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pearl_edu import kernels, methods
+import pearl_edu
+from pearl_edu import kernels
 from pearl_edu.backends import cpu
+from pearl_edu.core import interpolation
 
 KERNEL_DTYPES = [torch.bfloat16, torch.float32]
 
@@ -148,15 +150,15 @@ def test_sizes_that_differ_are_an_error_not_a_partial_write():
 )
 def test_slerp_gives_the_same_bits_with_and_without_the_kernels(seed, t, correlation, dtype):
     # More than two chunks, and a ragged last one: every pass of SLERP goes through both.
-    n = 2 * methods.CHUNK_ELEMENTS + 4097
+    n = 2 * interpolation.CHUNK_ELEMENTS + 4097
     gen = torch.Generator().manual_seed(seed)
     a = torch.randn(n, generator=gen)
     b = correlation * a + torch.randn(n, generator=gen)
     a, b = a.to(dtype), b.to(dtype)
-    with_kernels = methods.slerp(a, b, t)
+    with_kernels = pearl_edu.slerp(a, b, t)
     library, kernels._LIBRARY = kernels._LIBRARY, None
     try:
-        without = methods.slerp(a, b, t)
+        without = pearl_edu.slerp(a, b, t)
     finally:
         kernels._LIBRARY = library
     assert _same_bits(with_kernels, without)
@@ -164,9 +166,9 @@ def test_slerp_gives_the_same_bits_with_and_without_the_kernels(seed, t, correla
 
 def test_the_cosine_is_the_same_with_and_without_the_kernels(monkeypatch, library):
     gen = torch.Generator().manual_seed(11)
-    a = torch.randn(3 * methods.CHUNK_ELEMENTS + 5, generator=gen).bfloat16()
+    a = torch.randn(3 * interpolation.CHUNK_ELEMENTS + 5, generator=gen).bfloat16()
     b = (0.4 * a.float() + torch.randn(a.numel(), generator=gen)).bfloat16()
-    with_kernels = cpu.cosine(a, b, eps=methods.NORM_EPS, work=torch.float32)
+    with_kernels = cpu.cosine(a, b, eps=interpolation.NORM_EPS, work=torch.float32)
     monkeypatch.setattr(kernels, "_LIBRARY", None)
-    without = cpu.cosine(a, b, eps=methods.NORM_EPS, work=torch.float32)
+    without = cpu.cosine(a, b, eps=interpolation.NORM_EPS, work=torch.float32)
     assert _same_bits(with_kernels, without)

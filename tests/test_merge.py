@@ -434,7 +434,7 @@ def test_gpu_merge_matches_cpu_merge(pair, tmp_path):
     a, b = pair
     cpu = merge(slerp_config(a, b), tmp_path / "cpu" / "m", device="cpu", progress=False)
     gpu = merge(
-        slerp_config(a, b), tmp_path / "gpu" / "m", device="cuda", progress=False, backend="exact"
+        slerp_config(a, b), tmp_path / "gpu" / "m", device="cuda", progress=False, backend="cpu"
     )
     assert gpu.device.type == "cuda"
     # The cosine is summed on the CPU on both paths, the rest is elementwise: the same bits.

@@ -1,4 +1,4 @@
-"""The per-tensor math: SLERP and LERP, their properties, and agreement with mergekit."""
+"""SLERP and LERP: their properties, agreement with mergekit; the registry of methods."""
 
 from __future__ import annotations
 
@@ -13,10 +13,24 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pearl_edu import methods
+from pearl_edu import core, methods
 from pearl_edu.backends import cpu
+from pearl_edu.backends.threads import set_threads_for_new_threads, threads_for_new_threads
+from pearl_edu.core.interpolation import DOT_THRESHOLD
 from pearl_edu.errors import ModelError
-from pearl_edu.methods import lerp, merge_tensor, slerp
+from pearl_edu.functions import lerp, slerp
+from pearl_edu.methods import (
+    METHODS,
+    PER_INPUT,
+    PER_NON_BASE,
+    REQUIRED,
+    MergeContext,
+    MergeInputs,
+    PerInput,
+    PerNonBase,
+    merge_method,
+    merge_tensor,
+)
 from pearl_edu.ulp import same_bits
 
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -64,7 +78,7 @@ def test_angle_of_result_is_t_times_angle_for_unit_vectors(seed, size, t):
     v0 = _unit(torch.randn(size, generator=gen, dtype=torch.float64)).float()
     v1 = _unit(torch.randn(size, generator=gen, dtype=torch.float64)).float()
     theta = _angle(v0, v1)
-    if abs(math.cos(theta)) > methods.DOT_THRESHOLD:
+    if abs(math.cos(theta)) > DOT_THRESHOLD:
         return  # the lerp fallback region is tested separately
     result = slerp(v0, v1, t)
     assert _angle(v0, result) == pytest.approx(t * theta, abs=2e-3)
@@ -79,7 +93,7 @@ def test_nearly_parallel_tensors_give_exactly_lerp(seed, size, t, scale):
     gen = torch.Generator().manual_seed(seed)
     v0 = torch.randn(size, generator=gen)
     v1 = v0 + scale * torch.randn(size, generator=gen) * v0.abs().mean()
-    assert abs(math.cos(_angle(v0, v1))) > methods.DOT_THRESHOLD
+    assert abs(math.cos(_angle(v0, v1))) > DOT_THRESHOLD
     assert torch.equal(slerp(v0, v1, t), lerp(v0, v1, t))
     # Opposite directions fall back to lerp too.
     assert torch.equal(slerp(v0, -v0, t), lerp(v0, -v0, t))
@@ -132,7 +146,7 @@ def test_dtype_shape_and_device_are_those_of_v0(seed, size, t, dtype):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_runs_on_cuda_and_agrees_with_cpu():
     v0, v1 = _pair(0, (300, 70), dtype=torch.bfloat16)
-    exact = "exact"
+    exact = "cpu"
     on_gpu = slerp(v0.cuda(), v1.cuda(), 0.3, backend=exact)
     assert on_gpu.device.type == "cuda"
     assert on_gpu.dtype == torch.bfloat16
@@ -147,14 +161,14 @@ def test_runs_on_cuda_and_agrees_with_cpu():
     with cpu.host_copies([g0, g1], [v0, v1]):
         assert same_bits(slerp(g0, g1, 0.3, backend=exact).cpu(), on_gpu.cpu())
     # By default, everything on the GPU: within the device backend's contract.
-    from pearl_edu.backends import cuda
+    from pearl_edu import contract
     from pearl_edu.ulp import ulp_at_each
 
     on_device = slerp(v0.cuda(), v1.cuda(), 0.3)
     steps = (on_device.cpu().double() - on_gpu.cpu().double()).abs() / ulp_at_each(
-        cuda.slerp_input_scale(v0, v1, 0.3), torch.bfloat16
+        contract.slerp_input_scale(v0, v1, 0.3), torch.bfloat16
     )
-    assert steps.max() <= cuda.CONTRACT_STEPS[torch.bfloat16]
+    assert steps.max() <= contract.CONTRACT_STEPS[torch.bfloat16]
 
 
 def test_a_host_copy_stands_in_for_a_device_tensor():
@@ -198,9 +212,14 @@ def test_empty_tensors():
     assert slerp(v0, v0, 0.5).shape == (0, 4)
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference", "cpu", "device"])
+def test_slerp_refuses_shapes_that_differ_on_every_backend(backend):
+    # pearl_edu.slerp is the core's function: it refuses as the core does.
+    with pytest.raises(ValueError, match=r"\(4, 2\) vs \(2, 4\)"):
+        slerp(torch.ones(4, 2), torch.ones(2, 4), 0.5, backend=backend)
+
+
 def test_shapes_that_differ_are_refused():
-    with pytest.raises(ModelError, match=r"\(4, 2\) vs \(2, 4\)"):
-        slerp(torch.ones(4, 2), torch.ones(2, 4), 0.5)
     with pytest.raises(ModelError) as err:
         merge_tensor(
             "slerp",
@@ -320,7 +339,7 @@ def test_slerp_leaves_torchs_thread_settings_as_they_were():
     torch.set_num_threads(max(2, threads))  # more than one: the helper thread is used
 
     def settings():
-        return torch.get_num_threads(), methods.threads_for_new_threads()
+        return torch.get_num_threads(), threads_for_new_threads()
 
     try:
         before, count = settings(), threading.active_count()
@@ -340,14 +359,14 @@ def test_slerp_leaves_torchs_thread_settings_as_they_were():
 
 def test_the_thread_count_of_new_threads_is_read_and_set_without_changing_this_threads():
     threads = torch.get_num_threads()
-    for_new = methods.threads_for_new_threads()
+    for_new = threads_for_new_threads()
     try:
-        methods.set_threads_for_new_threads(for_new + 1)
+        set_threads_for_new_threads(for_new + 1)
         assert torch.get_num_threads() == threads
-        assert methods.threads_for_new_threads() == for_new + 1
+        assert threads_for_new_threads() == for_new + 1
     finally:
-        methods.set_threads_for_new_threads(for_new)
-    assert methods.threads_for_new_threads() == for_new
+        set_threads_for_new_threads(for_new)
+    assert threads_for_new_threads() == for_new
 
 
 def test_agrees_with_mergekit_in_the_lerp_region_bit_for_bit():
@@ -394,18 +413,138 @@ def test_registry_describes_slerp():
         merge_tensor("nearswap", [torch.ones(2), torch.ones(2)], 0, {})
 
 
+def test_the_registry_reads_typed_parameters_off_the_signature():
+    ties = METHODS["ties"]
+    assert ties.types["normalize"] is bool and ties.types["rescale"] is bool
+    assert ties.types["lambda"] is float and ties.types["weight"] is float
+    # ``lambda_`` in the signature is ``lambda`` in configs.
+    assert "lambda" in ties.parameters and "lambda_" not in ties.parameters
+    assert ties.input_scopes == {"weight": PER_NON_BASE, "density": PER_NON_BASE}
+    assert not ties.base_has_input_parameters
+    assert METHODS["linear"].input_scopes == {"weight": PER_INPUT}
+    assert METHODS["linear"].base_has_input_parameters
+    assert METHODS["karcher"].types["max_iter"] is int
+    assert METHODS["passthrough"].optional_inputs == {"scale"}
+
+
+def test_a_method_function_receives_typed_parameters_and_its_context():
+    calls = []
+    try:
+
+        @merge_method("typed_probe", models=(2, None), base=REQUIRED)
+        def probe(
+            inputs: MergeInputs,
+            run: MergeContext,
+            *,
+            t: float,
+            steps: int = 3,
+            flag: bool = False,
+            lambda_: float = 1.0,
+            weight: PerNonBase[float],
+            scale: PerInput[float] = 1.0,
+        ) -> torch.Tensor:
+            arguments = {"t": t, "steps": steps, "flag": flag, "lambda_": lambda_}
+            calls.append((inputs, run, arguments | {"weight": weight, "scale": scale}))
+            return inputs.base
+
+        spec = METHODS["typed_probe"]
+        assert spec.parameters == {"t": None, "steps": 3.0, "flag": 0.0, "lambda": 1.0}
+        assert spec.input_parameters == {"weight": None, "scale": 1.0}
+        assert spec.types == {
+            "t": float,
+            "steps": int,
+            "flag": bool,
+            "lambda": float,
+            "weight": float,
+            "scale": float,
+        }
+        assert spec.input_scopes == {"weight": PER_NON_BASE, "scale": PER_INPUT}
+        assert spec.function is probe and spec.needs_base
+
+        tensors = [torch.full((2, 3), float(i)) for i in range(3)]
+        out = torch.empty(2, 3)
+        rows = [{"weight": 0.5, "scale": 2.0}, {"weight": 9.0, "scale": 3.0}, {"weight": 0.25}]
+        merge_tensor(
+            "typed_probe",
+            tensors,
+            1,  # the base in the middle: the lists must still line up with the inputs
+            {"t": 0.5, "steps": 4.0, "flag": 1.0, "lambda": 2.0},
+            input_params=rows,
+            seed=17,
+            name="model.probe.weight",
+            out=out,
+            fast_trim=True,
+            backend="reference",
+        )
+        inputs, run, arguments = calls[-1]
+        assert arguments == {
+            "t": 0.5,
+            "steps": 4,
+            "flag": True,
+            "lambda_": 2.0,
+            "weight": [0.5, 0.25],  # per model but the base: the base's 9.0 is absent
+            "scale": [2.0, 3.0, 1.0],  # per input, the base too; the default where not given
+        }
+        assert {name: type(value) for name, value in arguments.items()} == {
+            "t": float,
+            "steps": int,
+            "flag": bool,
+            "lambda_": float,
+            "weight": list,
+            "scale": list,
+        }
+        assert all(type(value) is float for value in arguments["weight"] + arguments["scale"])
+        assert inputs.base is tensors[1] and inputs.base_index == 1 and inputs.has_base
+        assert inputs.others == [tensors[0], tensors[2]]
+        # The context: the out buffer, the seed, the name, fast_trim and the backend.
+        assert run.out is out and run.seed == 17 and run.name == "model.probe.weight"
+        assert run.fast_trim and run.backend.name == "reference"
+
+        merge_tensor("typed_probe", tensors, 0, {"t": 0.5}, input_params=[{"weight": 1.0}] * 3)
+        _, run, arguments = calls[-1]
+        assert (arguments["steps"], arguments["flag"], arguments["lambda_"]) == (3, False, 1.0)
+        assert type(arguments["steps"]) is int and type(arguments["flag"]) is bool
+        assert run.out is None and not run.fast_trim and run.backend.name == "cpu"
+        assert run.seed == methods.tensor_seed(0, "tensor") and run.name == "tensor"
+    finally:
+        METHODS.pop("typed_probe", None)
+    assert "typed_probe" not in methods.known_methods()
+
+
+def test_the_boolean_parameters_are_the_flags_some_method_takes():
+    flags = methods.boolean_parameters()
+    assert {"normalize", "rescale", "int8_mask", "nuslerp_flatten", "filter_wise"} <= flags
+    assert "t" not in flags and "weight" not in flags
+    assert all(
+        spec.types[name] is bool for spec in METHODS.values() for name in flags & set(spec.types)
+    )
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("density", [0.1, 0.3, 0.5, 0.75, 0.9])
-def test_dares_mask_off_the_cpu_is_the_draw_the_engine_made(dtype, density):
-    # For a tensor on a GPU, random_drop draws its mask on the CPU from the core's
-    # Bernoulli draw of all-ones; that is the mask the engine used to compare uniform
-    # draws with the density (rounded to the working dtype, as mergekit fills it) for.
+def test_dares_mask_is_drawn_on_the_generators_device(dtype, density):
+    # The core draws DARE's mask on its generator's device, whatever the task vector's:
+    # with a CPU generator, the CPU's Bernoulli draw, which compares uniform draws with the
+    # density (rounded to the working dtype, as mergekit fills it).
     shape = (300, 70)
     work = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
     draws = torch.rand(shape, generator=torch.Generator().manual_seed(7), dtype=torch.float32)
     engine_mask = (draws < torch.tensor(density, dtype=work).item()).to(work)
+    mask = core.task_vectors.drop_mask(shape, density, torch.Generator().manual_seed(7), dtype)
+    assert mask.device.type == "cpu" and mask.dtype == work
+    assert torch.equal(mask, engine_mask)
     ones = torch.ones(shape, dtype=dtype)
-    core_mask = methods.core.random_drop(
-        ones, density, torch.Generator().manual_seed(7), rescale=False
-    )
+    core_mask = core.random_drop(ones, density, torch.Generator().manual_seed(7), rescale=False)
     assert torch.equal(core_mask.to(work), engine_mask)
+    # A task vector elsewhere (on "meta", which holds no values) takes the CPU's draw, moved
+    # to its device.
+    elsewhere = torch.ones(shape, dtype=dtype, device="meta")
+    moved = core.random_drop(elsewhere, density, torch.Generator().manual_seed(7), rescale=False)
+    assert moved.device.type == "meta" and moved.shape == shape and moved.dtype == dtype
+    if torch.cuda.is_available():
+        on_gpu = core.random_drop(
+            ones.cuda(), density, torch.Generator().manual_seed(7), rescale=False
+        )
+        assert on_gpu.device.type == "cuda" and torch.equal(on_gpu.cpu().to(work), engine_mask)
+        gpu_generator = torch.Generator(device="cuda").manual_seed(7)
+        assert core.task_vectors.drop_mask(shape, density, gpu_generator, dtype).is_cuda

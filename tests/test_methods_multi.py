@@ -11,24 +11,22 @@ import pytest
 import torch
 from faults import signalled_merge_command
 
+from pearl_edu.backends.reference import input_generators
 from pearl_edu.cli import main
 from pearl_edu.config import load_config
 from pearl_edu.engine import merge
 from pearl_edu.errors import ConfigError
-from pearl_edu.layer_schedule import parameter_value
-from pearl_edu.methods import (
-    METHODS,
+from pearl_edu.functions import (
     dare,
     elect_signs,
-    input_generators,
     linear,
     magnitude_prune,
-    merge_tensor,
     random_drop,
     task_arithmetic,
-    tensor_seed,
     ties,
 )
+from pearl_edu.layer_schedule import parameter_value
+from pearl_edu.methods import METHODS, merge_tensor, tensor_seed
 from pearl_edu.output import partial_dir
 from pearl_edu.teaching.toy import load_state_dict, make_tiny_model
 from pearl_edu.tensor_plan import plan
@@ -55,11 +53,12 @@ def test_linear_by_hand():
 
 def test_task_arithmetic_by_hand():
     base = tensor(1, 1)
-    deltas = [tensor(2, 0) - base, tensor(1, 3) - base]  # [1, -1] and [0, 2]
+    deltas = [tensor(1, -1), tensor(0, 2)]
+    models = [base + delta for delta in deltas]  # [2, 0] and [1, 3]: the models, not deltas
     # base + lambda * (0.5 * [1, -1] + 1 * [0, 2]) = [1, 1] + 2 * [0.5, 1.5]
-    assert torch.equal(task_arithmetic(base, deltas, [0.5, 1], scale=2), tensor(2, 4))
+    assert torch.equal(task_arithmetic(base, models, [0.5, 1], scale=2), tensor(2, 4))
     # normalize divides by 0.5 + 1 first
-    normalized = task_arithmetic(base, deltas, [0.5, 1], scale=2, normalize=True)
+    normalized = task_arithmetic(base, models, [0.5, 1], scale=2, normalize=True)
     assert torch.allclose(normalized, tensor(1 + 2 * 0.5 / 1.5, 1 + 2 * 1.5 / 1.5))
     assert torch.equal(task_arithmetic(base, [], []), base)
 
@@ -88,7 +87,19 @@ def test_sign_election_zero_never_agrees_and_int8_mask_changes_nothing():
     weighted = torch.stack([tensor(1, 0, -1), tensor(-2, 0, -1)])
     expected = torch.tensor([[False, False, True], [True, False, True]])
     assert torch.equal(elect_signs(weighted), expected)
-    assert torch.equal(elect_signs(weighted, int8_mask=True), expected)
+    # int8_mask, mergekit's way to store these signs in less memory, is a parameter of the
+    # methods that elect signs, and changes no bit of their results.
+    base, a, b = tensor(0, 0, 0, 0), tensor(1.0, -2.0, 0.5, 0), tensor(-3.0, 1.0, 0.25, 2)
+    inputs = [{}, {"weight": 0.5, "density": 0.7}, {"weight": 1.0, "density": 0.7}]
+    for method in ("ties", "dare_ties", "breadcrumbs_ties", "della"):
+        params = _defaults(method)
+        plain, masked = (
+            merge_tensor(
+                method, [base, a, b], 0, params | {"int8_mask": flag}, input_params=inputs, seed=3
+            )
+            for flag in (0.0, 1.0)
+        )
+        assert same_bits(plain, masked), method
 
 
 def test_magnitude_prune_limits():
@@ -117,7 +128,7 @@ def test_dare_with_density_one_is_task_arithmetic_and_ties():
     base = tensor(0.5, -1, 2, 0)
     others = [tensor(1, -2, 2.5, 1), tensor(0, 1, 1, -1)]
     generators = input_generators(3, 2)
-    plain = task_arithmetic(base, [o - base for o in others], [0.3, 0.7])
+    plain = task_arithmetic(base, others, [0.3, 0.7])
     assert torch.equal(dare(base, others, [0.3, 0.7], [1, 1], generators), plain)
     elected = dare(base, others, [0.3, 0.7], [1, 1], generators, sign_election=True)
     assert torch.equal(elected, ties(base, others, [0.3, 0.7], [1, 1], normalize=False))

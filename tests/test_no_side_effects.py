@@ -20,9 +20,9 @@ import pearl_edu
 import pearl_edu.engine as merge_module
 from pearl_edu import cli
 from pearl_edu.backends import cpu
+from pearl_edu.backends.threads import set_threads_for_new_threads, threads_for_new_threads
 from pearl_edu.core.interpolation import CHUNK_ELEMENTS
 from pearl_edu.engine import merge, merge_into
-from pearl_edu.methods import set_threads_for_new_threads, threads_for_new_threads
 from pearl_edu.read_ahead import read_ahead
 from pearl_edu.reading import ModelReader, read_header
 from pearl_edu.teaching.toy import make_tiny_model

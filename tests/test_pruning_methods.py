@@ -20,13 +20,14 @@ import pytest
 import torch
 import yaml
 
+from pearl_edu.backends.reference import input_generators
 from pearl_edu.card import model_card
 from pearl_edu.cli import main
 from pearl_edu.config import load_config
 from pearl_edu.core import pruning
 from pearl_edu.engine import merge
 from pearl_edu.errors import ConfigError
-from pearl_edu.methods import METHODS, input_generators, merge_tensor, tensor_seed
+from pearl_edu.methods import METHODS, merge_tensor, tensor_seed
 from pearl_edu.teaching.toy import load_state_dict
 from pearl_edu.ulp import same_bits
 

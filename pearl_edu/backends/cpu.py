@@ -29,43 +29,11 @@ import torch
 
 from pearl_edu import kernels
 from pearl_edu.backends import task_vectors
-from pearl_edu.backends.reference import Reference, into
+from pearl_edu.backends.reference import Interpolating, into
 from pearl_edu.backends.threads import helper_thread
 from pearl_edu.core import interpolation as reference
 from pearl_edu.core import linear as core_linear
-from pearl_edu.core.interpolation import DOT_THRESHOLD, NORM_EPS, slerp_weights, work_dtype
-
-
-def lerp(
-    v0: torch.Tensor, v1: torch.Tensor, t: float, *, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """`pearl_edu.core.lerp`, written into ``out`` when given (see `weighted_sum`)."""
-    t_ = torch.tensor(t, dtype=work_dtype(v0))
-    return weighted_sum(v0, v1, 1 - t_, t_, out=out)
-
-
-def slerp(
-    v0: torch.Tensor,
-    v1: torch.Tensor,
-    t: float,
-    *,
-    dot_threshold: float = DOT_THRESHOLD,
-    eps: float = NORM_EPS,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """`pearl_edu.core.slerp`, written into ``out`` when given (see `weighted_sum`).
-
-    The cosine is this module's (the core's sums, fast); the weights are the core's
-    (`pearl_edu.core.interpolation.slerp_weights`). The scalars are computed on the CPU
-    whatever the tensors' device; only the weighted sum, elementwise and so rounded alike
-    everywhere, runs on the device.
-    """
-    work = work_dtype(v0)
-    if v0.numel() == 0:  # an empty tensor has no direction: nothing to interpolate
-        return lerp(v0, v1, t, out=out)
-    cos_theta = cosine(on_cpu(v0).reshape(-1), on_cpu(v1).reshape(-1), eps=eps, work=work)
-    w0, w1 = slerp_weights(cos_theta, t, dot_threshold)
-    return weighted_sum(v0, v1, w0, w1, out=out)
+from pearl_edu.core.interpolation import work_dtype
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor, *, eps: float, work: torch.dtype) -> torch.Tensor:
@@ -250,23 +218,28 @@ def on_cpu(x: torch.Tensor) -> torch.Tensor:
 # The backend
 
 
-class CPU(Reference):
+class CPU(Interpolating):
     """The core's bits, fast: SLERP here, task arithmetic, TIES and DARE in slices.
 
-    SLERP and lerp are this module's; task arithmetic, TIES and DARE are
-    `pearl_edu.backends.task_vectors`' (slice by slice, a mask per model); every other
-    method is the core's (`Reference`). For tensors on a GPU it gives the CPU's bits:
-    SLERP's sums are taken from the host copies (`host_copies`), and linear and the
-    task-vector methods run on the CPU and send their result back.
+    SLERP and lerp are the core's with this module's `cosine` and `weighted_sum`; task
+    arithmetic, TIES and DARE are `pearl_edu.backends.task_vectors`' (slice by slice, a mask
+    per model); every other method is the core's (`Reference`). For tensors on a GPU it
+    gives the CPU's bits: SLERP's sums are taken from the host copies (`host_copies`) and
+    only the weighted sum runs on the device; linear and the task-vector methods run on
+    the CPU and send their result back.
     """
 
     name = "cpu"
 
-    def slerp(self, v0, v1, t, *, dot_threshold=DOT_THRESHOLD, eps=NORM_EPS, out=None):
-        return slerp(v0, v1, t, dot_threshold=dot_threshold, eps=eps, out=out)
+    def cosine(self, v0, v1, eps):
+        flat0, flat1 = on_cpu(v0).reshape(-1), on_cpu(v1).reshape(-1)
+        return cosine(flat0, flat1, eps=eps, work=work_dtype(v0))
 
-    def lerp(self, v0, v1, t, *, out=None):
-        return lerp(v0, v1, t, out=out)
+    def weighted_sum(self, v0, v1, w0, w1, *, out=None):
+        return weighted_sum(v0, v1, w0, w1, out=out)
+
+    def weights_device(self, v0):
+        return torch.device("cpu")  # weighted_sum moves the two weights where v0 is
 
     def linear(self, tensors, weights, *, normalize=True, out=None):
         merged = core_linear([on_cpu(x) for x in tensors], weights, normalize=normalize)
@@ -305,3 +278,5 @@ def _on_cpu(base, others, weights, densities, out, **options):
 
 
 BACKEND = CPU()
+# SLERP and lerp of one tensor on this backend: the core's bits (``tests/test_backends.py``).
+slerp, lerp = BACKEND.slerp, BACKEND.lerp

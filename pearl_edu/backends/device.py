@@ -30,44 +30,8 @@ from __future__ import annotations
 
 import torch
 
-from pearl_edu.backends.reference import Reference
-from pearl_edu.core.interpolation import DOT_THRESHOLD, NORM_EPS, slerp_weights, work_dtype
-
-
-def slerp(
-    v0: torch.Tensor,
-    v1: torch.Tensor,
-    t: float,
-    *,
-    dot_threshold: float = DOT_THRESHOLD,
-    eps: float = NORM_EPS,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """`pearl_edu.core.slerp` on the tensors' device, without a host synchronisation.
-
-    ``out``, a contiguous tensor of ``v0``'s shape, dtype and device, receives the result
-    (and is returned) instead of a new tensor.
-    """
-    if v0.shape != v1.shape:
-        raise ValueError(f"slerp: shapes differ: {tuple(v0.shape)} vs {tuple(v1.shape)}")
-    x, y = v0.reshape(-1).to(work_dtype(v0)), v1.reshape(-1).to(work_dtype(v0))
-    if x.numel() == 0:  # no direction: the fallback (a shape, not a value: no sync)
-        return lerp(v0, v1, t, out=out)
-    w0, w1 = slerp_weights(cosine(x, y, eps), t, dot_threshold)
-    return weighted_sum(x, y, w0, w1, like=v0, out=out)
-
-
-def lerp(
-    v0: torch.Tensor, v1: torch.Tensor, t: float, *, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """`pearl_edu.core.lerp` on the tensors' device (see `slerp` for ``out``)."""
-    if v0.shape != v1.shape:
-        raise ValueError(f"lerp: shapes differ: {tuple(v0.shape)} vs {tuple(v1.shape)}")
-    work = work_dtype(v0)
-    t_ = torch.full((), t, dtype=work, device=v0.device)  # a fill: no copy from the host
-    return weighted_sum(
-        v0.reshape(-1).to(work), v1.reshape(-1).to(work), 1 - t_, t_, like=v0, out=out
-    )
+from pearl_edu.backends.reference import Interpolating
+from pearl_edu.core.interpolation import NORM_EPS, work_dtype
 
 
 def cosine(x: torch.Tensor, y: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
@@ -132,16 +96,22 @@ def device_generators(seed: int, count: int, device: torch.device) -> list[torch
     return [torch.Generator(device=device).manual_seed(seed + i) for i in range(count)]
 
 
-class Device(Reference):
+class Device(Interpolating):
     """Everything on the tensors' device, with no host synchronisation (see the module)."""
 
     name = "device"
 
-    def slerp(self, v0, v1, t, *, dot_threshold=DOT_THRESHOLD, eps=NORM_EPS, out=None):
-        return slerp(v0, v1, t, dot_threshold=dot_threshold, eps=eps, out=out)
+    def cosine(self, v0, v1, eps):
+        work = work_dtype(v0)
+        return cosine(v0.reshape(-1).to(work), v1.reshape(-1).to(work), eps)
 
-    def lerp(self, v0, v1, t, *, out=None):
-        return lerp(v0, v1, t, out=out)
+    def weighted_sum(self, v0, v1, w0, w1, *, out=None):
+        work = work_dtype(v0)
+        flat0, flat1 = v0.reshape(-1).to(work), v1.reshape(-1).to(work)
+        return weighted_sum(flat0, flat1, w0, w1, like=v0, out=out)
+
+    def weights_device(self, v0):
+        return v0.device  # a fill there: no copy from the host
 
     def ties(self, base, others, weights, densities, *, stable=True, out=None, **options):
         # Ties at the cut by position: a device's sort is not torch's CPU sort.
@@ -152,3 +122,5 @@ class Device(Reference):
 
 
 BACKEND = Device()
+# SLERP and lerp of one tensor on this backend, to the contract (`pearl_edu.contract`).
+slerp, lerp = BACKEND.slerp, BACKEND.lerp

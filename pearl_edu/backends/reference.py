@@ -14,6 +14,7 @@ import torch
 
 from pearl_edu import core
 from pearl_edu.core import model_stock, pruning, sphere
+from pearl_edu.core.interpolation import DOT_THRESHOLD, NORM_EPS, slerp_weights, work_dtype
 
 
 def into(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
@@ -71,3 +72,40 @@ class Reference:
 
 
 BACKEND = Reference()
+
+
+class Interpolating(Reference):
+    """A backend whose SLERP is the core's, with two steps of its own: ``cosine`` and
+    ``weighted_sum``.
+
+    The weights are the core's (`pearl_edu.core.interpolation.slerp_weights`, chosen by
+    `torch.where`); a subclass gives the cosine of two tensors (a 0-dimensional tensor),
+    the weighted sum ``w0 * v0 + w1 * v1`` in ``v0``'s dtype (into ``out`` when given), and
+    the device that lerp's weights are made on (`weights_device`).
+    """
+
+    def slerp(self, v0, v1, t, *, dot_threshold=DOT_THRESHOLD, eps=NORM_EPS, out=None):
+        """`pearl_edu.core.slerp`, with this backend's cosine and weighted sum."""
+        if v0.shape != v1.shape:
+            raise ValueError(f"slerp: shapes differ: {tuple(v0.shape)} vs {tuple(v1.shape)}")
+        if v0.numel() == 0:  # no direction: nothing to measure an angle from
+            return self.lerp(v0, v1, t, out=out)
+        w0, w1 = slerp_weights(self.cosine(v0, v1, eps), t, dot_threshold)
+        return self.weighted_sum(v0, v1, w0, w1, out=out)
+
+    def lerp(self, v0, v1, t, *, out=None):
+        """`pearl_edu.core.lerp`, with this backend's weighted sum."""
+        if v0.shape != v1.shape:
+            raise ValueError(f"lerp: shapes differ: {tuple(v0.shape)} vs {tuple(v1.shape)}")
+        t_ = torch.full((), t, dtype=torch.float64, device=self.weights_device(v0))
+        t_ = t_.to(work_dtype(v0))  # rounded as torch.tensor(t, dtype=...) rounds it
+        return self.weighted_sum(v0, v1, 1 - t_, t_, out=out)
+
+    def cosine(self, v0: torch.Tensor, v1: torch.Tensor, eps: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def weighted_sum(self, v0, v1, w0, w1, *, out=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def weights_device(self, v0: torch.Tensor) -> torch.device:
+        raise NotImplementedError

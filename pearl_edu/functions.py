@@ -50,15 +50,3 @@ dare = _on_a_backend(core.dare)
 magnitude_prune = core.magnitude_prune
 random_drop = core.random_drop
 elect_signs = core.elect_signs
-
-__all__ = [
-    "dare",
-    "elect_signs",
-    "lerp",
-    "linear",
-    "magnitude_prune",
-    "random_drop",
-    "slerp",
-    "task_arithmetic",
-    "ties",
-]

@@ -29,7 +29,7 @@ import torch
 
 from pearl_edu import kernels
 from pearl_edu.backends import task_vectors
-from pearl_edu.backends.reference import Interpolating, into
+from pearl_edu.backends.reference import Interpolating, check_out, into
 from pearl_edu.backends.threads import helper_thread
 from pearl_edu.core import interpolation as reference
 from pearl_edu.core import linear as core_linear
@@ -112,18 +112,9 @@ def weighted_sum(
     returned) instead of a new tensor.
     """
     flat0, flat1 = v0.reshape(-1), v1.reshape(-1)
+    check_out(out, v0)
     if out is None:
         out = torch.empty(v0.shape, dtype=v0.dtype, device=v0.device)
-    elif (
-        out.shape != v0.shape
-        or out.dtype != v0.dtype
-        or out.device != v0.device
-        or not out.is_contiguous()
-    ):
-        raise ValueError(
-            f"out: expected a contiguous {tuple(v0.shape)} {v0.dtype} tensor on {v0.device}, "
-            f"got {tuple(out.shape)} {out.dtype} on {out.device}"
-        )
     result, out = out, out.view(-1)
     if flat0.numel() == 0:
         return result

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from pearl_edu.backends.reference import Interpolating
+from pearl_edu.backends.reference import Interpolating, check_out
 from pearl_edu.core.interpolation import NORM_EPS, work_dtype
 
 
@@ -69,16 +69,7 @@ def weighted_sum(
     Each product and the sum are rounded on their own, as in the core; the cast to the
     output dtype runs on the device.
     """
-    if out is not None and (
-        out.shape != like.shape
-        or out.dtype != like.dtype
-        or out.device != like.device
-        or not out.is_contiguous()
-    ):
-        raise ValueError(
-            f"out: expected a contiguous {tuple(like.shape)} {like.dtype} tensor on "
-            f"{like.device}, got {tuple(out.shape)} {out.dtype} on {out.device}"
-        )
+    check_out(out, like)
     total = torch.mul(x, w0)
     total.add_(torch.mul(y, w1))
     if out is None:

@@ -22,6 +22,20 @@ def into(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     return result if out is None else out.copy_(result)
 
 
+def check_out(out: torch.Tensor | None, like: torch.Tensor) -> None:
+    """Refuse an ``out`` that is not a contiguous tensor of ``like``'s shape, dtype and device."""
+    if out is not None and (
+        out.shape != like.shape
+        or out.dtype != like.dtype
+        or out.device != like.device
+        or not out.is_contiguous()
+    ):
+        raise ValueError(
+            f"out: expected a contiguous {tuple(like.shape)} {like.dtype} tensor on "
+            f"{like.device}, got {tuple(out.shape)} {out.dtype} on {out.device}"
+        )
+
+
 def _core(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """The core's ``function`` as a backend operation: the same arguments, and ``out``."""
 
@@ -42,22 +56,13 @@ def input_generators(seed: int, count: int) -> list[torch.Generator]:
 
 
 class Reference:
-    """The core as a backend: plain torch, slow, and the bits every backend is tested against."""
+    """The core as a backend: plain torch, slow, and the bits every backend is tested against.
+
+    Its operations are the core's functions (`CORE_OPERATIONS` and the families'), each
+    with ``out``; a faster backend replaces some of them.
+    """
 
     name = "reference"
-
-    slerp = _core(core.slerp)
-    lerp = _core(core.lerp)
-    linear = _core(core.linear)
-    task_arithmetic = _core(core.task_arithmetic)
-    ties = _core(core.ties)
-    dare = _core(core.dare)
-    breadcrumbs = _core(pruning.breadcrumbs)
-    della = _core(pruning.della)
-    nuslerp = _core(sphere.nuslerp)
-    multislerp = _core(sphere.multislerp)
-    karcher_mean = _core(sphere.karcher_mean)
-    model_stock = _core(model_stock.model_stock)
 
     def generators(self, seed: int, count: int, device: torch.device) -> list[torch.Generator]:
         """The random streams of a tensor's inputs: CPU generators, whatever the device.
@@ -70,6 +75,17 @@ class Reference:
     def __repr__(self) -> str:
         return f"<pearl_edu backend {self.name!r}>"
 
+
+# The core's functions, each an operation of every backend under its own name.
+CORE_OPERATIONS = (core.slerp, core.lerp, core.linear, core.task_arithmetic, core.ties, core.dare)
+FAMILY_OPERATIONS = (pruning.breadcrumbs, pruning.della, sphere.nuslerp, sphere.multislerp)
+for _function in (
+    *CORE_OPERATIONS,
+    *FAMILY_OPERATIONS,
+    sphere.karcher_mean,
+    model_stock.model_stock,
+):
+    setattr(Reference, _function.__name__, _core(_function))
 
 BACKEND = Reference()
 

@@ -24,62 +24,44 @@ from pearl_edu.methods import REQUIRED, MergeContext, MergeInputs, PerNonBase, m
 TASK_VECTORS = {"models": (1, None), "base": REQUIRED}
 
 
-@merge_method("task_arithmetic", **TASK_VECTORS)
-def task_arithmetic(
-    inputs: MergeInputs,
-    run: MergeContext,
-    *,
-    weight: PerNonBase[float],
-    density: PerNonBase[float] = 1.0,
-    normalize: bool = False,
-    lambda_: float = 1.0,
-    rescale: bool = False,
-    int8_mask: bool = False,
-) -> torch.Tensor:
-    """The base plus the weighted task vectors (nothing trimmed: ``density`` is unused)."""
-    options = {"normalize": normalize, "scale": lambda_, "out": run.out}
-    return run.backend.task_arithmetic(inputs.base, inputs.others, weight, **options)
+def _task_vector_method(operation: str, *, defaults: tuple[bool, bool], election: bool = False):
+    """The method function of ``operation`` (a backend's): its flags' defaults differ."""
+    normalize_default, rescale_default = defaults
 
-
-@merge_method("ties", **TASK_VECTORS)
-def ties(
-    inputs: MergeInputs,
-    run: MergeContext,
-    *,
-    weight: PerNonBase[float],
-    density: PerNonBase[float] = 1.0,
-    normalize: bool = True,
-    lambda_: float = 1.0,
-    rescale: bool = False,
-    int8_mask: bool = False,
-) -> torch.Tensor:
-    """Trim each task vector to its ``density`` largest entries, elect signs, average."""
-    options = {"normalize": normalize, "scale": lambda_, "rescale": rescale}
-    options |= {"stable": run.fast_trim, "out": run.out}
-    return run.backend.ties(inputs.base, inputs.others, weight, density, **options)
-
-
-def _dare(*, sign_election: bool):
-    def dare(
+    def merge(
         inputs: MergeInputs,
         run: MergeContext,
         *,
         weight: PerNonBase[float],
         density: PerNonBase[float] = 1.0,
-        normalize: bool = False,
+        normalize: bool = normalize_default,
         lambda_: float = 1.0,
-        rescale: bool = True,
+        rescale: bool = rescale_default,
         int8_mask: bool = False,
     ) -> torch.Tensor:
-        """Drop task-vector entries at random (keeping ``density``), rescale, add."""
-        generators = run.generators(len(inputs.others), inputs.base.device)
-        options = {"sign_election": sign_election, "normalize": normalize, "scale": lambda_}
-        options |= {"rescale": rescale, "out": run.out}
         base, others = inputs.base, inputs.others
-        return run.backend.dare(base, others, weight, density, generators, **options)
+        options = {"normalize": normalize, "scale": lambda_, "out": run.out}
+        if operation == "task_arithmetic":  # nothing trimmed: density and rescale unused
+            return run.backend.task_arithmetic(base, others, weight, **options)
+        options["rescale"] = rescale
+        if operation == "ties":  # trim, elect signs, average the agreeing entries
+            return run.backend.ties(base, others, weight, density, stable=run.fast_trim, **options)
+        # DARE: drop at random, rescale, add (electing signs first for dare_ties)
+        generators = run.generators(len(others), base.device)
+        return run.backend.dare(
+            base, others, weight, density, generators, sign_election=election, **options
+        )
 
-    return dare
+    return merge
 
 
-merge_method("dare_linear", **TASK_VECTORS, random=True)(_dare(sign_election=False))
-merge_method("dare_ties", **TASK_VECTORS, random=True)(_dare(sign_election=True))
+merge_method("task_arithmetic", **TASK_VECTORS)(
+    _task_vector_method("task_arithmetic", defaults=(False, False))
+)
+merge_method("ties", **TASK_VECTORS)(_task_vector_method("ties", defaults=(True, False)))
+merge_method("dare_linear", **TASK_VECTORS, random=True)(
+    _task_vector_method("dare", defaults=(False, True))
+)
+merge_method("dare_ties", **TASK_VECTORS, random=True)(
+    _task_vector_method("dare", defaults=(False, True), election=True)
+)

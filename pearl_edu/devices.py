@@ -61,7 +61,7 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
 # `bench/gpu_check.sh` judges them; every other method on the CPU, where its bits are
 # mergekit's. The record ships with the package, kept in step with
 # bench/gpu_results.json by bench/gpu_check.py. It holds no run yet: the device path
-# (`pearl_edu.backends.cuda`) is tested on the CPU against its contract, and has not yet
+# (`pearl_edu.backends.device`) is tested on the CPU against its contract, and has not yet
 # run on a GPU.
 GPU_RECORD_FILE = "gpu_record.json"
 NOT_YET_ON_A_GPU = "the device path has not yet run on a GPU"

@@ -1,10 +1,11 @@
 """The reference core: each merge method's math for one tensor, in plain torch.
 
 These modules read like the book's equations: no threads, no compiled loops, no reused
-buffers, no files. They give mergekit 0.1.5's results bit for bit, and the fast engine
-(`pearl_edu.backends.cpu`, behind `pearl_edu.methods`) is tested to give theirs
-(``tests/test_core.py``, ``tests/test_backends.py``). The book prints
-them.
+buffers, no files, and no host synchronisation wherever mergekit's code has none. They give
+mergekit 0.1.5's results bit for bit; run as they are, they are the reference backend
+(``pearl-edu merge --backend reference``), and the fast CPU backend is tested to give
+their bits for every method (``tests/test_core.py``, ``tests/test_backend_parity.py``).
+The book prints them.
 """
 
 from pearl_edu.core.interpolation import lerp, slerp

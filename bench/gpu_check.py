@@ -8,12 +8,12 @@ base in float16 (OmniBeagle-7B's dtype), the other in bfloat16 (WizardMath-7B-V1
 for each method (SLERP with Pearl's own recipe and schedule; TIES, density 0.5), with
 ``dtype: bfloat16``:
 
-1. merges on the GPU (``--gpu``, the device backend: `pearl_edu.backends.cuda`) and on the
-   CPU (mergekit's bits; TIES with ``--fast-trim``, which keeps the ties at the cut as the
-   GPU does), each in a process of its own, recording its time, its peak host memory (the
+1. merges on the GPU (``--gpu``, the device backend: `pearl_edu.backends.device`) and on
+   the CPU (``--backend cpu``, mergekit's bits; TIES with ``--fast-trim``, which keeps the
+   ties at the cut as the GPU does), each in a process of its own, recording its time, its peak host memory (the
    process's peak resident set) and, on the GPU, torch's peak device memory and the
    device's own peak as ``nvidia-smi`` samples it;
-2. checks the contract (`pearl_edu.backends.cuda`): every element within one step of the
+2. checks the contract (`pearl_edu.contract`): every element within one step of the
    dtype at its inputs' scale (``pearl-edu verify --config --input-scale-ulp 1``), and for
    SLERP every tensor's cosine within ``COSINE_TOLERANCE`` of the CPU's;
 3. deletes the two outputs (the next method's need the room).
@@ -155,8 +155,10 @@ def cosine_gap(config: str, device: str) -> float:
     """The largest |cosine on ``device`` - the CPU's (mergekit's)| over a SLERP merge's tensors."""
     import torch
 
-    from pearl_edu.backends import cpu, cuda
+    from pearl_edu.backends import cpu
+    from pearl_edu.backends import device as device_backend
     from pearl_edu.contract import MergeInputs
+    from pearl_edu.core.interpolation import NORM_EPS, work_dtype
 
     inputs = MergeInputs(config)
     largest = 0.0
@@ -171,10 +173,10 @@ def cosine_gap(config: str, device: str) -> float:
             v0, v1 = tensors[job.base_index], tensors[1 - job.base_index]
             if v0.numel() == 0:
                 continue
-            work = cuda.work_dtype(v0)
-            reference = cpu.cosine(v0.reshape(-1), v1.reshape(-1), eps=cuda.NORM_EPS, work=work)
+            work = work_dtype(v0)
+            reference = cpu.cosine(v0.reshape(-1), v1.reshape(-1), eps=NORM_EPS, work=work)
             x, y = (v.reshape(-1).to(device=device, dtype=work) for v in (v0, v1))
-            largest = max(largest, abs(float(cuda.cosine(x, y)) - float(reference)))
+            largest = max(largest, abs(float(device_backend.cosine(x, y)) - float(reference)))
             del x, y
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -185,7 +187,7 @@ def cosine_gap(config: str, device: str) -> float:
 
 def check_contract(gpu_out: Path, cpu_out: Path, config: str, method: str, device: str) -> dict:
     """`pearl-edu verify` at the inputs' scale, and (SLERP) the cosines: the contract's figures."""
-    from pearl_edu.backends.cuda import COSINE_TOLERANCE
+    from pearl_edu.contract import COSINE_TOLERANCE
     from pearl_edu.verification import verify
 
     report = verify(cpu_out, gpu_out, config=config, input_scale_ulp=1)
@@ -406,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{' and '.join(PARENT_DTYPES)}) into {work}: {' '.join(make)}"
         )
         for method in args.methods:
-            cpu_backend = "exact" + (", --fast-trim" if method == "ties" else "")
+            cpu_backend = "--backend cpu" + (", --fast-trim" if method == "ties" else "")
             say(
                 f"would merge {method} on {args.gpu} (device backend) and on cpu ({cpu_backend}), "
                 "then verify --input-scale-ulp 1"
@@ -465,7 +467,7 @@ def run(
         )
         say(f"{method}: merging on cpu, mergekit's bits ...")
         on_cpu = run_measured(
-            merge_command(python, config, cpu_out, "cpu", "exact", method == "ties"),
+            merge_command(python, config, cpu_out, "cpu", "cpu", method == "ties"),
             sample_gpu=False,
         )
         say(f"{method}: checking the contract ...")

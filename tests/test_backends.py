@@ -1,9 +1,11 @@
-"""The CPU backend gives the reference core's bits, and the seam hands it out.
+"""The CPU backend gives the reference core's bits, and the seam hands the backends out.
 
 `pearl_edu.backends.cpu` computes SLERP with compiled loops, a helper thread and reused
 buffers; `pearl_edu.core` is the plain torch the book prints. Every case here must agree
 bit for bit: ragged tensors, several chunks of 2^20 elements (with a ragged last one),
 near-parallel pairs (the linear fallback), zero tensors, in bfloat16, float16 and float32.
+`pearl_edu.backends.backend_for` hands out the reference, CPU and device backends, each
+with every operation of the `Backend` protocol.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import pytest
 import torch
 
 from pearl_edu import core, kernels
-from pearl_edu.backends import REFERENCE, backend_for, cpu
+from pearl_edu.backends import BY_NAME, Backend, backend_for, cpu, device, reference
 from pearl_edu.ulp import same_bits
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -83,11 +85,48 @@ def test_without_the_compiled_loops_and_on_one_thread(monkeypatch):
 
 
 def test_the_seam():
-    assert backend_for("cpu") is cpu
-    assert backend_for(torch.device("cpu")) is cpu
+    assert backend_for("cpu") is cpu.BACKEND
+    assert backend_for(torch.device("cpu")) is cpu.BACKEND
     v0, v1 = pair((9, 4), torch.float32, "siblings", seed=6)
     out = torch.empty_like(v0)
-    assert REFERENCE.slerp(v0, v1, 0.3, out=out) is out
+    assert reference.BACKEND.slerp(v0, v1, 0.3, out=out) is out
     assert same_bits(out, cpu.slerp(v0, v1, 0.3))
     with pytest.raises(ValueError, match="out: expected"):
         cpu.slerp(v0, v1, 0.3, out=torch.empty(9, 4, dtype=torch.float64))
+
+
+def test_reference_is_the_core_as_a_backend():
+    for device_ in ("cpu", torch.device("cpu"), "cuda", "meta"):
+        assert backend_for(device_, "reference") is reference.BACKEND
+    assert reference.BACKEND.name == "reference"
+    v0, v1 = pair((33, 17), torch.bfloat16, "siblings", seed=7)
+    assert same_bits(backend_for("cpu", "reference").slerp(v0, v1, 0.3), core.slerp(v0, v1, 0.3))
+
+
+OPERATIONS = [
+    "slerp",
+    "lerp",
+    "linear",
+    "task_arithmetic",
+    "ties",
+    "dare",
+    "breadcrumbs",
+    "della",
+    "nuslerp",
+    "multislerp",
+    "karcher_mean",
+    "model_stock",
+    "generators",
+]
+
+
+def test_every_backend_has_every_operation_of_the_protocol():
+    named = [name for name, member in vars(Backend).items() if callable(member)]
+    named = [name for name in named if not name.startswith("_")]
+    assert sorted(named) == sorted(OPERATIONS)
+    backends = [reference.BACKEND, cpu.BACKEND, device.BACKEND]
+    assert [BY_NAME[b.name] for b in backends] == backends
+    assert [b.name for b in backends] == ["reference", "cpu", "device"]
+    for backend in backends:
+        for name in named:
+            assert callable(getattr(backend, name, None)), (backend.name, name)

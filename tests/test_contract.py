@@ -1,13 +1,13 @@
 """The device backend's contract with the reference core, checked on the CPU.
 
 A GPU adds up SLERP's long sums in another order than the core (mergekit's chunks of 2^20,
-each through torch's CPU norm), so its cosine differs and so do some outputs.
-`pearl_edu.backends.cuda` states what it guarantees instead of the core's bits: the cosine
-within ``COSINE_TOLERANCE`` (2e-4) of the core's, and every output element within
-``CONTRACT_STEPS`` steps of the output dtype at the element's input scale
-$|w_0 x_i| + |w_1 y_i|$. Here the device backend runs on CPU tensors (whole-tensor sums,
-not the core's chunks) and, to move the sums' order further, on permuted, reversed and
-float64-summed copies of the same vectors; the contract must hold on every pair tried
+each through torch's CPU norm), so its cosine differs and so do some outputs. The device
+backend (`pearl_edu.backends.device`) keeps a contract (`pearl_edu.contract`) instead of
+the core's bits: the cosine within ``COSINE_TOLERANCE`` (2e-4) of the core's, and every
+output element within ``CONTRACT_STEPS`` steps of the output dtype at the element's input
+scale $|w_0 x_i| + |w_1 y_i|$. Here the device backend runs on CPU tensors (whole-tensor
+sums, not the core's chunks) and, to move the sums' order further, on permuted, reversed
+and float64-summed copies of the same vectors; the contract must hold on every pair tried
 (siblings, strangers, near-parallel, near-zero, zero, several chunks), must fail for a
 result that is wrong, and must hold end to end through a merge and ``pearl-edu verify``.
 """
@@ -19,9 +19,10 @@ import math
 import pytest
 import torch
 
-from pearl_edu import core
-from pearl_edu.backends import cuda
+from pearl_edu import contract, core
+from pearl_edu.backends import device
 from pearl_edu.cli import main
+from pearl_edu.core import interpolation
 from pearl_edu.engine import merge
 from pearl_edu.teaching.toy import make_tiny_model
 from pearl_edu.ulp import ulp_at_each
@@ -62,22 +63,22 @@ def steps_at_input_scale(
     got: torch.Tensor, expected: torch.Tensor, v0: torch.Tensor, v1: torch.Tensor, t: float
 ) -> float:
     """The largest difference in steps of the dtype at each element's input scale."""
-    scale = cuda.slerp_input_scale(v0, v1, t)
+    scale = contract.slerp_input_scale(v0, v1, t)
     diff = (got.double() - expected.double()).abs()
     return float((diff / ulp_at_each(scale, expected.dtype)).max())
 
 
 def core_cosine(v0: torch.Tensor, v1: torch.Tensor) -> float:
-    return float(core.slerp.__globals__["cosine"](v0, v1))
+    return float(interpolation.cosine(v0, v1))
 
 
 def device_cosine(v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
-    work = cuda.work_dtype(v0)
-    return cuda.cosine(v0.reshape(-1).to(work), v1.reshape(-1).to(work))
+    work = interpolation.work_dtype(v0)
+    return device.cosine(v0.reshape(-1).to(work), v1.reshape(-1).to(work))
 
 
 def in_domain(cos: float, dtype: torch.dtype) -> bool:
-    return cos >= cuda.CONTRACT_MIN_COSINE[dtype]
+    return cos >= contract.CONTRACT_MIN_COSINE[dtype]
 
 
 KINDS = [
@@ -101,14 +102,14 @@ def test_contract_holds_on_many_pairs(kind, dtype):
     for seed, n in enumerate((1, 7, 4099, 65_537, 300_001)):
         v0, v1 = pair(kind, n, dtype, seed)
         reference_cos = core_cosine(v0, v1)
-        assert abs(float(device_cosine(v0, v1)) - reference_cos) <= cuda.COSINE_TOLERANCE
+        assert abs(float(device_cosine(v0, v1)) - reference_cos) <= contract.COSINE_TOLERANCE
         if not in_domain(reference_cos, dtype):
             continue  # the cosine bound holds everywhere; the element bound in its domain
         for t in [*PEARL_TS, 0.123 + 0.1 * seed]:
-            steps = steps_at_input_scale(cuda.slerp(v0, v1, t), core.slerp(v0, v1, t), v0, v1, t)
-            assert steps <= cuda.CONTRACT_STEPS[dtype], (kind, n, t, steps)
+            steps = steps_at_input_scale(device.slerp(v0, v1, t), core.slerp(v0, v1, t), v0, v1, t)
+            assert steps <= contract.CONTRACT_STEPS[dtype], (kind, n, t, steps)
             checked += 1
-    if kind == "obtuse" and cuda.CONTRACT_MIN_COSINE[dtype] > -0.45:
+    if kind == "obtuse" and contract.CONTRACT_MIN_COSINE[dtype] > -0.45:
         assert checked == 0  # outside the element bound's domain: the cosine bound only
     else:
         assert checked >= 18  # all but a one-element pair lie in the contract's domain
@@ -120,22 +121,22 @@ def test_contract_holds_across_several_of_the_cores_chunks(dtype):
     for kind, seed in (("siblings", 1), ("near-parallel", 2), ("strangers", 3)):
         v0, v1 = pair(kind, 2 * CHUNK + CHUNK // 2 + 3, dtype, seed)
         reference_cos = core_cosine(v0, v1)
-        assert abs(float(device_cosine(v0, v1)) - reference_cos) <= cuda.COSINE_TOLERANCE
+        assert abs(float(device_cosine(v0, v1)) - reference_cos) <= contract.COSINE_TOLERANCE
         for t in (0.3, 0.7):
-            steps = steps_at_input_scale(cuda.slerp(v0, v1, t), core.slerp(v0, v1, t), v0, v1, t)
-            assert steps <= cuda.CONTRACT_STEPS[dtype], (kind, t, steps)
+            steps = steps_at_input_scale(device.slerp(v0, v1, t), core.slerp(v0, v1, t), v0, v1, t)
+            assert steps <= contract.CONTRACT_STEPS[dtype], (kind, t, steps)
 
 
 def perturbed_cosines(v0: torch.Tensor, v1: torch.Tensor, seed: int) -> list[torch.Tensor]:
     """The device backend's cosine of the same vectors summed in other orders."""
-    work = cuda.work_dtype(v0)
+    work = interpolation.work_dtype(v0)
     x, y = v0.reshape(-1).to(work), v1.reshape(-1).to(work)
     order = torch.randperm(x.numel(), generator=torch.Generator().manual_seed(seed))
-    wide = cuda.cosine(x.double(), y.double()).to(work)  # exact enough: float64 sums
+    wide = device.cosine(x.double(), y.double()).to(work)  # exact enough: float64 sums
     return [
-        cuda.cosine(x[order], y[order]),
-        cuda.cosine(x.flip(0), y.flip(0)),
-        cuda.cosine(x.reshape(-1, 1).expand(-1, 1).reshape(-1), y),  # the plain order again
+        device.cosine(x[order], y[order]),
+        device.cosine(x.flip(0), y.flip(0)),
+        device.cosine(x.reshape(-1, 1).expand(-1, 1).reshape(-1), y),  # the plain order again
         wide,
     ]
 
@@ -148,34 +149,36 @@ def test_contract_holds_for_sums_in_any_order(kind, dtype):
         reference_cos = core_cosine(v0, v1)
         expected = {t: core.slerp(v0, v1, t) for t in (0.25, 0.5, 0.8)}
         for cos in perturbed_cosines(v0, v1, seed):
-            assert abs(float(cos) - reference_cos) <= cuda.COSINE_TOLERANCE
-            work = cuda.work_dtype(v0)
+            assert abs(float(cos) - reference_cos) <= contract.COSINE_TOLERANCE
+            work = interpolation.work_dtype(v0)
             x, y = v0.reshape(-1).to(work), v1.reshape(-1).to(work)
             for t, reference in expected.items():
-                w0, w1 = cuda.slerp_weights(cos, t)
-                got = cuda.weighted_sum(x, y, w0, w1, like=v0)
+                w0, w1 = interpolation.slerp_weights(cos, t)
+                got = device.weighted_sum(x, y, w0, w1, like=v0)
                 steps = steps_at_input_scale(got, reference, v0, v1, t)
-                assert steps <= cuda.CONTRACT_STEPS[dtype], (kind, t, steps)
+                assert steps <= contract.CONTRACT_STEPS[dtype], (kind, t, steps)
 
 
 def test_the_branches_meet_at_the_threshold_within_the_bound():
     """Near |cos| = 0.9995 the two sides may take different branches: harmless at +0.9995."""
     for dtype in (torch.bfloat16, torch.float16):
         v0, v1 = pair("near-parallel", 100_003, dtype, 4)
-        work = cuda.work_dtype(v0)
+        work = interpolation.work_dtype(v0)
         x, y = v0.reshape(-1).to(work), v1.reshape(-1).to(work)
-        below = torch.tensor(cuda.DOT_THRESHOLD - cuda.COSINE_TOLERANCE)  # SLERP's weights
-        above = torch.tensor(cuda.DOT_THRESHOLD + 1e-7)  # the linear fallback
+        below = torch.tensor(
+            interpolation.DOT_THRESHOLD - contract.COSINE_TOLERANCE
+        )  # SLERP's weights
+        above = torch.tensor(interpolation.DOT_THRESHOLD + 1e-7)  # the linear fallback
         for t in (0.1, 0.3, 0.5, 0.7, 0.9):
-            slerped = cuda.weighted_sum(x, y, *cuda.slerp_weights(below, t), like=v0)
-            lerped = cuda.weighted_sum(x, y, *cuda.slerp_weights(above, t), like=v0)
-            weights = tuple(float(w) for w in cuda.slerp_weights(below, t))
-            scale = cuda.slerp_input_scale(v0, v1, t, weights)
+            slerped = device.weighted_sum(x, y, *interpolation.slerp_weights(below, t), like=v0)
+            lerped = device.weighted_sum(x, y, *interpolation.slerp_weights(above, t), like=v0)
+            weights = tuple(float(w) for w in interpolation.slerp_weights(below, t))
+            scale = contract.slerp_input_scale(v0, v1, t, weights)
             steps = (slerped.double() - lerped.double()).abs() / ulp_at_each(scale, dtype)
-            assert steps.max() <= cuda.CONTRACT_STEPS[dtype], (dtype, t)
+            assert steps.max() <= contract.CONTRACT_STEPS[dtype], (dtype, t)
     # At -0.9995 the branches do not meet: the reason the domain stops short of it.
-    w_slerp = cuda.slerp_weights(torch.tensor(-cuda.DOT_THRESHOLD + 4e-7), 0.5)
-    w_lerp = cuda.slerp_weights(torch.tensor(-cuda.DOT_THRESHOLD - 4e-7), 0.5)
+    w_slerp = interpolation.slerp_weights(torch.tensor(-interpolation.DOT_THRESHOLD + 4e-7), 0.5)
+    w_lerp = interpolation.slerp_weights(torch.tensor(-interpolation.DOT_THRESHOLD - 4e-7), 0.5)
     assert float(w_slerp[0]) > 10 * float(w_lerp[0])
 
 
@@ -183,18 +186,18 @@ def test_a_wrong_result_breaks_the_contract():
     for dtype in DTYPES:
         v0, v1 = pair("siblings", 50_001, dtype, 7)
         expected = core.slerp(v0, v1, 0.3)
-        allowed = cuda.CONTRACT_STEPS[dtype]
+        allowed = contract.CONTRACT_STEPS[dtype]
         # Another t, even close by.
-        assert steps_at_input_scale(cuda.slerp(v0, v1, 0.31), expected, v0, v1, 0.3) > allowed
+        assert steps_at_input_scale(device.slerp(v0, v1, 0.31), expected, v0, v1, 0.3) > allowed
         # The weights from a cosine that is off (by far more than any order of sums).
-        work = cuda.work_dtype(v0)
+        work = interpolation.work_dtype(v0)
         x, y = v0.reshape(-1).to(work), v1.reshape(-1).to(work)
-        w0, w1 = cuda.slerp_weights(device_cosine(v0, v1) - 0.05, 0.3)
-        wrong = cuda.weighted_sum(x, y, w0, w1, like=v0)
+        w0, w1 = interpolation.slerp_weights(device_cosine(v0, v1) - 0.05, 0.3)
+        wrong = device.weighted_sum(x, y, w0, w1, like=v0)
         assert steps_at_input_scale(wrong, expected, v0, v1, 0.3) > allowed
         # One element moved by two steps at its own scale.
         moved = expected.clone()
-        scale = cuda.slerp_input_scale(v0, v1, 0.3)
+        scale = contract.slerp_input_scale(v0, v1, 0.3)
         index = int(scale.argmax())
         moved[index] = (
             moved[index].double() + 2.01 * allowed * ulp_at_each(scale, dtype)[index]
@@ -216,8 +219,8 @@ def test_the_sensitivity_is_the_weights_derivative():
                 abs(hi - lo) / (2 * h)
                 for hi, lo in zip(log_weights(cos + h), log_weights(cos - h), strict=True)
             ]
-            assert cuda.weight_sensitivity(cos, t) == pytest.approx(max(slopes), rel=1e-5)
-    assert cuda.weight_sensitivity(0.9999, 0.5) == 0.0  # the fallback's weights are fixed
+            assert contract.weight_sensitivity(cos, t) == pytest.approx(max(slopes), rel=1e-5)
+    assert contract.weight_sensitivity(0.9999, 0.5) == 0.0  # the fallback's weights are fixed
 
 
 def test_the_bounds_follow_from_the_derivation():
@@ -231,15 +234,17 @@ def test_the_bounds_follow_from_the_derivation():
     ts = [i / 200 for i in range(201)]
 
     def largest_sensitivity(lowest_cos: float) -> float:
-        lowest_cos -= 2 * cuda.COSINE_TOLERANCE
-        cosines = [lowest_cos + (cuda.DOT_THRESHOLD - lowest_cos) * i / 400 for i in range(401)]
-        return max(cuda.weight_sensitivity(c, t) for c in cosines for t in ts)
+        lowest_cos -= 2 * contract.COSINE_TOLERANCE
+        cosines = [
+            lowest_cos + (interpolation.DOT_THRESHOLD - lowest_cos) * i / 400 for i in range(401)
+        ]
+        return max(contract.weight_sensitivity(c, t) for c in cosines for t in ts)
 
     theta_sin_theta = max(x / 1000 * math.sin(x / 1000) for x in range(3142))
     assert 6 * theta_sin_theta <= 11
-    for dtype, steps in cuda.CONTRACT_STEPS.items():
-        k = largest_sensitivity(cuda.CONTRACT_MIN_COSINE[dtype])
-        moved = k * (cuda.COSINE_TOLERANCE + 11 * UNIT) + 14 * UNIT
+    for dtype, steps in contract.CONTRACT_STEPS.items():
+        k = largest_sensitivity(contract.CONTRACT_MIN_COSINE[dtype])
+        moved = k * (contract.COSINE_TOLERANCE + 11 * UNIT) + 14 * UNIT
         precision = torch.finfo(dtype).eps  # the step at s is at least s * eps / 2
         if steps == 1:  # the two roundings land on the same or neighbouring values
             assert moved <= precision / 4, dtype
@@ -247,7 +252,7 @@ def test_the_bounds_follow_from_the_derivation():
             assert math.ceil(moved / (precision / 2)) <= steps, dtype
     # The branches at +0.9995: the weights' relative gap, from as far as the cosine's
     # tolerance below the threshold, inside float16's budget.
-    theta = math.acos(cuda.DOT_THRESHOLD - cuda.COSINE_TOLERANCE)
+    theta = math.acos(interpolation.DOT_THRESHOLD - contract.COSINE_TOLERANCE)
     gap = max(abs(math.sin(tau * theta) / math.sin(theta) / tau - 1) for tau in ts[1:] if tau < 1)
     assert gap + 14 * UNIT <= torch.finfo(torch.float16).eps / 4
 
@@ -333,7 +338,7 @@ def test_input_scale_of_each_method_and_only_where_asked():
     y = torch.tensor([-1.0, 3.0, 0.5, 4.0])
     z = torch.tensor([0.0, 1.0, -0.5, 2.0])
     slerp = input_scale("slerp", [x, y], 0, {"t": 0.3}, [{}, {}])
-    w0, w1 = cuda.reference_weights(x, y, 0.3)
+    w0, w1 = contract.reference_weights(x, y, 0.3)
     expected = x.double().abs() * abs(w0) + y.double().abs() * abs(w1)
     assert torch.equal(slerp.full(), expected)
     assert torch.equal(slerp.at(slice(1, 4), torch.tensor([True, False, True])), expected[[1, 3]])

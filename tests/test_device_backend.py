@@ -1,11 +1,12 @@
 """The device backend, run on CPU tensors: its logic, its dispatch, and no host syncs.
 
-`pearl_edu.backends.cuda` is device-agnostic torch, written for a GPU. Here it runs on the
-CPU: its SLERP agrees with the core to the contract (``tests/test_contract.py`` checks the
-bound itself), its task arithmetic, TIES (ties at the cut by position) and DARE (CPU
-generators seeded as the engine's) give the core's bits on CPU tensors, and none of its
-math asks the device for a value (no ``.item()``, no branch on a tensor, no boolean-mask
-indexing), which on a GPU would stall the host once per tensor.
+The device backend (`pearl_edu.backends.device`) is device-agnostic torch, written for a
+GPU. Here it runs on the CPU: its SLERP agrees with the core to the contract
+(``tests/test_contract.py`` checks the bound itself), its linear, task arithmetic, TIES
+(the core's, ties at the cut by position) and DARE (the core's, on generators seeded as
+the engine's) give the core's bits on CPU tensors, and none of its operations asks the
+device for a value (no ``.item()``, no branch on a tensor, no boolean-mask indexing), which
+on a GPU would stall the host once per tensor.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pearl_edu import core, methods
-from pearl_edu.backends import backend_for, cpu, cuda, on_device
+from pearl_edu import contract, core, methods
+from pearl_edu.backends import backend_for, cpu, device, reference
+from pearl_edu.core.interpolation import DOT_THRESHOLD, slerp_weights
 from pearl_edu.errors import ConfigError
 from pearl_edu.ulp import same_bits, ulp_at_each
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+CPU = torch.device("cpu")
 # The aten operations that make the host wait for the device: reading a value back
 # (`.item()`, `bool()`, `float()`, `if tensor:`) and sizing a result by its values
 # (boolean-mask indexing goes through nonzero).
@@ -51,30 +54,32 @@ def models(shape, dtype, count=3, seed=0, scale=0.01):
     ]
 
 
-def test_the_sync_detector_catches_item_and_mask_indexing():
+def test_the_sync_detector_catches_item_branches_and_mask_indexing():
     x = torch.randn(10)
     with pytest.raises(AssertionError, match="_local_scalar_dense"), NoHostSync():
         x.sum().item()
     with pytest.raises(AssertionError, match="host synchronisation"), NoHostSync():
         x[x > 0] = 1
     with pytest.raises(AssertionError, match="host synchronisation"), NoHostSync():
-        core.slerp(x, x.flip(0), 0.3)  # the core branches on the cosine's value
+        if x.sum() > 0:  # a branch on a value computed on the device
+            pass
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_slerp_and_lerp_ask_the_device_for_nothing(dtype):
     v0, v1 = models((64, 33), dtype, count=2, scale=0.5)
     near = (v0.float() * 1.0001).to(dtype)  # the linear fallback, chosen by torch.where
+    backend = device.BACKEND
     with NoHostSync():
         results = [
-            cuda.slerp(v0, v1, 0.3),
-            cuda.slerp(v0, near, 0.3),
-            cuda.slerp(v0, torch.zeros_like(v0), 0.7),
-            cuda.lerp(v0, v1, 0.3),
-            cuda.slerp(v0[:0], v1[:0], 0.3),
+            backend.slerp(v0, v1, 0.3),
+            backend.slerp(v0, near, 0.3),
+            backend.slerp(v0, torch.zeros_like(v0), 0.7),
+            backend.lerp(v0, v1, 0.3),
+            backend.slerp(v0[:0], v1[:0], 0.3),
         ]
         out = torch.empty_like(v0)
-        assert cuda.slerp(v0, v1, 0.3, out=out) is out
+        assert backend.slerp(v0, v1, 0.3, out=out) is out
     assert all(r.dtype == dtype for r in results)
     assert same_bits(out, results[0])
 
@@ -83,45 +88,52 @@ def test_slerp_and_lerp_ask_the_device_for_nothing(dtype):
 @pytest.mark.parametrize("rescale", [False, True])
 def test_task_vector_methods_ask_the_device_for_nothing(pruning, rescale):
     base, *others = models((50, 40), torch.bfloat16)
+    backend = device.BACKEND
+    options = {"normalize": True, "scale": 0.9}
     with NoHostSync():
-        cuda.merge_task_vectors(
-            base,
-            others,
-            [0.6, 0.4],
-            [0.5, 0.3],
-            pruning=pruning,
-            sign_election=pruning != "random",
-            normalize=True,
-            scale=0.9,
-            rescale=rescale,
-            seed=3,
-        )
-        cuda.linear([base, *others], [0.5, 0.3, 0.2])
+        if pruning is None:
+            backend.task_arithmetic(base, others, [0.6, 0.4], **options)
+        elif pruning == "magnitude":
+            backend.ties(base, others, [0.6, 0.4], [0.5, 0.3], rescale=rescale, **options)
+        else:
+            for election in (False, True):  # dare_linear and dare_ties
+                generators = device.device_generators(3, len(others), CPU)
+                backend.dare(
+                    base,
+                    others,
+                    [0.6, 0.4],
+                    [0.5, 0.3],
+                    generators,
+                    sign_election=election,
+                    rescale=rescale,
+                    **options,
+                )
+        backend.linear([base, *others], [0.5, 0.3, 0.2])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_slerp_is_the_cores_up_to_the_order_of_its_sums(dtype):
     v0, v1 = models((300, 70), dtype, count=2, scale=0.5)
     for t in (0.0, 0.3, 0.5, 1.0):
-        expected, got = core.slerp(v0, v1, t), cuda.slerp(v0, v1, t)
+        expected, got = core.slerp(v0, v1, t), device.slerp(v0, v1, t)
         assert got.dtype == dtype and got.shape == v0.shape
         # Within the contract (test_contract.py tries it on many more pairs).
         steps = (got.double() - expected.double()).abs() / ulp_at_each(
-            cuda.slerp_input_scale(v0, v1, t), dtype
+            contract.slerp_input_scale(v0, v1, t), dtype
         )
-        assert steps.max() <= cuda.CONTRACT_STEPS[dtype]
+        assert steps.max() <= contract.CONTRACT_STEPS[dtype]
     # The fallback's weights are the core's: the same bits.
     near = (v0.double() * 1.0001).to(dtype)
-    assert same_bits(cuda.slerp(v0, near, 0.3), core.slerp(v0, near, 0.3))
-    assert same_bits(cuda.lerp(v0, v1, 0.3), core.lerp(v0, v1, 0.3))
+    assert same_bits(device.slerp(v0, near, 0.3), core.slerp(v0, near, 0.3))
+    assert same_bits(device.lerp(v0, v1, 0.3), core.lerp(v0, v1, 0.3))
     zeros = torch.zeros_like(v0)
-    assert same_bits(cuda.slerp(zeros, zeros, 0.4), core.slerp(zeros, zeros, 0.4))
+    assert same_bits(device.slerp(zeros, zeros, 0.4), core.slerp(zeros, zeros, 0.4))
 
 
 def test_slerp_weights_choose_the_fallback_with_where():
     for cos, t in ((0.2, 0.3), (0.9999, 0.3), (1.0, 0.5), (-1.0, 0.5), (-0.9999, 0.25)):
-        w0, w1 = cuda.slerp_weights(torch.tensor(cos), t)
-        if abs(cos) > cuda.DOT_THRESHOLD:
+        w0, w1 = slerp_weights(torch.tensor(cos), t, DOT_THRESHOLD)
+        if abs(cos) > DOT_THRESHOLD:
             t_ = torch.tensor(t)
             assert (w0, w1) == (1 - t_, t_), cos
         else:
@@ -133,11 +145,11 @@ def test_slerp_weights_choose_the_fallback_with_where():
 def test_out_must_match_and_shapes_must_agree():
     v0, v1 = models((5, 4), torch.bfloat16, count=2)
     with pytest.raises(ValueError, match="contiguous"):
-        cuda.slerp(v0, v1, 0.3, out=torch.empty((5, 4), dtype=torch.float32))
+        device.slerp(v0, v1, 0.3, out=torch.empty((5, 4), dtype=torch.float32))
     with pytest.raises(ValueError, match="contiguous"):
-        cuda.slerp(v0, v1, 0.3, out=torch.empty((4, 5), dtype=torch.bfloat16).t())
+        device.slerp(v0, v1, 0.3, out=torch.empty((4, 5), dtype=torch.bfloat16).t())
     with pytest.raises(ValueError, match="shapes differ"):
-        cuda.slerp(v0, v1[:2], 0.3)
+        device.slerp(v0, v1[:2], 0.3)
 
 
 @pytest.mark.parametrize("dtype", [*DTYPES, torch.float64], ids=str)
@@ -149,49 +161,50 @@ def test_ties_is_the_cores_stable_ties(dtype, rescale):
         expected = core.ties(
             base, others, [0.6, 0.4], densities, rescale=rescale, stable=True, normalize=True
         )
-        got = cuda.merge_task_vectors(
-            base,
-            others,
-            [0.6, 0.4],
-            densities,
-            pruning="magnitude",
-            sign_election=True,
-            normalize=True,
-            scale=1.0,
-            rescale=rescale,
-        )
-        assert same_bits(got, expected), densities
+        for stable in (True, False):  # asked or not, a device breaks ties by position
+            got = device.BACKEND.ties(
+                base, others, [0.6, 0.4], densities, rescale=rescale, normalize=True, stable=stable
+            )
+            assert same_bits(got, expected), (densities, stable)
+        out = torch.empty_like(base)
+        got = device.BACKEND.ties(base, others, [0.6, 0.4], densities, rescale=rescale, out=out)
+        assert got is out and same_bits(out, expected), densities
 
 
-def test_trim_keeps_nans_first_and_ties_by_position():
+def test_ties_keeps_nans_first_and_ties_by_position():
+    # One model of weight 1 on a zero base: TIES is its trimmed task vector.
     delta = torch.tensor([1.0, -3.0, float("nan"), 3.0, 2.0, -3.0, 0.0, float("nan")])
+    zero = torch.zeros_like(delta)
     for density in (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875):
-        expected = core.magnitude_prune(delta, density, stable=True)
-        assert same_bits(cuda.trim(delta, density), expected), density
+        expected = core.ties(zero, [delta], [1.0], [density], stable=True)
+        assert same_bits(device.BACKEND.ties(zero, [delta], [1.0], [density]), expected), density
     # Every magnitude equal: the first ones are kept.
     flat = torch.full((10,), -2.0, dtype=torch.bfloat16)
-    assert cuda.trim(flat, 0.3).nonzero().flatten().tolist() == [0, 1, 2]
+    merged = device.BACKEND.ties(torch.zeros_like(flat), [flat], [1.0], [0.3])
+    assert merged.nonzero().flatten().tolist() == [0, 1, 2]
 
 
 @pytest.mark.parametrize("election", [False, True])
 def test_dare_on_cpu_generators_is_the_cores_draw(election):
     base, *others = models((101, 37), torch.bfloat16)
     seed = 11
-    generators = methods.input_generators(seed, len(others))
     expected = core.dare(
-        base, others, [0.7, 0.5], [0.3, 0.6], generators, sign_election=election, rescale=True
-    )
-    got = cuda.merge_task_vectors(
         base,
         others,
         [0.7, 0.5],
         [0.3, 0.6],
-        pruning="random",
+        reference.input_generators(seed, len(others)),
         sign_election=election,
-        normalize=False,
-        scale=1.0,
         rescale=True,
-        seed=seed,
+    )
+    got = device.BACKEND.dare(
+        base,
+        others,
+        [0.7, 0.5],
+        [0.3, 0.6],
+        device.device_generators(seed, len(others), CPU),
+        sign_election=election,
+        rescale=True,
     )
     assert same_bits(got, expected)
 
@@ -199,42 +212,40 @@ def test_dare_on_cpu_generators_is_the_cores_draw(election):
 def test_task_arithmetic_and_linear_are_the_cores():
     base, *others = models((40, 30), torch.float16)
     expected = core.task_arithmetic(base, others, [0.3, 0.8], scale=0.5)
-    got = cuda.merge_task_vectors(
-        base,
-        others,
-        [0.3, 0.8],
-        [1.0, 1.0],
-        pruning=None,
-        sign_election=False,
-        normalize=False,
-        scale=0.5,
-        rescale=False,
-    )
+    got = device.BACKEND.task_arithmetic(base, others, [0.3, 0.8], scale=0.5)
     assert same_bits(got, expected)
     mixed = [base, others[0].to(torch.bfloat16), others[1]]
     for normalize in (False, True):
         assert same_bits(
-            cuda.linear(mixed, [0.2, 0.3, 0.5], normalize=normalize),
+            device.BACKEND.linear(mixed, [0.2, 0.3, 0.5], normalize=normalize),
             core.linear(mixed, [0.2, 0.3, 0.5], normalize=normalize),
         )
 
 
 def test_device_generators_are_seeded_as_the_engines():
-    generators = cuda.device_generators(5, 3, torch.device("cpu"))
-    assert [g.initial_seed() for g in generators] == [5, 6, 7]
-    assert [g.device.type for g in generators] == ["cpu"] * 3
+    for generators in (
+        device.device_generators(5, 3, CPU),
+        device.BACKEND.generators(5, 3, CPU),
+    ):
+        assert [g.initial_seed() for g in generators] == [5, 6, 7]
+        assert [g.device.type for g in generators] == ["cpu"] * 3
+    assert [g.initial_seed() for g in reference.input_generators(5, 3)] == [5, 6, 7]
 
 
 def test_backend_for_gives_the_device_backend_on_cuda_and_on_the_cpu_only_when_asked():
-    assert backend_for("cpu") is cpu
-    assert backend_for(torch.device("cuda", 1)) is cuda
-    assert backend_for("cuda", "exact") is cpu
-    assert backend_for("cpu", "exact") is cpu
-    assert backend_for("cpu", "device") is cuda
-    assert backend_for("meta") is cpu  # not a GPU: the host-copy path, as before
-    assert on_device("cuda") and not on_device("cpu") and on_device("cpu", "device")
-    with pytest.raises(ConfigError, match="not understood"):
-        backend_for("cpu", "fast")
+    assert backend_for("cpu") is cpu.BACKEND
+    assert backend_for("cpu", "auto") is cpu.BACKEND
+    assert backend_for(torch.device("cuda", 1)) is device.BACKEND
+    assert backend_for("cuda", "cpu") is cpu.BACKEND
+    assert backend_for("cpu", "cpu") is cpu.BACKEND
+    assert backend_for("cpu", "device") is device.BACKEND
+    assert backend_for("cuda", "reference") is reference.BACKEND
+    assert backend_for("meta") is cpu.BACKEND  # not a GPU: the host-copy path, as before
+    assert backend_for("cuda").name == "device" and backend_for("cpu").name != "device"
+    assert backend_for("cpu", "device").name == "device"
+    for name in ("exact", "fast"):
+        with pytest.raises(ConfigError, match="not understood"):
+            backend_for("cpu", name)
 
 
 @pytest.mark.parametrize("method", ["slerp", "linear", "ties", "dare_ties", "task_arithmetic"])
@@ -253,7 +264,7 @@ def test_merge_tensor_hands_the_backend_on(method):
     exact = methods.merge_tensor(method, tensors, 0, params, **options)
     on_dev = methods.merge_tensor(method, tensors, 0, params, backend="device", **options)
     if method == "slerp":
-        assert same_bits(on_dev, cuda.slerp(tensors[0], tensors[1], 0.4))
+        assert same_bits(on_dev, device.slerp(tensors[0], tensors[1], 0.4))
     else:
         # On CPU tensors the device backend's other methods give the core's bits.
         assert same_bits(on_dev, exact), method
@@ -373,7 +384,7 @@ def test_transfers_are_plain_copies_without_cuda():
 
 
 # --------------------------------------------------------------------------------------
-# --device auto's rule, --exact, and what the merge prints.
+# --device auto's rule, --backend cpu (or --exact), and what the merge prints.
 
 
 def test_auto_merges_on_the_cpu_until_a_gpu_run_is_recorded(monkeypatch):
@@ -392,7 +403,9 @@ def test_auto_merges_on_the_cpu_until_a_gpu_run_is_recorded(monkeypatch):
     assert given.device == torch.device("cuda", 0) and given.reason == "--device cuda:0"
 
 
-def test_merge_command_prints_the_device_and_why_and_takes_exact(pearl_pair, tmp_path, capsys):
+def test_merge_command_prints_the_device_and_why_and_takes_backend_cpu_or_exact(
+    pearl_pair, tmp_path, capsys
+):
     from pearl_edu.cli import main
 
     config = tmp_path / "slerp.yml"
@@ -402,7 +415,11 @@ def test_merge_command_prints_the_device_and_why_and_takes_exact(pearl_pair, tmp
     expected = "no CUDA GPU" if not torch.cuda.is_available() else "not yet run on a GPU"
     assert "(auto: " in out and expected in out
     assert main(["merge", str(config), str(tmp_path / "b"), "--quiet", "--exact", "-v"]) == 0
-    assert "mergekit's bits on any device (--exact)" in capsys.readouterr().err
+    assert "the cpu backend (--backend cpu)" in capsys.readouterr().err
+    argv = ["merge", str(config), str(tmp_path / "c"), "--quiet", "--backend", "cpu", "-v"]
+    assert main(argv) == 0
+    assert "the cpu backend (--backend cpu)" in capsys.readouterr().err
     from pearl_edu.verification import verify
 
     assert verify(tmp_path / "a", tmp_path / "b").identical  # the CPU's bits either way
+    assert verify(tmp_path / "a", tmp_path / "c").identical

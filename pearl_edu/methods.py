@@ -371,6 +371,9 @@ def check_parameters(
     ``labels`` name the inputs in the message (the plan gives model names).
     """
     spec = METHODS[method]
+    for name, value in params.items():  # a count is a whole number (mergekit refuses 2.5 too)
+        if spec.types.get(name) is int and not float(value).is_integer():
+            return f"parameters.{name}: expected a whole number, got {value:g}"
     return spec.check(shape, params, input_params, labels) if spec.check else None
 
 

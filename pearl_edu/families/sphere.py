@@ -24,8 +24,6 @@ the inputs are promoted to their common dtype, as mergekit does, so the bits are
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
 import torch
 
 from pearl_edu.core import sphere
@@ -39,6 +37,16 @@ from pearl_edu.methods import (
     PerNonBase,
     merge_method,
 )
+
+# For the model card: each method's name in words, and the paper or post it comes from.
+ABOUT = {
+    "multislerp": {
+        "title": "Multi-SLERP",
+        "reference": "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+    },
+    "karcher": {"title": "Karcher Mean", "reference": "https://arxiv.org/abs/2603.04972"},
+    "model_stock": {"title": "Model Stock", "reference": "https://arxiv.org/abs/2403.19522"},
+}
 
 
 def _promoted(inputs: MergeInputs) -> MergeInputs:
@@ -69,12 +77,7 @@ def nuslerp(
 
 
 @merge_method(
-    "multislerp",
-    models=(1, None),
-    base=OPTIONAL,
-    non_base=(1, None),
-    title="Multi-SLERP",
-    reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+    "multislerp", models=(1, None), base=OPTIONAL, non_base=(1, None), **ABOUT["multislerp"]
 )
 def multislerp(
     inputs: MergeInputs,
@@ -93,26 +96,7 @@ def multislerp(
         raise ModelError(f"{run.name}: multislerp: {err}") from None
 
 
-def _karcher_check(
-    shape: tuple[int, ...],
-    params: Mapping[str, float],
-    input_params: Sequence[Mapping[str, float]],
-    labels: Sequence[str],
-) -> str | None:
-    """``max_iter`` counts steps: a whole number (mergekit refuses 2.5 too)."""
-    max_iter = params["max_iter"]
-    if max_iter != int(max_iter):
-        return f"parameters.max_iter: expected a whole number of steps, got {max_iter:g}"
-    return None
-
-
-@merge_method(
-    "karcher",
-    models=(1, None),
-    check=_karcher_check,
-    title="Karcher Mean",
-    reference="https://arxiv.org/abs/2603.04972",
-)
+@merge_method("karcher", models=(1, None), **ABOUT["karcher"])
 def karcher(
     inputs: MergeInputs,
     run: MergeContext,
@@ -126,13 +110,7 @@ def karcher(
     return run.backend.karcher_mean(tensors, weights, max_iter=max_iter, tol=tol)
 
 
-@merge_method(
-    "model_stock",
-    models=(3, None),
-    base=REQUIRED,
-    title="Model Stock",
-    reference="https://arxiv.org/abs/2403.19522",
-)
+@merge_method("model_stock", models=(3, None), base=REQUIRED, **ABOUT["model_stock"])
 def model_stock(
     inputs: MergeInputs, run: MergeContext, *, filter_wise: bool = False
 ) -> torch.Tensor:

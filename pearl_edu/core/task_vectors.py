@@ -6,6 +6,14 @@ its largest entries and lets the models vote on a sign per entry; DARE drops ent
 random instead of trimming. Every step is mergekit 0.1.5's (same operations, order and
 dtypes: bfloat16 inputs are summed in bfloat16, as mergekit sums them), so the results are
 mergekit's, bit for bit.
+
+The module reads top-down, as chapter 10 of the book prints it: the three methods first
+(`ties`, `task_arithmetic`, `dare`), then their steps in the order TIES takes them:
+`task_vectors`; the trim, `magnitude_prune` (eq:ties-trim), and DARE's drop in its place,
+`random_drop` with `drop_mask`; the election, `elect_signs` (eq:ties-elect); `combine`,
+the last step of all three, which elects (for TIES), takes the disjoint mean (eq:ties-mean)
+or the weighted sum (eq:task-arithmetic) and adds it to the base; and last the L1 rescale
+that the trim and the drop may apply, `rescaled` with `l1_ratio`.
 """
 
 from __future__ import annotations
@@ -22,6 +30,83 @@ L1_EPS = 1e-7
 WEIGHT_SUM_EPS = 1e-8
 
 
+def ties(
+    base: torch.Tensor,
+    others: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    *,
+    normalize: bool = True,
+    scale: float = 1.0,
+    rescale: bool = False,
+    stable: bool = False,
+) -> torch.Tensor:
+    r"""TIES: trim each task vector, elect signs, average the agreeing entries.
+
+    $$ \theta = \theta_\text{base} + \lambda\,
+       \frac{\sum_i w_i\, \operatorname{trim}_{\rho_i}(\delta_i)\, [\text{agrees}]}
+            {\sum_i w_i\, [\text{agrees}]} $$
+    """
+    # The task vectors delta_i = theta_i - theta_base (eq:task-arithmetic).
+    base, deltas = task_vectors(base, others)
+    # Step 1, trim (eq:ties-trim): keep each task vector's largest entries, the rest 0.
+    trimmed = [
+        magnitude_prune(delta, density, rescale=rescale, stable=stable)
+        for delta, density in zip(deltas, densities, strict=True)
+    ]
+    # Steps 2 and 3, elect (eq:ties-elect) and disjoint mean (eq:ties-mean), done by
+    # `combine`, which then adds lambda times the result to the base.
+    return combine(base, trimmed, weights, sign_election=True, normalize=normalize, scale=scale)
+
+
+def task_arithmetic(
+    base: torch.Tensor,
+    others: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    normalize: bool = False,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    r"""Task arithmetic: $\theta_\text{base} + \lambda \sum_i w_i \delta_i$ (see `combine`)."""
+    # eq:task-arithmetic: the task vectors, weighted, summed, scaled and added to the base.
+    base, deltas = task_vectors(base, others)
+    return combine(base, deltas, weights, normalize=normalize, scale=scale)
+
+
+def dare(
+    base: torch.Tensor,
+    others: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    generators: Sequence[torch.Generator | None] | None = None,
+    *,
+    sign_election: bool = False,
+    normalize: bool = False,
+    scale: float = 1.0,
+    rescale: bool = True,
+) -> torch.Tensor:
+    r"""DARE: drop task-vector entries at random, rescale, add (``dare_linear``).
+
+    $$ \theta = \theta_\text{base} + \lambda\, \frac{\sum_i w_i\,
+       \operatorname{drop}_{\rho_i}(\delta_i)}{D} $$
+
+    Model ``i`` draws from ``generators[i]``; with ``None`` (the default), every model
+    draws in turn from torch's global generator, as mergekit does. With ``sign_election``
+    it is ``dare_ties``: the dropped deltas go through TIES' election.
+    """
+    base, deltas = task_vectors(base, others)
+    generators = generators if generators is not None else [None] * len(deltas)
+    # TIES' trim replaced by a random drop, rescaled to each task vector's L1 norm.
+    dropped = [
+        random_drop(delta, density, generator, rescale=rescale)
+        for delta, density, generator in zip(deltas, densities, generators, strict=True)
+    ]
+    # Then as task arithmetic (dare_linear), or as TIES' election and mean (dare_ties).
+    return combine(
+        base, dropped, weights, sign_election=sign_election, normalize=normalize, scale=scale
+    )
+
+
 def task_vectors(
     base: torch.Tensor, others: Sequence[torch.Tensor]
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -33,32 +118,12 @@ def task_vectors(
     return base, [other.to(common) - base for other in others]
 
 
-def rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
-    r"""``tensor * mask``, scaled back to the L1 norm of ``tensor`` when ``rescale``.
-
-    $$ \frac{\lVert \delta \rVert_1}{\lVert m \odot \delta \rVert_1}\; m \odot \delta $$
-
-    Nothing is rescaled when either norm is below 1e-7 (nothing there, or nothing kept).
-    """
-    masked = tensor * mask
-    if not rescale:
-        return masked
-    return masked * l1_ratio(tensor.abs().sum(), masked.abs().sum())
-
-
-def l1_ratio(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
-    """``before / after``, two L1 norms, or 1 when either is below 1e-7 (mergekit's test).
-
-    Chosen by `torch.where`, so that nothing waits for the sums (on a GPU, no host
-    synchronisation); multiplying by 1 changes no bit.
-    """
-    return torch.where((before < L1_EPS) | (after < L1_EPS), 1, before / after)
-
-
 def magnitude_prune(
     delta: torch.Tensor, density: float, *, rescale: bool = False, stable: bool = False
 ) -> torch.Tensor:
     r"""TIES' trim: keep the ``density`` fraction of ``delta``'s entries largest in magnitude.
+
+    In eq:ties-trim's notation, with $\rho$ = ``density`` and $N$ entries:
 
     $$ \operatorname{trim}_\rho(\delta)_j = \delta_j\, [\, |\delta_j| \text{ is among the }
        k = \max(1, \lfloor \rho N \rfloor) \text{ largest} \,] $$
@@ -125,7 +190,7 @@ def drop_mask(
 def elect_signs(weighted_deltas: torch.Tensor) -> torch.Tensor:
     r"""TIES' sign election: where each weighted delta agrees with the sign of their sum.
 
-    For the stacked $w_i \delta_i$ (first axis: the models):
+    For the stacked $w_i \delta_i$ (first axis: the models), eq:ties-elect:
 
     $$ s = \operatorname{sgn}\Bigl(\sum_i w_i \delta_i\Bigr) \ (\text{zero counts as } +1),
        \qquad \operatorname{agree}_{ij} = [\operatorname{sgn}(w_i \delta_{ij}) = s_j] $$
@@ -149,6 +214,8 @@ def combine(
 ) -> torch.Tensor:
     r"""Add weighted task vectors to the base: the last step of every task-vector method.
 
+    eq:task-arithmetic, or with ``sign_election`` TIES' disjoint mean (eq:ties-mean):
+
     $$ \theta = \theta_\text{base} + \lambda\, \frac{\sum_i w_i\, \delta_i}{D} $$
 
     with $\lambda$ = ``scale`` (the YAML's ``lambda``) and $D = \sum_i w_i$ when
@@ -164,88 +231,43 @@ def combine(
     # The weights take the tensors' dtype (bfloat16 rounds 0.3 to 0.30078125), as in mergekit.
     w = torch.tensor(list(weights), dtype=base.dtype, device=base.device)
     w = w.reshape((len(deltas),) + (1,) * base.dim())
-    stacked = stacked * w
+    stacked = stacked * w  # the w_i delta_i, one row per model
     if sign_election:
+        # Step 2, elect (eq:ties-elect): which w_i delta_ij agree with the sign of their sum.
         agree = elect_signs(stacked)
+        # Step 3, disjoint mean (eq:ties-mean): the agreeing entries' sum, over their weights'.
         mixed = (stacked * agree).sum(dim=0)
         divisor = (w * agree).sum(dim=0)
         divisor = torch.where(divisor == 0, 1, divisor)
     else:
+        # eq:task-arithmetic's sum (with normalize, divided by the sum of the weights).
         mixed = stacked.sum(dim=0)
         divisor = w.sum(dim=0)
         divisor = torch.where(divisor.abs() < WEIGHT_SUM_EPS, 1, divisor)
     if normalize:
         mixed = mixed / divisor
     if scale != 1:
-        mixed = mixed * scale
+        mixed = mixed * scale  # lambda
     return (base + mixed).to(base.dtype)
 
 
-def task_arithmetic(
-    base: torch.Tensor,
-    others: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    *,
-    normalize: bool = False,
-    scale: float = 1.0,
-) -> torch.Tensor:
-    r"""Task arithmetic: $\theta_\text{base} + \lambda \sum_i w_i \delta_i$ (see `combine`)."""
-    base, deltas = task_vectors(base, others)
-    return combine(base, deltas, weights, normalize=normalize, scale=scale)
+def rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
+    r"""``tensor * mask``, scaled back to the L1 norm of ``tensor`` when ``rescale``.
 
+    $$ \frac{\lVert \delta \rVert_1}{\lVert m \odot \delta \rVert_1}\; m \odot \delta $$
 
-def ties(
-    base: torch.Tensor,
-    others: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    densities: Sequence[float],
-    *,
-    normalize: bool = True,
-    scale: float = 1.0,
-    rescale: bool = False,
-    stable: bool = False,
-) -> torch.Tensor:
-    r"""TIES: trim each task vector, elect signs, average the agreeing entries.
-
-    $$ \theta = \theta_\text{base} + \lambda\,
-       \frac{\sum_i w_i\, \operatorname{trim}_{\rho_i}(\delta_i)\, [\text{agrees}]}
-            {\sum_i w_i\, [\text{agrees}]} $$
+    Nothing is rescaled when either norm is below 1e-7 (nothing there, or nothing kept).
     """
-    base, deltas = task_vectors(base, others)
-    trimmed = [
-        magnitude_prune(delta, density, rescale=rescale, stable=stable)
-        for delta, density in zip(deltas, densities, strict=True)
-    ]
-    return combine(base, trimmed, weights, sign_election=True, normalize=normalize, scale=scale)
+    masked = tensor * mask
+    if not rescale:
+        return masked
+    return masked * l1_ratio(tensor.abs().sum(), masked.abs().sum())
 
 
-def dare(
-    base: torch.Tensor,
-    others: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    densities: Sequence[float],
-    generators: Sequence[torch.Generator | None] | None = None,
-    *,
-    sign_election: bool = False,
-    normalize: bool = False,
-    scale: float = 1.0,
-    rescale: bool = True,
-) -> torch.Tensor:
-    r"""DARE: drop task-vector entries at random, rescale, add (``dare_linear``).
+def l1_ratio(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """``before / after``, two L1 norms, or 1 when either is below 1e-7 (mergekit's test).
 
-    $$ \theta = \theta_\text{base} + \lambda\, \frac{\sum_i w_i\,
-       \operatorname{drop}_{\rho_i}(\delta_i)}{D} $$
-
-    Model ``i`` draws from ``generators[i]``; with ``None`` (the default), every model
-    draws in turn from torch's global generator, as mergekit does. With ``sign_election``
-    it is ``dare_ties``: the dropped deltas go through TIES' election.
+    Chosen by `torch.where`, so that nothing waits for the sums (on a GPU, no host
+    synchronisation); multiplying by 1 changes no bit.
     """
-    base, deltas = task_vectors(base, others)
-    generators = generators if generators is not None else [None] * len(deltas)
-    dropped = [
-        random_drop(delta, density, generator, rescale=rescale)
-        for delta, density, generator in zip(deltas, densities, generators, strict=True)
-    ]
-    return combine(
-        base, dropped, weights, sign_election=sign_election, normalize=normalize, scale=scale
-    )
+    return torch.where((before < L1_EPS) | (after < L1_EPS), 1, before / after)

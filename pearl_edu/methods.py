@@ -21,28 +21,20 @@ the tensor's seed and name, the output buffer) and the parameters.
 from __future__ import annotations
 
 import hashlib
-import inspect
-import keyword
-import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, TypeVar
+from typing import Any
 
 import torch
 
 from pearl_edu.backends import Backend, backend_for
 from pearl_edu.errors import ModelError
+from pearl_edu.method_parameters import PER_INPUT, PER_NON_BASE, argument_name, read_parameters
 
 # Tensor seeds stay below 2**62, so that seed + input index fits a generator's 64 bits.
 SEED_RANGE = 1 << 62
 # Where a method's base model stands: it needs one, may do without, or has none.
 REQUIRED, OPTIONAL, NONE = "required", "optional", "none"
-
-T = TypeVar("T")
-# Markers of per-input parameters, in a parameter's annotation (see the module's docstring).
-PER_INPUT, PER_NON_BASE = "per input", "per model but the base"
-PerInput = Annotated[Sequence[T], PER_INPUT]
-PerNonBase = Annotated[Sequence[T], PER_NON_BASE]
 
 
 @dataclass(frozen=True)
@@ -117,7 +109,6 @@ class MergeMethod:
     parameters: Mapping[str, float | None]
     input_parameters: Mapping[str, float | None]
     types: Mapping[str, type]
-    base_has_input_parameters: bool
     optional_inputs: frozenset[str]
     base: str = NONE
     min_models: int = 2
@@ -134,6 +125,11 @@ class MergeMethod:
     reference: str = ""
     # Each per-input parameter's scope: PER_INPUT (the base too) or PER_NON_BASE.
     input_scopes: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def base_has_input_parameters(self) -> bool:
+        """Whether the base takes per-input parameters too (a `PerInput` parameter)."""
+        return PER_INPUT in self.input_scopes.values()
 
     @property
     def needs_base(self) -> bool:
@@ -183,7 +179,7 @@ def merge_method(
     """
 
     def register_function(function: MergeFunction) -> MergeFunction:
-        shared, per_input, types, optional, scopes = _read_parameters(function)
+        shared, per_input, types, optional, scopes = read_parameters(function)
         register(
             MergeMethod(
                 name=name,
@@ -191,7 +187,6 @@ def merge_method(
                 parameters=shared,
                 input_parameters=per_input,
                 types=types,
-                base_has_input_parameters=PER_INPUT in scopes.values(),
                 optional_inputs=optional,
                 base=base,
                 min_models=models[0],
@@ -208,47 +203,6 @@ def merge_method(
         return function
 
     return register_function
-
-
-def _read_parameters(function: MergeFunction) -> tuple[dict, dict, dict, frozenset, dict]:
-    """A method function's parameters: shared and per-input defaults, types, scopes."""
-    hints = typing.get_type_hints(function, include_extras=True)
-    shared: dict[str, float | None] = {}
-    per_input: dict[str, float | None] = {}
-    types: dict[str, type] = {}
-    optional: set[str] = set()
-    scopes: dict[str, str] = {}
-    for parameter in inspect.signature(function).parameters.values():
-        if parameter.kind is not inspect.Parameter.KEYWORD_ONLY:
-            continue
-        hint = hints[parameter.name]
-        name = config_name(parameter.name)
-        given = parameter.default is not inspect.Parameter.empty
-        default = None if not given or parameter.default is None else float(parameter.default)
-        if typing.get_origin(hint) is Annotated:
-            sequence, scope = typing.get_args(hint)[:2]
-            hint = typing.get_args(sequence)[0]
-            scopes[name] = scope
-            per_input[name] = default
-            if given and parameter.default is None:
-                optional.add(name)
-        else:
-            shared[name] = default
-        kinds = [k for k in (bool, int, float) if k is hint or k in typing.get_args(hint)]
-        if not kinds:
-            raise TypeError(f"{function.__name__}: {parameter.name}: expected bool, int or float")
-        types[name] = kinds[0]
-    return shared, per_input, types, frozenset(optional), scopes
-
-
-def config_name(argument: str) -> str:
-    """A parameter's name in configs: ``lambda_`` is ``lambda`` (a Python keyword)."""
-    return argument[:-1] if keyword.iskeyword(argument[:-1]) else argument
-
-
-def argument_name(name: str) -> str:
-    """A config parameter's name as a function's argument: ``lambda`` is ``lambda_``."""
-    return f"{name}_" if keyword.iskeyword(name) else name
 
 
 def register(method: MergeMethod) -> MergeMethod:

@@ -19,15 +19,12 @@ from pearl_edu.backends.threads import set_threads_for_new_threads, threads_for_
 from pearl_edu.core.interpolation import DOT_THRESHOLD
 from pearl_edu.errors import ModelError
 from pearl_edu.functions import lerp, slerp
+from pearl_edu.method_parameters import PER_INPUT, PER_NON_BASE, PerInput, PerNonBase
 from pearl_edu.methods import (
     METHODS,
-    PER_INPUT,
-    PER_NON_BASE,
     REQUIRED,
     MergeContext,
     MergeInputs,
-    PerInput,
-    PerNonBase,
     merge_method,
     merge_tensor,
 )

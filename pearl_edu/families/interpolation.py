@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from pearl_edu.methods import REQUIRED, MergeContext, MergeInputs, PerInput, merge_method
+from pearl_edu.method_parameters import PerInput
+from pearl_edu.methods import REQUIRED, MergeContext, MergeInputs, merge_method
 
 
 @merge_method("slerp", models=(2, 2), base=REQUIRED)

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from pearl_edu.methods import MergeContext, MergeInputs, PerInput, merge_method
+from pearl_edu.method_parameters import PerInput
+from pearl_edu.methods import MergeContext, MergeInputs, merge_method
 
 
 def passthrough(tensor: torch.Tensor, scale: float | None = None) -> torch.Tensor:

@@ -32,7 +32,8 @@ import torch
 
 from pearl_edu.backends.reference import input_generators
 from pearl_edu.core import pruning
-from pearl_edu.methods import REQUIRED, MergeContext, MergeInputs, PerNonBase, merge_method
+from pearl_edu.method_parameters import PerNonBase
+from pearl_edu.methods import REQUIRED, MergeContext, MergeInputs, merge_method
 
 
 def _gamma_problem(values: Mapping[str, float], label: str) -> str | None:

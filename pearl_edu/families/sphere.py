@@ -29,14 +29,8 @@ import torch
 from pearl_edu.core import sphere
 from pearl_edu.core.weighted_average import common_dtype
 from pearl_edu.errors import ModelError
-from pearl_edu.methods import (
-    OPTIONAL,
-    REQUIRED,
-    MergeContext,
-    MergeInputs,
-    PerNonBase,
-    merge_method,
-)
+from pearl_edu.method_parameters import PerNonBase
+from pearl_edu.methods import OPTIONAL, REQUIRED, MergeContext, MergeInputs, merge_method
 
 # For the model card: each method's name in words, and the paper or post it comes from.
 ABOUT = {

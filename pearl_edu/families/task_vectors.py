@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from pearl_edu.methods import REQUIRED, MergeContext, MergeInputs, PerNonBase, merge_method
+from pearl_edu.method_parameters import PerNonBase
+from pearl_edu.methods import REQUIRED, MergeContext, MergeInputs, merge_method
 
 # Every task-vector method takes any number of models besides the base.
 TASK_VECTORS = {"models": (1, None), "base": REQUIRED}

@@ -237,15 +237,15 @@ def combine(
         agree = elect_signs(stacked)
         # Step 3, disjoint mean (eq:ties-mean): the agreeing entries' sum, over their weights'.
         mixed = (stacked * agree).sum(dim=0)
-        divisor = (w * agree).sum(dim=0)
-        divisor = torch.where(divisor == 0, 1, divisor)
+        if normalize:
+            divisor = (w * agree).sum(dim=0)
+            mixed = mixed / torch.where(divisor == 0, 1, divisor)
     else:
         # eq:task-arithmetic's sum (with normalize, divided by the sum of the weights).
         mixed = stacked.sum(dim=0)
-        divisor = w.sum(dim=0)
-        divisor = torch.where(divisor.abs() < WEIGHT_SUM_EPS, 1, divisor)
-    if normalize:
-        mixed = mixed / divisor
+        if normalize:
+            divisor = w.sum(dim=0)
+            mixed = mixed / torch.where(divisor.abs() < WEIGHT_SUM_EPS, 1, divisor)
     if scale != 1:
         mixed = mixed * scale  # lambda
     return (base + mixed).to(base.dtype)

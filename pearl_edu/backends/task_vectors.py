@@ -216,10 +216,11 @@ def magnitude_keys(values: torch.Tensor) -> torch.Tensor:
     """Integers that order ``values`` by magnitude, as float32 magnitudes sort (NaN largest).
 
     An IEEE float without its sign bit, read as an integer, grows with the magnitude;
-    every NaN gets the largest key, so that NaNs tie, as they do in a sort.
+    every NaN gets the largest key, so that NaNs tie, as they do in a sort. The keys keep
+    the floats' width (16 or 32 bits), which halves or quarters the passes' memory traffic.
     """
     int_dtype, bits = KEY_DTYPES[values.dtype]
-    keys = values.view(int_dtype).to(torch.int64) & ((1 << bits) - 1)
+    keys = values.view(int_dtype) & ((1 << bits) - 1)
     return keys.masked_fill_(values.isnan(), (1 << bits) - 1)
 
 

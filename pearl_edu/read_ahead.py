@@ -161,7 +161,12 @@ def read_ahead(
 
     def read_all() -> None:
         try:
-            for job in jobs:
+            for index, job in enumerate(jobs):
+                # The job after this one: its bytes start coming from the disk now, while
+                # this one's are read (from a cold disk, the two reads then overlap).
+                for later in jobs[index + 1 : index + 2]:
+                    for i in later.inputs:
+                        readers[i.model].prefetch(i.tensor)
                 buffers = free_sets.get()
                 buffers.wait_for_uploads()
                 in_flight.acquire(job_bytes(job), stop)

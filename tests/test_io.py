@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 
@@ -108,6 +109,25 @@ def test_pickle_tensors_cannot_be_mapped(models):
     with ModelReader(read_header(models["bin"])) as reader:
         assert not any(reader.can_map(name) for name in reader.header.tensors)
         assert not reader.can_map("model.nope")
+
+
+def test_prefetch_advises_the_kernel_of_the_tensors_bytes_only(models, monkeypatch):
+    import pearl_edu.reading
+
+    advice = []
+    monkeypatch.setattr(pearl_edu.reading, "fadvise", lambda *args: advice.append(args))
+    header = read_header(models["sharded"])
+    name = "model.layers.1.mlp.up_proj.weight"
+    meta = header.tensors[name]
+    with ModelReader(header) as reader:
+        reader.prefetch(name)
+        reader.prefetch("model.nope")  # unknown: nothing to advise
+        (fd, offset, length, what) = advice[0]
+        assert (offset, length, what) == (meta.offset, meta.nbytes, pearl_edu.reading.FADV_WILLNEED)
+        assert os.path.samefile(f"/proc/self/fd/{fd}", meta.file) and len(advice) == 1
+    with ModelReader(read_header(models["bin"])) as reader:  # pickle: no byte range to advise
+        reader.prefetch(next(iter(reader.header.tensors)))
+    assert len(advice) == 1
 
 
 def test_a_map_lives_as_long_as_its_tensor(models):

@@ -85,7 +85,7 @@ def test_ties_three_elements_by_hand():
 
 def test_sign_election_zero_never_agrees_and_int8_mask_changes_nothing():
     weighted = torch.stack([tensor(1, 0, -1), tensor(-2, 0, -1)])
-    expected = torch.tensor([[False, False, True], [True, False, True]])
+    expected = torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 1.0]])
     assert torch.equal(elect_signs(weighted), expected)
     # int8_mask, mergekit's way to store these signs in less memory, is a parameter of the
     # methods that elect signs, and changes no bit of their results.

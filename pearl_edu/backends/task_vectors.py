@@ -71,7 +71,7 @@ class Pruned:
         if self.mask is None:  # nothing pruned (density 1, or task arithmetic)
             return delta
         work = self.work or delta.dtype
-        kept = delta.to(work) * self.mask[part].to(work)
+        kept = delta.to(work) * as_numbers(self.mask[part], work)
         if self.factor is not None:
             kept = kept * self.factor
         return kept.to(delta.dtype)
@@ -209,7 +209,13 @@ def l1_factor(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     ``delta``'s dtype; ``delta`` (a task vector of this call's own) is overwritten.
     """
     before = delta.abs().sum()
-    return l1_ratio(before, delta.mul_(mask.to(delta.dtype)).abs_().sum())
+    return l1_ratio(before, delta.mul_(as_numbers(mask, delta.dtype)).abs_().sum())
+
+
+def as_numbers(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean ``mask`` as 1 and 0 in ``dtype``: read as bytes first, which torch converts
+    several times faster than booleans (same values)."""
+    return mask.view(torch.uint8).to(dtype)
 
 
 def magnitude_keys(values: torch.Tensor) -> torch.Tensor:

@@ -188,19 +188,23 @@ def drop_mask(
 
 
 def elect_signs(weighted_deltas: torch.Tensor) -> torch.Tensor:
-    r"""TIES' sign election: where each weighted delta agrees with the sign of their sum.
+    r"""TIES' sign election: 1 where a weighted delta agrees with the sign of their sum, else 0.
 
     For the stacked $w_i \delta_i$ (first axis: the models), eq:ties-elect:
 
     $$ s = \operatorname{sgn}\Bigl(\sum_i w_i \delta_i\Bigr) \ (\text{zero counts as } +1),
-       \qquad \operatorname{agree}_{ij} = [\operatorname{sgn}(w_i \delta_{ij}) = s_j] $$
+       \qquad a_{ij} = [\operatorname{sgn}(w_i \delta_{ij}) = s_j] $$
 
-    An entry that is exactly zero (trimmed, dropped or unchanged) never agrees.
-    (mergekit's ``int8_mask`` only stores these signs in less memory: same result.)
+    An entry that is exactly zero (trimmed, dropped or unchanged) never agrees. The
+    $a_{ij}$ come as numbers in the deltas' dtype, 1 and 0: multiplying by them gives the
+    bits of mergekit's multiplication by its boolean mask, and costs a fraction of it on
+    the CPU (so does ``out=``, which writes a comparison's result as numbers directly).
+    mergekit's ``int8_mask`` only stores these signs in less memory: same result.
     """
     signs = weighted_deltas.sign()
-    elected = (weighted_deltas.sum(dim=0) >= 0).to(signs.dtype) * 2 - 1
-    return signs == elected
+    summed = weighted_deltas.sum(dim=0)
+    elected = torch.ge(summed, 0, out=torch.empty_like(summed)) * 2 - 1  # s: +1 or -1
+    return torch.eq(signs, elected, out=torch.empty_like(signs))  # a: 1 or 0
 
 
 def combine(

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, TextIO
 
 from pearl_edu.cli_options import EXIT_BAD_INPUT, build_parser
-from pearl_edu.errors import ConfigError, PearlEduError, PearlEduWarning
+from pearl_edu.errors import ConfigError, PearlEduError, PearlEduWarning, UnknownKeyWarning
 
 if TYPE_CHECKING:
     from pearl_edu.config import MergeConfig
@@ -45,7 +45,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     from pearl_edu.reading import read_header
     from pearl_edu.tensor_plan import plan
 
-    config = load_config(args.config)
+    config = load_config(args.config, strict=args.strict)
     # Only folders on this machine are read: `plan` never downloads, so Hub ids that are
     # not present locally leave us with the schedule that layer_range alone determines.
     unread = [model for model in config.models() if not Path(model).is_dir()]
@@ -102,7 +102,9 @@ def _with_random_seed(config: MergeConfig, seed: int) -> MergeConfig:
         return config
     raw = {key: value for key, value in config.raw.items() if key not in SEED_KEYS}
     raw["random_seed"] = seed
-    return parse_config(raw, config.source)
+    with warnings.catch_warnings():  # the keys were warned about when the config was read
+        warnings.simplefilter("ignore", UnknownKeyWarning)
+        return parse_config(raw, config.source)
 
 
 def _run_merge(args: argparse.Namespace) -> int:
@@ -114,7 +116,7 @@ def _run_merge(args: argparse.Namespace) -> int:
 
     shard_size = _shard_size(args)
     device = args.device if args.device is not None else ("cuda" if args.cuda else "auto")
-    config = load_config(args.config)
+    config = load_config(args.config, strict=args.strict)
     if args.random_seed is not None:
         config = _with_random_seed(config, args.random_seed)
     if args.verbose:

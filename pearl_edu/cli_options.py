@@ -46,6 +46,15 @@ def _everywhere_options(parser: argparse.ArgumentParser, *, top_level: bool) -> 
     )
 
 
+def _strict_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse config keys that mergekit ignores (by default each is a one-line warning "
+        "and is ignored, as in mergekit)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="pearl-edu",
@@ -58,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="print which tensor gets which t, without reading weights")
     p.add_argument("config", help="mergekit YAML file, or the name of a shipped recipe")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    _strict_option(p)
     _everywhere_options(p, top_level=False)
 
     m = sub.add_parser(
@@ -68,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("config", help="mergekit YAML file, or the name of a shipped recipe")
     m.add_argument("output_dir", help="folder to write the merged model into")
+    _strict_option(m)
     m.add_argument(
         "--device",
         default=None,

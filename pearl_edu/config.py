@@ -10,6 +10,12 @@ The meaning is mergekit's:
   ``layer_range: [a, b]``) and optionally its own ``base_model`` and ``parameters``.
 - ``models:`` (instead of ``slices:``) means one slice over all layers of every model; it
   becomes a single slice whose sources have ``layer_range=None``.
+- ``modules: {default: {slices | models, parameters}}`` is the form mergekit normalises
+  those two into and writes into the model cards it publishes; for a single-module model
+  the module's slices are the config's, and its parameters rank between a slice's and the
+  top-level ones (`pearl_edu.slices`).
+- A key mergekit ignores (its schema drops unknown keys) is an ``UnknownKeyWarning``, or
+  a `ConfigError` with ``strict=True`` (`pearl_edu.config_checks`).
 - ``parameters`` (top level, per slice, per source/model) map a name such as ``t`` to a
   number, a gradient (a list of numbers spread over the layers of a slice) or an ordered
   list of ``{filter, value}`` entries, the first whose filter is a substring of the tensor
@@ -38,13 +44,13 @@ from typing import Any
 
 import torch
 
-from pearl_edu.config_checks import optional_model_ref, reject_unknown_keys
+from pearl_edu.config_checks import optional_model_ref, reject_unknown_keys, strict_keys
 from pearl_edu.errors import ConfigError
 from pearl_edu.method_requirements import check_method_requirements
 from pearl_edu.methods import METHODS, known_methods
 from pearl_edu.parameters import ParamSpec, read_parameters
 from pearl_edu.recipes import recipe_path
-from pearl_edu.slices import SliceConfig, read_slices, with_base_model
+from pearl_edu.slices import SliceConfig, read_inputs
 from pearl_edu.tokenizer_config import TokenizerConfig, read_chat_template, read_tokenizer_options
 from pearl_edu.yaml_reader import (
     check_size,
@@ -71,6 +77,7 @@ TOP_LEVEL_KEYS = frozenset(
     {
         "slices",
         "models",
+        "modules",
         "merge_method",
         "base_model",
         "parameters",
@@ -182,7 +189,7 @@ def _params_data(parameters: Mapping[str, ParamSpec]) -> dict[str, list[list[Any
     }
 
 
-def load_config(source: str | Path) -> MergeConfig:
+def load_config(source: str | Path, *, strict: bool = False) -> MergeConfig:
     """Read and validate a merge config from a YAML file, a YAML string or a recipe name.
 
     ``source`` is a path to a YAML file, YAML text (any string containing a newline), or
@@ -192,31 +199,46 @@ def load_config(source: str | Path) -> MergeConfig:
     text, nested at most ``MAX_DEPTH`` levels, and at most ``MAX_EXPANDED_NODES`` values once
     every alias is expanded (counted on the YAML's node graph before any Python object is
     built), so that hostile input is a one-line `ConfigError`, never a hang.
+
+    Keys that mergekit ignores are warned about (`UnknownKeyWarning`) and ignored, or
+    refused when ``strict`` is true.
     """
     text, where = _read_source(source)
     raw = load_yaml(text, where)
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping of keys (merge_method, slices, ...)")
-    return parse_config(raw, where)
+    return parse_config(raw, where, strict=strict)
 
 
-def parse_config(raw: Mapping[str, Any], where: str = "<config>") -> MergeConfig:
+def parse_config(
+    raw: Mapping[str, Any], where: str = "<config>", *, strict: bool = False
+) -> MergeConfig:
     """Validate an already-parsed YAML mapping (see :func:`load_config`)."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: expected a mapping of keys (merge_method, slices, ...)")
+    with strict_keys(strict):
+        return _parse_config(raw, where)
+
+
+def _parse_config(raw: Mapping[str, Any], where: str) -> MergeConfig:
     check_tree(raw, where)
-    reject_unknown_keys(raw, TOP_LEVEL_KEYS, where, "")
+    reject_unknown_keys(
+        raw,
+        TOP_LEVEL_KEYS,
+        where,
+        "",
+        required=(frozenset({"merge_method"}), frozenset({"slices", "models", "modules"})),
+    )
     method = _merge_method(raw, where)
     base_model = optional_model_ref(raw, "base_model", where, "base_model")
-    slices = read_slices(raw, where)
-    if "models" in raw:
-        slices = (with_base_model(slices[0], base_model),)
+    inputs = read_inputs(raw, where, base_model)
     tokenizer_source, tokenizer = read_tokenizer_options(raw, where)
+    parameters = read_parameters(raw.get("parameters"), where, "parameters")
     config = MergeConfig(
         merge_method=method,
-        slices=slices,
+        slices=inputs.slices,
         base_model=base_model,
-        parameters=read_parameters(raw.get("parameters"), where, "parameters"),
+        parameters=_with_module_parameters(inputs.module_parameters, parameters),
         dtype=_dtype(raw, "dtype", where),
         out_dtype=_dtype(raw, "out_dtype", where),
         source=where,
@@ -229,6 +251,24 @@ def parse_config(raw: Mapping[str, Any], where: str = "<config>") -> MergeConfig
     )
     check_method_requirements(config)
     return config
+
+
+def _with_module_parameters(
+    module: Mapping[str, ParamSpec], top: Mapping[str, ParamSpec]
+) -> dict[str, ParamSpec]:
+    """The top-level parameters with a module's ahead of them, rule by rule.
+
+    mergekit looks a parameter up in the module's ``parameters`` before the top-level
+    ones, taking the first rule whose filter matches the tensor; the module's rules placed
+    before the top-level rules of the same name are looked up in that same order.
+    """
+    merged = dict(top)
+    for name, spec in module.items():
+        below = top.get(name)
+        merged[name] = (
+            spec if below is None else ParamSpec(rules=(*spec.rules, *below.rules), form="filters")
+        )
+    return merged
 
 
 # ---------------------------------------------------------------------------------------

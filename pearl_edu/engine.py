@@ -102,13 +102,14 @@ def merge(
     fast_trim: bool = False,
     backend: str = "auto",
     allow_nonfinite: bool = False,
+    strict: bool = False,
 ) -> MergeResult:
     """Merge the models of ``config`` into the Hugging Face model folder ``output_dir``.
 
     ``config`` is a `MergeConfig`, or anything `load_config` accepts (a YAML path, YAML
-    text, a shipped recipe's name). ``progress=None`` shows a progress bar only on a
-    terminal; ``False`` never. ``copy_tokenizer=False`` leaves out the base model's
-    tokenizer and generation config, as mergekit's ``--no-copy-tokenizer`` does.
+    text, a shipped recipe's name), read with ``strict`` (keys mergekit ignores refused).
+    ``progress=None`` shows a progress bar only on a terminal; ``False`` never.
+    ``copy_tokenizer=False`` leaves out the base model's tokenizer and generation config, as mergekit's ``--no-copy-tokenizer`` does.
     ``fast_trim=True`` breaks TIES' ties at its cut by position (see `merge_tensor`).
     ``threads`` is how many CPU threads the math may use on the CPU; by default torch's,
     as mergekit (see `math_threads`). ``device="auto"`` picks the device by the merge
@@ -135,7 +136,7 @@ def merge(
     started = time.perf_counter()
     # config -> plan: every mistake is reported here, before anything is written.
     if not isinstance(config, MergeConfig):
-        config = load_config(config)
+        config = load_config(config, strict=strict)
     if backend not in BACKENDS:
         raise ConfigError(f"backend {backend!r} is not understood: expected one of {BACKENDS}")
     check_threads(threads)

@@ -29,3 +29,7 @@ class HubError(PearlEduError):
 
 class PearlEduWarning(UserWarning):
     """Base class of pearl_edu's warnings: one line each, printed by the CLI without source."""
+
+
+class UnknownKeyWarning(PearlEduWarning):
+    """A config key that mergekit ignores (and so does pearl_edu, unless ``strict``)."""

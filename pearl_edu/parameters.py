@@ -103,7 +103,7 @@ def _check_parameter_name(name: str, where: str, key: str) -> None:
 
 def _filter_rule(name: str, entry: dict, where: str, key: str) -> FilterRule:
     """One ``{filter, value}`` entry; no filter (or ``"*"``) matches every tensor."""
-    reject_unknown_keys(entry, FILTER_KEYS, where, key)
+    reject_unknown_keys(entry, FILTER_KEYS, where, key, required=(frozenset({"value"}),))
     if "value" not in entry:
         raise ConfigError(f"{where}: {key}: missing 'value' (a number or a list of numbers)")
     flt = entry.get("filter")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pearl_edu.config import MergeConfig, load_config, parse_config
-from pearl_edu.errors import ConfigError, PearlEduError
+from pearl_edu.errors import ConfigError, PearlEduError, UnknownKeyWarning
 from pearl_edu.methods import METHODS
 from pearl_edu.parameters import FilterRule
 from pearl_edu.recipes import recipe_path
@@ -364,7 +364,14 @@ def test_slices_or_models_but_not_both_nor_neither():
 
 
 def test_unknown_keys_are_typos():
-    assert "parameter: unknown key" in _config_error(_slerp() + "parameter: {t: 1}\n")
+    # mergekit ignores a top-level key it does not know (pydantic's extra="ignore"), so
+    # pearl_edu warns and goes on; --strict (strict=True) refuses it.
+    text = _slerp() + "parameter: {t: 1}\n"
+    with pytest.warns(UnknownKeyWarning, match=r"^<string>: parameter: unknown key, ignored"):
+        assert load_config(text).parameters["t"].rules[0].value == 0.5
+    with pytest.raises(ConfigError, match="parameter: unknown key.*--strict"):
+        load_config(text, strict=True)
+    # A misspelling that leaves a required key missing is refused, by mergekit too.
     slices = (
         "  - sources:\n"
         "      - {model: org/a, layer_rnage: [0, 4]}\n"

@@ -2,6 +2,7 @@
 
     pearl-edu plan CONFIG [--json]
     pearl-edu merge CONFIG OUTPUT_DIR [--device auto|cpu|cuda[:N]] [--shard-size 5GB] [--force]
+    pearl-edu moe CONFIG OUTPUT_DIR [--force] [--shard-size 5GB] [--random-seed N]
     pearl-edu verify DIR_A DIR_B [--atol X] [--max-ulp N] [--scale-ulp N] [--max-fraction F]
                      [--config CONFIG --input-scale-ulp N]
 
@@ -201,8 +202,31 @@ def _run_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _run_moe(args: argparse.Namespace) -> int:
+    from pearl_edu.moe import build_moe
+
+    result = build_moe(
+        args.config,
+        args.output_dir,
+        force=args.force,
+        copy_tokenizer=args.copy_tokenizer,
+        shard_size=args.shard_size,
+        allow_all_same=args.allow_all_same,
+        random_seed=args.random_seed,
+        progress=False if args.quiet else None,
+        strict=args.strict,
+    )
+    resumed = f", {result.resumed_tensors} resumed" if result.resumed_tensors else ""
+    print(
+        f"built a Mixtral of {result.num_experts} experts: {result.num_tensors} tensors"
+        f"{resumed} into {result.output_dir} ({len(result.weight_files)} weight files) "
+        f"in {result.seconds:.1f} s"
+    )
+    return 0
+
+
 # What each subcommand of `build_parser` runs.
-COMMANDS = {"plan": _run_plan, "merge": _run_merge, "verify": _run_verify}
+COMMANDS = {"plan": _run_plan, "merge": _run_merge, "moe": _run_moe, "verify": _run_verify}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

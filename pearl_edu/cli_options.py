@@ -203,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(-vv: DEBUG) as mergekit's -v does; pearl-edu itself logs nothing else",
     )
 
+    _moe_parser(sub)
+
     v = sub.add_parser("verify", help="compare two model folders tensor by tensor")
     v.add_argument("dir_a")
     v.add_argument("dir_b")
@@ -249,3 +251,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _everywhere_options(v, top_level=False)
     return parser
+
+
+def _moe_parser(sub: argparse._SubParsersAction) -> None:
+    """``pearl-edu moe CONFIG OUTPUT_DIR``: mergekit-moe's YAML, mergekit-moe's model."""
+    e = sub.add_parser(
+        "moe",
+        help="build a Mixtral mixture of experts from a mergekit-moe config into OUTPUT_DIR",
+        description="Build the Mixtral mixture of experts of a mergekit-moe CONFIG into "
+        "OUTPUT_DIR, one tensor at a time: the tensors mergekit-moe 0.1.5 writes for it.",
+    )
+    e.add_argument("config", help="mergekit-moe YAML file")
+    e.add_argument("output_dir", help="folder to write the MoE model into")
+    e.add_argument(
+        "--force",
+        action="store_true",
+        help="replace OUTPUT_DIR when it holds a finished model folder (a MoE or a merge)",
+    )
+    e.add_argument(
+        "--copy-tokenizer",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="copy the base model's tokenizer files into OUTPUT_DIR (the default)",
+    )
+    e.add_argument(
+        "--shard-size",
+        default="5GB",
+        help="largest output shard in bytes: 5GB (the default), 500MB, 2GiB, 1000000",
+    )
+    e.add_argument(
+        "--random-seed",
+        type=int,
+        metavar="N",
+        default=0,
+        help="seed of the random draws (gate_mode random or uniform_random, noise_scale), "
+        "default 0; the same seed gives the same model (mergekit draws from torch's global "
+        "generator instead)",
+    )
+    e.add_argument(
+        "--i-understand-this-is-not-useful-without-training",
+        dest="allow_all_same",
+        action="store_true",
+        help="build even when every expert is the same model, as mergekit's flag of that name",
+    )
+    _strict_option(e)
+    _everywhere_options(e, top_level=False)

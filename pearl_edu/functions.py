@@ -46,6 +46,13 @@ linear = _on_a_backend(core.linear)
 task_arithmetic = _on_a_backend(core.task_arithmetic)
 ties = _on_a_backend(core.ties)
 dare = _on_a_backend(core.dare)
+# mergekit's later methods: SCE and RAM (`pearl_edu.core.consensus`), NearSwap and Arcee
+# Fusion (`pearl_edu.core.selective`).
+sce = _on_a_backend(core.sce)
+ram = _on_a_backend(core.ram)
+ramplus_tl = _on_a_backend(core.ramplus_tl)
+nearswap = _on_a_backend(core.nearswap)
+arcee_fusion = _on_a_backend(core.arcee_fusion)
 # The steps of TIES and DARE, for the chapters: the core's, which no backend replaces.
 magnitude_prune = core.magnitude_prune
 random_drop = core.random_drop

@@ -82,24 +82,39 @@ def check_float8(
 def result_dtype(config: MergeConfig, metas: Sequence[TensorInfo], base: int) -> torch.dtype:
     """The dtype a method returns: the base's for SLERP, else all inputs' common dtype.
 
+    ramplus_tl and arcee_fusion (`FLOAT32_RESULT`) return at least float32 from two inputs
+    or more, as in mergekit.
+
     Linear, task arithmetic, TIES and DARE promote their inputs to a common dtype before
     the math (bfloat16 and float16 give float32), and return that dtype, as in mergekit.
     With ``dtype`` the inputs are cast to it first (float8 ones too, which torch cannot
     promote).
     """
     if config.dtype:
-        return torch_dtype(config.dtype, where=config.source, key="dtype")
-    if config.merge_method == "slerp":
+        dtype = torch_dtype(config.dtype, where=config.source, key="dtype")
+    elif config.merge_method == "slerp":
         return metas[base].dtype
-    dtype = metas[0].dtype
-    for meta in metas[1:]:
-        dtype = torch.promote_types(dtype, meta.dtype)
+    else:
+        dtype = metas[0].dtype
+        for meta in metas[1:]:
+            dtype = torch.promote_types(dtype, meta.dtype)
+    if config.merge_method in FLOAT32_RESULT and len(metas) > 1:
+        return torch.promote_types(dtype, torch.float32)
     return dtype
 
 
+# Methods whose result is at least float32 (a float32 mask or factor multiplies the
+# inputs), which mergekit writes so unless out_dtype is given, whatever ``dtype`` says.
+FLOAT32_RESULT = frozenset({"ramplus_tl", "arcee_fusion"})
+
+
 def output_dtype(config: MergeConfig, base_dtype: torch.dtype) -> torch.dtype:
-    """``out_dtype``, else the config's ``dtype``, else the base tensor's dtype."""
-    name = config.out_dtype or config.dtype
+    """``out_dtype``, else the config's ``dtype``, else the base tensor's dtype.
+
+    For the methods of `FLOAT32_RESULT`, ``out_dtype``, else ``base_dtype`` (their result's).
+    """
+    dtype_name = None if config.merge_method in FLOAT32_RESULT else config.dtype
+    name = config.out_dtype or dtype_name
     return (
         torch_dtype(name, where=config.source, key="out_dtype" if config.out_dtype else "dtype")
         if name

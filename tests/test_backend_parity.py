@@ -45,6 +45,11 @@ CASES: dict[str, tuple[dict, list[dict]]] = {
     "multislerp": ({}, [{}, {"weight": 0.6}, {"weight": 0.4}]),
     "karcher": ({}, [{}, {}, {}]),
     "model_stock": ({}, [{}, {}, {}]),
+    "sce": ({"select_topk": 0.5}, [{}, {}, {}]),
+    "ram": ({}, [{}, {}, {}]),
+    "ramplus_tl": ({"r": 0.5}, [{}, {}, {}]),
+    "nearswap": ({"t": 0.2}, [{}, {}]),
+    "arcee_fusion": ({}, [{}, {}]),
 }
 # Where the device backend runs its own code rather than the core's.
 DEVICE_OWN = {"slerp"}
@@ -157,6 +162,17 @@ METHOD_YAML = {
     "multislerp": "parameters: {weight: 0.5}",
     "karcher": "",
     "model_stock": "",
+    "sce": "",
+    "ram": "",
+    "ramplus_tl": "",
+    "nearswap": "",
+    "arcee_fusion": "",
+}
+# Methods that take the base and one model, and their shared parameters.
+TWO_MODELS = {
+    "slerp": "parameters: {t: [0, 0.3, 0.7, 1]}",
+    "nearswap": "parameters: {t: 0.2}",
+    "arcee_fusion": "",
 }
 
 
@@ -170,7 +186,7 @@ def family(tmp_path_factory) -> list[Path]:
 
 
 def config_text(method: str, models: list[Path]) -> str:
-    used = models[:2] if method == "slerp" else models
+    used = models[:2] if method in TWO_MODELS else models
     if method == "passthrough":
         return f"merge_method: passthrough\nmodels:\n  - model: {models[1]}\ndtype: bfloat16\n"
     lines = [f"merge_method: {method}", f"base_model: {models[0]}", "models:"]
@@ -180,8 +196,8 @@ def config_text(method: str, models: list[Path]) -> str:
             lines.append(f"    {METHOD_YAML[method]}")
         elif method == "linear":
             lines.append("    parameters: {weight: 0.2}")
-    if method == "slerp":
-        lines.append("parameters: {t: [0, 0.3, 0.7, 1]}")
+    if TWO_MODELS.get(method):
+        lines.append(TWO_MODELS[method])
     lines += ["dtype: bfloat16", "random_seed: 3"]
     return "\n".join(lines) + "\n"
 

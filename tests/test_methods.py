@@ -406,8 +406,8 @@ def test_registry_describes_slerp():
     assert (spec.min_models, spec.max_models, spec.needs_base) == (2, 2, True)
     with pytest.raises(ValueError, match="already registered"):
         methods.register(spec)
-    with pytest.raises(ValueError, match="unknown merge method 'nearswap'"):
-        merge_tensor("nearswap", [torch.ones(2), torch.ones(2)], 0, {})
+    with pytest.raises(ValueError, match="unknown merge method 'no_such_method'"):
+        merge_tensor("no_such_method", [torch.ones(2), torch.ones(2)], 0, {})
 
 
 def test_the_registry_reads_typed_parameters_off_the_signature():

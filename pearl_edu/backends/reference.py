@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from pearl_edu import core
-from pearl_edu.core import model_stock, pruning, sphere
+from pearl_edu.core import consensus, model_stock, pruning, selective, sphere
 from pearl_edu.core.interpolation import DOT_THRESHOLD, NORM_EPS, slerp_weights, work_dtype
 
 
@@ -79,11 +79,20 @@ class Reference:
 # The core's functions, each an operation of every backend under its own name.
 CORE_OPERATIONS = (core.slerp, core.lerp, core.linear, core.task_arithmetic, core.ties, core.dare)
 FAMILY_OPERATIONS = (pruning.breadcrumbs, pruning.della, sphere.nuslerp, sphere.multislerp)
+# mergekit's later methods, which no backend replaces: SCE, RAM, RAM+, NearSwap, Arcee Fusion.
+LATEST_OPERATIONS = (
+    consensus.sce,
+    consensus.ram,
+    consensus.ramplus_tl,
+    selective.nearswap,
+    selective.arcee_fusion,
+)
 for _function in (
     *CORE_OPERATIONS,
     *FAMILY_OPERATIONS,
     sphere.karcher_mean,
     model_stock.model_stock,
+    *LATEST_OPERATIONS,
 ):
     setattr(Reference, _function.__name__, _core(_function))
 

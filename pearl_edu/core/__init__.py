@@ -8,7 +8,9 @@ their bits for every method (``tests/test_core.py``, ``tests/test_backend_parity
 The book prints them.
 """
 
+from pearl_edu.core.consensus import ram, ramplus_tl, sce
 from pearl_edu.core.interpolation import lerp, slerp
+from pearl_edu.core.selective import arcee_fusion, nearswap
 from pearl_edu.core.task_vectors import (
     combine,
     dare,
@@ -21,13 +23,18 @@ from pearl_edu.core.task_vectors import (
 from pearl_edu.core.weighted_average import linear
 
 __all__ = [
+    "arcee_fusion",
     "combine",
     "dare",
     "elect_signs",
     "lerp",
     "linear",
     "magnitude_prune",
+    "nearswap",
+    "ram",
+    "ramplus_tl",
     "random_drop",
+    "sce",
     "slerp",
     "task_arithmetic",
     "ties",

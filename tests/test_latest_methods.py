@@ -336,3 +336,13 @@ def test_a_tensor_missing_from_the_other_model_is_refused_in_one_line(pair, tmp_
         merge(text, tmp_path / "out", progress=False)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", LATEST)
+def test_the_model_card_names_the_method_as_mergekit_does(method):
+    from mergekit.merge_methods import registry
+
+    from pearl_edu.card import method_words
+
+    spec = registry.get(method).spec
+    assert method_words(method) == f"[{spec.pretty_name}]({spec.reference_url}) (`{method}`)"

@@ -1,7 +1,10 @@
 """The files beside the weights: config.json, tokenizer, generation config, model card.
 
 Written last, into the partial folder, so that a merged folder is usable as is by
-transformers and describes itself as mergekit's do.
+transformers and describes itself as mergekit's do. The tokenizer is the one mergekit
+0.1.5 writes (`pearl_edu.tokenizer_build.write_tokenizer_files`): the output vocabulary
+built from ``tokenizer_source`` or ``tokenizer:``, else the donor's tokenizer (the base
+model, else the first model), with the ``chat_template`` asked for.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
@@ -17,8 +21,9 @@ from pearl_edu._version import __version__
 from pearl_edu.config import DTYPE_NAMES, MergeConfig
 from pearl_edu.methods import METHODS
 from pearl_edu.tensor_plan import MergePlan
+from pearl_edu.tokenizer_build import OutputVocabulary, donor_model, write_tokenizer_files
 
-# Files copied from the base model, when present, so the merged folder is usable as is.
+# The tokenizer files a model folder may hold (copied from the donor, or written).
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer.model",
@@ -29,6 +34,7 @@ TOKENIZER_FILES = (
     "merges.txt",
     "vocab.txt",
     "chat_template.jinja",
+    "chat_template.json",
 )
 
 
@@ -39,23 +45,36 @@ def write_model_files(
     base_dir: Path,
     model_name: str,
     copy_tokenizer: bool = True,
+    *,
+    model_dirs: Mapping[str, Path] | None = None,
+    vocabulary: OutputVocabulary | None = None,
 ) -> None:
     """Write config.json, generation config, tokenizer, README.md and mergekit_config.yml.
 
+    ``vocabulary`` is the output vocabulary when the config builds one
+    (`pearl_edu.vocabulary.VocabularyAlignment`); config.json then gets its
+    ``vocab_size``. ``model_dirs`` are the models' folders (by default the base's only).
     Text files get ``\n`` line endings on every system, so a merge's bytes do not depend on it.
     """
-    write_hf_config(folder, base_dir, merge_plan)
-    for name in ("generation_config.json", *TOKENIZER_FILES) if copy_tokenizer else ():
-        if (base_dir / name).is_file():
-            shutil.copyfile(base_dir / name, folder / name)
+    rows = vocabulary.rows if vocabulary is not None else None
+    write_hf_config(folder, base_dir, merge_plan, vocab_size=rows)
+    if copy_tokenizer and (base_dir / "generation_config.json").is_file():
+        shutil.copyfile(base_dir / "generation_config.json", folder / "generation_config.json")
+    dirs = dict(model_dirs) if model_dirs is not None else {donor_model(config): base_dir}
+    write_tokenizer_files(folder, config, dirs, vocabulary, copy_tokenizer)
     config_yaml = yaml.safe_dump(config.raw, sort_keys=False, default_flow_style=None)
     (folder / "mergekit_config.yml").write_text(config_yaml, encoding="utf-8", newline="\n")
     card = model_card(config, config_yaml, model_name)
     (folder / "README.md").write_text(card, encoding="utf-8", newline="\n")
 
 
-def write_hf_config(folder: Path, base_dir: Path, merge_plan: MergePlan) -> None:
-    """The base model's ``config.json`` with the output dtype and layer count updated."""
+def write_hf_config(
+    folder: Path, base_dir: Path, merge_plan: MergePlan, vocab_size: int | None = None
+) -> None:
+    """The base model's ``config.json`` with the output dtype and layer count updated.
+
+    ``vocab_size``, when given, is the output vocabulary's (padded) size, as mergekit sets it.
+    """
     source = base_dir / "config.json"
     hf_config = json.loads(source.read_text(encoding="utf-8")) if source.is_file() else {}
     dtype_counts = Counter(job.dtype for job in merge_plan.tensors)
@@ -63,6 +82,8 @@ def write_hf_config(folder: Path, base_dir: Path, merge_plan: MergePlan) -> None
     for key in ("torch_dtype", "dtype"):
         hf_config[key] = DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
     hf_config["num_hidden_layers"] = merge_plan.num_layers
+    if vocab_size is not None:
+        hf_config["vocab_size"] = vocab_size
     text = json.dumps(hf_config, indent=2) + "\n"
     (folder / "config.json").write_text(text, encoding="utf-8", newline="\n")
 

@@ -106,7 +106,8 @@ class MergeConfig:
     reader's limits: `pearl_edu.yaml_reader.MAX_CONFIG_BYTES`, ``MAX_DEPTH``,
     ``MAX_EXPANDED_NODES``).
     The tokenizer options (``tokenizer_source``, ``tokenizer``, ``chat_template``) and
-    ``name`` are validated as mergekit does; pearl_edu does not merge tokenizers.
+    ``name`` are validated as mergekit does; `pearl_edu.tokenizer_build` and
+    `pearl_edu.vocabulary` apply them as mergekit does.
     """
 
     merge_method: str

@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from pearl_edu.adapters import adapted_headers, open_reader, read_adapters, split_reference
 from pearl_edu.backends import BACKENDS
 from pearl_edu.backends.cpu import host_copies
 from pearl_edu.card import (
@@ -69,8 +70,10 @@ from pearl_edu.output import (
 from pearl_edu.output_lock import created_parents, output_lock
 from pearl_edu.process_settings import check_threads, math_threads, threads_used
 from pearl_edu.read_ahead import CudaTransfers, read_ahead, transfers_for
-from pearl_edu.reading import ModelHeader, ModelReader, read_header
+from pearl_edu.reading import ModelHeader, read_header
 from pearl_edu.tensor_plan import MergePlan, TensorPlan, plan
+from pearl_edu.tokenizer_build import OutputVocabulary
+from pearl_edu.vocabulary import VocabularyAlignment, open_reader
 from pearl_edu.write_behind import OutputBuffers, WriteBehind, aligned_view, progress_bar
 from pearl_edu.writing import DIRECT_ALIGNMENT, OutputTensor, Shard, ShardedWriter, layout_shards
 
@@ -109,7 +112,8 @@ def merge(
     ``config`` is a `MergeConfig`, or anything `load_config` accepts (a YAML path, YAML
     text, a shipped recipe's name), read with ``strict`` (keys mergekit ignores refused).
     ``progress=None`` shows a progress bar only on a terminal; ``False`` never.
-    ``copy_tokenizer=False`` leaves out the base model's tokenizer and generation config, as mergekit's ``--no-copy-tokenizer`` does.
+    ``copy_tokenizer=False`` leaves out the base model's tokenizer and generation config,
+    as mergekit's ``--no-copy-tokenizer`` does.
     ``fast_trim=True`` breaks TIES' ties at its cut by position (see `merge_tensor`).
     ``threads`` is how many CPU threads the math may use on the CPU; by default torch's,
     as mergekit (see `math_threads`). ``device="auto"`` picks the device by the merge
@@ -146,12 +150,20 @@ def merge(
     compute_dtype = (
         torch_dtype(config.dtype, where=config.source, key="dtype") if config.dtype else None
     )
-    model_dirs = {ref: resolve_model(ref) for ref in config.models()}
+    # A `base+adapter` reference reads its base's folder, changed by the adapter as read.
+    model_dirs = {ref: resolve_model(split_reference(ref)[0]) for ref in config.models()}
     given = Path(output_dir).expanduser().absolute()
     output_dir = resolve_output(output_dir)  # a symlink is written through
     check_output_dir(output_dir, model_dirs.values(), force=force)
     headers = {ref: read_header(path) for ref, path in model_dirs.items()}
+    adapters = read_adapters(config.models(), headers)
+    check_output_dir(output_dir, [adapter.path for adapter in adapters.values()], force=force)
+    headers = adapted_headers(headers, adapters)
+    # With a tokenizer option, the vocabulary tensors are read in the output's vocabulary.
+    vocabulary = VocabularyAlignment(config, headers, model_dirs)
+    headers = vocabulary.headers
     merge_plan = plan(config, headers)
+    vocabulary.use_plan(merge_plan)
     check_input_shapes(merge_plan.tensors, headers)
 
     # The output files are laid out in advance; an interrupted run may have finished some.
@@ -164,6 +176,7 @@ def merge(
         "backend": backend,
         "device": str(compute_device),
         "threads": threads_used(threads, compute_device),
+        "adapters": {ref: adapter.fingerprint() for ref, adapter in adapters.items()},
     }
     identity = merge_identity(merge_plan, shards, headers, options)
     partial = partial_dir(output_dir)
@@ -191,6 +204,7 @@ def merge(
                 fast_trim=fast_trim,
                 backend=backend,
                 allow_nonfinite=allow_nonfinite,
+                vocabulary=vocabulary.vocabulary,
             )
             published = True
     finally:
@@ -230,6 +244,7 @@ def _merge_locked(
     fast_trim: bool,
     backend: str,
     allow_nonfinite: bool,
+    vocabulary: OutputVocabulary | None = None,
 ) -> tuple[int, int]:
     """The merge proper, under the output's lock: returns (bytes written, tensors resumed).
 
@@ -244,7 +259,7 @@ def _merge_locked(
 
         # read -> math -> write, one tensor at a time.
         writer = ShardedWriter(partial, shards, done=finished)
-        readers = {ref: ModelReader(header) for ref, header in headers.items()}
+        readers = {ref: open_reader(header) for ref, header in headers.items()}
         total = sum(shard.data_bytes for shard in shards)
         remaining = sum(job.nbytes for job in jobs)
         bar = progress_bar(total, initial=total - remaining, enabled=progress)
@@ -284,7 +299,16 @@ def _merge_locked(
         # The files beside the weights, then the folder appears whole, by a rename.
         with writing(partial):
             writer.write_index()
-            write_model_files(partial, config, merge_plan, base_dir, model_name, copy_tokenizer)
+            write_model_files(
+                partial,
+                config,
+                merge_plan,
+                base_dir,
+                model_name,
+                copy_tokenizer,
+                model_dirs=model_dirs,
+                vocabulary=vocabulary,
+            )
             publish(partial, output_dir)
     except BaseException:
         discard_unfinished(partial, shards)
@@ -349,8 +373,8 @@ def check_input_shapes(jobs: Sequence[TensorPlan], headers: Mapping[str, ModelHe
             listed = ", ".join(f"{model} {list(shape)}" for model, shape in shapes.items())
             raise ModelError(
                 f"{job.name}: shapes differ ({listed}); merge only models of the same "
-                "architecture and size (for different vocabularies, align the tokenizers "
-                "and resize the embeddings first)"
+                "architecture and size (for different vocabularies, give tokenizer_source: "
+                "union, base or a model)"
             )
 
 

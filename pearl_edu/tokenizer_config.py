@@ -1,9 +1,14 @@
-"""The tokenizer options of a config, validated as mergekit 0.1.5 reads them; not applied.
+"""The tokenizer options of a config, validated as mergekit 0.1.5 reads them.
 
 ``tokenizer_source`` (``union``, ``base`` or a model), or the ``tokenizer:`` mapping
 (``source``, ``tokens``, ``pad_to_multiple_of``), and ``chat_template`` (``auto``, a
-template mergekit ships, or Jinja text). pearl_edu does not merge tokenizers: a config that
-names these options is checked here, key by key, so that it means what it means in mergekit.
+template mergekit ships, or Jinja text), checked here key by key so that a config means
+what it means in mergekit. They are applied as mergekit applies them: the output
+vocabulary and tokenizer files by `pearl_edu.tokenizer_build`, the embeddings and
+``lm_head`` moved into that vocabulary (the rows a model lacks filled) by
+`pearl_edu.vocabulary`, and the chat template written with the tokenizer. The templates
+named here ship with pearl_edu (``pearl_edu/data/chat_templates``), written to render as
+mergekit's do.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ class TokenEmbedding:
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    """The ``tokenizer:`` mapping (mergekit 0.1.5's TokenizerConfig), validated only.
+    """The ``tokenizer:`` mapping (mergekit 0.1.5's TokenizerConfig).
 
     ``source`` is ``"union"`` (the default), ``"base"`` or a model reference.
     """

@@ -1,0 +1,399 @@
+"""Embeddings and lm_head moved into the output vocabulary, as mergekit 0.1.5 moves them.
+
+When a config builds a tokenizer (`pearl_edu.tokenizer_build`), every model's vocabulary
+tensors (``*embed_tokens.weight`` and ``lm_head.weight``: one row per token) are given one
+row per output token before they are merged:
+
+- a row the model has is its own row of that token (unless the token is ``force``\\d);
+- a row it lacks is filled as mergekit's ``PermutedVocabulary`` fills it: from the only
+  model that has the token, else from the base model when it has it, else the average of
+  the models that have it; a token of ``tokenizer.tokens`` from its ``source`` (a model's
+  row of the same token, ``{kind: model_token}``'s row, or ``{kind: zero}``); a token no
+  model has is zero;
+- rows past the vocabulary (``pad_to_multiple_of``) are the mean of the others.
+
+The rows a model lacks depend on the other models' tensors of the same output tensor, so
+the tensors of one output tensor are aligned together (`align_rows`), when the first of
+them is read, and handed out model by model.
+
+This is done by a reader wrapper: `AlignedHeader` reports the aligned shapes (so the plan
+and its shape checks see one vocabulary) and `AlignedReader` gives the aligned tensors;
+every other tensor passes through to the reader it wraps, which may be any object with
+`pearl_edu.reading.ModelReader`'s interface. A model with tied embeddings (no
+``lm_head``) gets an ``lm_head.weight`` of its own when another model of the last slice
+has one: its embeddings, aligned with the other lm_heads, as mergekit aligns them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pearl_edu.config import MergeConfig, torch_dtype
+from pearl_edu.errors import ConfigError, ModelError
+from pearl_edu.layout import LM_HEAD, TIED_TO
+from pearl_edu.reading import ModelReader
+from pearl_edu.tokenizer_build import (
+    TOKENIZER_MARKERS,
+    OutputVocabulary,
+    build_vocabulary,
+    tokenizer_source,
+)
+from pearl_edu.tokenizer_config import TokenEmbedding, TokenSource
+
+
+def is_vocabulary_tensor(name: str) -> bool:
+    """Whether a tensor has one row per token (mergekit's ``vocabulary_axis: 0``)."""
+    return name == LM_HEAD or name.endswith("embed_tokens.weight")
+
+
+def open_reader(header: Any) -> Any:
+    """The reader of a header: its own ``open_reader()`` when it has one, else `ModelReader`."""
+    opener = getattr(header, "open_reader", None)
+    return opener() if opener is not None else ModelReader(header)
+
+
+class VocabularyAlignment:
+    """The output vocabulary of a merge, and the aligned headers and readers of its models.
+
+    >>> alignment = VocabularyAlignment(config, headers, model_dirs)
+    >>> headers = alignment.headers  # aligned shapes, for the plan
+    >>> alignment.use_plan(merge_plan)  # which tensors are merged together
+    >>> readers = {ref: open_reader(h) for ref, h in headers.items()}
+
+    Without a tokenizer option (``tokenizer_source``, ``tokenizer``) it changes nothing:
+    ``headers`` are those given and ``vocabulary`` is None.
+    """
+
+    def __init__(
+        self, config: MergeConfig, headers: Mapping[str, Any], model_dirs: Mapping[str, Path]
+    ) -> None:
+        self.config = config
+        self.vocabulary: OutputVocabulary | None = None
+        self.headers: dict[str, Any] = dict(headers)
+        self.readers: dict[str, Any] = {}  # the wrapped readers, as they are opened
+        self.groups: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
+        self.bases: dict[tuple[tuple[str, str], ...], str | None] = {}
+        self._aligned: dict[tuple[tuple[str, str], ...], dict[str, torch.Tensor]] = {}
+        if tokenizer_source(config) is None:
+            return
+        self.vocabulary = build_vocabulary(config, headers, model_dirs)
+        self.dtype = (
+            torch_dtype(config.dtype, where=config.source, key="dtype") if config.dtype else None
+        )
+        last = config.slices[-1].models()
+        heads = any(LM_HEAD in headers[model].tensors for model in last)
+        self.headers = {
+            model: AlignedHeader.wrap(header, model, self, model_dirs[model], tied_head=heads)
+            for model, header in headers.items()
+        }
+
+    def use_plan(self, merge_plan: Any) -> None:
+        """Learn, from the plan, which models' vocabulary tensors are merged together."""
+        if self.vocabulary is None:
+            return
+        for job in merge_plan.tensors:
+            if job.layer is not None or not is_vocabulary_tensor(job.name):
+                continue
+            group = tuple((i.model, i.tensor) for i in job.inputs)
+            index = 0 if "embed" in job.name else len(self.config.slices) - 1
+            base = self.config.slice_base(index)
+            self.bases[group] = base if base in [model for model, _ in group] else None
+            for member in group:
+                self.groups[member] = group
+
+    def aligned(self, model: str, name: str) -> torch.Tensor:
+        """Model ``model``'s tensor ``name`` in the output vocabulary (aligned with its group)."""
+        group = self.groups.get((model, name))
+        if group is None:
+            raise ModelError(f"{model}: tensor {name} is read outside the merge's plan")
+        if group not in self._aligned:
+            tensors = {}
+            for member, tensor in group:
+                header = self.headers[member]
+                raw = self.readers[member].read(header.source_name(tensor))
+                tensors[member] = (
+                    raw.to(self.dtype) if self.dtype and raw.dtype != self.dtype else raw
+                )
+            self._aligned[group] = align_rows(
+                tensors, name, self.vocabulary, self.config, self.bases[group]
+            )
+        results = self._aligned[group]
+        tensor = results.pop(model)
+        if not results:
+            del self._aligned[group]
+        return tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class AlignedHeader:
+    """A model's header with its vocabulary tensors in the output vocabulary's shape.
+
+    ``inner`` is the header it wraps (`pearl_edu.reading.ModelHeader` or another wrapper);
+    ``tensors`` are its tensors, the vocabulary ones with the output's row count and the
+    dtype they are merged in. ``files`` adds the model's tokenizer files to its weight
+    files: they change the output too.
+    """
+
+    inner: Any
+    model: str
+    alignment: VocabularyAlignment
+    tensors: dict[str, Any]
+    tokenizer_files: tuple[Path, ...]
+
+    @classmethod
+    def wrap(
+        cls, inner: Any, model: str, alignment: VocabularyAlignment, folder: Path, tied_head: bool
+    ) -> AlignedHeader:
+        vocabulary = alignment.vocabulary
+        tensors = dict(inner.tensors)
+        if tied_head and LM_HEAD not in tensors and TIED_TO in tensors:
+            tensors[LM_HEAD] = dataclasses.replace(inner.tensors[TIED_TO], name=LM_HEAD)
+        for name, meta in tensors.items():
+            if is_vocabulary_tensor(name) and len(meta.shape) >= 1:
+                dtype = alignment.dtype or meta.dtype
+                shape = (vocabulary.rows, *meta.shape[1:])
+                nbytes = int(torch.Size(shape).numel()) * dtype.itemsize
+                tensors[name] = dataclasses.replace(
+                    meta, shape=shape, dtype=dtype, nbytes=nbytes, offset=None
+                )
+                check_rows(
+                    model,
+                    name,
+                    inner.tensors[name if name in inner.tensors else TIED_TO],
+                    vocabulary.permutations[model],
+                )
+        files = tuple(folder / name for name in TOKENIZER_MARKERS if (folder / name).is_file())
+        return cls(inner, model, alignment, tensors, files)
+
+    @property
+    def path(self) -> Path:
+        return self.inner.path
+
+    @property
+    def config(self) -> dict:
+        return self.inner.config
+
+    @property
+    def format(self) -> str:
+        return self.inner.format
+
+    @property
+    def files(self) -> list[Path]:
+        return [*self.inner.files, *self.tokenizer_files]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(meta.nbytes for meta in self.tensors.values())
+
+    def is_aligned(self, name: str) -> bool:
+        return is_vocabulary_tensor(name) and name in self.tensors
+
+    def source_name(self, name: str) -> str:
+        """The wrapped model's tensor behind ``name`` (the embeddings for a tied lm_head)."""
+        return name if name in self.inner.tensors else TIED_TO
+
+    def open_reader(self) -> AlignedReader:
+        inner = open_reader(self.inner)
+        self.alignment.readers[self.model] = inner
+        return AlignedReader(inner, self)
+
+
+class AlignedReader:
+    """`pearl_edu.reading.ModelReader`'s interface over an `AlignedHeader`.
+
+    Vocabulary tensors come aligned (`VocabularyAlignment.aligned`), copied into ``out``
+    when given; the rest are the wrapped reader's.
+    """
+
+    def __init__(self, inner: Any, header: AlignedHeader) -> None:
+        self.inner = inner
+        self.header = header
+
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.header.is_aligned(name):
+            return self.inner.read(name, out=out)
+        tensor = self.header.alignment.aligned(self.header.model, name)
+        if out is None:
+            return tensor
+        meta = self.header.tensors[name]
+        view = out[: meta.nbytes].view(meta.dtype).view(meta.shape)
+        view.copy_(tensor)
+        return view
+
+    def can_map(self, name: str) -> bool:
+        return not self.header.is_aligned(name) and self.inner.can_map(name)
+
+    def map(self, name: str, *, populate: bool = False) -> torch.Tensor:
+        return self.inner.map(name, populate=populate)
+
+    def prefetch(self, name: str) -> None:
+        self.inner.prefetch(self.header.source_name(name) if self.header.is_aligned(name) else name)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __enter__(self) -> AlignedReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def check_rows(model: str, name: str, meta: Any, permutation: Sequence[int]) -> None:
+    """Refuse a tensor with fewer rows than the model's vocabulary gives its tokens."""
+    needed = max(permutation, default=-1) + 1
+    if meta.shape[0] < needed:
+        raise ModelError(
+            f"{model}: tensor {name} has {meta.shape[0]} rows, but its tokenizer and "
+            f"vocab_size give tokens up to id {needed - 1}"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# The math: mergekit's PermutedVocabulary
+# --------------------------------------------------------------------------------------
+
+
+def align_rows(
+    tensors: Mapping[str, torch.Tensor],
+    name: str,
+    vocabulary: OutputVocabulary,
+    config: MergeConfig,
+    base: str | None,
+) -> dict[str, torch.Tensor]:
+    """Each model's tensor with one row per output token, its missing rows filled.
+
+    ``tensors`` are the inputs of one output tensor, by model, in the plan's order (the
+    order the averages add them in). Rows are copied in the dtype the inputs promote to;
+    an average is a sum in that dtype, from zero, divided by the count.
+    """
+    models = list(tensors)
+    shapes = {model: tuple(t.shape) for model, t in tensors.items()}
+    if len({shape[1:] for shape in shapes.values()}) > 1:
+        listed = ", ".join(f"{model} {list(shape)}" for model, shape in shapes.items())
+        raise ModelError(f"{name}: shapes differ beyond the vocabulary ({listed})")
+    dtype = tensors[models[0]].dtype
+    for tensor in tensors.values():
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    row_shape = tensors[models[0]].shape[1:]
+    vocab = vocabulary.vocab
+    perms = {model: vocabulary.permutations[model] for model in models}
+    configs = dict(config.tokenizer.tokens) if config.tokenizer is not None else {}
+    averaged = assign_sources(perms, models, vocab, configs, base)
+
+    defaults: dict[str, torch.Tensor] = {}
+    for token, token_id in vocab.items():
+        entry = configs.get(token)
+        forced = entry is not None and entry.force
+        if not forced and all(perms[model][token_id] >= 0 for model in models):
+            continue
+        if token in averaged:
+            total = torch.zeros(row_shape, dtype=dtype)
+            count = 0
+            for model in models:
+                row = perms[model][token_id]
+                if row >= 0:
+                    total = total + tensors[model][row]
+                    count += 1
+            total /= count
+            defaults[token] = total
+        elif entry is not None:
+            defaults[token] = source_row(token, token_id, entry, tensors, perms, vocabulary, config)
+
+    size = len(vocab)
+    forced_tokens = {token for token, entry in configs.items() if entry.force}
+    result = {}
+    for model in models:
+        perm = perms[model]
+        aligned = torch.zeros((vocabulary.rows, *row_shape), dtype=dtype)
+        own = [
+            (token_id, perm[token_id])
+            for token, token_id in vocab.items()
+            if perm[token_id] >= 0 and token not in forced_tokens
+        ]
+        if own:
+            new_ids, old_ids = (
+                torch.tensor(ids, dtype=torch.long) for ids in zip(*own, strict=True)
+            )
+            aligned[new_ids] = tensors[model][old_ids].to(dtype)
+        for token, row in defaults.items():
+            if perm[vocab[token]] < 0 or token in forced_tokens:
+                aligned[vocab[token]] = row
+        if vocabulary.rows > size:
+            aligned[size:] = torch.mean(aligned[:size], dim=0)
+        result[model] = aligned
+    return result
+
+
+def assign_sources(
+    perms: Mapping[str, Sequence[int]],
+    models: Sequence[str],
+    vocab: Mapping[str, int],
+    configs: dict[str, TokenEmbedding],
+    base: str | None,
+) -> set[str]:
+    """Give a source to each token some model lacks; return the tokens to average.
+
+    A token only one model has comes from it; a token none has is zero; a token the base
+    has comes from the base; the others are averaged. Tokens named in the config keep
+    their entry. ``configs`` is completed in place.
+    """
+    averaged = set()
+    for token, token_id in vocab.items():
+        if token in configs:
+            continue
+        has = [perms[model][token_id] >= 0 for model in models]
+        if sum(has) == 1:
+            configs[token] = TokenEmbedding(TokenSource("model", model=models[has.index(True)]))
+        elif sum(has) == 0:
+            configs[token] = TokenEmbedding(TokenSource("zero"))
+        elif base is not None and perms[base][token_id] >= 0:
+            configs[token] = TokenEmbedding(TokenSource("model", model=base))
+        else:
+            averaged.add(token)
+    return averaged
+
+
+def source_row(
+    token: str,
+    token_id: int,
+    entry: TokenEmbedding,
+    tensors: Mapping[str, torch.Tensor],
+    perms: Mapping[str, Sequence[int]],
+    vocabulary: OutputVocabulary,
+    config: MergeConfig,
+) -> torch.Tensor:
+    """The row a ``tokens`` entry (or an assigned source) gives ``token``."""
+    source = entry.source
+    key = f"{config.source}: tokenizer.tokens.{token}"
+    if source is None:
+        raise ConfigError(
+            f"{key}: needs a source (a model, or {{kind: zero}}), as some model lacks it"
+        )
+    if source.kind == "zero":
+        first = next(iter(tensors.values()))
+        return first.new_zeros(first.shape[1:])
+    if source.model not in tensors:
+        raise ConfigError(
+            f"{key}.source: {source.model} is not merged into this tensor "
+            f"(its models: {', '.join(tensors)})"
+        )
+    weights = tensors[source.model]
+    if source.kind == "model_token":
+        row = source.token_id
+        if row is None:
+            row = vocabulary.original_vocabs[source.model][source.token]
+        if not 0 <= row < weights.shape[0]:
+            raise ConfigError(
+                f"{key}.source.token_id: {row} is past {source.model}'s {weights.shape[0]} rows"
+            )
+        return weights[row]
+    row = perms[source.model][token_id]
+    if row < 0:
+        raise ConfigError(f"{key}.source: {source.model} has no token {token!r}")
+    return weights[row]

@@ -41,6 +41,7 @@ NO_SHARD_LIMIT = 2**62
 def _run_plan(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from pearl_edu.adapters import split_reference
     from pearl_edu.config import load_config
     from pearl_edu.plan_table import show_plan
     from pearl_edu.reading import read_header
@@ -49,10 +50,12 @@ def _run_plan(args: argparse.Namespace) -> int:
     config = load_config(args.config, strict=args.strict)
     # Only folders on this machine are read: `plan` never downloads, so Hub ids that are
     # not present locally leave us with the schedule that layer_range alone determines.
-    unread = [model for model in config.models() if not Path(model).is_dir()]
+    # A LoRA changes no shape: `base+adapter` is planned from its base's header.
+    folders = {model: Path(split_reference(model)[0]) for model in config.models()}
+    unread = [model for model, folder in folders.items() if not folder.is_dir()]
     merge_plan = None
     if not unread:
-        headers = {model: read_header(model) for model in config.models()}
+        headers = {model: read_header(folder) for model, folder in folders.items()}
         merge_plan = plan(config, headers)
     print(show_plan(config, merge_plan, unread=unread, as_json=args.json))
     return 0

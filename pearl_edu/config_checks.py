@@ -80,7 +80,7 @@ def reject_unknown_keys(
 
 
 def model_ref(entry: Mapping[str, Any], name: str, where: str, key: str) -> str:
-    """A model reference (HF repo id or local folder), which must be a non-empty string."""
+    """A model reference (HF repo id or local folder, optionally ``+adapter``), a string."""
     value = entry.get(name)
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(
@@ -90,6 +90,13 @@ def model_ref(entry: Mapping[str, Any], name: str, where: str, key: str) -> str:
         raise ConfigError(
             f"{where}: {key}: expected a model (repo id or folder) on one line, of at most "
             f"{MAX_MODEL_REF_LENGTH} characters, got {short(value)}"
+        )
+    # mergekit's ModelReference: "model" or "model+adapter" (a LoRA, `pearl_edu.adapters`).
+    parts = value.split("+")
+    if len(parts) > 2 or not all(part.strip() for part in parts):
+        raise ConfigError(
+            f"{where}: {key}: expected a model, or a model and a LoRA adapter as "
+            f"model+adapter (one '+'), got {short(value)}"
         )
     return value
 

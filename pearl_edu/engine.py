@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from pearl_edu.adapters import adapted_headers, open_reader, read_adapters, split_reference
+from pearl_edu.adapters import adapted_headers, read_adapters, split_reference
 from pearl_edu.backends import BACKENDS
 from pearl_edu.backends.cpu import host_copies
 from pearl_edu.card import (

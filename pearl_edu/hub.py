@@ -92,10 +92,14 @@ def _offline_by_choice() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
-def download(repo_id: str, revision: str | None = None) -> Path:
+def download(
+    repo_id: str, revision: str | None = None, *, patterns: list[str] | None = None
+) -> Path:
     """Download (or find in the cache) the files of ``repo_id`` that a merge needs.
 
     ``revision`` pins a commit (or branch or tag); ``None`` is the latest commit.
+    ``patterns`` are the files to fetch instead of a model's (a LoRA adapter's, for
+    `pearl_edu.adapters.resolve_adapter`).
     """
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
@@ -109,7 +113,10 @@ def download(repo_id: str, revision: str | None = None) -> Path:
 
     online = hub_reachable()
     try:
-        patterns = METADATA_PATTERNS + weight_patterns(repo_id, online=online, revision=revision)
+        if patterns is None:
+            patterns = METADATA_PATTERNS + weight_patterns(
+                repo_id, online=online, revision=revision
+            )
         return Path(
             snapshot_download(
                 repo_id, revision=revision, allow_patterns=patterns, local_files_only=not online

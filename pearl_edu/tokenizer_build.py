@@ -205,9 +205,9 @@ def stripped_tokenizer(tokenizer: Any, header: Any) -> Any:
     data["added_tokens"] = [entry for entry in data["added_tokens"] if entry["id"] < size]
     data["model"]["vocab"] = {t: i for t, i in data["model"]["vocab"].items() if t not in unused}
 
-    def keeps(merge: Any) -> bool:
+    def keeps(merge: Any) -> bool:  # mergekit's rule, and not one that makes a cut token
         pair = merge.split(" ") if isinstance(merge, str) else list(merge)
-        return not any(token in unused for token in pair)
+        return not any(token in unused for token in [*pair, "".join(pair)])
 
     data["model"]["merges"] = [merge for merge in data["model"]["merges"] if keeps(merge)]
     tokenizer._tokenizer = tokenizers.Tokenizer.from_str(json.dumps(data))

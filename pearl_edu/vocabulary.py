@@ -87,6 +87,16 @@ class VocabularyAlignment:
         )
         last = config.slices[-1].models()
         heads = any(LM_HEAD in headers[model].tensors for model in last)
+        # The dtype each vocabulary tensor is aligned in: the inputs' (cast to ``dtype``),
+        # promoted over the models, as mergekit promotes the tensors it aligns together.
+        self.row_dtypes: dict[str, torch.dtype] = {}
+        for header in headers.values():
+            names = {name: name for name in header.tensors if is_vocabulary_tensor(name)}
+            if heads and LM_HEAD not in header.tensors and TIED_TO in header.tensors:
+                names[LM_HEAD] = TIED_TO
+            for name, source in names.items():
+                dtype = self.dtype or header.tensors[source].dtype
+                self.row_dtypes[name] = torch.promote_types(self.row_dtypes.get(name, dtype), dtype)
         self.headers = {
             model: AlignedHeader.wrap(header, model, self, model_dirs[model], tied_head=heads)
             for model, header in headers.items()
@@ -155,7 +165,7 @@ class AlignedHeader:
             tensors[LM_HEAD] = dataclasses.replace(inner.tensors[TIED_TO], name=LM_HEAD)
         for name, meta in tensors.items():
             if is_vocabulary_tensor(name) and len(meta.shape) >= 1:
-                dtype = alignment.dtype or meta.dtype
+                dtype = alignment.row_dtypes[name]
                 shape = (vocabulary.rows, *meta.shape[1:])
                 nbytes = int(torch.Size(shape).numel()) * dtype.itemsize
                 tensors[name] = dataclasses.replace(
@@ -218,9 +228,9 @@ class AlignedReader:
         if not self.header.is_aligned(name):
             return self.inner.read(name, out=out)
         tensor = self.header.alignment.aligned(self.header.model, name)
-        if out is None:
-            return tensor
         meta = self.header.tensors[name]
+        if out is None:
+            return tensor.to(meta.dtype)
         view = out[: meta.nbytes].view(meta.dtype).view(meta.shape)
         view.copy_(tensor)
         return view

@@ -19,12 +19,16 @@ import yaml
 from pearl_edu.engine import merge
 from pearl_edu.errors import ConfigError
 from pearl_edu.teaching.toy import load_state_dict, make_tiny_model
+from pearl_edu.tokenizer_build import TokenizerWarning
 from pearl_edu.ulp import same_bits
 
 SPECIALS = ["<unk>", "<s>", "</s>"]
 BASE_WORDS = [*SPECIALS, "a", "b", "c", "d", "e"]
 MATH_WORDS = [*SPECIALS, "c", "a", "x", "y", "b", "z", "w"]
 CHAT_WORDS = [*SPECIALS, "e", "y", "q"]
+# A BPE vocabulary whose last two tokens lie past its model's vocab_size (8): cut away.
+BPE_WORDS = [*SPECIALS, "a", "b", "c", "ab", "abc", "d", "da"]
+BPE_MERGES = [("a", "b"), ("ab", "c"), ("d", "a")]
 CHATML = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
 OTHER = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
 
@@ -37,15 +41,29 @@ def make_model(
     dtype: torch.dtype = torch.float32,
     tie: bool = False,
     chat_template: str | None = None,
+    rows: int | None = None,
+    merges: list[tuple[str, str]] | None = None,
 ) -> Path:
-    """A tiny model whose embeddings have one row per word of its own tokenizer."""
+    """A tiny model with its own tokenizer: a word-level one, or BPE with ``merges``.
+
+    Its embeddings have one row per word, or ``rows`` (config.json's ``vocab_size``).
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     make_tiny_model(
-        path, vocab_size=len(words), num_layers=2, seed=seed, dtype=dtype, tie_embeddings=tie
+        path,
+        vocab_size=rows or len(words),
+        num_layers=2,
+        seed=seed,
+        dtype=dtype,
+        tie_embeddings=tie,
     )
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    vocab = {w: i for i, w in enumerate(words)}
+    if merges is None:
+        tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    else:
+        tokenizer = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
@@ -67,6 +85,11 @@ def zoo(tmp_path_factory) -> dict[str, Path]:
         "same": make_model(root / "same", BASE_WORDS, 5),
         "base16": make_model(root / "base16", BASE_WORDS, 6, dtype=torch.bfloat16),
         "math16": make_model(root / "math16", MATH_WORDS, 7, dtype=torch.bfloat16),
+        "padded": make_model(root / "padded", MATH_WORDS, 8, rows=16),
+        "bpe": make_model(root / "bpe", BPE_WORDS, 9, rows=8, merges=BPE_MERGES),
+        "notok": make_tiny_model(
+            root / "notok", vocab_size=len(BASE_WORDS), num_layers=2, seed=10, dtype=torch.float32
+        ),
     }
 
 
@@ -219,6 +242,49 @@ def test_bfloat16_in_a_float32_dtype(zoo, tmp_path, monkeypatch):
     ours, theirs = run_both(config, tmp_path, monkeypatch)
     assert_same_merge(ours, theirs)
     assert load_state_dict(ours)["lm_head.weight"].dtype == torch.bfloat16
+
+
+def test_padded_embeddings_and_a_model_without_a_tokenizer(zoo, tmp_path, monkeypatch):
+    # padded: 16 rows for 10 tokens; notok has no tokenizer files: taken to be the base's.
+    extra = "tokenizer_source: union\n"
+    config = linear(zoo, "base", "padded", "notok", extra=extra)
+    run_mergekit(config, tmp_path / "mergekit", monkeypatch)
+    with pytest.warns(TokenizerWarning, match="cannot load its tokenizer"):
+        merge(config, tmp_path / "pearl", device="cpu", progress=False)
+    assert_same_merge(tmp_path / "pearl", tmp_path / "mergekit")
+
+
+def test_base_tokenizer_cut_to_its_vocab_size(zoo, tmp_path, monkeypatch):
+    extra = "tokenizer_source: base\n"
+    config = linear(zoo, "bpe", "same", base="bpe", extra=extra)
+    ours, theirs = run_both(config, tmp_path, monkeypatch)
+    assert_same_merge(ours, theirs)
+    assert set(vocabulary(ours)) == set(BPE_WORDS[:8])
+
+
+def test_slices_align_embeddings_and_lm_head_with_their_own_models(zoo, tmp_path, monkeypatch):
+    # The embeddings come from the first slice's models, lm_head from the last slice's.
+    base, math, chat = zoo["base"], zoo["math"], zoo["chat"]
+    config = f"""merge_method: linear
+base_model: {base}
+tokenizer_source: union
+parameters: {{weight: 0.5}}
+slices:
+  - sources:
+      - {{model: {base}, layer_range: [0, 1]}}
+      - {{model: {math}, layer_range: [0, 1]}}
+  - sources:
+      - {{model: {base}, layer_range: [1, 2]}}
+      - {{model: {chat}, layer_range: [1, 2]}}
+"""
+    ours, theirs = run_both(config, tmp_path, monkeypatch)
+    assert_same_merge(ours, theirs)
+
+
+def test_inputs_of_two_dtypes_promote(zoo, tmp_path, monkeypatch):
+    config = linear(zoo, "base16", "math", base="base16", extra="tokenizer_source: union\n")
+    ours, theirs = run_both(config, tmp_path, monkeypatch)
+    assert_same_merge(ours, theirs)
 
 
 # --- which tokenizer is written ------------------------------------------------------------

@@ -221,9 +221,9 @@ def _run_moe(args: argparse.Namespace) -> int:
     )
     resumed = f", {result.resumed_tensors} resumed" if result.resumed_tensors else ""
     print(
-        f"built a Mixtral of {result.num_experts} experts: {result.num_tensors} tensors"
-        f"{resumed} into {result.output_dir} ({len(result.weight_files)} weight files) "
-        f"in {result.seconds:.1f} s"
+        f"built a {result.architecture} of {result.num_experts} experts: "
+        f"{result.num_tensors} tensors{resumed} into {result.output_dir} "
+        f"({len(result.weight_files)} weight files) in {result.seconds:.1f} s"
     )
     return 0
 

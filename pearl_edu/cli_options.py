@@ -257,9 +257,10 @@ def _moe_parser(sub: argparse._SubParsersAction) -> None:
     """``pearl-edu moe CONFIG OUTPUT_DIR``: mergekit-moe's YAML, mergekit-moe's model."""
     e = sub.add_parser(
         "moe",
-        help="build a Mixtral mixture of experts from a mergekit-moe config into OUTPUT_DIR",
-        description="Build the Mixtral mixture of experts of a mergekit-moe CONFIG into "
-        "OUTPUT_DIR, one tensor at a time: the tensors mergekit-moe 0.1.5 writes for it.",
+        help="build a mixture of experts from a mergekit-moe config into OUTPUT_DIR",
+        description="Build the mixture of experts of a mergekit-moe CONFIG into OUTPUT_DIR, "
+        "one tensor at a time: the model mergekit-moe 0.1.5 writes for it (Mixtral, or "
+        "Qwen2-MoE for a config with a shared expert; DeepSeek MoE and Qwen3 MoE are refused).",
     )
     e.add_argument("config", help="mergekit-moe YAML file")
     e.add_argument("output_dir", help="folder to write the MoE model into")

@@ -261,15 +261,84 @@ def test_identical_prompts_and_identical_experts_are_refused(mistral, tmp_path):
     build_moe(same_models, tmp_path / "c", allow_all_same=True, progress=False)
 
 
-def test_unsupported_architectures_are_one_line(mistral, tmp_path, capsys):
+def test_architectures_mergekit_chooses_but_pearl_edu_does_not_write_are_one_line(
+    mistral, tmp_path, capsys
+):
+    from mergekit.merge import MergeOptions
+    from mergekit.moe.config import MoEMergeConfig
+    from mergekit.scripts.moe import select_output_arch
+
+    def mergekit_choice(text: str) -> str:
+        config = MoEMergeConfig.model_validate(yaml.safe_load(text))
+        return select_output_arch(config, MergeOptions()).name()
+
+    shared = f"shared_experts:\n  - source_model: {mistral.math}"
+    deepseek = moe_yaml(mistral, "random", shared)  # a shared expert without prompts
+    assert mergekit_choice(deepseek) == "DeepSeek MoE"
+    assert_refused(tmp_path, capsys, deepseek, "would write this config as DeepSeek MoE")
+    named = moe_yaml(mistral, "random", "architecture: deepseek")
+    assert mergekit_choice(named) == "DeepSeek MoE"
+    assert_refused(tmp_path, capsys, named, "DeepSeek MoE")
+
+
+def test_models_no_architecture_fits_are_one_line(mistral, tmp_path, capsys):
     qwen = make_family(tmp_path / "qwen", "qwen2")
-    assert_refused(tmp_path, capsys, moe_yaml(qwen, "random"), "base_model", "'qwen2'", "mistral")
+    refused = assert_refused(tmp_path, capsys, moe_yaml(qwen, "random"), "'qwen2'")
+    assert "Mixtral: it is made from llama, mistral models only" in refused
+    assert "Qwen MoE: it needs exactly one shared expert" in refused
     mixed = moe_yaml(mistral, "random").replace(str(mistral.chat), str(qwen.chat))
-    assert_refused(tmp_path, capsys, mixed, "experts[1].source_model", "one architecture")
-    text = moe_yaml(mistral, "random", "architecture: qwen")
-    assert_refused(tmp_path, capsys, text, "architecture", "Mixtral only")
-    text = moe_yaml(mistral, "random", f"shared_experts:\n  - source_model: {mistral.math}")
-    assert_refused(tmp_path, capsys, text, "shared_experts", "Mixtral only")
+    assert_refused(tmp_path, capsys, mixed, "every model of one model_type")
+    text = moe_yaml(mistral, "random", "architecture: qwen3")
+    assert_refused(tmp_path, capsys, text, "Qwen3 MoE: it is made from qwen3 models only")
+    text = moe_yaml(mistral, "random", "architecture: switch")
+    assert_refused(tmp_path, capsys, text, "architecture: 'switch' names no MoE architecture")
+
+
+# --- Qwen2-MoE: one shared expert ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("arch", "gate_mode"), [("qwen2", "cheap_embed"), ("mistral", "hidden")])
+def test_a_shared_expert_gives_mergekits_qwen2_moe(mistral, tmp_path, arch, gate_mode):
+    from transformers import Qwen2MoeForCausalLM
+
+    family = mistral if arch == "mistral" else make_family(tmp_path / "models", arch)
+    shared = f"""shared_experts:
+  - source_model: {family.base}
+    positive_prompts: ["x y z"]
+    noise_scale: null
+    residual_scale: 0.25"""
+    text = moe_yaml(family, gate_mode, shared)
+    theirs = run_mergekit(text, tmp_path / "mergekit")
+    result = build_moe(text, tmp_path / "pearl", progress=False)
+    assert result.architecture == "Qwen MoE"
+    ours = load_state_dict(tmp_path / "pearl")
+    assert_identical(ours, theirs)
+    ours_config = (tmp_path / "pearl" / "config.json").read_text()
+    assert ours_config == (tmp_path / "mergekit" / "config.json").read_text()
+    assert ours["model.layers.1.mlp.shared_expert_gate.weight"].shape == (1, SHAPE["hidden_size"])
+    if arch == "mistral":  # Qwen2-MoE's attention has biases: zeros where Mistral has none
+        assert not ours["model.layers.0.self_attn.k_proj.bias"].any()
+    model = Qwen2MoeForCausalLM.from_pretrained(tmp_path / "pearl")
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 40, 41, 42]])).logits
+    assert logits.shape == (1, 4, SHAPE["vocab_size"]) and torch.isfinite(logits).all()
+
+
+def test_random_gates_for_qwen2_moe_copy_every_expert(mistral, tmp_path):
+    qwen = make_family(tmp_path / "models", "qwen2")
+    text = moe_yaml(qwen, "random", f"shared_experts:\n  - source_model: {qwen.base}")
+    text = text.replace("gate_mode: random", "gate_mode: random\narchitecture: qwen")
+    theirs = run_mergekit(text, tmp_path / "mergekit")
+    build_moe(text, tmp_path / "pearl", progress=False)
+    ours = load_state_dict(tmp_path / "pearl")
+    assert sorted(ours) == sorted(theirs)
+    for name, tensor in ours.items():
+        assert tensor.shape == theirs[name].shape and tensor.dtype == theirs[name].dtype, name
+        if not name.endswith(("mlp.gate.weight", "shared_expert_gate.weight")):
+            assert same_bits(tensor, theirs[name]), f"{name} differs from mergekit's"
+    base = load_state_dict(qwen.base)
+    shared = ours["model.layers.1.mlp.shared_expert.up_proj.weight"]
+    assert same_bits(shared, base["model.layers.1.mlp.up_proj.weight"])
 
 
 def test_expert_without_an_mlp_tensor_names_it(mistral, tmp_path, capsys):

@@ -1,12 +1,13 @@
-"""`build_moe`: a mergekit-moe config in, a Mixtral model folder out, one tensor at a time.
+"""`build_moe`: a mergekit-moe config in, a MoE model folder out, one tensor at a time.
 
 The steps, each reporting bad input in one line before anything is written:
 
 1. the config (`pearl_edu.moe.config`) and mergekit's checks of it;
-2. every model's folder and header (no weights read), the output architecture
-   (`pearl_edu.moe.mixtral.select_output`) and every output tensor's name, shape and dtype
-   (`pearl_edu.moe.mixtral.mixtral_layout`), which checks that the experts have every MLP
-   tensor, of the base's shape;
+2. every model's folder and header (no weights read), the output architecture as
+   mergekit chooses it (`pearl_edu.moe.arch`: Mixtral, or Qwen2-MoE for a config with a
+   shared expert) and every output tensor's name, shape and dtype
+   (`pearl_edu.moe.mixtral.mixtral_layout`, `pearl_edu.moe.qwen.qwen_layout`), which checks
+   that the experts have every MLP tensor, of the base's shape;
 3. the routers (`pearl_edu.moe.router`): for the ``hidden`` modes a forward pass of the
    base model with transformers, loaded once; for ``cheap_embed`` the base's embeddings
    only;
@@ -34,10 +35,20 @@ import torch
 from pearl_edu._version import __version__
 from pearl_edu.config import torch_dtype
 from pearl_edu.hub import resolve_model
-from pearl_edu.moe.config import HIDDEN_MODES, MoEConfig, check_moe_config, load_moe_config
-from pearl_edu.moe.files import check_moe_output, mixtral_config_text, write_moe_files
-from pearl_edu.moe.mixtral import MoETensor, make_tensor, mixtral_layout, select_output
+from pearl_edu.moe.arch import select_output
+from pearl_edu.moe.config import (
+    HIDDEN_MODES,
+    RANDOM_MODES,
+    Expert,
+    MoEConfig,
+    check_moe_config,
+    load_moe_config,
+)
+from pearl_edu.moe.files import check_moe_output, write_moe_files
+from pearl_edu.moe.mixtral import mixtral_config_text, mixtral_layout
+from pearl_edu.moe.qwen import qwen_config_text, qwen_layout
 from pearl_edu.moe.router import gate_vectors, warn_degenerate
+from pearl_edu.moe.tensors import MoETensor, make_tensor
 from pearl_edu.output import (
     discard_unfinished,
     parse_size,
@@ -55,9 +66,10 @@ from pearl_edu.writing import OutputTensor, Shard, ShardedWriter, layout_shards
 
 @dataclass(frozen=True)
 class MoEResult:
-    """What `build_moe` wrote: the folder, its weight files, how many tensors and experts."""
+    """What `build_moe` wrote: the folder, its architecture, weight files, tensors, experts."""
 
     output_dir: Path
+    architecture: str
     weight_files: tuple[str, ...]
     num_tensors: int
     num_experts: int
@@ -77,10 +89,11 @@ def build_moe(
     progress: bool | None = None,
     strict: bool = False,
 ) -> MoEResult:
-    """Build the Mixtral mixture of experts of a mergekit-moe ``config`` into ``output_dir``.
+    """Build the mixture of experts of a mergekit-moe ``config`` into ``output_dir``.
 
-    ``config`` is a `MoEConfig`, a YAML path, YAML text or a mapping. The tensors are
-    those mergekit 0.1.5's ``mergekit-moe`` writes for the same config. Its random draws
+    ``config`` is a `MoEConfig`, a YAML path, YAML text or a mapping. The architecture
+    (Mixtral, or Qwen2-MoE with a shared expert) and the tensors are those mergekit
+    0.1.5's ``mergekit-moe`` writes for the same config. Its random draws
     (``gate_mode: random`` or ``uniform_random``, ``noise_scale``) come from generators
     seeded with ``random_seed``, so the same seed gives the same model (mergekit's come
     from torch's global generator). ``allow_all_same`` is mergekit's
@@ -98,17 +111,26 @@ def build_moe(
     output_dir = resolve_output(output_dir)
     check_moe_output(output_dir, list(model_dirs.values()), force=force)
     headers = {ref: read_header(path) for ref, path in model_dirs.items()}
-    select_output(config, {ref: str(h.config.get("model_type")) for ref, h in headers.items()})
+    types = {ref: str(header.config.get("model_type")) for ref, header in headers.items()}
+    architecture = select_output(config, types)
 
     base = headers[config.base_model]
+    base_dir = model_dirs[config.base_model]
     out_dtype = output_dtype(config, base)
     router_dtype = torch.bfloat16 if config.gate_mode in HIDDEN_MODES else torch.float32
-    expert_headers = [headers[expert.source_model] for expert in config.experts]
-    layout = mixtral_layout(config, base, expert_headers, out_dtype, router_dtype)
-    config_json = mixtral_config_text(
-        model_dirs[config.base_model], len(config.experts), config.experts_per_token, out_dtype
-    )
-    gates = compute_gates(config, base, model_dirs[config.base_model], random_seed)
+    gated = gated_experts(config)
+    num_experts = len(config.experts)
+    if architecture == "Mixtral":
+        expert_headers = [headers[e.source_model] for e in config.experts]
+        layout = mixtral_layout(base, expert_headers, out_dtype, router_dtype)
+        config_json = mixtral_config_text(
+            base_dir, num_experts, config.experts_per_token, out_dtype
+        )
+    else:
+        expert_headers = [headers[e.source_model] for e in gated]
+        layout = qwen_layout(base, expert_headers, out_dtype, router_dtype)
+        config_json = qwen_config_text(base_dir, num_experts, config.experts_per_token, out_dtype)
+    gates = compute_gates(config, gated, base, base_dir, random_seed)
     warn_degenerate(gates)
 
     shards = layout_shards(
@@ -123,6 +145,7 @@ def build_moe(
             check_moe_output(output_dir, list(model_dirs.values()), force=force)
             resumed = _write_locked(
                 config,
+                gated,
                 layout,
                 shards,
                 headers,
@@ -133,13 +156,13 @@ def build_moe(
                 progress=progress,
             )
             with writing(partial):
-                base_dir = model_dirs[config.base_model]
                 write_moe_files(
                     partial,
                     config,
                     config_json,
                     base_dir,
                     given.name,
+                    architecture=architecture,
                     copy_tokenizer=copy_tokenizer,
                 )
                 publish(partial, output_dir)
@@ -155,6 +178,7 @@ def build_moe(
                     parent.rmdir()
     return MoEResult(
         output_dir=given,
+        architecture=architecture,
         weight_files=tuple(shard.file_name for shard in shards),
         num_tensors=len(layout),
         num_experts=len(config.experts),
@@ -176,15 +200,26 @@ def output_dtype(config: MoEConfig, base: ModelHeader) -> torch.dtype | None:
     return torch_dtype(stored, where=f"{base.path / 'config.json'}", key="torch_dtype")
 
 
-def compute_gates(config: MoEConfig, base: ModelHeader, base_dir: Path, seed: int) -> torch.Tensor:
-    """Every layer's router rows, (layers, experts, hidden_size) (`pearl_edu.moe.router`)."""
+def gated_experts(config: MoEConfig) -> list[Expert]:
+    """The experts that get router rows: the routed ones, then the shared ones when any
+    has prompts or the gates are random, as mergekit-moe's ``build`` lists them."""
+    shared = list(config.shared_experts or ())
+    if any(e.positive_prompts for e in shared) or config.gate_mode in RANDOM_MODES:
+        return [*config.experts, *shared]
+    return list(config.experts)
+
+
+def compute_gates(
+    config: MoEConfig, gated: Sequence[Expert], base: ModelHeader, base_dir: Path, seed: int
+) -> torch.Tensor:
+    """Every layer's router rows, (layers, gated experts, d) (`pearl_edu.moe.router`)."""
     embed = None
     if config.gate_mode == "cheap_embed":
         with ModelReader(base) as reader:
             embed = reader.read("model.embed_tokens.weight").clone()
     return gate_vectors(
         config.gate_mode,
-        config.experts,
+        gated,
         base_dir=base_dir,
         embed=embed,
         num_layers=int(base.config["num_hidden_layers"]),
@@ -230,6 +265,7 @@ def build_identity(
 
 def _write_locked(
     config: MoEConfig,
+    gated: Sequence[Expert],
     layout: Sequence[MoETensor],
     shards: Sequence[Shard],
     headers: Mapping[str, ModelHeader],
@@ -247,7 +283,7 @@ def _write_locked(
     jobs = [job for job in layout if shard_of[job.name] not in finished]
     writer = ShardedWriter(partial, shards, done=finished)
     readers = {ref: ModelReader(header) for ref, header in headers.items()}
-    experts = [(expert, readers[expert.source_model]) for expert in config.experts]
+    experts = [(expert, readers[expert.source_model]) for expert in gated]
     total = sum(shard.data_bytes for shard in shards)
     nbytes = {t.name: t.nbytes for shard in shards for t in shard.tensors}
     remaining = sum(nbytes[job.name] for job in jobs)
@@ -255,9 +291,9 @@ def _write_locked(
     try:
         with writing(partial):
             for job in jobs:
-                tensor = make_tensor(
-                    job, readers[config.base_model], experts, gates, seed=random_seed
-                )
+                base = readers[config.base_model]
+                num_routed = len(config.experts)
+                tensor = make_tensor(job, base, experts, num_routed, gates, seed=random_seed)
                 writer.write(job.name, tensor)
                 bar.update(nbytes[job.name])
             writer.write_index()

@@ -211,6 +211,7 @@ def check_moe_config(config: MoEConfig, *, allow_all_same: bool = False) -> None
     """mergekit 0.1.5's ``is_bad_config``, each refusal a one-line `ConfigError`.
 
     - at least one expert per token, and at least as many experts as experts per token;
+    - prompts for every shared expert or for none (mergekit asserts it while building);
     - except with ``gate_mode: random`` (that exact mode: mergekit returns early for it and
       for no other), every expert needs ``positive_prompts``, the experts' prompts must not
       all be the same (one expert alone counts as all the same, as in mergekit), and the
@@ -224,6 +225,11 @@ def check_moe_config(config: MoEConfig, *, allow_all_same: bool = False) -> None
         raise ConfigError(
             f"{where}: experts: {len(config.experts)} experts, fewer than experts_per_token "
             f"({config.experts_per_token}); list at least as many experts"
+        )
+    shared = config.shared_experts or ()
+    if len({bool(e.positive_prompts) for e in shared}) > 1:
+        raise ConfigError(
+            f"{where}: shared_experts: give positive_prompts to every shared expert or to none"
         )
     if config.gate_mode == "random":
         return

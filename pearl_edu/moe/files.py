@@ -1,6 +1,6 @@
 """The files beside a MoE's weights, and the check of its output folder.
 
-- ``config.json``: the ``MixtralConfig`` mergekit-moe writes (`mixtral_config_text`);
+- ``config.json``, made by `pearl_edu.moe.mixtral` or `pearl_edu.moe.qwen`;
 - the base's tokenizer files and generation config, copied;
 - ``mergekit_moe_config.yml``, the config as given, as mergekit-moe writes it, and a
   ``README.md`` model card (`moe_card`), as pearl_edu writes one for every merge.
@@ -16,50 +16,15 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 import yaml
 
 from pearl_edu._version import __version__
 from pearl_edu.card import TOKENIZER_FILES
-from pearl_edu.errors import ModelError, OutputError
+from pearl_edu.errors import OutputError
 from pearl_edu.moe.config import MoEConfig
 from pearl_edu.output import MODEL_FOLDER_FILES, MODEL_SHARD, WEIGHT_FILES, check_output_dir
 
 MOE_CONFIG_FILE = "mergekit_moe_config.yml"
-
-
-def mixtral_config_text(
-    base_dir: Path, num_experts: int, experts_per_token: int, out_dtype: torch.dtype | None
-) -> str:
-    """The output's ``config.json``: the base's config as a ``MixtralConfig``, as mergekit's.
-
-    The base's config is read by transformers; a Llama config goes through
-    ``MistralConfig`` first, with no sliding window and the base's context length. Then the
-    MoE's own settings: the architecture, ``num_local_experts``, ``num_experts_per_tok``,
-    no sliding window, the output dtype. Written as ``save_pretrained`` writes it (the
-    values that differ from transformers' defaults).
-    """
-    import transformers
-
-    try:
-        base = transformers.AutoConfig.from_pretrained(str(base_dir))
-    except Exception as err:
-        reason = " ".join(str(err).split())[:300]
-        raise ModelError(
-            f"{base_dir}/config.json: transformers cannot read it ({reason})"
-        ) from None
-    if not isinstance(base, transformers.MistralConfig):
-        as_mistral = transformers.MistralConfig(**base.to_dict())
-        as_mistral.sliding_window = None
-        as_mistral.max_position_embeddings = base.max_position_embeddings
-        base = as_mistral
-    moe = transformers.MixtralConfig(**base.to_dict())
-    moe.architectures = ["MixtralForCausalLM"]
-    moe.num_local_experts = num_experts
-    moe.num_experts_per_tok = experts_per_token or 2
-    moe.sliding_window = None
-    moe.dtype = out_dtype
-    return moe.to_json_string(use_diff=True)
 
 
 def write_moe_files(
@@ -69,6 +34,7 @@ def write_moe_files(
     base_dir: Path,
     model_name: str,
     *,
+    architecture: str,
     copy_tokenizer: bool,
 ) -> None:
     """config.json, the base's tokenizer and generation config, the YAML, and README.md."""
@@ -77,10 +43,12 @@ def write_moe_files(
         if (base_dir / name).is_file():
             shutil.copyfile(base_dir / name, folder / name)
     (folder / MOE_CONFIG_FILE).write_text(config.text, encoding="utf-8", newline="\n")
-    (folder / "README.md").write_text(moe_card(config, model_name), encoding="utf-8", newline="\n")
+    (folder / "README.md").write_text(
+        moe_card(config, model_name, architecture), encoding="utf-8", newline="\n"
+    )
 
 
-def moe_card(config: MoEConfig, model_name: str) -> str:
+def moe_card(config: MoEConfig, model_name: str, architecture: str = "Mixtral") -> str:
     """A README.md for the MoE: what it is made of, and the YAML that made it."""
     front_matter = yaml.safe_dump(
         {
@@ -90,20 +58,25 @@ def moe_card(config: MoEConfig, model_name: str) -> str:
         },
         sort_keys=False,
     )
+    shared = "".join(
+        f"Shared expert, run for every token: {expert.source_model}.\n\n"
+        for expert in config.shared_experts or ()
+    )
     experts = "\n".join(
         f"{index}. {expert.source_model}" for index, expert in enumerate(config.experts)
     )
     return (
         f"---\n{front_matter}---\n"
         f"# {model_name}\n\n"
-        f"This is a Mixtral mixture of experts made with pearl_edu {__version__}, which reads "
+        f"This is a {architecture} mixture of experts made with pearl_edu {__version__}, which "
+        "reads "
         "mergekit-moe's configuration format with mergekit's meaning.\n\n"
         "## Details\n\n"
         f"Everything but the MLPs comes from {config.base_model}. Each expert below gives "
         f"its MLPs to every layer; {config.experts_per_token} of the "
         f"{len(config.experts)} experts run for each token, chosen by routers made with "
         f"gate mode `{config.gate_mode}`.\n\n"
-        f"Experts:\n\n{experts}\n\n"
+        f"Experts:\n\n{experts}\n\n{shared}"
         "## Configuration\n\n"
         "The following YAML configuration was used to produce this model:\n\n"
         f"```yaml\n{config.text.rstrip()}\n```\n"

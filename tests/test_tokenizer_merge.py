@@ -382,3 +382,29 @@ def test_missing_token_without_a_source(zoo, tmp_path):
             linear(zoo, "base", "math", extra=extra), tmp_path / "out", device="cpu", progress=False
         )
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_a_bad_token_source_in_one_line(zoo, tmp_path, capsys):
+    from pearl_edu.cli import main
+    from pearl_edu.cli_options import EXIT_BAD_INPUT
+
+    config = tmp_path / "config.yml"
+    extra = f"tokenizer:\n  tokens:\n    new: {{source: {zoo['chat']}}}\n"
+    config.write_text(linear(zoo, "base", "math", extra=extra), encoding="utf-8")
+    assert main(["merge", str(config), str(tmp_path / "out"), "--quiet"]) == EXIT_BAD_INPUT
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "is not a model of this merge" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_merges_different_vocabularies(zoo, tmp_path):
+    from pearl_edu.cli import main
+
+    config = tmp_path / "config.yml"
+    config.write_text(
+        linear(zoo, "base", "math", extra="tokenizer_source: union\n"), encoding="utf-8"
+    )
+    assert main(["merge", str(config), str(tmp_path / "out"), "--quiet"]) == 0
+    words = vocabulary(tmp_path / "out")
+    assert set(words) == set(BASE_WORDS) | set(MATH_WORDS)
+    assert load_state_dict(tmp_path / "out")["lm_head.weight"].shape[0] == len(words)

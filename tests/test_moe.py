@@ -375,3 +375,34 @@ def test_config_errors_name_the_key(mistral):
             },
             "/nonexistent/out",
         )
+
+
+def test_an_interrupted_build_leaves_no_half_written_file_and_resumes(
+    mistral, tmp_path, monkeypatch
+):
+    import pearl_edu.moe.build as build_module
+
+    text = moe_yaml(mistral, "cheap_embed")
+    build_moe(text, tmp_path / "whole", progress=False, shard_size=20_000)
+    made = []
+    real = build_module.make_tensor
+
+    def failing(job, *args, **kwargs):
+        if len(made) == 12:
+            raise KeyboardInterrupt
+        made.append(job.name)
+        return real(job, *args, **kwargs)
+
+    monkeypatch.setattr(build_module, "make_tensor", failing)
+    with pytest.raises(KeyboardInterrupt):
+        build_moe(text, tmp_path / "out", progress=False, shard_size=20_000)
+    partial = tmp_path / ".out.partial"
+    assert not (tmp_path / "out").exists()
+    kept = sorted(p.name for p in partial.glob("*.safetensors"))
+    assert kept and not list(partial.glob("*.tmp"))  # finished shards only
+    monkeypatch.setattr(build_module, "make_tensor", real)
+    result = build_moe(text, tmp_path / "out", progress=False, shard_size=20_000)
+    assert 0 < result.resumed_tensors < result.num_tensors
+    assert len(result.weight_files) > len(kept) > 0
+    assert_identical(load_state_dict(tmp_path / "out"), load_state_dict(tmp_path / "whole"))
+    assert not partial.exists()

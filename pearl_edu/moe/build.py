@@ -143,34 +143,34 @@ def build_moe(
     try:
         with output_lock(output_dir):
             check_moe_output(output_dir, list(model_dirs.values()), force=force)
-            resumed = _write_locked(
-                config,
-                gated,
-                layout,
-                shards,
-                headers,
-                gates,
-                partial,
-                identity,
-                random_seed=random_seed,
-                progress=progress,
-            )
-            with writing(partial):
-                write_moe_files(
-                    partial,
+            try:  # under the lock: the partial folder is this build's
+                resumed = _write_locked(
                     config,
-                    config_json,
-                    base_dir,
-                    given.name,
-                    architecture=architecture,
-                    copy_tokenizer=copy_tokenizer,
+                    gated,
+                    layout,
+                    shards,
+                    headers,
+                    gates,
+                    partial,
+                    identity,
+                    random_seed=random_seed,
+                    progress=progress,
                 )
-                publish(partial, output_dir)
+                with writing(partial):
+                    write_moe_files(
+                        partial,
+                        config,
+                        config_json,
+                        base_dir,
+                        given.name,
+                        architecture=architecture,
+                        copy_tokenizer=copy_tokenizer,
+                    )
+                    publish(partial, output_dir)
+            except BaseException:
+                discard_unfinished(partial, shards)  # finished shards stay, for a rerun
+                raise
             published = True
-    except BaseException:
-        if not published:
-            discard_unfinished(partial, shards)
-        raise
     finally:
         if not published:  # folders made for this build and left empty go too
             for parent in new_parents:

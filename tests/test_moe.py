@@ -11,6 +11,7 @@ checks what does not depend on the draw.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -360,6 +361,8 @@ def test_config_errors_name_the_key(mistral):
         load_moe_config({"base_model": "x", "experts": [{"source": "y"}]})
     with pytest.raises(ConfigError, match="gate_mode: 'hiden' is not a gate mode"):
         load_moe_config({"base_model": "x", "experts": [], "gate_mode": "hiden"})
+    with pytest.raises(ConfigError, match="dtype: unknown dtype 'fp8'"):
+        load_moe_config({"base_model": "x", "experts": [], "dtype": "fp8"})
     with pytest.raises(ConfigError, match="fewer than experts_per_token"):
         build_moe(
             {"base_model": str(mistral.base), "experts": [{"source_model": str(mistral.math)}]},
@@ -406,3 +409,23 @@ def test_an_interrupted_build_leaves_no_half_written_file_and_resumes(
     assert len(result.weight_files) > len(kept) > 0
     assert_identical(load_state_dict(tmp_path / "out"), load_state_dict(tmp_path / "whole"))
     assert not partial.exists()
+
+
+def test_a_config_made_in_python_is_built_and_recorded_as_yaml(mistral, tmp_path):
+    from pearl_edu.moe import Expert, MoEConfig
+
+    config = MoEConfig(
+        base_model=str(mistral.base),
+        gate_mode="cheap_embed",
+        experts=(
+            Expert(str(mistral.math), positive_prompts=("1 + 2 = 3",)),
+            Expert(str(mistral.chat), positive_prompts=("h e l l o",), residual_scale=2.0),
+        ),
+    )
+    build_moe(config, tmp_path / "python", progress=False)
+    recorded = (tmp_path / "python" / "mergekit_moe_config.yml").read_text()
+    assert load_moe_config(recorded) == dataclasses.replace(
+        config, source="<string>", text=recorded
+    )
+    theirs = run_mergekit(recorded, tmp_path / "mergekit")
+    assert_identical(load_state_dict(tmp_path / "python"), theirs)

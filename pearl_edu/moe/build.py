@@ -247,7 +247,7 @@ def build_identity(
     description = {
         "version": __version__,
         "kind": "moe",
-        "config": config.text,
+        "config": repr(config),  # every field, the YAML's text included
         "seed": seed,
         "copy_tokenizer": copy_tokenizer,
         "transformers": transformers.__version__,

@@ -27,6 +27,7 @@ typo such as ``positive_prompt:`` would lose the prompts), and refused with ``st
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from typing import Any
 
 import yaml
 
+from pearl_edu.config import torch_dtype
 from pearl_edu.config_checks import model_ref, reject_unknown_keys, require_mapping, strict_keys
 from pearl_edu.errors import ConfigError
 from pearl_edu.yaml_reader import check_size, check_tree, load_yaml, read_text, short, shown_path
@@ -97,6 +99,30 @@ class MoEConfig:
             dict.fromkeys([self.base_model, *(e.source_model for e in self.experts), *shared])
         )
 
+    def yaml_text(self) -> str:
+        """The YAML as given, or, for a config made in Python, its fields as YAML."""
+        if self.text:
+            return self.text
+
+        def entry(expert: Expert) -> dict[str, Any]:
+            fields = dataclasses.asdict(expert)
+            return {
+                k: list(v) if isinstance(v, tuple) else v
+                for k, v in fields.items()
+                if v is not None
+            }
+
+        data: dict[str, Any] = {"base_model": self.base_model, "gate_mode": self.gate_mode}
+        if self.dtype:
+            data["dtype"] = self.dtype
+        data["experts_per_token"] = self.experts_per_token
+        if self.architecture:
+            data["architecture"] = self.architecture
+        data["experts"] = [entry(e) for e in self.experts]
+        if self.shared_experts is not None:
+            data["shared_experts"] = [entry(e) for e in self.shared_experts]
+        return yaml.safe_dump(data, sort_keys=False)
+
 
 def load_moe_config(source: str | Path | Mapping[str, Any], *, strict: bool = False) -> MoEConfig:
     """Read a mergekit-moe config from a YAML file, YAML text (with a newline) or a mapping.
@@ -144,11 +170,14 @@ def parse_moe_config(raw: Mapping[str, Any], where: str, text: str = "") -> MoEC
         raise ConfigError(
             f"{where}: experts_per_token: expected an integer, got {short(per_token)}"
         )
+    dtype = _optional_text(raw, "dtype", where)
+    if dtype is not None:
+        torch_dtype(dtype, where=where, key="dtype")  # a known name, checked before any model
     return MoEConfig(
         base_model=model_ref(raw, "base_model", where, "base_model"),
         experts=experts,
         gate_mode=gate_mode,
-        dtype=_optional_text(raw, "dtype", where),
+        dtype=dtype,
         experts_per_token=per_token,
         shared_experts=shared,
         architecture=_optional_text(raw, "architecture", where),

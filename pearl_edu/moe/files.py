@@ -42,7 +42,7 @@ def write_moe_files(
     for name in ("generation_config.json", *TOKENIZER_FILES) if copy_tokenizer else ():
         if (base_dir / name).is_file():
             shutil.copyfile(base_dir / name, folder / name)
-    (folder / MOE_CONFIG_FILE).write_text(config.text, encoding="utf-8", newline="\n")
+    (folder / MOE_CONFIG_FILE).write_text(config.yaml_text(), encoding="utf-8", newline="\n")
     (folder / "README.md").write_text(
         moe_card(config, model_name, architecture), encoding="utf-8", newline="\n"
     )
@@ -79,7 +79,7 @@ def moe_card(config: MoEConfig, model_name: str, architecture: str = "Mixtral") 
         f"Experts:\n\n{experts}\n\n{shared}"
         "## Configuration\n\n"
         "The following YAML configuration was used to produce this model:\n\n"
-        f"```yaml\n{config.text.rstrip()}\n```\n"
+        f"```yaml\n{config.yaml_text().rstrip()}\n```\n"
     )
 
 

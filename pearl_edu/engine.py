@@ -113,7 +113,9 @@ def merge(
     text, a shipped recipe's name), read with ``strict`` (keys mergekit ignores refused).
     ``progress=None`` shows a progress bar only on a terminal; ``False`` never.
     ``copy_tokenizer=False`` leaves out the base model's tokenizer and generation config,
-    as mergekit's ``--no-copy-tokenizer`` does.
+    as mergekit's ``--no-copy-tokenizer`` does; a tokenizer built from the config's
+    ``tokenizer_source`` or ``tokenizer:`` is written all the same, as in mergekit
+    (`pearl_edu.vocabulary`, which also merges models with different vocabularies).
     ``fast_trim=True`` breaks TIES' ties at its cut by position (see `merge_tensor`).
     ``threads`` is how many CPU threads the math may use on the CPU; by default torch's,
     as mergekit (see `math_threads`). ``device="auto"`` picks the device by the merge

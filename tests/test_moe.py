@@ -429,3 +429,15 @@ def test_a_config_made_in_python_is_built_and_recorded_as_yaml(mistral, tmp_path
     )
     theirs = run_mergekit(recorded, tmp_path / "mergekit")
     assert_identical(load_state_dict(tmp_path / "python"), theirs)
+
+
+def test_prompts_too_alike_give_a_one_line_warning(mistral, tmp_path):
+    from pearl_edu.moe.router import DegenerateRouterWarning
+
+    shared = " ".join("abcdefghijklmnopqrst")
+    text = moe_yaml(mistral, "cheap_embed")
+    text = text.replace('["1 + 2 = 3", "4 * 5"]', f'["{shared} u"]')
+    text = text.replace('["h e l l o", "w o r l d !"]', f'["{shared} v"]')
+    text = text.replace('    negative_prompts: ["a b c"]\n', "")
+    with pytest.warns(DegenerateRouterWarning, match="all layers: the router rows are nearly"):
+        build_moe(text, tmp_path / "alike", progress=False)

@@ -1,7 +1,9 @@
 """The files beside a MoE's weights, and the check of its output folder.
 
 - ``config.json``, made by `pearl_edu.moe.mixtral` or `pearl_edu.moe.qwen`;
-- the base's tokenizer files and generation config, copied;
+- the base's tokenizer files and generation config, copied as they are (mergekit-moe
+  saves instead the tokenizer it tokenized the prompts with, re-serialised by
+  transformers with the BOS token as its padding token; the weights do not depend on it);
 - ``mergekit_moe_config.yml``, the config as given, as mergekit-moe writes it, and a
   ``README.md`` model card (`moe_card`), as pearl_edu writes one for every merge.
 

@@ -408,3 +408,66 @@ def test_cli_merges_different_vocabularies(zoo, tmp_path):
     words = vocabulary(tmp_path / "out")
     assert set(words) == set(BASE_WORDS) | set(MATH_WORDS)
     assert load_state_dict(tmp_path / "out")["lm_head.weight"].shape[0] == len(words)
+
+
+# --- the reader wrapper wraps any reader-like object --------------------------------------------
+
+
+class DoublingReader:
+    """A reader wrapper of the kind an adapter adds: the same header, every tensor doubled."""
+
+    def __init__(self, header) -> None:
+        from pearl_edu.reading import ModelReader
+
+        self.header = header
+        self.inner = ModelReader(header)
+
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        tensor = self.inner.read(name) * 2
+        if out is None:
+            return tensor
+        view = out[: tensor.numel() * tensor.element_size()].view(tensor.dtype)
+        return view.view(tensor.shape).copy_(tensor)
+
+    def can_map(self, name: str) -> bool:
+        return False
+
+    def prefetch(self, name: str) -> None:
+        pass
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class DoublingHeader:
+    def __init__(self, header) -> None:
+        self.inner = header
+        self.tensors, self.config, self.files = header.tensors, header.config, header.files
+
+    def open_reader(self) -> DoublingReader:
+        return DoublingReader(self.inner)
+
+
+def test_alignment_wraps_another_reader_wrapper(zoo):
+    from pearl_edu.config import load_config
+    from pearl_edu.reading import read_header
+    from pearl_edu.tensor_plan import plan
+    from pearl_edu.vocabulary import VocabularyAlignment, open_reader
+
+    config = load_config(linear(zoo, "base", "math", "chat", extra="tokenizer_source: union\n"))
+    dirs = {ref: Path(ref) for ref in config.models()}
+    plain = {ref: read_header(folder) for ref, folder in dirs.items()}
+    results = []
+    for headers in (plain, {ref: DoublingHeader(h) for ref, h in plain.items()}):
+        alignment = VocabularyAlignment(config, headers, dirs)
+        alignment.use_plan(plan(config, alignment.headers))
+        readers = {ref: open_reader(header) for ref, header in alignment.headers.items()}
+        rows = alignment.vocabulary.rows
+        for reader in readers.values():
+            assert reader.header.tensors["lm_head.weight"].shape[0] == rows
+        results.append({ref: r.read("lm_head.weight") for ref, r in readers.items()})
+        for reader in readers.values():
+            reader.close()
+    for ref, tensor in results[0].items():
+        assert tensor.shape[0] == rows
+        assert torch.equal(results[1][ref], 2 * tensor), ref

@@ -15,6 +15,7 @@ The adapter is a PEFT LoRA folder: ``adapter_config.json`` and
   linear layer's weight to ``W + s · (B @ A)`` (transposed with ``fan_in_fan_out``);
 - ``<module>.lora_embedding_A`` (r × vocab) and ``<module>.lora_embedding_B`` (dim × r)
   change an embedding to ``W + s · (B @ A)ᵀ``;
+- ``<module>.lora_B.bias`` (with ``lora_bias``) changes the layer's bias to ``b + s · β``;
 - any other tensor (``modules_to_save``, a saved ``base_layer``, trained biases) replaces
   the base's tensor of the same name.
 
@@ -24,8 +25,8 @@ where ``rank_pattern`` and ``alpha_pattern`` may give a module its own ``r`` and
 ``get_pattern_key``). The arithmetic is PEFT's on the CPU: A and B in float32, ``B @ A``,
 times ``s``, added to the weight in float32 and rounded once to the weight's dtype (an
 embedding's change is rounded to the weight's dtype before it is added, as PEFT does).
-Adapters that are not plain LoRA (DoRA, ``lora_bias``, other PEFT types) are refused in
-one line naming the file and what is supported.
+Adapters that are not plain LoRA (DoRA, other PEFT types) are refused in one line naming
+the file and what is supported.
 """
 
 from __future__ import annotations
@@ -52,7 +53,6 @@ PREFIX = "base_model.model."
 # PEFT options that change the merged weight beyond W + s·(B @ A): refused when set.
 UNSUPPORTED_OPTIONS = (
     "use_dora",
-    "lora_bias",
     "layer_replication",
     "use_qalora",
     "trainable_token_indices",
@@ -139,8 +139,9 @@ class LoraChange:
     """How the adapter changes one base tensor (``target``).
 
     ``a``/``b`` name the LoRA factors in the adapter file, with ``scale`` and whether the
-    product is transposed (embeddings, ``fan_in_fan_out``); or ``replacement`` names the
-    adapter tensor that takes the base tensor's place.
+    product is transposed (embeddings, ``fan_in_fan_out``); ``bias`` names a LoRA bias
+    (``lora_B.bias``) added times ``scale``; ``replacement`` names the adapter tensor that
+    takes the base tensor's place first.
     """
 
     target: str
@@ -150,6 +151,7 @@ class LoraChange:
     transpose: bool = False
     replacement: str | None = None
     embedding: bool = False
+    bias: str | None = None
 
 
 @dataclass(frozen=True)
@@ -226,10 +228,14 @@ def _changes(
     """
     factors: dict[str, dict[str, str]] = {}
     replacements: dict[str, str] = {}
+    biases: dict[str, str] = {}
     for name in header.tensors:
         if not name.startswith(PREFIX):
             raise ModelError(f"{weights}: tensor {name} does not start with {PREFIX}")
         inner = name[len(PREFIX) :]
+        if inner.endswith(".lora_B.bias") and config.get("lora_bias"):
+            biases[inner.removesuffix(".lora_B.bias")] = name
+            continue
         match = re.fullmatch(r"(.+)\.lora_(embedding_)?([AB])(\.weight)?", inner)
         if match is None:
             replacements[inner.replace(".base_layer.", ".")] = name
@@ -260,6 +266,15 @@ def _changes(
             transpose=found["kind"] == "embedding" or bool(config.get("fan_in_fan_out")),
             replacement=replacements.get(target),
             embedding=found["kind"] == "embedding",
+        )
+    for module, name in biases.items():
+        if module not in factors:
+            raise ModelError(f"{weights}: {name} is a LoRA bias of a module without lora_A/B")
+        r, alpha = _rank_and_alpha(config, module)
+        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        target = f"{module}.bias"
+        changes[target] = LoraChange(
+            target=target, scale=scale, bias=name, replacement=replacements.get(target)
         )
     return changes
 
@@ -296,6 +311,14 @@ def check_adapter_fits(adapter: Adapter, base: ModelHeader) -> None:
                     f"{adapter.path / ADAPTER_WEIGHTS}: {change.replacement} has shape "
                     f"{list(shape)}, {base.path}'s {target} {list(meta.shape)}"
                 )
+        if change.bias is not None and tuple(meta.shape) != tuple(
+            adapter.header.tensors[change.bias].shape
+        ):
+            raise ModelError(
+                f"{adapter.path / ADAPTER_WEIGHTS}: {change.bias} has shape "
+                f"{list(adapter.header.tensors[change.bias].shape)}, {base.path}'s {target} "
+                f"{list(meta.shape)}"
+            )
         if change.a is not None:
             out_dim = adapter.header.tensors[change.b].shape[0]
             in_dim = adapter.header.tensors[change.a].shape[1]
@@ -374,9 +397,12 @@ def apply_change(weight: torch.Tensor, change: LoraChange, read: Any) -> torch.T
     """
     if change.replacement is not None:
         weight = read(change.replacement).to(weight.dtype)
+    precision = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    if change.bias is not None:  # PEFT: bias += lora_B.bias * scale, rounded once
+        delta = read(change.bias).to(precision) * change.scale
+        return (weight.to(precision) + delta).to(weight.dtype)
     if change.a is None:
         return weight.clone()
-    precision = torch.float64 if weight.dtype == torch.float64 else torch.float32
     a = read(change.a).to(precision)
     b = read(change.b).to(precision)
     delta = b @ a

@@ -3,6 +3,7 @@
     pearl-edu plan CONFIG [--json]
     pearl-edu merge CONFIG OUTPUT_DIR [--device auto|cpu|cuda[:N]] [--shard-size 5GB] [--force]
     pearl-edu moe CONFIG OUTPUT_DIR [--force] [--shard-size 5GB] [--random-seed N]
+    pearl-edu extract-lora --model MODEL --base BASE [--rank R] OUTPUT_DIR
     pearl-edu verify DIR_A DIR_B [--atol X] [--max-ulp N] [--scale-ulp N] [--max-fraction F]
                      [--config CONFIG --input-scale-ulp N]
 
@@ -228,8 +229,32 @@ def _run_moe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_extract_lora(args: argparse.Namespace) -> int:
+    from pearl_edu.extract_lora import ExtractOptions, extract_lora
+
+    options = ExtractOptions(
+        rank=args.rank,
+        distribute_scale=args.distribute_scale,
+        embed_lora=args.embed_lora,
+        modules_to_save=tuple(args.modules_to_save),
+        include_regexes=tuple(args.include_regexes),
+        exclude_regexes=tuple(args.exclude_regexes),
+        sv_epsilon=args.sv_epsilon,
+        skip_undecomposable=args.skip_undecomposable,
+    )
+    output = extract_lora(args.model, args.base, args.output_dir, options, force=args.force)
+    print(f"extracted a LoRA adapter of {args.model} (base {args.base}) into {output}")
+    return 0
+
+
 # What each subcommand of `build_parser` runs.
-COMMANDS = {"plan": _run_plan, "merge": _run_merge, "moe": _run_moe, "verify": _run_verify}
+COMMANDS = {
+    "plan": _run_plan,
+    "merge": _run_merge,
+    "moe": _run_moe,
+    "verify": _run_verify,
+    "extract-lora": _run_extract_lora,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -204,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     _moe_parser(sub)
+    _extract_lora_parser(sub)
 
     v = sub.add_parser("verify", help="compare two model folders tensor by tensor")
     v.add_argument("dir_a")
@@ -297,3 +298,87 @@ def _moe_parser(sub: argparse._SubParsersAction) -> None:
     )
     _strict_option(e)
     _everywhere_options(e, top_level=False)
+
+
+def _extract_lora_parser(sub: argparse._SubParsersAction) -> None:
+    """``pearl-edu extract-lora``: mergekit-extract-lora's options, with its defaults."""
+    x = sub.add_parser(
+        "extract-lora",
+        help="extract a LoRA adapter (MODEL minus BASE, rank R) into OUTPUT_DIR",
+        description="Write the PEFT LoRA adapter that takes BASE to MODEL: the rank-R "
+        "truncated SVD of each linear layer's task vector, one module at a time, as "
+        "mergekit-extract-lora 0.1.5 does. Apply it with 'model: BASE+OUTPUT_DIR'.",
+    )
+    x.add_argument("output_dir", help="folder to write the adapter into (mergekit's --out-path)")
+    x.add_argument("--model", required=True, help="the fine-tuned model (folder or repo id)")
+    x.add_argument(
+        "--base",
+        "--base-model",
+        dest="base",
+        required=True,
+        help="the base model it was tuned from",
+    )
+    x.add_argument(
+        "--rank",
+        "--max-rank",
+        dest="rank",
+        type=int,
+        default=128,
+        help="largest rank of each LoRA (mergekit's --max-rank, default 128); a layer's rank "
+        "is at most its matrix's",
+    )
+    x.add_argument(
+        "--distribute-scale",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="give A and B each the square root of the singular values (the default); "
+        "without it A takes them whole",
+    )
+    x.add_argument(
+        "--embed-lora",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="decompose the input embeddings too, as PEFT's embedding LoRA (default: save "
+        "the embeddings whole in modules_to_save)",
+    )
+    x.add_argument(
+        "--save-module",
+        dest="modules_to_save",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="save this module (a full name or its last part) whole; may be repeated",
+    )
+    x.add_argument(
+        "-i",
+        "--include-regex",
+        dest="include_regexes",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="decompose only modules matching a REGEX; may be repeated",
+    )
+    x.add_argument(
+        "-e",
+        "--exclude-regex",
+        dest="exclude_regexes",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="leave out modules matching REGEX; may be repeated",
+    )
+    x.add_argument(
+        "--sv-epsilon",
+        type=float,
+        default=0.0,
+        help="drop singular values at or below this (default 0: keep --rank of them)",
+    )
+    x.add_argument(
+        "--skip-undecomposable",
+        action="store_true",
+        help="leave out weights that are not linear layers (norms) instead of saving them whole",
+    )
+    x.add_argument(
+        "--force", action="store_true", help="replace OUTPUT_DIR when it holds an adapter"
+    )
+    _everywhere_options(x, top_level=False)

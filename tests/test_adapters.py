@@ -115,6 +115,28 @@ def test_each_tensor_is_peft_merge_and_unload_bit_for_bit(bases, tmp_path, dtype
         assert same_bits(tensor, theirs[name]), f"{name} differs from PEFT's merge"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_a_lora_bias_is_peft_merge_and_unload_bit_for_bit(tmp_path, dtype):
+    # Qwen2's q, k and v projections have biases; lora_bias trains a change to them.
+    base = make_tiny_model(tmp_path / "base", arch="qwen2", num_layers=1, seed=1, dtype=dtype)
+    adapter = make_adapter(
+        base, tmp_path / "lora", dtype=dtype, target_modules=["q_proj", "v_proj"], lora_bias=True
+    )
+    with torch.no_grad():  # PEFT starts lora_B.bias at zero; give it a value to merge
+        from safetensors.torch import load_file
+
+        tensors = load_file(adapter / "adapter_model.safetensors")
+        for name in tensors:
+            if name.endswith("lora_B.bias"):
+                tensors[name] = torch.randn_like(tensors[name])
+        save_file(tensors, adapter / "adapter_model.safetensors")
+    theirs, mine = peft_merged(base, adapter, dtype), ours(base, adapter)
+    bias = "model.layers.0.self_attn.q_proj.bias"
+    assert not torch.equal(mine[bias], load_state_dict(base)[bias])
+    for name, tensor in mine.items():
+        assert same_bits(tensor, theirs[name]), f"{name} differs from PEFT's merge"
+
+
 def test_scale_follows_rslora_and_the_patterns(bases, tmp_path):
     base = bases[torch.float32]
     adapter = read_adapter(

@@ -91,9 +91,12 @@ def write_hf_config(
 def model_card(config: MergeConfig, config_yaml: str, model_name: str) -> str:
     """A README.md in the shape of mergekit's model cards: method, inputs, the YAML."""
     models = config.models()
+    # The Hub's base_model metadata names models; a `base+adapter` reference names both
+    # (as mergekit's card does), while the list below keeps the reference as written.
+    named = list(dict.fromkeys(part for model in models for part in model.split("+")))
     front_matter = yaml.safe_dump(
         {
-            "base_model": models,
+            "base_model": named,
             "library_name": "transformers",
             "tags": ["mergekit", "merge", "pearl-edu"],
         },

@@ -204,7 +204,10 @@ def test_a_merge_of_base_plus_adapter_is_mergekits(family, tmp_path):
     # The reference is kept as written, in the model card and mergekit_config.yml.
     written = yaml.safe_load((tmp_path / "pearl" / "mergekit_config.yml").read_text())
     assert written["models"][0]["model"] == f"{base}+{adapter}"
-    assert f"{base}+{adapter}" in (tmp_path / "pearl" / "README.md").read_text()
+    card = (tmp_path / "pearl" / "README.md").read_text()
+    assert f"* {base}+{adapter}" in card  # listed as written
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"] == [str(base), str(adapter), str(other)]  # each model named
 
 
 def test_split_reference_is_mergekits():

@@ -282,3 +282,17 @@ def test_a_hub_adapter_offline_is_one_line(family, tmp_path, monkeypatch):
         "parameters: {weight: 1}\n"
     )
     assert main(["merge", str(path), str(tmp_path / "cli")]) == 2
+
+
+def test_plan_reads_the_base_header_of_base_plus_adapter(family, tmp_path, capsys):
+    base, other, adapter = family
+    path = tmp_path / "merge.yml"
+    path.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {base}+{adapter}\n  - model: {other}\n"
+        "parameters: {weight: 0.5}\n"
+    )
+    assert main(["plan", str(path), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    # Planned from the base's header (a LoRA changes no shape), not left unread.
+    assert plan["models_read"] is True and plan["unread_models"] == []
+    assert len(plan["plan"]["tensors"]) == len(read_header(base).tensors)

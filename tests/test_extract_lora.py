@@ -173,3 +173,19 @@ def test_cli_extracts_and_refuses_in_one_line(tmp_path, capsys):
         extract_lora(
             str(tuned), str(base), tmp_path / "x", ExtractOptions(4, exclude_regexes=("[",))
         )
+
+
+def test_a_model_given_as_base_plus_adapter_is_extracted_from(tmp_path):
+    # mergekit-extract-lora merges a +adapter reference first; so does pearl_edu's reader.
+    base, tuned = pair(tmp_path, torch.float32)
+    first = extract_lora(str(tuned), str(base), tmp_path / "first", ExtractOptions(rank=3))
+    again = extract_lora(
+        f"{base}+{first}", str(base), tmp_path / "again", ExtractOptions(rank=1000)
+    )
+    want = applied(base, first, tmp_path / "want")
+    back = applied(base, again, tmp_path / "back")
+    # The change of base+first is of rank 3; extracted again it has rank 3 in substance.
+    for name, tensor in back.items():
+        torch.testing.assert_close(tensor, want[name], rtol=1e-5, atol=1e-6, msg=name)
+    delta = want[LINEAR] - load_state_dict(base)[LINEAR]
+    assert torch.linalg.matrix_rank(delta.double(), atol=1e-5).item() == 3

@@ -47,6 +47,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     from pearl_edu.plan_table import show_plan
     from pearl_edu.reading import read_header
     from pearl_edu.tensor_plan import plan
+    from pearl_edu.vocabulary import VocabularyAlignment
 
     config = load_config(args.config, strict=args.strict)
     # Only folders on this machine are read: `plan` never downloads, so Hub ids that are
@@ -57,6 +58,9 @@ def _run_plan(args: argparse.Namespace) -> int:
     merge_plan = None
     if not unread:
         headers = {model: read_header(folder) for model, folder in folders.items()}
+        # With a tokenizer option, the vocabulary tensors are planned in the output's
+        # vocabulary, as `merge` plans them.
+        headers = VocabularyAlignment(config, headers, folders).headers
         merge_plan = plan(config, headers)
     print(show_plan(config, merge_plan, unread=unread, as_json=args.json))
     return 0

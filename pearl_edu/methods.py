@@ -336,8 +336,8 @@ def check_same_shape(v0: torch.Tensor, v1: torch.Tensor, *, name: str) -> None:
     if v0.shape != v1.shape:
         raise ModelError(
             f"{name}: shapes differ: base {tuple(v0.shape)} vs {tuple(v1.shape)}; merge only "
-            "models of the same architecture and size (for different vocabularies, align "
-            "the tokenizers and resize the embeddings first)"
+            "models of the same architecture and size (for different vocabularies, give "
+            "the config a tokenizer_source)"
         )
 
 

@@ -27,7 +27,8 @@ def check_shapes(name: str, inputs: Sequence[TensorInput], metas: Sequence[Tenso
             # the vocabularies differ (mergekit 0.1.5 refuses too; older versions cropped).
             vocabulary_only = len(shape) == len(first) and shape[1:] == first[1:]
             hint = (
-                "the vocabularies differ; align the tokenizers and resize the embeddings first"
+                "the vocabularies differ; give tokenizer_source (union, base or a model) "
+                "so that the rows are aligned to one vocabulary"
                 if vocabulary_only and ("embed" in name or "lm_head" in name)
                 else "merge only models of the same architecture and size"
             )

@@ -410,6 +410,23 @@ def test_cli_merges_different_vocabularies(zoo, tmp_path):
     assert load_state_dict(tmp_path / "out")["lm_head.weight"].shape[0] == len(words)
 
 
+def test_cli_plans_different_vocabularies_in_the_output_vocabulary(zoo, tmp_path, capsys):
+    from pearl_edu.cli import main
+
+    config = tmp_path / "config.yml"
+    config.write_text(linear(zoo, "base", "math"), encoding="utf-8")
+    assert main(["plan", str(config), "--json"]) != 0  # without an option: shapes differ
+    assert "tokenizer_source" in capsys.readouterr().err
+    config.write_text(
+        linear(zoo, "base", "math", extra="tokenizer_source: union\n"), encoding="utf-8"
+    )
+    assert main(["plan", str(config), "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    tensors = planned["plan"]["tensors"]
+    rows = {t["name"]: t["shape"][0] for t in tensors if "embed" in t["name"]}
+    assert rows == {"model.embed_tokens.weight": len(set(BASE_WORDS) | set(MATH_WORDS))}
+
+
 # --- the reader wrapper wraps any reader-like object --------------------------------------------
 
 

@@ -2,7 +2,7 @@
 
     python bench/finite_check.py [--runs 5] [--layers 32]
 
-`pearl_edu.engine.check_finite` looks at every merged tensor once (one ``aminmax`` pass)
+`pearl_edu.finite.check_finite` looks at every merged tensor once (one ``aminmax`` pass)
 before it is written. This times that pass on bfloat16 tensors of each shape of
 Mistral-7B (Pearl's parents), one tensor per shape reused for every tensor of that shape,
 with torch's default threads, and prints the total for the whole model: the median over
@@ -28,7 +28,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from pearl_edu.engine import is_finite  # noqa: E402
+from pearl_edu.finite import is_finite  # noqa: E402
 from pearl_edu.teaching.toy import hf_config, tensor_shapes  # noqa: E402
 
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,12 +47,11 @@ import torch
 from pearl_edu.adapters import adapted_headers, read_adapters, split_reference
 from pearl_edu.backends import BACKENDS
 from pearl_edu.backends.cpu import host_copies
-from pearl_edu.card import (
-    write_model_files,
-)
+from pearl_edu.card import write_model_files
 from pearl_edu.config import MergeConfig, load_config, torch_dtype
 from pearl_edu.devices import choose_device
-from pearl_edu.errors import ConfigError, ModelError, PearlEduWarning
+from pearl_edu.errors import ConfigError, ModelError
+from pearl_edu.finite import check_finite
 from pearl_edu.hub import resolve_model
 from pearl_edu.methods import merge_tensor
 from pearl_edu.output import (
@@ -378,55 +376,3 @@ def check_input_shapes(jobs: Sequence[TensorPlan], headers: Mapping[str, ModelHe
                 "architecture and size (for different vocabularies, give tokenizer_source: "
                 "union, base or a model)"
             )
-
-
-class NonFiniteWarning(PearlEduWarning):
-    """A merged tensor holds infinite or NaN values, published because it was allowed."""
-
-
-def check_finite(
-    merged: torch.Tensor, job: TensorPlan, inputs: Sequence[torch.Tensor], *, allow: bool
-) -> None:
-    """Refuse a merged tensor with an infinite or NaN value, naming it and the likely cause.
-
-    One pass of ``aminmax`` (NaN and infinities reach its minimum or maximum), about 5 ms
-    for a 58.7M-element bfloat16 tensor on the benchmark machine. With ``allow``, a
-    one-line `NonFiniteWarning` instead. mergekit publishes such a model silently.
-    """
-    if not merged.is_floating_point() or merged.numel() == 0 or is_finite(merged):
-        return
-    count = nonfinite_count(merged)
-    from_inputs = not all(is_finite(x) for x in inputs if x.is_floating_point())
-    cause = (
-        "its inputs hold infinite or NaN values already"
-        if from_inputs
-        else f"from finite inputs: check the {job.method} parameters "
-        f"({', '.join(f'{k}={v:g}' for k, v in sorted(job.params.items())) or 'none'})"
-    )
-    message = f"{job.name}: the merge gives {count} infinite or NaN values, {cause}"
-    if allow:
-        warnings.warn(f"{message}; written anyway (--allow-nonfinite)", NonFiniteWarning, 2)
-        return
-    raise ConfigError(
-        f"{message}; nothing was published (pass --allow-nonfinite to write such a model)"
-    )
-
-
-def is_finite(tensor: torch.Tensor) -> bool:
-    """Whether every value of ``tensor`` is finite (one ``aminmax`` pass)."""
-    if tensor.numel() == 0 or not tensor.is_floating_point():
-        return True
-    if tensor.element_size() == 1:  # float8: no aminmax; rare, so counted plainly
-        return nonfinite_count(tensor) == 0
-    low, high = torch.aminmax(tensor)
-    return bool(torch.isfinite(low) & torch.isfinite(high))
-
-
-def nonfinite_count(tensor: torch.Tensor) -> int:
-    """How many values of ``tensor`` are infinite or NaN (counted in slices of 2**20)."""
-    flat = tensor.reshape(-1)
-    step = 2**20
-    return sum(
-        int((~torch.isfinite(flat[i : i + step].float())).sum())
-        for i in range(0, flat.numel(), step)
-    )

@@ -376,12 +376,6 @@ class AdaptedReader:
         self._factors.close()
         self.inner.close()
 
-    def __enter__(self) -> AdaptedReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def __getattr__(self, name: str) -> Any:  # anything else the wrapped reader offers
         return getattr(self.inner, name)
 

@@ -20,7 +20,7 @@ import gc
 import sys
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from pearl_edu.cli_options import EXIT_BAD_INPUT, build_parser
 from pearl_edu.errors import ConfigError, PearlEduError, PearlEduWarning, UnknownKeyWarning
@@ -165,11 +165,9 @@ def _run_merge(args: argparse.Namespace) -> int:
         backend=args.backend,
         allow_nonfinite=args.allow_nonfinite,
     )
-    resumed = f", {result.resumed_tensors} resumed" if result.resumed_tensors else ""
     print(
-        f"merged {result.num_tensors} tensors{resumed} into {result.output_dir} "
-        f"({len(result.weight_files)} weight files) on {result.device} "
-        f"({result.device_reason}) in {result.seconds:.1f} s"
+        f"merged {_written(result)} on {result.device} ({result.device_reason}) "
+        f"in {result.seconds:.1f} s"
     )
     return 0
 
@@ -224,13 +222,20 @@ def _run_moe(args: argparse.Namespace) -> int:
         progress=False if args.quiet else None,
         strict=args.strict,
     )
-    resumed = f", {result.resumed_tensors} resumed" if result.resumed_tensors else ""
     print(
         f"built a {result.architecture} of {result.num_experts} experts: "
-        f"{result.num_tensors} tensors{resumed} into {result.output_dir} "
-        f"({len(result.weight_files)} weight files) in {result.seconds:.1f} s"
+        f"{_written(result)} in {result.seconds:.1f} s"
     )
     return 0
+
+
+def _written(result: Any) -> str:
+    """``N tensors[, K resumed] into DIR (F weight files)``: what a merge or a build wrote."""
+    resumed = f", {result.resumed_tensors} resumed" if result.resumed_tensors else ""
+    return (
+        f"{result.num_tensors} tensors{resumed} into {result.output_dir} "
+        f"({len(result.weight_files)} weight files)"
+    )
 
 
 def _run_extract_lora(args: argparse.Namespace) -> int:

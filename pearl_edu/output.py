@@ -205,13 +205,24 @@ def merge_identity(
             ]
             for job in merge_plan.tensors
         ],
+    }
+    return output_identity(description, shards, headers)
+
+
+def output_identity(
+    description: Mapping[str, Any], shards: Sequence[Shard], headers: Mapping[str, ModelHeader]
+) -> str:
+    """A hash of ``description`` (what makes the output's bytes), the shard layout and the
+    input weight files (path, size, modification time): the identity of an output folder."""
+    identity = {
+        **description,
         "shards": [[s.file_name, hashlib.sha256(s.header).hexdigest()] for s in shards],
         "inputs": {
             ref: [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in header.files]
             for ref, header in headers.items()
         },
     }
-    text = json.dumps(description, sort_keys=True, default=str)
+    text = json.dumps(identity, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 

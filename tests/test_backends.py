@@ -116,6 +116,11 @@ OPERATIONS = [
     "multislerp",
     "karcher_mean",
     "model_stock",
+    "sce",
+    "ram",
+    "ramplus_tl",
+    "nearswap",
+    "arcee_fusion",
     "generators",
 ]
 

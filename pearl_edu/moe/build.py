@@ -22,8 +22,6 @@ The steps, each reporting bad input in one line before anything is written:
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -51,6 +49,7 @@ from pearl_edu.moe.router import gate_vectors, warn_degenerate
 from pearl_edu.moe.tensors import MoETensor, make_tensor
 from pearl_edu.output import (
     discard_unfinished,
+    output_identity,
     parse_size,
     partial_dir,
     prepare_partial_dir,
@@ -253,14 +252,8 @@ def build_identity(
         "transformers": transformers.__version__,
         "threads": torch.get_num_threads(),
         "tensors": [[t.name, list(t.shape), str(t.dtype), t.kind] for t in layout],
-        "shards": [[s.file_name, hashlib.sha256(s.header).hexdigest()] for s in shards],
-        "inputs": {
-            ref: [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in header.files]
-            for ref, header in headers.items()
-        },
     }
-    text = json.dumps(description, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return output_identity(description, shards, headers)
 
 
 def _write_locked(

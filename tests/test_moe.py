@@ -179,6 +179,16 @@ def test_noise_scale_adds_noise_of_that_scale_to_its_expert_only(mistral, tmp_pa
 # --- the model runs ------------------------------------------------------------------------
 
 
+def test_quiet_hidden_mode_prints_no_loading_bar_and_restores_it(mistral, tmp_path, capfd):
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.enable_progress_bar()
+    config = _write(tmp_path, moe_yaml(mistral, "hidden"))
+    assert main(["--quiet", "moe", config, str(tmp_path / "moe")]) == 0
+    assert capfd.readouterr().err == ""  # transformers' "Loading weights" bar hidden
+    assert transformers_logging.is_progress_bar_enabled()  # and shown again after
+
+
 def test_output_loads_as_mixtral_and_runs(mistral, tmp_path):
     from transformers import MixtralForCausalLM
 

@@ -129,7 +129,7 @@ def build_moe(
         expert_headers = [headers[e.source_model] for e in gated]
         layout = qwen_layout(base, expert_headers, out_dtype, router_dtype)
         config_json = qwen_config_text(base_dir, num_experts, config.experts_per_token, out_dtype)
-    gates = compute_gates(config, gated, base, base_dir, random_seed)
+    gates = compute_gates(config, gated, base, base_dir, random_seed, progress)
     warn_degenerate(gates)
 
     shards = layout_shards(
@@ -209,7 +209,12 @@ def gated_experts(config: MoEConfig) -> list[Expert]:
 
 
 def compute_gates(
-    config: MoEConfig, gated: Sequence[Expert], base: ModelHeader, base_dir: Path, seed: int
+    config: MoEConfig,
+    gated: Sequence[Expert],
+    base: ModelHeader,
+    base_dir: Path,
+    seed: int,
+    progress: bool | None = None,
 ) -> torch.Tensor:
     """Every layer's router rows, (layers, gated experts, d) (`pearl_edu.moe.router`)."""
     embed = None
@@ -225,6 +230,7 @@ def compute_gates(
         hidden_size=int(base.config["hidden_size"]),
         vocab_size=int(base.config["vocab_size"]),
         seed=seed,
+        progress=progress,
     )
 
 

@@ -124,10 +124,16 @@ def hidden_state_means(model: Any, tokens: dict, *, average: bool) -> torch.Tens
     return states.sum(dim=1) / states.shape[1]
 
 
-def load_base_for_prompts(base_dir: Path) -> Any:
-    """The base model in bfloat16 on the CPU, loaded once, for the ``hidden`` modes."""
-    import transformers
+def load_base_for_prompts(base_dir: Path, progress: bool | None = None) -> Any:
+    """The base model in bfloat16 on the CPU, loaded once, for the ``hidden`` modes.
 
+    With ``progress=False`` transformers' loading bar is hidden, and shown again after."""
+    import transformers
+    from transformers.utils import logging as transformers_logging
+
+    shown = transformers_logging.is_progress_bar_enabled()
+    if progress is False:
+        transformers_logging.disable_progress_bar()
     try:
         return transformers.AutoModelForCausalLM.from_pretrained(
             str(base_dir), dtype=torch.bfloat16, device_map="cpu", low_cpu_mem_usage=True
@@ -137,6 +143,9 @@ def load_base_for_prompts(base_dir: Path) -> Any:
             f"{base_dir}: cannot load the base model with transformers to compute the "
             f"prompts' hidden states ({_one_line(err)})"
         ) from None
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()
 
 
 def random_gates(mode: str, shape: tuple[int, int, int], seed: int) -> torch.Tensor:
@@ -162,10 +171,12 @@ def gate_vectors(
     hidden_size: int,
     vocab_size: int,
     seed: int = 0,
+    progress: bool | None = None,
 ) -> torch.Tensor:
     """Every layer's router rows, (L, E, d), by ``mode`` (see the module's docstring).
 
-    ``embed`` is the base's ``model.embed_tokens.weight`` (needed by ``cheap_embed`` only).
+    ``embed`` is the base's ``model.embed_tokens.weight`` (needed by ``cheap_embed`` only);
+    ``progress=False`` hides transformers' bar while the base loads (``hidden`` modes).
     """
     if mode not in HIDDEN_MODES and mode != "cheap_embed":
         return random_gates(mode, (num_layers, len(experts), hidden_size), seed)
@@ -177,7 +188,7 @@ def gate_vectors(
             return cheap_embedding(embed, tokens, num_layers)
 
     else:
-        model = load_base_for_prompts(base_dir)
+        model = load_base_for_prompts(base_dir, progress)
 
         def vector(prompts: Sequence[str]) -> torch.Tensor:
             tokens = tokenize_prompts(prompts, tokenizer, vocab_size)

@@ -44,7 +44,7 @@ import torch
 from pearl_edu.errors import ModelError
 from pearl_edu.headers import safetensors_metas
 from pearl_edu.hub import download, looks_like_repo_id
-from pearl_edu.reading import ModelHeader, ModelReader
+from pearl_edu.reading import Closing, ModelHeader, ModelReader
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -330,7 +330,7 @@ def check_adapter_fits(adapter: Adapter, base: ModelHeader) -> None:
                 )
 
 
-class AdaptedReader:
+class AdaptedReader(Closing):
     """A reader of ``base+adapter``: the base's tensors, changed by the adapter when read.
 
     It has the interface of `pearl_edu.reading.ModelReader` (``header``, ``read``,

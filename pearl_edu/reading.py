@@ -29,7 +29,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
 import torch
 
@@ -184,7 +184,20 @@ def find_weight_files(model_dir: Path) -> tuple[Literal["safetensors", "bin"], l
 # --------------------------------------------------------------------------------------
 
 
-class ModelReader:
+class Closing:
+    """``with reader:`` closes the reader (its ``close``) on leaving the block."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ModelReader(Closing):
     """Reads tensors of one model on demand, into a caller's reusable buffer if given.
 
     >>> reader = ModelReader(read_header("my-model"))
@@ -282,12 +295,6 @@ class ModelReader:
             os.close(fd)
         self._fds.clear()
         self._bin_states.clear()
-
-    def __enter__(self) -> ModelReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _fd(self, file: Path) -> int:
         fd = self._fds.get(file)

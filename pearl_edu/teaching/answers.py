@@ -513,6 +513,91 @@ def _dare_noise_ratio(kept: float = 0.1) -> float:
     return math.sqrt((1 - kept) / kept)
 
 
+def _linear_layer_sides() -> list[tuple[int, int]]:
+    """(out, in) of the seven linear layers of one block of mini-Pearl."""
+    from pearl_edu.teaching import minipearl
+
+    shape = minipearl.ModelShape()
+    h, m = shape.hidden_size, shape.intermediate_size
+    kv = h // shape.num_heads * shape.num_kv_heads
+    return [(h, h), (kv, h), (kv, h), (h, h), (m, h), (m, h), (h, m)]
+
+
+def _lora_parameters(rank: int) -> int:
+    """The numbers a rank-``rank`` LoRA of every linear layer of mini-Pearl trains: r (d + k)
+    per layer."""
+    from pearl_edu.teaching import minipearl
+
+    layers = minipearl.ModelShape().num_layers
+    return layers * sum(rank * (d + k) for d, k in _linear_layer_sides())
+
+
+def _lora_break_even_rank() -> int:
+    """The smallest rank at which the adapter trains as many numbers as the layers it adapts."""
+    from pearl_edu.teaching import minipearl
+
+    full = minipearl.ModelShape().num_layers * sum(d * k for d, k in _linear_layer_sides())
+    return next(r for r in range(1, 10_000) if _lora_parameters(r) >= full)
+
+
+@functools.cache
+def _math_down_proj_spectrum() -> tuple[float, ...]:
+    """Singular values of the specialist's task vector of layer 1's down_proj (seed 0)."""
+    import torch
+
+    from pearl_edu.teaching import evaluation, minipearl
+
+    mini = evaluation.mini_pearl(0)
+    name = "model.layers.1.mlp.down_proj.weight"
+    base, math_w = minipearl.load_weights(mini.base), minipearl.load_weights(mini.math)
+    return tuple(torch.linalg.svdvals(math_w[name].float() - base[name].float()).tolist())
+
+
+def _truncation_error(rank: int) -> float:
+    """The relative Frobenius error of the best rank-``rank`` approximation (Eckart-Young)."""
+    values = _math_down_proj_spectrum()
+    return math.sqrt(sum(v * v for v in values[rank:]) / sum(v * v for v in values))
+
+
+def _rank_for_error(limit: float) -> int:
+    """The smallest rank whose best approximation is off by less than ``limit``."""
+    return next(
+        r for r in range(1, len(_math_down_proj_spectrum()) + 1) if _truncation_error(r) < limit
+    )
+
+
+def _cat_rank() -> int:
+    """The rank of PEFT's ``cat`` combination of the chapter's two adapters: the sum of theirs."""
+    from pearl_edu.teaching import lora
+
+    return 2 * lora.LoraSettings().rank
+
+
+@functools.cache
+def _peft_linear_is_sum() -> bool:
+    """Whether PEFT's ``linear`` combination of two LoRA adapters changes a weight by the sum
+    of their changes, tried on one small layer with two random adapters."""
+    import torch
+
+    from pearl_edu.teaching import lora
+
+    peft = lora.peft()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5, bias=False))
+        wrapped = peft.get_peft_model(
+            model, peft.LoraConfig(r=2, lora_alpha=2, target_modules=["0"]), adapter_name="one"
+        )
+        wrapped.add_adapter("two", peft.LoraConfig(r=2, lora_alpha=2, target_modules=["0"]))
+        layer = wrapped.base_model.model[0]
+        with torch.no_grad():
+            for name in ("one", "two"):
+                layer.lora_B[name].weight.normal_()
+        wrapped.add_weighted_adapter(["one", "two"], [1.0, 1.0], "both", combination_type="linear")
+        summed = layer.get_delta_weight("one") + layer.get_delta_weight("two")
+        return bool(torch.allclose(layer.get_delta_weight("both"), summed, atol=1e-5))
+
+
 def _capstone(given: Any) -> tuple[bool, str]:
     from pearl_edu.teaching import capstone
 
@@ -910,6 +995,68 @@ def _exercises() -> dict[str, Exercise]:
                     "Solve wins - losses = 971 - 924 and wins + losses = 151, then call "
                     "evaluation.mcnemar(wins, losses).",
                     _paired_gsm8k_p,
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-lora-params",
+            (
+                Blank(
+                    "lora_parameters_rank_4",
+                    "how many numbers a rank-4 LoRA of every linear layer of mini-Pearl trains",
+                    close_to(lambda: _lora_parameters(4), abs_tol=0),
+                    "A rank-r LoRA of a d x k layer trains B (d x r) and A (r x k): add r (d + k) "
+                    "over the seven linear layers of a block, then over the blocks.",
+                    lambda: _lora_parameters(4),
+                ),
+                Blank(
+                    "break_even_rank",
+                    "the smallest rank at which the adapter trains as many numbers as the layers",
+                    close_to(_lora_break_even_rank, abs_tol=0),
+                    "Compare r times the sum of (d + k) with the sum of d * k over the same layers.",
+                    _lora_break_even_rank,
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-lora-error",
+            (
+                Blank(
+                    "relative_error_rank_8",
+                    "the relative Frobenius error of the best rank-8 approximation",
+                    close_to(lambda: _truncation_error(8), rel_tol=1e-3),
+                    "By Eckart-Young it is the root of the sum of the squared singular values "
+                    "left out, over the root of the sum of all of them "
+                    "(torch.linalg.svdvals of the float32 task vector).",
+                    lambda: _truncation_error(8),
+                ),
+                Blank(
+                    "rank_for_half",
+                    "the smallest rank whose relative error is below 0.5",
+                    close_to(lambda: _rank_for_error(0.5), abs_tol=0),
+                    "Compute the error for every rank from 1 up and keep the first below 0.5.",
+                    lambda: _rank_for_error(0.5),
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-lora-combine",
+            (
+                Blank(
+                    "cat_rank",
+                    "the rank of PEFT's cat combination of the two rank-8 adapters",
+                    close_to(_cat_rank, abs_tol=0),
+                    "cat stacks the A factors of the adapters (and their B factors side by side).",
+                    _cat_rank,
+                ),
+                Blank(
+                    "linear_is_sum",
+                    "whether PEFT's linear combination (weights 1, 1) changes a weight by the "
+                    "sum of the two adapters' changes, True or False",
+                    truth(_peft_linear_is_sum),
+                    "Multiply out (B1 + B2)(A1 + A2), each scaled by the square root of its "
+                    "weight times its scale, as PEFT's linear combination builds it.",
+                    _peft_linear_is_sum,
                 ),
             ),
         ),

@@ -648,6 +648,65 @@ def _paired_gsm8k_p(pearl: int = 971, omnibeagle: int = 924, disagree: int = 151
     return evaluation.mcnemar(wins, disagree - wins)
 
 
+@functools.cache
+def _search_record():
+    """The record of chapter 17's search (bench/seeds_search.py)."""
+    from pearl_edu.teaching import evaluation
+
+    return evaluation.Record.load("search")
+
+
+def _search_trials() -> list[str]:
+    return [name for name in _search_record().names if name.startswith("trial ")]
+
+
+def _search_objective(seed: int, name: str, split: str) -> float:
+    """The mean share of the two parents' gains that a recorded merge keeps on ``split``."""
+    record = _search_record()
+    base, generalist, specialist = (
+        record.get(seed, m, split) for m in ("base", "generalist", "math")
+    )
+    merged = record.get(seed, name, split)
+    text = (merged.text - base.text) / (generalist.text - base.text)
+    addition = (merged.addition - base.addition) / (specialist.addition - base.addition)
+    return (text + addition) / 2
+
+
+def _search_winner(seed: int) -> str:
+    return max(_search_trials(), key=lambda n: _search_objective(seed, n, "validation"))
+
+
+def _search_drop(seed: int, name: str) -> float:
+    return _search_objective(seed, name, "validation") - _search_objective(seed, name, "test")
+
+
+def _winner_drop(seed: int = 1) -> float:
+    """ex-search-optimism: how far the validation winner's objective falls on test."""
+    return _search_drop(seed, _search_winner(seed))
+
+
+def _excess_drop(seed: int = 1) -> float:
+    """ex-search-optimism: the winner's fall less the average trial's."""
+    trials = _search_trials()
+    return _winner_drop(seed) - sum(_search_drop(seed, n) for n in trials) / len(trials)
+
+
+def _beaten_on_test(seed: int = 2) -> int:
+    """ex-search-rank: trials with a higher test objective than the validation winner."""
+    best = _search_objective(seed, _search_winner(seed), "test")
+    return sum(_search_objective(seed, n, "test") > best for n in _search_trials())
+
+
+def _search_dimensions(layers: int = 32) -> int:
+    """ex-search-population: a t per attention and per MLP of each layer, one for the rest."""
+    return 2 * layers + 1
+
+
+def _cma_population(dimensions: int | None = None) -> int:
+    """ex-search-population: the cma package's default population, 4 + 3 ln N rounded down."""
+    return math.floor(4 + 3 * math.log(dimensions or _search_dimensions()))
+
+
 def _exercises() -> dict[str, Exercise]:
     exercises = [
         Exercise(
@@ -1057,6 +1116,59 @@ def _exercises() -> dict[str, Exercise]:
                     "Multiply out (B1 + B2)(A1 + A2), each scaled by the square root of its "
                     "weight times its scale, as PEFT's linear combination builds it.",
                     _peft_linear_is_sum,
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-search-optimism",
+            (
+                Blank(
+                    "winner_drop",
+                    "seed 1's winner: its objective on validation minus its objective on test",
+                    close_to(_winner_drop, abs_tol=0.002),
+                    "objectives(1, winner(1)) gives both; subtract the test one from the "
+                    "validation one.",
+                    _winner_drop,
+                ),
+                Blank(
+                    "excess_drop",
+                    "how much further the winner falls than the average trial of seed 1",
+                    close_to(_excess_drop, abs_tol=0.002),
+                    "Average validation minus test over every trial of seed 1, and subtract "
+                    "that average from the winner's fall.",
+                    _excess_drop,
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-search-population",
+            (
+                Blank(
+                    "dimensions",
+                    "how many numbers the box has for Pearl's 32 layers",
+                    close_to(_search_dimensions, abs_tol=0),
+                    "One t for the attention and one for the MLP of each layer, and one t "
+                    "for all the rest.",
+                    _search_dimensions,
+                ),
+                Blank(
+                    "population",
+                    "how many recipes cma tries in a generation by default",
+                    close_to(_cma_population, abs_tol=0),
+                    "cma's default popsize is 4 + 3 ln N rounded down, for N numbers.",
+                    _cma_population,
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-search-rank",
+            (
+                Blank(
+                    "beaten",
+                    "how many of seed 2's trials score higher on test than its validation winner",
+                    close_to(_beaten_on_test, abs_tol=0),
+                    "Compare each trial's test objective with winner(2)'s, and count.",
+                    _beaten_on_test,
                 ),
             ),
         ),

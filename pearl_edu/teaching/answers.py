@@ -707,6 +707,39 @@ def _cma_population(dimensions: int | None = None) -> int:
     return math.floor(4 + 3 * math.log(dimensions or _search_dimensions()))
 
 
+def _union_rows() -> tuple[int, int]:
+    """ex-tok-rows: the union's rows, and the generalist's rows filled from the specialist."""
+    from pearl_edu.teaching import minipearl, numbertokens
+
+    characters = set(minipearl.build_tokenizer().get_vocab())
+    numbers = set(numbertokens.build_number_tokenizer().get_vocab())
+    return len(characters | numbers), len(numbers - characters)
+
+
+def _fallback_row() -> list[float]:
+    """ex-tok-average: the base's row of a token two other models have, with pearl_edu."""
+    import torch
+
+    import pearl_edu
+    from pearl_edu.tokenizer_build import OutputVocabulary
+    from pearl_edu.vocabulary_rows import align_rows
+
+    vocabulary = OutputVocabulary(
+        None, {"a": 0, "X": 1}, {"b": [0, -1], "m1": [0, 1], "m2": [0, 1]}, {}, rows=2
+    )
+    rows = {
+        "b": torch.tensor([[0.5, 0.5]]),
+        "m1": torch.tensor([[0.0, 0.0], [1.0, 2.0]]),
+        "m2": torch.tensor([[0.0, 0.0], [3.0, -2.0]]),
+    }
+    config = pearl_edu.load_config(
+        "merge_method: linear\nmodels:\n  - model: b\n  - model: m1\n  - model: m2\n"
+        "parameters: {weight: 1.0}\ntokenizer_source: union\n"
+    )
+    aligned = align_rows(rows, "model.embed_tokens.weight", vocabulary, config, "b")
+    return aligned["b"][1].tolist()
+
+
 def _exercises() -> dict[str, Exercise]:
     exercises = [
         Exercise(
@@ -1169,6 +1202,39 @@ def _exercises() -> dict[str, Exercise]:
                     close_to(_beaten_on_test, abs_tol=0),
                     "Compare each trial's test objective with winner(2)'s, and count.",
                     _beaten_on_test,
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-tok-rows",
+            (
+                Blank(
+                    "rows_union",
+                    "how many rows the union's lm_head has",
+                    close_to(lambda: _union_rows()[0], abs_tol=0),
+                    "The union has every token of either tokenizer, each once: count the "
+                    "tokens of the two vocabularies together.",
+                    lambda: _union_rows()[0],
+                ),
+                Blank(
+                    "filled_rows",
+                    "how many of the generalist's aligned rows are filled from the specialist",
+                    close_to(lambda: _union_rows()[1], abs_tol=0),
+                    "A row is filled for each output token the generalist lacks.",
+                    lambda: _union_rows()[1],
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-tok-average",
+            (
+                Blank(
+                    "fallback_row",
+                    "the base's row for X, as a list of two numbers",
+                    numbers_close(_fallback_row, abs_tol=1e-6),
+                    "The base lacks X and two models have it: neither the base's row nor a "
+                    "single owner's row applies.",
+                    _fallback_row,
                 ),
             ),
         ),

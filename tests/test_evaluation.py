@@ -193,3 +193,34 @@ merge_method: ties
     assert [m["model"] for m in config["models"]] == [str(tmp_path / "g"), str(tmp_path / "m")]
     assert config["models"][1]["parameters"]["note"] == "base"  # not a model: left alone
     assert yaml.safe_load(evaluation.with_folders(yaml.safe_load(recipe), mini)) == config
+
+
+def test_score_folder_loads_a_mixture_of_experts_as_a_mixtral(tiny_mini_pearl, tmp_path):
+    """A Mixtral built from mini-Pearl is scored with its experts, not as a Mistral.
+
+    Both experts are the model's own MLP and each token goes to one of them with weight 1,
+    so the mixture computes what the model does and scores the same on every item; loaded
+    as a Mistral, its MLPs would be missing and freshly initialised instead.
+    """
+    from pearl_edu.moe import build_moe
+
+    folder, corpus = tiny_mini_pearl
+    config = {
+        "base_model": str(folder),
+        "gate_mode": "random",
+        "experts_per_token": 1,
+        "experts": [{"source_model": str(folder)}, {"source_model": str(folder)}],
+    }
+    mixture = tmp_path / "mixture"
+    build_moe(config, mixture, allow_all_same=True, progress=False)
+    model = evaluation.load_model(mixture)
+    assert type(model).__name__ == "MixtralForCausalLM"
+    assert type(evaluation.load_model(folder)).__name__ == "MistralForCausalLM"
+    assert evaluation.score_folder(mixture, corpus) == evaluation.score_folder(folder, corpus)
+
+
+def test_load_model_names_a_folder_without_config(tmp_path):
+    from pearl_edu.errors import ModelError
+
+    with pytest.raises(ModelError, match="no config.json"):
+        evaluation.load_model(tmp_path)

@@ -740,6 +740,34 @@ def _fallback_row() -> list[float]:
     return aligned["b"][1].tolist()
 
 
+def _moe_top2_weight(generalist: float = 0.3, math_score: float = 1.1) -> float:
+    """ex-moe-top2: the maths expert's weight when both experts run (top-2 of two)."""
+    import torch
+
+    return torch.softmax(torch.tensor([generalist, math_score], dtype=torch.float64), 0)[1].item()
+
+
+def _moe_extra_parameters() -> int:
+    """ex-moe-params: one more MLP and a two-row router per layer of mini-Pearl's shape."""
+    from pearl_edu.teaching import minipearl
+
+    shape = minipearl.ModelShape()
+    mlp = 3 * shape.hidden_size * shape.intermediate_size
+    return shape.num_layers * (mlp + 2 * shape.hidden_size)
+
+
+def _cheap_embed_rows_differ() -> bool:
+    """ex-moe-cheap: whether `cheap_embed`'s rows of one expert differ between layers."""
+    import torch
+
+    from pearl_edu.moe import router
+
+    embed = torch.randn(12, 8, generator=torch.Generator().manual_seed(0))
+    tokens = {"input_ids": torch.tensor([[1, 5, 7]]), "attention_mask": torch.ones(1, 3)}
+    rows = router.cheap_embedding(embed, tokens, num_layers=4)
+    return not all(torch.equal(rows[0], row) for row in rows)
+
+
 def _exercises() -> dict[str, Exercise]:
     exercises = [
         Exercise(
@@ -1235,6 +1263,44 @@ def _exercises() -> dict[str, Exercise]:
                     "The base lacks X and two models have it: neither the base's row nor a "
                     "single owner's row applies.",
                     _fallback_row,
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-moe-top2",
+            (
+                Blank(
+                    "math_weight",
+                    "the weight of the maths expert's output (a number)",
+                    close_to(_moe_top2_weight, abs_tol=0.002),
+                    "Take the softmax of the two scores: exp(1.1) / (exp(0.3) + exp(1.1)).",
+                    _moe_top2_weight,
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-moe-params",
+            (
+                Blank(
+                    "extra_parameters",
+                    "how many parameters the mixture has beyond one parent (a whole number)",
+                    close_to(_moe_extra_parameters, abs_tol=0),
+                    "Per layer: one more MLP (gate, up and down projections, each hidden size "
+                    "by MLP size) and a router with one row of hidden size per expert.",
+                    _moe_extra_parameters,
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-moe-cheap",
+            (
+                Blank(
+                    "rows_differ_by_layer",
+                    "whether cheap_embed's router rows differ from layer to layer: True or False",
+                    truth(_cheap_embed_rows_differ),
+                    "Where in the model do token embeddings come from, before or after the "
+                    "first layer?",
+                    _cheap_embed_rows_differ,
                 ),
             ),
         ),

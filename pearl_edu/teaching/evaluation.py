@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from pearl_edu.errors import ModelError
 from pearl_edu.teaching import minipearl
 
 SKILLS = ("text", "addition")
@@ -103,9 +104,30 @@ def item_scores(model, tokenizer, corpus: minipearl.Corpus, split: str = "test")
     )
 
 
+def load_model(folder: str | Path):
+    """Load any causal language model folder with `transformers`, in float32, for scoring.
+
+    `minipearl.load_model` loads a `MistralForCausalLM`, the architecture of mini-Pearl and
+    of its merges. A mixture of experts built from them (`pearl_edu.moe.build_moe`) is a
+    `MixtralForCausalLM`, whose experts a Mistral would not read (it would score its own
+    freshly initialised MLPs instead): the class is the one ``config.json`` names.
+    """
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"model folder {folder}: no config.json; expected a Hugging Face model")
+    architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    if architectures == ["MistralForCausalLM"] or not architectures:
+        return minipearl.load_model(folder)
+    transformers = minipearl._transformers()
+    with minipearl.quiet_transformers():
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return model.eval()
+
+
 def score_folder(folder: str | Path, corpus: minipearl.Corpus, split: str = "test") -> ItemScores:
-    """Load the model saved in ``folder`` and score it on ``split``."""
-    model = minipearl.load_model(folder)
+    """Load the model saved in ``folder`` (a Mistral, or a Mixtral of experts) and score it on
+    ``split``."""
+    model = load_model(folder)
     return item_scores(model, minipearl.load_tokenizer(folder), corpus, split)
 
 

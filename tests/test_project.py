@@ -108,6 +108,21 @@ def test_every_toc_entry_exists():
         assert matches, f"_toc.yml lists {stem}, which does not exist"
 
 
+def test_references_bib_parses_with_one_entry_per_key():
+    """The bibliography the build reads: every entry closed, no key twice, every cited key there."""
+    from pybtex.database import parse_file
+
+    bib = ROOT / "book" / "references.bib"
+    entries = parse_file(bib).entries  # raises on an entry left open
+    keys = re.findall(r"^@\w+\{([^,]+),", bib.read_text(encoding="utf-8"), re.MULTILINE)
+    assert len(keys) == len(set(keys)) == len(entries)
+    cited = set()
+    for path in [*NOTEBOOKS, *(ROOT / "book").glob("*.md")]:
+        for group in re.findall(r"\{cite(?::\w+)?\}`([^`]+)`", path.read_text(encoding="utf-8")):
+            cited.update(key.strip() for key in group.split(","))
+    assert cited <= set(keys), f"cited but not in references.bib: {sorted(cited - set(keys))}"
+
+
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.name)
 def test_every_code_cell_is_saved_executed(notebook):
     """Strict nbval passes trivially on cells saved without outputs; refuse such notebooks."""

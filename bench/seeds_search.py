@@ -16,7 +16,6 @@ minutes per seed on one core.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 import warnings
@@ -187,15 +186,7 @@ def summary(record: evaluation.Record) -> str:
 
 
 def main(argv: list[str] | None = None) -> evaluation.Record:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", type=Path, default=evaluation.DATA_DIR / f"{NAME}.json")
-    args = parser.parse_args(argv)
-    record = measure(tuple(args.seeds))
-    record.save(args.out)
-    print(summary(record))
-    print(f"\nwritten to {args.out}")
-    return record
+    return evaluation.seeds_command(__doc__, NAME, measure, summary, argv)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ seed 0 itself. A minute or two per seed on one core.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import time
@@ -200,15 +199,7 @@ def summary(record: evaluation.Record) -> str:
 
 
 def main(argv: list[str] | None = None) -> Mapping:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", type=Path, default=evaluation.DATA_DIR / f"{NAME}.json")
-    args = parser.parse_args(argv)
-    record = measure(tuple(args.seeds))
-    record.save(args.out)
-    print(summary(record))
-    print(f"\nwritten to {args.out}")
-    return record.meta
+    return evaluation.seeds_command(__doc__, NAME, measure, summary, argv).meta
 
 
 if __name__ == "__main__":

@@ -224,3 +224,20 @@ def test_load_model_names_a_folder_without_config(tmp_path):
 
     with pytest.raises(ModelError, match="no config.json"):
         evaluation.load_model(tmp_path)
+
+
+def test_seeds_command_measures_the_seeds_saves_and_prints(tmp_path, capsys):
+    class Measured:
+        def __init__(self, seeds):
+            self.seeds = seeds
+
+        def save(self, path):
+            path.write_text(repr(self.seeds))
+
+    out = tmp_path / "x.json"
+    argv = ["--seeds", "4", "5", "--out", str(out)]
+    record = evaluation.seeds_command("A bench.\nMore.", "x", Measured, lambda r: "sum", argv)
+    assert record.seeds == (4, 5) and out.read_text() == "(4, 5)"
+    assert capsys.readouterr().out == f"sum\n\nwritten to {out}\n"
+    with pytest.raises(SystemExit):
+        evaluation.seeds_command("A bench.", "x", Measured, str, ["--seeds", "one"])

@@ -472,6 +472,29 @@ class Record:
 DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "seeds"
 
 
+def seeds_command(
+    doc: str,
+    name: str,
+    measure: Callable[[tuple[int, ...]], Record],
+    summary: Callable[[Record], str],
+    argv: Sequence[str] | None = None,
+) -> Record:
+    """The command line of a ``bench/seeds_*.py`` script: ``--seeds`` (0 1 2) and ``--out``
+    (``pearl_edu/data/seeds/NAME.json``); measures the seeds, saves the record, prints
+    ``summary`` of it and where it went. ``doc``'s first line is the command's description."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=DATA_DIR / f"{name}.json")
+    args = parser.parse_args(argv)
+    record = measure(tuple(args.seeds))
+    record.save(args.out)
+    print(summary(record))
+    print(f"\nwritten to {args.out}")
+    return record
+
+
 def mini_pearl(
     seed: int = 0, settings: minipearl.MiniPearlSettings | None = None
 ) -> minipearl.MiniPearl:

@@ -27,3 +27,32 @@ if _nbval_plugin is not None:
         return "application/vnd.jupyter.widget-view+json" in data
 
     _nbval_plugin.transform_streams_for_comparison = _transform_without_stderr
+
+
+def pytest_unconfigure(config):
+    """Fail, rather than hang, when a thread the tests started is still running.
+
+    A non-daemon thread left running keeps Python from exiting after the last test, so
+    a leaked thread would otherwise show as a run that never ends. Each one gets ten
+    seconds to finish; any still running are named and the process exits with status 3.
+    """
+    import os
+    import sys
+    import threading
+
+    running = [
+        thread
+        for thread in threading.enumerate()
+        if thread is not threading.main_thread() and not thread.daemon
+    ]
+    for thread in running:
+        thread.join(timeout=10)
+    left = [thread.name for thread in running if thread.is_alive()]
+    if left:
+        sys.stdout.flush()
+        sys.stderr.write(
+            f"pytest: {len(left)} thread(s) still running after the tests, which would keep "
+            f"the process from exiting: {', '.join(left)}\n"
+        )
+        sys.stderr.flush()
+        os._exit(3)

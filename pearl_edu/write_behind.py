@@ -98,7 +98,11 @@ class WriteBehind:
     in the thread (a full disk) is raised in the merging thread at its next `write` or
     at `finish`; a failed write (`OSError`: a full disk, no permission) as a one-line
     `OutputError`. Each tensor's ``then`` callback runs once it is written (or dropped
-    after an error), to hand its buffer back.
+    after an error, including a tensor refused by `write` because of an earlier error),
+    to hand its buffer back.
+
+    The thread is a daemon: the merge always stops it (`close`, in a ``finally``), and
+    should a caller forget to, the process can still exit rather than wait for it.
     """
 
     def __init__(self, writer: ShardedWriter, pending: int = 1) -> None:
@@ -108,7 +112,7 @@ class WriteBehind:
         )
         self.error: BaseException | None = None
         self.files = {t.name: writer.folder / s.file_name for s in writer.shards for t in s.tensors}
-        self.thread = threading.Thread(target=self._write_all, name="pearl-edu-writer")
+        self.thread = threading.Thread(target=self._write_all, name="pearl-edu-writer", daemon=True)
         self.thread.start()
 
     def write(
@@ -121,9 +125,12 @@ class WriteBehind:
         """Queue ``tensor`` for writing (waits while the line is full).
 
         ``ready``, an event (`CudaTransfers.download`), completes once ``tensor`` holds its
-        values: the writer waits for it before writing.
+        values: the writer waits for it before writing. After an error in the thread the
+        tensor is refused: ``then`` runs at once and the error is raised.
         """
-        self._raise_error()
+        if self.error is not None:
+            then()
+            self._raise_error()
         self.queue.put((name, tensor, then, ready))
 
     def finish(self) -> None:

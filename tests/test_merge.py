@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -578,18 +579,35 @@ def test_small_outputs_do_not_hold_the_kept_buffers():
     assert outputs.take(900).data_ptr() == large.data_ptr()
 
 
-def test_write_behind_hands_buffers_back_even_after_an_error(tmp_path):
+@pytest.mark.parametrize("second_write", ["at once", "once the thread has failed"])
+def test_write_behind_hands_buffers_back_even_after_an_error(tmp_path, second_write):
+    """Every buffer comes back and the thread stops, whichever way the race goes.
+
+    The first tensor fails in the writer thread. A second one queued before the thread
+    has failed is dropped there; one written after it is refused by `write` itself, which
+    raises the error in the merging thread.
+    """
     from pearl_edu.write_behind import WriteBehind
     from pearl_edu.writing import OutputTensor, ShardedWriter, layout_shards
 
     layout = layout_shards([OutputTensor("t0", (4,), torch.float32)], 10**9)
     handed_back = []
     failing = WriteBehind(ShardedWriter(tmp_path, layout))
-    for name in ("t0", "t0"):  # the second is dropped after the first one's error
-        failing.write(name, torch.zeros(4, dtype=torch.float16), then=lambda: handed_back.append(1))
-    with pytest.raises(OutputError, match="t0: merged tensor"):
-        failing.finish()
-    assert handed_back == [1, 1]
+    wrong_dtype = torch.zeros(4, dtype=torch.float16)
+    try:
+        with pytest.raises(OutputError, match="t0: merged tensor"):
+            failing.write("t0", wrong_dtype, then=lambda: handed_back.append(1))
+            if second_write == "once the thread has failed":
+                deadline = time.monotonic() + 30
+                while failing.error is None and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                assert failing.error is not None
+            failing.write("t0", wrong_dtype, then=lambda: handed_back.append(2))
+            failing.finish()
+    finally:
+        failing.close()
+    assert sorted(handed_back) == [1, 2]
+    assert not failing.thread.is_alive()
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])

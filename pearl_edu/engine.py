@@ -56,16 +56,12 @@ from pearl_edu.hub import resolve_model
 from pearl_edu.methods import merge_tensor
 from pearl_edu.output import (
     check_output_dir,
-    discard_unfinished,
     merge_identity,
     parse_size,
-    partial_dir,
-    prepare_partial_dir,
-    publish,
     resolve_output,
     writing,
 )
-from pearl_edu.output_lock import created_parents, output_lock
+from pearl_edu.output_lock import output_transaction
 from pearl_edu.process_settings import check_threads, math_threads, threads_used
 from pearl_edu.read_ahead import CudaTransfers, read_ahead, transfers_for
 from pearl_edu.reading import ModelHeader, read_header
@@ -179,39 +175,28 @@ def merge(
         "adapters": {ref: adapter.fingerprint() for ref, adapter in adapters.items()},
     }
     identity = merge_identity(merge_plan, shards, headers, options)
-    partial = partial_dir(output_dir)
-    new_parents = created_parents(output_dir)
-    published = False
-    try:
-        with output_lock(output_dir):
-            # Checked again now that no other merge can change the folder.
-            check_output_dir(output_dir, model_dirs.values(), force=force)
-            result = _merge_locked(
-                config,
-                merge_plan,
-                headers,
-                model_dirs,
-                shards,
-                partial,
-                output_dir,
-                given.name,
-                identity,
-                compute_device=compute_device,
-                compute_dtype=compute_dtype,
-                progress=progress,
-                threads=threads,
-                copy_tokenizer=copy_tokenizer,
-                fast_trim=fast_trim,
-                backend=backend,
-                allow_nonfinite=allow_nonfinite,
-                vocabulary=vocabulary.vocabulary,
-            )
-            published = True
-    finally:
-        if not published:  # folders made for this merge and left empty go too
-            for parent in new_parents:
-                with contextlib.suppress(OSError):
-                    parent.rmdir()
+    # Checked again under the lock, when no other merge can change the folder.
+    check_again = functools.partial(check_output_dir, output_dir, model_dirs.values(), force=force)
+    with output_transaction(output_dir, identity, shards, check_again) as (partial, finished):
+        result = _merge_into(
+            config,
+            merge_plan,
+            headers,
+            model_dirs,
+            shards,
+            partial,
+            finished,
+            given.name,
+            compute_device=compute_device,
+            compute_dtype=compute_dtype,
+            progress=progress,
+            threads=threads,
+            copy_tokenizer=copy_tokenizer,
+            fast_trim=fast_trim,
+            backend=backend,
+            allow_nonfinite=allow_nonfinite,
+            vocabulary=vocabulary.vocabulary,
+        )
     jobs_done, resumed = result
     return MergeResult(
         output_dir=given,
@@ -225,16 +210,15 @@ def merge(
     )
 
 
-def _merge_locked(
+def _merge_into(
     config: MergeConfig,
     merge_plan: MergePlan,
     headers: Mapping[str, ModelHeader],
     model_dirs: Mapping[str, Path],
     shards: Sequence[Shard],
     partial: Path,
-    output_dir: Path,
+    finished: set[str],
     model_name: str,
-    identity: str,
     *,
     compute_device: torch.device,
     compute_dtype: torch.dtype | None,
@@ -246,73 +230,68 @@ def _merge_locked(
     allow_nonfinite: bool,
     vocabulary: OutputVocabulary | None = None,
 ) -> tuple[int, int]:
-    """The merge proper, under the output's lock: returns (bytes written, tensors resumed).
+    """The merge proper, into the ``partial`` folder of `output_transaction`: returns
+    (bytes written, tensors resumed).
 
-    Whatever stops it (an error, Ctrl-C) leaves no half-written file: the final folder
-    does not exist yet, and the partial one keeps finished shards only, for a rerun.
+    The shards named in ``finished`` are already there, from an interrupted run of the
+    same merge; every other tensor is read, merged and written, then the files beside
+    the weights.
     """
-    with writing(partial):
-        finished = prepare_partial_dir(partial, identity, shards)
-    try:
-        shard_of = {t.name: shard.file_name for shard in shards for t in shard.tensors}
-        jobs = [job for job in merge_plan.tensors if shard_of[job.name] not in finished]
+    shard_of = {t.name: shard.file_name for shard in shards for t in shard.tensors}
+    jobs = [job for job in merge_plan.tensors if shard_of[job.name] not in finished]
 
-        # read -> math -> write, one tensor at a time.
-        writer = ShardedWriter(partial, shards, done=finished)
-        readers = {ref: open_reader(header) for ref, header in headers.items()}
-        total = sum(shard.data_bytes for shard in shards)
-        remaining = sum(job.nbytes for job in jobs)
-        bar = progress_bar(total, initial=total - remaining, enabled=progress)
-        write_behind = WriteBehind(writer)
-        transfers = transfers_for(compute_device)  # streams and events on a GPU, else None
-        outputs = OutputBuffers(pinned=compute_device.type == "cuda")
-        base_dir = model_dirs[merge_plan.base_model]
-        try:
-            with math_threads(threads, compute_device):
-                for job, inputs, hosts in read_ahead(
-                    jobs, readers, dtype=compute_dtype, device=compute_device, transfers=transfers
-                ):
-                    buffer = outputs.take(job.nbytes + DIRECT_ALIGNMENT)
-                    result = aligned_view(buffer, job, writer.file_offset(job.name))
-                    ready = merge_into(
-                        result,
-                        job,
-                        inputs,
-                        hosts,
-                        fast_trim=fast_trim,
-                        backend=backend,
-                        transfers=transfers,
-                        allow_nonfinite=allow_nonfinite,
-                    )
-                    write_behind.write(
-                        job.name, result, then=functools.partial(outputs.give, buffer), ready=ready
-                    )
-                    bar.update(job.nbytes)
-                write_behind.finish()
-        finally:
-            bar.close()
-            write_behind.close()
-            with contextlib.suppress(OSError):  # an abandoned shard: the error is raised
-                writer.close()
-            for reader in readers.values():
-                reader.close()
-        # The files beside the weights, then the folder appears whole, by a rename.
-        with writing(partial):
-            writer.write_index()
-            write_model_files(
-                partial,
-                config,
-                merge_plan,
-                base_dir,
-                model_name,
-                copy_tokenizer,
-                model_dirs=model_dirs,
-                vocabulary=vocabulary,
-            )
-            publish(partial, output_dir)
-    except BaseException:
-        discard_unfinished(partial, shards)
-        raise
+    # read -> math -> write, one tensor at a time.
+    writer = ShardedWriter(partial, shards, done=finished)
+    readers = {ref: open_reader(header) for ref, header in headers.items()}
+    total = sum(shard.data_bytes for shard in shards)
+    remaining = sum(job.nbytes for job in jobs)
+    bar = progress_bar(total, initial=total - remaining, enabled=progress)
+    write_behind = WriteBehind(writer)
+    transfers = transfers_for(compute_device)  # streams and events on a GPU, else None
+    outputs = OutputBuffers(pinned=compute_device.type == "cuda")
+    base_dir = model_dirs[merge_plan.base_model]
+    try:
+        with math_threads(threads, compute_device):
+            for job, inputs, hosts in read_ahead(
+                jobs, readers, dtype=compute_dtype, device=compute_device, transfers=transfers
+            ):
+                buffer = outputs.take(job.nbytes + DIRECT_ALIGNMENT)
+                result = aligned_view(buffer, job, writer.file_offset(job.name))
+                ready = merge_into(
+                    result,
+                    job,
+                    inputs,
+                    hosts,
+                    fast_trim=fast_trim,
+                    backend=backend,
+                    transfers=transfers,
+                    allow_nonfinite=allow_nonfinite,
+                )
+                write_behind.write(
+                    job.name, result, then=functools.partial(outputs.give, buffer), ready=ready
+                )
+                bar.update(job.nbytes)
+            write_behind.finish()
+    finally:
+        bar.close()
+        write_behind.close()
+        with contextlib.suppress(OSError):  # an abandoned shard: the error is raised
+            writer.close()
+        for reader in readers.values():
+            reader.close()
+    # The files beside the weights (output_transaction then publishes the folder).
+    with writing(partial):
+        writer.write_index()
+        write_model_files(
+            partial,
+            config,
+            merge_plan,
+            base_dir,
+            model_name,
+            copy_tokenizer,
+            model_dirs=model_dirs,
+            vocabulary=vocabulary,
+        )
     return remaining, len(merge_plan.tensors) - len(jobs)
 
 

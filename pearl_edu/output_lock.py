@@ -1,9 +1,11 @@
-"""One merge per output: the output folder's lock.
+"""One merge per output: the output folder's lock, and the steps that write a folder under it.
 
 A merge holds an exclusive lock on its output for its whole run, resume and publication
 included (`output_lock`); a second merge into the same folder is refused in one line
 naming the first, and the lock of a killed merge is taken over (the operating system
-releases it with the process).
+releases it with the process). `output_transaction` is the whole sequence, shared by
+`pearl_edu.engine.merge` and `pearl_edu.moe.build_moe`: lock, check again, resume,
+publish, or clean up.
 """
 
 from __future__ import annotations
@@ -14,12 +16,64 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from pearl_edu.errors import OutputError
-from pearl_edu.output import output_error, writing
+from pearl_edu.output import (
+    discard_unfinished,
+    output_error,
+    partial_dir,
+    prepare_partial_dir,
+    publish,
+    writing,
+)
+from pearl_edu.writing import Shard
+
+
+@contextlib.contextmanager
+def output_transaction(
+    output_dir: Path, identity: str, shards: Sequence[Shard], check: Callable[[], None]
+) -> Iterator[tuple[Path, set[str]]]:
+    """Write a model folder under ``output_dir``'s lock; publish it whole, or leave no trace.
+
+    1. Under the lock (`output_lock`), ``check()`` runs again: no other merge can change
+       the folder now.
+    2. The partial folder is prepared for ``identity`` (`pearl_edu.output.prepare_partial_dir`:
+       the finished shards of the same merge are kept) and ``(partial, finished shard
+       names)`` is yielded; the caller writes every other file into ``partial``.
+    3. On leaving the block, the partial folder is renamed into place
+       (`pearl_edu.output.publish`).
+
+    Whatever stops it (an error, Ctrl-C) leaves no half-written file: the final folder does
+    not exist yet, the partial one keeps finished shards only, for a rerun
+    (`pearl_edu.output.discard_unfinished`), and the parent folders made for this output
+    are removed again if they are empty.
+    """
+    partial = partial_dir(output_dir)
+    new_parents = created_parents(output_dir)
+    published = False
+    try:
+        with output_lock(output_dir):
+            check()
+            # Outside the clean-up below: a partial folder that is not this merge's is
+            # refused here, and must be left as it is.
+            with writing(partial):
+                finished = prepare_partial_dir(partial, identity, shards)
+            try:
+                yield partial, finished
+                with writing(partial):
+                    publish(partial, output_dir)
+            except BaseException:
+                discard_unfinished(partial, shards)
+                raise
+            published = True
+    finally:
+        if not published:  # folders made for this output and left empty go too
+            for parent in new_parents:
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
 
 
 def lock_path(output_dir: Path) -> Path:

@@ -421,6 +421,19 @@ def test_an_interrupted_build_leaves_no_half_written_file_and_resumes(
     assert not partial.exists()
 
 
+def test_a_partial_folder_that_is_not_a_build_of_ours_is_refused_and_kept(mistral, tmp_path):
+    """A ``.out.partial`` folder holding the user's files is neither used nor deleted."""
+    from pearl_edu.errors import OutputError
+
+    partial = tmp_path / ".out.partial"
+    partial.mkdir()
+    (partial / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="not made by pearl-edu"):
+        build_moe(moe_yaml(mistral, "cheap_embed"), tmp_path / "out", progress=False)
+    assert (partial / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_config_made_in_python_is_built_and_recorded_as_yaml(mistral, tmp_path):
     from pearl_edu.moe import Expert, MoEConfig
 

@@ -11,9 +11,9 @@ The steps, each reporting bad input in one line before anything is written:
 3. the routers (`pearl_edu.moe.router`): for the ``hidden`` modes a forward pass of the
    base model with transformers, loaded once; for ``cheap_embed`` the base's embeddings
    only;
-4. the output, as `pearl_edu.merge` writes one: into a hidden ``.<name>.partial`` folder
-   under the output's lock (`pearl_edu.output_lock`), shard by shard with pearl_edu's
-   writer (`pearl_edu.writing.ShardedWriter`), each output tensor made from one layer's
+4. the output, as `pearl_edu.merge` writes one (`pearl_edu.output_lock.output_transaction`):
+   into a hidden ``.<name>.partial`` folder under the output's lock, shard by shard with
+   pearl_edu's writer (`pearl_edu.writing.ShardedWriter`), each output tensor made from one layer's
    inputs read by `pearl_edu.reading.ModelReader`; then the files beside the weights
    (`pearl_edu.moe.files`), then the folder is published whole by a rename. An
    interrupted build rerun with the same inputs and seed resumes from its finished shards.
@@ -22,6 +22,7 @@ The steps, each reporting bad input in one line before anything is written:
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -48,16 +49,12 @@ from pearl_edu.moe.qwen import qwen_config_text, qwen_layout
 from pearl_edu.moe.router import gate_vectors, warn_degenerate
 from pearl_edu.moe.tensors import MoETensor, make_tensor
 from pearl_edu.output import (
-    discard_unfinished,
     output_identity,
     parse_size,
-    partial_dir,
-    prepare_partial_dir,
-    publish,
     resolve_output,
     writing,
 )
-from pearl_edu.output_lock import created_parents, output_lock
+from pearl_edu.output_lock import output_transaction
 from pearl_edu.reading import ModelHeader, ModelReader, read_header
 from pearl_edu.write_behind import progress_bar
 from pearl_edu.writing import OutputTensor, Shard, ShardedWriter, layout_shards
@@ -136,45 +133,31 @@ def build_moe(
         [OutputTensor(t.name, t.shape, t.dtype) for t in layout], max_shard_bytes
     )
     identity = build_identity(config, layout, shards, headers, random_seed, copy_tokenizer)
-    partial = partial_dir(output_dir)
-    new_parents = created_parents(output_dir)
-    published = False
-    try:
-        with output_lock(output_dir):
-            check_moe_output(output_dir, list(model_dirs.values()), force=force)
-            try:  # under the lock: the partial folder is this build's
-                resumed = _write_locked(
-                    config,
-                    gated,
-                    layout,
-                    shards,
-                    headers,
-                    gates,
-                    partial,
-                    identity,
-                    random_seed=random_seed,
-                    progress=progress,
-                )
-                with writing(partial):
-                    write_moe_files(
-                        partial,
-                        config,
-                        config_json,
-                        base_dir,
-                        given.name,
-                        architecture=architecture,
-                        copy_tokenizer=copy_tokenizer,
-                    )
-                    publish(partial, output_dir)
-            except BaseException:
-                discard_unfinished(partial, shards)  # finished shards stay, for a rerun
-                raise
-            published = True
-    finally:
-        if not published:  # folders made for this build and left empty go too
-            for parent in new_parents:
-                with contextlib.suppress(OSError):
-                    parent.rmdir()
+    inputs = list(model_dirs.values())
+    check_again = functools.partial(check_moe_output, output_dir, inputs, force=force)
+    with output_transaction(output_dir, identity, shards, check_again) as (partial, finished):
+        resumed = _write_tensors(
+            config,
+            gated,
+            layout,
+            shards,
+            headers,
+            gates,
+            partial,
+            finished,
+            random_seed=random_seed,
+            progress=progress,
+        )
+        with writing(partial):
+            write_moe_files(
+                partial,
+                config,
+                config_json,
+                base_dir,
+                given.name,
+                architecture=architecture,
+                copy_tokenizer=copy_tokenizer,
+            )
     return MoEResult(
         output_dir=given,
         architecture=architecture,
@@ -262,7 +245,7 @@ def build_identity(
     return output_identity(description, shards, headers)
 
 
-def _write_locked(
+def _write_tensors(
     config: MoEConfig,
     gated: Sequence[Expert],
     layout: Sequence[MoETensor],
@@ -270,14 +253,12 @@ def _write_locked(
     headers: Mapping[str, ModelHeader],
     gates: torch.Tensor,
     partial: Path,
-    identity: str,
+    finished: set[str],
     *,
     random_seed: int,
     progress: bool | None,
 ) -> int:
-    """Write every tensor not in a finished shard; returns how many were resumed."""
-    with writing(partial):
-        finished = prepare_partial_dir(partial, identity, shards)
+    """Write every tensor not in a ``finished`` shard; returns how many were resumed."""
     shard_of = {t.name: shard.file_name for shard in shards for t in shard.tensors}
     jobs = [job for job in layout if shard_of[job.name] not in finished]
     writer = ShardedWriter(partial, shards, done=finished)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -126,20 +125,10 @@ def _cached(kind: str, mini: minipearl.MiniPearl, build) -> Path:
 
     Its name covers ``kind``, ``mini``'s settings and the source of this module and of
     `minipearl`, so a change to any of them trains anew; the folder appears only when
-    complete.
+    complete (`minipearl`'s own cache, in a folder of its own).
     """
-    key = (kind + repr(mini.settings)).encode()
-    for module in (__file__, minipearl.__file__):
-        key += Path(module).read_bytes()
-    target = cache_dir() / hashlib.sha256(key).hexdigest()[:16]
-    if not (target / "losses.json").is_file():
-        scratch = target.with_name(f".{target.name}.partial")
-        shutil.rmtree(scratch, ignore_errors=True)
-        losses = build(scratch)
-        (scratch / "losses.json").write_text(json.dumps(losses))
-        shutil.rmtree(target, ignore_errors=True)
-        scratch.rename(target)
-    return target
+    source = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    return minipearl._cached(cache_dir(), kind + repr(mini.settings) + source, build)
 
 
 def load_or_build_number_specialist(mini: minipearl.MiniPearl) -> Path:

@@ -142,12 +142,20 @@ def test_every_notebook_imports_pearl_edu_first(notebook):
     assert "import pearl_edu" in "".join(first["source"])
 
 
-def test_colab_install_url_is_the_books_repository():
-    """The repository URL lives in _config.yml; notebooks that install from it must agree."""
+def test_colab_installs_the_release_of_the_books_repository():
+    """A fresh Colab runtime installs the tagged release of the package, not a moving branch.
+
+    The repository URL lives in _config.yml; the tag is ``v`` and the package's version, so
+    a release bumps `pearl_edu._version` and the chapters' install lines together (README,
+    "Releases").
+    """
     url = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]["url"]
-    for notebook in NOTEBOOKS:
-        for found in re.findall(r"git\+(https://[^\s\"'\\]+)", notebook.read_text()):
-            assert found == url, f"{notebook.name} installs from {found}, not {url}"
+    pinned = f"{url}@v{pearl_edu.__version__}"
+    for page in [*NOTEBOOKS, ROOT / "book" / "gpu_contract.md"]:
+        found = re.findall(r"git\+(https://[^\s\"'\\]+)", page.read_text())
+        assert found, f"{page.name} has no install line"
+        for address in found:
+            assert address == pinned, f"{page.name} installs from {address}, not {pinned}"
 
 
 def test_cli_version_and_help():

@@ -15,7 +15,7 @@ PLOTLY_DIR := .build-deps/static/plotly
 STAMP := $(VENV)/.installed
 JB_FLAGS := -W -n --keep-going
 
-.PHONY: setup book test lint clean browser-deps execute student
+.PHONY: setup book test lint clean browser-deps execute student prepare check-laptop
 
 setup: $(STAMP) $(MATHJAX_DIR)/tex-chtml.js $(PLOTLY_DIR)/plotly.min.js browser-deps
 
@@ -67,6 +67,14 @@ student: setup
 	$(BIN)/python -m pearl_edu.teaching.student --html
 	@echo
 	@echo "Hand out $(CURDIR)/_build/student/notebooks; the book is $(CURDIR)/_build/student/html/index.html."
+
+# Before a class: run every chapter once, which trains and caches the mini-Pearl models the
+# chapters use (book/course.md, "Before the course"); then check the laptop.
+prepare: setup
+	$(BIN)/python -m pearl_edu.teaching.classroom prepare
+
+check-laptop: setup
+	$(BIN)/python -m pearl_edu.teaching.classroom check
 
 lint: setup
 	$(BIN)/ruff check pearl_edu tests notebooks bench

@@ -9,7 +9,9 @@ recipe then merges the generalist with the number specialist for each vocabulary
 the chapter "When the tokenizers differ" (``tokenizer_source: base`` and ``union``; the
 union with every number token's row filled with zeros, or forced to zeros), with the
 control specialist, and with mini-Pearl's own specialist. Every merge and every parent is
-scored on every validation and test item. Writes ``pearl_edu/data/seeds/tokenizers.json``,
+scored on every validation and test item (the merge with ``tokenizer_source: base`` is
+named ``base``, as in the chapter; mini-Pearl's base model, which `evaluation.record`
+would score under that name, is not scored here). Writes ``pearl_edu/data/seeds/tokenizers.json``,
 which the chapter prints; it runs seed 0 itself. About four minutes per seed the first
 time (two fine-tunes), seconds once they are cached.
 """

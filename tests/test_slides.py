@@ -258,6 +258,8 @@ def test_the_decks_load_nothing_from_the_network(decks):
         if page.name != "index.html":
             assert "reveal/reveal.js" in scripts and "mathjax/tex-chtml.js" in scripts
         for tag, address in parsed.loads:
+            if tag == "a":  # a link the reader may follow; nothing the page loads
+                continue
             assert not re.match(r"^\s*(https?:)?//", address, re.I), (
                 f"{page.name}: <{tag}> loads {address}"
             )

@@ -47,7 +47,9 @@ def load_course_plan(path: Path = PLAN) -> list[CourseClass]:
     except OSError as error:
         raise PlanError(f"{path}: cannot read the course plan ({error.strerror})") from None
     except yaml.YAMLError as error:
-        raise PlanError(f"{path}: not valid YAML ({_first_line(error)})") from None
+        mark = getattr(error, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        raise PlanError(f"{path}: not valid YAML{where} ({_first_line(error)})") from None
     if not isinstance(data, dict) or not isinstance(data.get("classes"), list):
         raise PlanError(f"{path}: expected a mapping with a list under 'classes'")
     classes, seen = [], {}

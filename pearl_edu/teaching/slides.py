@@ -9,10 +9,14 @@ deck is read from the chapter notebooks with their saved outputs, nothing is run
 chapter a deck shows:
 
 - its title, and its objectives (the "Audience & objectives" note at its top);
-- each section (``##`` heading, with its ``###`` headings), and in the order they come:
+- each section (its ``##`` heading, the first sentence of its prose and its ``###``
+  headings), then, in the order they come:
   its display equations (``$$ ... $$``, with their labels as tags), its figures (the
   images that its code cells output, embedded in the deck) and its key results;
 - its summary (the section "Summary").
+
+What a chapter says before its first section comes first, under the chapter's title, if it
+has equations, figures or key results.
 
 **Key results.** If a chapter tags code cells ``slide``, the printed output of exactly those
 cells is its key results. Otherwise the rule is: a key result is a table that a code cell
@@ -84,13 +88,15 @@ class Item:
 
     kind: str  # "equation", "figure" or "result"
     content: str  # TeX, base64 PNG, or text
-    label: str = ""  # an equation's label, a directive's title above it
+    tag: str = ""  # an equation's label, shown as its tag
+    caption: str = ""  # the theorem, definition or proof an equation is part of
 
 
 @dataclass
 class Section:
     title: str  # Markdown (inline)
     intro: bool = False  # what comes before the first section, under the chapter's title
+    lead: str = ""  # Markdown: the first sentence of its prose
     subsections: list[str] = field(default_factory=list)
     items: list[Item] = field(default_factory=list)
 
@@ -135,6 +141,7 @@ def read_chapter(path: Path) -> Chapter:
                 elif section is not None and _plain(section.title) == "summary":
                     summary.append(value)
                 elif section is not None:
+                    section.lead = section.lead or _lead(value)
                     section.items += _equations(value)
             continue
         if cell.cell_type != "code" or scan.in_solution or "remove-output" in tags:
@@ -221,20 +228,31 @@ def _blocks(text: str):
         yield "text", "\n".join(buffer)
 
 
+def _lead(text: str) -> str:
+    """The first sentence of the first paragraph of prose (not a list, table, math or note)."""
+    for paragraph in re.split(r"\n[ \t]*\n", text):
+        paragraph = " ".join(paragraph.split())
+        if not paragraph or re.match(r"^([:`$|<>#~]|[-*+] |\d+\. )", paragraph):
+            continue
+        sentence = re.match(r"^(.+?[.!?:])(?=\s+[A-Z({*`$]|$)", paragraph)
+        return sentence.group(1) if sentence else paragraph
+    return ""
+
+
 def _equations(text: str) -> list[Item]:
     """The display equations of some Markdown, each with its label (or its theorem's title)."""
     items = []
     for found in _DISPLAY_MATH.finditer(text):
         tex = found["tex"].strip()
         if tex:
-            label = found["label"] or _enclosing_directive(text[: found.start()])
-            items.append(Item("equation", tex, label))
+            caption = _enclosing_directive(text[: found.start()])
+            items.append(Item("equation", tex, _tag(found["label"] or ""), caption))
     return items
 
 
 def _enclosing_directive(before: str) -> str:
     """The title of the prf: directive (theorem, definition, ...) still open at this point."""
-    stack: list[tuple[str, str]] = []
+    stack: list[tuple[str, str, str]] = []
     for line in before.split("\n"):
         opened = _FENCE.match(line)
         if opened:
@@ -366,16 +384,24 @@ def citations(bib: Path) -> dict[str, str]:
         year = re.search(r"\byear\s*=\s*\{?(\d{4})", entry)
         name = key.group(1)
         if authors:
-            people = re.split(r"\s+and\s+", authors.group(1))
-            first = re.sub(r"\\.|[{}]", "", people[0]).split(",")[0].strip()
-            if "," not in people[0]:
-                first = first.split()[-1] if first.split() else first
-            name = first + (" et al." if len(people) > 2 else "")
+            people = [_surname(person) for person in re.split(r"\s+and\s+", authors.group(1))]
+            name = people[0] + (" et al." if len(people) > 2 else "")
             if len(people) == 2:
-                second = re.sub(r"\\.|[{}]", "", people[1]).split(",")[0].strip()
-                name = f"{first} and {second.split()[-1] if ',' not in people[1] else second}"
+                name = f"{people[0]} and {people[1]}"
         found[key.group(1)] = f"{name} {year.group(1)}" if year else name
     return found
+
+
+def _surname(person: str) -> str:
+    """A BibTeX author's surname; an organisation (in braces, or with ``{ }``) whole."""
+    person = person.strip()
+    if "{ }" in person or (person.startswith("{") and person.endswith("}")):
+        person = person.replace("{ }", " ")
+        return re.sub(r"\\.|[{}]", "", person).strip()
+    person = re.sub(r"\\.|[{}]", "", person).strip()
+    if "," in person:
+        return person.split(",")[0].strip()
+    return person.split()[-1] if person.split() else person
 
 
 # ---------------------------------------------------------------------------------------
@@ -398,6 +424,7 @@ def _slides(chapter: Chapter, render: Renderer) -> list[dict]:
         title = render.inline(section.title)
         first = {"kind": "section", "title": title, "subsections": [], "equations": []}
         first["subsections"] = [render.inline(s) for s in section.subsections]
+        first["lead"] = render.inline(section.lead) if section.lead else ""
         slides.append(first)
         current = first
         for item in section.items:
@@ -412,9 +439,8 @@ def _slides(chapter: Chapter, render: Renderer) -> list[dict]:
                         "equations": [],
                     }
                     slides.append(current)
-                tag = f"\\tag{{{_tag(item.label)}}}" if item.label.startswith("eq:") else ""
-                caption = "" if item.label.startswith("eq:") else item.label
-                current["equations"].append({"tex": item.content + tag, "caption": caption})
+                tag = f"\\tag{{{item.tag}}}" if item.tag else ""
+                current["equations"].append({"tex": item.content + tag, "caption": item.caption})
             elif item.kind == "figure":
                 current = {"kind": "figure", "title": title, "png": item.content}
                 slides.append(current)
@@ -446,7 +472,10 @@ window.MathJax = {
   tex: {tags: "ams", inlineMath: [["\\\\(", "\\\\)"]], displayMath: [["\\\\[", "\\\\]"]]},
   startup: {pageReady: () => MathJax.startup.defaultPageReady().then(() => {
     document.documentElement.dataset.mathjax = "done";
-    if (window.Reveal && Reveal.isReady()) { Reveal.layout(); }
+    if (window.Reveal && Reveal.isReady()) {
+      Reveal.layout();
+      fitEquations(Reveal.getCurrentSlide());
+    }
   })}
 };
 </script>
@@ -468,12 +497,13 @@ DECK = _ENV.from_string(
 .reveal section { text-align: left; } .reveal section.title-slide { text-align: center; }
 .reveal .kicker { color: #777; font-size: 0.7em; margin-bottom: 0.3em; }
 .reveal ul, .reveal ol { display: block; font-size: 0.8em; }
-.reveal .equation { font-size: 0.85em; margin: 0.4em 0; }
+.reveal .equation { font-size: 0.8em; margin: 0.4em 0; }
 .reveal .caption { color: #555; font-size: 0.6em; }
 .reveal img.figure { display: block; margin: 0 auto; max-height: 590px; max-width: 100%; }
 .reveal pre.result { box-shadow: none; width: 100%; }
 .reveal pre.result code { max-height: 600px; line-height: 1.3; padding: 0.4em; }
 .reveal .subsections { color: #555; }
+.reveal p.lead { font-size: 0.75em; color: #333; }
 </style>
 </head>
 <body>
@@ -497,6 +527,7 @@ DECK = _ENV.from_string(
 {% if slide.kind == "text" %}
   {{ slide.html | safe }}
 {% elif slide.kind == "section" %}
+  {% if slide.lead %}<p class="lead">{{ slide.lead | safe }}</p>{% endif %}
   {% if slide.subsections %}<ul class="subsections">{% for s in slide.subsections %}<li>{{ s | safe }}</li>{% endfor %}</ul>{% endif %}
   {% for equation in slide.equations %}
   {% if equation.caption %}<p class="caption">{{ equation.caption }}</p>{% endif %}
@@ -513,6 +544,19 @@ DECK = _ENV.from_string(
 </div></div>
 <script src="reveal/reveal.js"></script>
 <script>
+// A display equation wider than its slide is scaled down to fit (MathJax 3 does not).
+function fitEquations(slide) {
+  if (!slide || document.documentElement.dataset.mathjax !== "done") { return; }
+  slide.querySelectorAll(".equation mjx-container").forEach((math) => {
+    math.style.fontSize = "";
+    const available = math.parentElement.clientWidth, needed = math.scrollWidth;
+    if (available > 0 && needed > available) {
+      math.style.fontSize = Math.floor(100 * available / needed) + "%";
+    }
+  });
+}
+Reveal.on("ready", (event) => fitEquations(event.currentSlide));
+Reveal.on("slidechanged", (event) => fitEquations(event.currentSlide));
 Reveal.initialize({hash: true, width: 1280, height: 720, margin: 0.04, center: false,
                    slideNumber: "c/t", transition: "none"});
 </script>

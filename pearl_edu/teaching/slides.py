@@ -504,6 +504,7 @@ DECK = _ENV.from_string(
 .reveal pre.result code { max-height: 600px; line-height: 1.3; padding: 0.4em; }
 .reveal .subsections { color: #555; }
 .reveal p.lead { font-size: 0.75em; color: #333; }
+.reveal p code, .reveal li code { font-size: 0.85em; }
 </style>
 </head>
 <body>

@@ -12,12 +12,14 @@ MATHJAX_SPEC := mathjax@3.2.2
 MATHJAX_DIR := .build-deps/static/mathjax
 PLOTLY_SPEC := plotly.js-dist-min@4.1.2
 PLOTLY_DIR := .build-deps/static/plotly
+REVEAL_SPEC := reveal.js@5.2.1
+REVEAL_DIR := .build-deps/slides/reveal
 STAMP := $(VENV)/.installed
 JB_FLAGS := -W -n --keep-going
 
-.PHONY: setup book test lint clean browser-deps execute student prepare check-laptop
+.PHONY: setup book test lint clean browser-deps execute student prepare check-laptop slides
 
-setup: $(STAMP) $(MATHJAX_DIR)/tex-chtml.js $(PLOTLY_DIR)/plotly.min.js browser-deps
+setup: $(STAMP) $(MATHJAX_DIR)/tex-chtml.js $(PLOTLY_DIR)/plotly.min.js $(REVEAL_DIR)/reveal.js browser-deps
 
 $(STAMP): pyproject.toml pearl_edu/_kernels.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +45,17 @@ $(PLOTLY_DIR)/plotly.min.js:
 	npm install --silent --no-audit --no-fund --prefix .build-deps/plotly $(PLOTLY_SPEC)
 	rm -rf $(PLOTLY_DIR) && mkdir -p $(PLOTLY_DIR)
 	cp .build-deps/plotly/node_modules/plotly.js-dist-min/plotly.min.js $(PLOTLY_DIR)/
+
+# reveal.js for the slides (`make slides`), kept out of the book's static files: the decks
+# load it, and MathJax, from copies beside them, so they open from disk with no network.
+$(REVEAL_DIR)/reveal.js:
+	command -v npm >/dev/null || { echo "npm is needed to fetch reveal.js (apt-get install npm)"; exit 1; }
+	rm -rf .build-deps/reveal && mkdir -p .build-deps/reveal
+	npm install --silent --no-audit --no-fund --prefix .build-deps/reveal $(REVEAL_SPEC)
+	rm -rf $(REVEAL_DIR) && mkdir -p $(REVEAL_DIR)/theme/fonts
+	cd .build-deps/reveal/node_modules/reveal.js/dist && cp reveal.js reveal.css reset.css $(CURDIR)/$(REVEAL_DIR)/ \
+	  && cp theme/white.css $(CURDIR)/$(REVEAL_DIR)/theme/ \
+	  && cp -r theme/fonts/source-sans-pro $(CURDIR)/$(REVEAL_DIR)/theme/fonts/
 
 # The browser test drives Debian's Chromium. Install it when we can (root); otherwise the
 # test itself says how.
@@ -75,6 +88,12 @@ prepare: setup
 
 check-laptop: setup
 	$(BIN)/python -m pearl_edu.teaching.classroom check
+
+# Slides for each class of the course (pearl_edu/data/course_plan.yml), made from the
+# chapters as saved: one reveal.js deck per class in _build/slides, listed by its index.html.
+slides: setup
+	$(BIN)/python -m pearl_edu.teaching.slides
+	@echo "Open $(CURDIR)/_build/slides/index.html in a browser (it works offline)."
 
 lint: setup
 	$(BIN)/ruff check pearl_edu tests notebooks bench

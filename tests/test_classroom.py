@@ -53,7 +53,22 @@ def test_prepare_runs_each_chapter_records_its_time_and_stamps_the_cache(tmp_pat
     timings = json.loads(record.read_text())
     assert set(timings["seconds"]) == set(timings["cpu_seconds"]) == {"01_a", "02_b"}
     assert all(s > 0 for s in timings["seconds"].values())
-    assert timings["cache"] == "cold" and timings["machine"]["cores"] >= 1
+    assert timings["trained"] == {"01_a": 0, "02_b": 0} and timings["machine"]["cores"] >= 1
+    # A later run of one chapter updates its entry and keeps the others'.
+    write_notebook(
+        notebooks / "01_a.ipynb",
+        "import os, pathlib; p = pathlib.Path(os.environ['PEARL_EDU_CACHE']) / 'kind' / 'model'",
+        "p.mkdir(parents=True)",
+    )
+    assert (
+        classroom.main(
+            ["prepare", "--notebooks", str(notebooks), "--only", "01", "--record", str(record)]
+        )
+        == 0
+    )
+    again = json.loads(record.read_text())
+    assert again["trained"] == {"01_a": 1, "02_b": 0}
+    assert again["seconds"]["02_b"] == timings["seconds"]["02_b"]
     stamp = json.loads((cache / classroom.STAMP).read_text())
     assert stamp == {"pearl_edu": pearl_edu.__version__, "chapters": ["01_a", "02_b"]}
 

@@ -129,25 +129,17 @@ def prepare(
     selected = [p for p in chapters(notebooks) if not only or p.stem.startswith(tuple(only))]
     if not selected:
         raise SystemExit(f"classroom: no chapter in {notebooks} matches {list(only)}")
-    cold = not any(cache_root().glob("*/*"))
-    timings = {}
+    timings, trained = {}, {}
     for path in selected:
+        cached = set(cache_root().glob("*/*"))
         timings[path.stem] = timing = run_chapter(path)
-        echo(f"{path.stem}: {timing.seconds:.1f} s ({timing.cpu_seconds:.1f} s of CPU)")
+        trained[path.stem] = len(set(cache_root().glob("*/*")) - cached)
+        made = f", trained {trained[path.stem]} models" if trained[path.stem] else ""
+        echo(f"{path.stem}: {timing.seconds:.1f} s ({timing.cpu_seconds:.1f} s of CPU{made})")
     total = sum(t.seconds for t in timings.values())
     echo(f"all {len(timings)} chapters: {total / 60:.1f} min")
     if record is not None:
-        result = {
-            "date": time.strftime("%Y-%m-%d"),
-            "pearl_edu": pearl_edu.__version__,
-            "cache": "cold" if cold else "warm",
-            "machine": machine(),
-            "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-            "seconds": {name: round(t.seconds, 1) for name, t in timings.items()},
-            "cpu_seconds": {name: round(t.cpu_seconds, 1) for name, t in timings.items()},
-        }
-        record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps(result, indent=1) + "\n")
+        save_record(record, timings, trained)
         echo(f"written to {record}")
     stamp = cache_root() / STAMP
     done = json.loads(stamp.read_text()).get("chapters", []) if stamp.is_file() else []
@@ -159,6 +151,33 @@ def prepare(
         + "\n"
     )
     return timings
+
+
+def save_record(record: Path, timings: dict[str, Timing], trained: dict[str, int]) -> None:
+    """Write (or update: other chapters' entries are kept) a record of chapters' timings.
+
+    For each chapter: its wall-clock and CPU seconds, and how many models it trained and
+    cached (0 when the cache already held them), with the machine and its load.
+    """
+    import pearl_edu
+
+    result = json.loads(record.read_text()) if record.is_file() else {}
+    result.update(
+        {
+            "date": time.strftime("%Y-%m-%d"),
+            "pearl_edu": pearl_edu.__version__,
+            "machine": machine(),
+            "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        }
+    )
+    for key, values in (
+        ("seconds", {name: round(t.seconds, 1) for name, t in timings.items()}),
+        ("cpu_seconds", {name: round(t.cpu_seconds, 1) for name, t in timings.items()}),
+        ("trained", trained),
+    ):
+        result[key] = {**result.get(key, {}), **values}
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(result, indent=1) + "\n")
 
 
 @dataclass(frozen=True)

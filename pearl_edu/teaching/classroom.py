@@ -296,11 +296,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"classroom: error: no folder {args.notebooks} (see --notebooks)", file=sys.stderr
             )
             return 2
-        from nbclient.exceptions import CellExecutionError
+        from nbclient.exceptions import CellExecutionError, DeadKernelError
 
         try:
             prepare(args.notebooks, args.only, args.record)
-        except CellExecutionError as error:
+        except (CellExecutionError, DeadKernelError) as error:
             reason = str(error).strip().splitlines()[-1] if str(error).strip() else "an error"
             print(f"classroom: error: a chapter stopped: {reason}", file=sys.stderr)
             return 1

@@ -15,7 +15,7 @@ PLOTLY_DIR := .build-deps/static/plotly
 STAMP := $(VENV)/.installed
 JB_FLAGS := -W -n --keep-going
 
-.PHONY: setup book test lint clean browser-deps execute student
+.PHONY: setup book test lint clean browser-deps execute student nbgrader
 
 setup: $(STAMP) $(MATHJAX_DIR)/tex-chtml.js $(PLOTLY_DIR)/plotly.min.js browser-deps
 
@@ -67,6 +67,15 @@ student: setup
 	$(BIN)/python -m pearl_edu.teaching.student --html
 	@echo
 	@echo "Hand out $(CURDIR)/_build/student/notebooks; the book is $(CURDIR)/_build/student/html/index.html."
+
+# The chapters as an nbgrader course (_build/nbgrader): one assignment for each chapter with
+# checked exercises, the teacher's answers in solution regions and autograded checks, each
+# released by `nbgrader generate_assignment` into _build/nbgrader/release. nbgrader is in
+# the course extra, which the test extra (installed by setup) includes.
+nbgrader: setup
+	$(BIN)/python -m pearl_edu.teaching.nbgrader_course --generate
+	@echo
+	@echo "The course is $(CURDIR)/_build/nbgrader: run nbgrader there (release_assignment, autograde)."
 
 lint: setup
 	$(BIN)/ruff check pearl_edu tests notebooks bench

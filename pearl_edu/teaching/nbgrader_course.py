@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -93,8 +94,8 @@ def _nbgrader(grade_id: str, *, grade=False, solution=False, locked=False, point
 def python_literal(value: object) -> str:
     """``value`` as Python source that evaluates to it (multi-line text as a triple-quoted string)."""
     text = repr(value)
-    if isinstance(value, str) and "\n" in value and '"""' not in value and "\\" not in value:
-        text = '"""' + value + '"""'
+    if isinstance(value, str) and '"' not in value and "\\" not in value:
+        text = f'"""{value}"""' if "\n" in value else f'"{value}"'
     if ast.literal_eval(text) != value:
         raise ValueError(f"{value!r} cannot be written as a Python literal")
     return text
@@ -225,8 +226,11 @@ def generate(out: Path, assignments: list[str]) -> None:
     """Run ``nbgrader generate_assignment`` on each assignment, in the course folder.
 
     When they are all the assignments under ``source/``, one run does them all (``*``):
-    nbgrader takes seconds to start.
+    nbgrader takes seconds to start. A failure keeps nbgrader's log in
+    ``generate_assignment.log`` and raises ``RuntimeError`` naming it.
     """
+    if importlib.util.find_spec("nbgrader") is None:
+        raise RuntimeError("nbgrader is not installed: pip install 'pearl-edu[course]'")
     out = Path(out)
     everything = sorted(p.name for p in (out / "source").iterdir() if p.is_dir())
     for name in ["*"] if sorted(assignments) == everything else assignments:
@@ -235,7 +239,9 @@ def generate(out: Path, assignments: list[str]) -> None:
             command, cwd=out, capture_output=True, text=True, env=nbgrader_environment()
         )
         if done.returncode != 0:
-            raise RuntimeError(f"nbgrader generate_assignment {name} failed:\n{done.stderr}")
+            log = out / "generate_assignment.log"
+            log.write_text(done.stdout + done.stderr)
+            raise RuntimeError(f"nbgrader generate_assignment {name} failed; its log is {log}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         written = build(args.out, args.book.resolve(), args.chapter)
         if args.generate:
             generate(args.out, list(written))
-    except (ValueError, RuntimeError) as error:
+    except (ValueError, RuntimeError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     exercises = sum(len(labels) for labels in written.values())

@@ -17,7 +17,7 @@ REVEAL_DIR := .build-deps/slides/reveal
 STAMP := $(VENV)/.installed
 JB_FLAGS := -W -n --keep-going
 
-.PHONY: setup book test lint clean browser-deps execute student prepare check-laptop slides
+.PHONY: setup book test lint clean browser-deps execute student prepare check-laptop slides nbgrader
 
 setup: $(STAMP) $(MATHJAX_DIR)/tex-chtml.js $(PLOTLY_DIR)/plotly.min.js $(REVEAL_DIR)/reveal.js browser-deps
 
@@ -94,6 +94,15 @@ check-laptop: setup
 slides: setup
 	$(BIN)/python -m pearl_edu.teaching.slides
 	@echo "Open $(CURDIR)/_build/slides/index.html in a browser (it works offline)."
+
+# The chapters as an nbgrader course (_build/nbgrader): one assignment for each chapter with
+# checked exercises, the teacher's answers in solution regions and autograded checks, each
+# released by `nbgrader generate_assignment` into _build/nbgrader/release. nbgrader is in
+# the course extra, which the test extra (installed by setup) includes.
+nbgrader: setup
+	$(BIN)/python -m pearl_edu.teaching.nbgrader_course --generate
+	@echo
+	@echo "The course is $(CURDIR)/_build/nbgrader: run nbgrader there (release_assignment, autograde)."
 
 lint: setup
 	$(BIN)/ruff check pearl_edu tests notebooks bench

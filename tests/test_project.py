@@ -204,3 +204,32 @@ def test_importing_pearl_edu_needs_no_network():
         "import pearl_edu; pearl_edu.setup()\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("page", ["book/intro.md", "book/course.md"])
+def test_the_introduction_and_the_course_guide_name_every_chapter(page):
+    """Each chapter of _toc.yml is linked from the introduction's "What you will learn" and
+    from its class in the course guide."""
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    chapters = [
+        entry["file"]
+        for part in toc["parts"]
+        for entry in part["chapters"]
+        if entry["file"].startswith("notebooks/")
+    ]
+    text = (ROOT / page).read_text()
+    missing = [c for c in chapters if f"{{doc}}`../{c}`" not in text]
+    assert not missing, f"{page} does not link {missing}"
+
+
+def test_the_course_guide_has_a_section_for_every_class_of_the_plan():
+    from pearl_edu.teaching.course_plan import load_course_plan
+
+    text = (ROOT / "book" / "course.md").read_text()
+    sections = text.split("\n### Class ")[1:]
+    by_number = {int(s.split(":", 1)[0]): s.split("\n### ", 1)[0] for s in sections}
+    plan = load_course_plan()
+    assert sorted(by_number) == [c.number for c in plan]
+    for lesson in plan:
+        for chapter in lesson.chapters:
+            assert f"{{doc}}`../notebooks/{chapter}`" in by_number[lesson.number], chapter

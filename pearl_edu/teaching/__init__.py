@@ -10,7 +10,7 @@
 - `interactive`: figures with sliders that work in the HTML book with no kernel (04, 06, 08);
 - `answers`: the checks of the exercises' answers in the student edition;
 - `student`: the student edition, ``python -m pearl_edu.teaching.student`` (``make student``);
-- `capstone`: the last lecture's project and its automatic check;
+- `capstone`: the course's last project and its automatic check;
 - `lora`: mini-Pearl's parents fine-tuned as LoRA adapters with PEFT, and cached (chapter 15).
 
 ``import pearl_edu`` loads none of them, nor what only they need (matplotlib,

@@ -134,3 +134,39 @@ def test_write_permuted_keeps_the_bits_and_the_files(model, shape, tmp_path):
     assert all(torch.equal(written[k], expected[k]) for k in expected)
     assert written["lm_head.weight"].dtype == torch.bfloat16
     assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in source.iterdir())
+
+
+def test_folded_and_turned_models_compute_the_same_function(model, shape, weights):
+    folded = alignment.fold_norms(weights, shape)
+    assert torch.equal(folded["model.norm.weight"], torch.ones(32))
+    q, _ = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(2)))
+    turned = alignment.rotate_residual(folded, q, shape)
+    original = logits(model, weights)
+    torch.testing.assert_close(logits(model, folded), original, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(model, turned), original, atol=1e-4, rtol=1e-4)
+    # without folding, a rotation is not a symmetry: the norms' weights are not all ones
+    model.load_state_dict(
+        {k: torch.randn_like(v) if k.endswith("norm.weight") else v for k, v in weights.items()}
+    )
+    skewed = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    assert (
+        logits(model, alignment.rotate_residual(skewed, q, shape)) - logits(model, skewed)
+    ).abs().max() > 1e-3
+
+
+def test_best_rotation_undoes_a_rotation(shape, weights):
+    folded = alignment.fold_norms(weights, shape)
+    q, _ = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(3)))
+    turned = alignment.rotate_residual(folded, q, shape)
+    found = alignment.best_rotation(folded, turned, shape)
+    torch.testing.assert_close(found, q.T, atol=1e-4, rtol=0)
+
+
+def test_rotation_matching_raises_the_objective_and_keeps_the_function(model, shape, weights):
+    other = minipearl.new_model(minipearl.build_tokenizer(), SHAPE, seed=9)
+    second = {name: tensor.detach().clone() for name, tensor in other.state_dict().items()}
+    found = alignment.rotation_matching(weights, second, shape, rounds=3)
+    assert found.objectives[-1] > found.objectives[0] and len(found.objectives) == 4
+    torch.testing.assert_close(
+        logits(model, found.second), logits(model, second), atol=1e-4, rtol=1e-4
+    )

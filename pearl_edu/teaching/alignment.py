@@ -501,3 +501,70 @@ def barrier_difference(
     estimate -= connectivity.path_barrier(second, draws=1).height
     low, high = np.percentile(gaps, [2.5, 97.5])
     return float(estimate), float(low), float(high)
+
+
+def best_rotation(
+    first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor], shape: Shape
+) -> torch.Tensor:
+    r"""The orthogonal $Q$ that turns ``second``'s residual stream closest to ``first``'s.
+
+    It maximises $\sum_W \langle W_A, \rho_Q(W_B) \rangle$ over the weights that read or
+    write the stream (`rotate_residual`'s $\rho_Q$), which is $\operatorname{tr}(Q^\top M)$
+    with $M = \sum_{\text{readers}} W_A^\top W_B + \sum_{\text{writers}} W_A W_B^\top$;
+    the maximum is $Q = U V^\top$ for $M = U \Sigma V^\top$ (orthogonal Procrustes).
+    """
+    m = torch.zeros(shape.hidden_size, shape.hidden_size, dtype=torch.float64)
+    for name, labels in axes(shape).items():
+        if len(labels) != 2:
+            continue
+        a, b = first[name].double(), second[name].double()
+        if labels[1] == "residual":
+            m += a.T @ b
+        if labels[0] == "residual":
+            m += a @ b.T
+    u, _, vh = torch.linalg.svd(m)
+    return (u @ vh).float()
+
+
+@dataclass(frozen=True)
+class RotationMatching:
+    """Both models with their norms folded, the second turned and permuted to the first."""
+
+    first: dict[str, torch.Tensor]
+    second: dict[str, torch.Tensor]
+    objectives: tuple[float, ...]  # folded, before any round, then after each
+
+
+def rotation_matching(
+    first: Mapping[str, torch.Tensor],
+    second: Mapping[str, torch.Tensor],
+    shape: Shape,
+    *,
+    rounds: int = 5,
+) -> RotationMatching:
+    """Weight matching with a rotation of the residual stream in place of its permutation.
+
+    Folds both models' norms (`fold_norms`), so that any rotation of the stream keeps the
+    function (`rotate_residual`), then alternates ``rounds`` times: the best rotation of
+    the stream (`best_rotation`), then each layer's best MLP and head permutations with
+    the stream fixed. The returned weights are float32, with norm weights all ones.
+    """
+    folded_first = fold_norms(first, shape)
+    current = fold_norms(second, shape)
+    fixed = identity(shape)
+    objectives = [objective(folded_first, current, fixed, shape)]
+    for _ in range(rounds):
+        current = rotate_residual(current, best_rotation(folded_first, current, shape), shape)
+        permutations = identity(shape)
+        for name in permutations:
+            if name.startswith("heads."):
+                layer = int(name.partition(".")[2])
+                permutations[name] = _match_heads(
+                    layer, folded_first, current, permutations, shape
+                )[0]
+            elif name != "residual":
+                scores = similarity(name, folded_first, current, permutations, shape)
+                permutations[name] = linear_sum_assignment(scores, maximize=True)[1]
+        current = permute(current, permutations, shape)
+        objectives.append(objective(folded_first, current, fixed, shape))
+    return RotationMatching(folded_first, current, tuple(objectives))

@@ -12,6 +12,8 @@
 - `student`: the student edition, ``python -m pearl_edu.teaching.student`` (``make student``);
 - `capstone`: the course's last project and its automatic check;
 - `lora`: mini-Pearl's parents fine-tuned as LoRA adapters with PEFT, and cached (chapter 15).
+- `alignment`: the reorderings of a Mistral's units that keep its function, and weight
+  matching to align one model with another (chapter 18).
 
 ``import pearl_edu`` loads none of them, nor what only they need (matplotlib,
 transformers: the ``teaching`` extra, ``pip install "pearl-edu[teaching]"``). Import the one

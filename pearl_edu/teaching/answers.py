@@ -768,6 +768,72 @@ def _cheap_embed_rows_differ() -> bool:
     return not all(torch.equal(rows[0], row) for row in rows)
 
 
+def _reorderings_log10() -> float:
+    """ex-align-count: log10 of the reorderings of mini-Pearl's units that keep its function:
+    the residual stream's, each layer's MLP units' and each layer's heads' (groups kept)."""
+    from pearl_edu.teaching import minipearl
+
+    shape = minipearl.ModelShape()
+    group = shape.num_heads // shape.num_kv_heads
+    heads = math.lgamma(shape.num_kv_heads + 1) + shape.num_kv_heads * math.lgamma(group + 1)
+    per_layer = math.lgamma(shape.intermediate_size + 1) + heads
+    natural = math.lgamma(shape.hidden_size + 1) + shape.num_layers * per_layer
+    return natural / math.log(10)
+
+
+def _small_mistral():
+    """A random mini Mistral of two layers, its weights and its shape (alignment's)."""
+    from pearl_edu.teaching import alignment, minipearl
+
+    tiny = minipearl.ModelShape(
+        num_layers=2, hidden_size=16, intermediate_size=24, num_heads=4, num_kv_heads=2
+    )
+    model = minipearl.new_model(minipearl.build_tokenizer(), tiny, seed=0)
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return model, weights, alignment.Shape.of(model.config)
+
+
+def _same_function(model, first, second) -> bool:
+    import torch
+
+    ids = torch.arange(4, 20).reshape(2, 8)
+    with torch.no_grad():
+        model.load_state_dict(first)
+        before = model(input_ids=ids).logits
+        model.load_state_dict({k: v.float() for k, v in second.items()})
+        after = model(input_ids=ids).logits
+    return bool((before - after).abs().max() < 1e-4)
+
+
+def _split_heads_keep_function() -> bool:
+    """ex-align-split: whether swapping query heads 1 and 2 (of two key/value groups) in
+    q_proj's rows and o_proj's columns of layer 0 leaves the function as it was."""
+    import torch
+
+    model, weights, shape = _small_mistral()
+    d = shape.head_dim
+    rows = torch.cat([torch.arange(h * d, (h + 1) * d) for h in (0, 2, 1, 3)])
+    moved = dict(weights)
+    for name, axis in (("q_proj", 0), ("o_proj", 1)):
+        key = f"model.layers.0.self_attn.{name}.weight"
+        moved[key] = weights[key].index_select(axis, rows)
+    return _same_function(model, weights, moved)
+
+
+def _rotation_keeps_function() -> bool:
+    """ex-align-rotation: whether an orthogonal turn of the residual stream of a model with
+    its norms folded (`alignment.fold_norms`) leaves its function as it was."""
+    import torch
+
+    from pearl_edu.teaching import alignment
+
+    model, weights, shape = _small_mistral()
+    folded = alignment.fold_norms(weights, shape)
+    generator = torch.Generator().manual_seed(1)
+    q, _ = torch.linalg.qr(torch.randn(shape.hidden_size, shape.hidden_size, generator=generator))
+    return _same_function(model, weights, alignment.rotate_residual(folded, q, shape))
+
+
 def _exercises() -> dict[str, Exercise]:
     exercises = [
         Exercise(
@@ -1301,6 +1367,44 @@ def _exercises() -> dict[str, Exercise]:
                     "Where in the model do token embeddings come from, before or after the "
                     "first layer?",
                     _cheap_embed_rows_differ,
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-align-count",
+            (
+                Blank(
+                    "log10_reorderings",
+                    "log10 of the number of reorderings that keep mini-Pearl's function",
+                    close_to(_reorderings_log10, abs_tol=0.01),
+                    "Multiply the counts: 64! for the residual stream, and per layer 128! for "
+                    "the MLP units times the reorderings of heads that keep each group whole; "
+                    "math.lgamma(n + 1) is ln(n!).",
+                    _reorderings_log10,
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-align-split",
+            (
+                Blank(
+                    "same_function",
+                    "whether swapping query heads 1 and 2 leaves the function: True or False",
+                    truth(_split_heads_keep_function),
+                    "Which key/value head does each query head read, before and after?",
+                    _split_heads_keep_function,
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-align-rotation",
+            (
+                Blank(
+                    "rotation_keeps_function",
+                    "whether the turned model computes the same function: True or False",
+                    truth(_rotation_keeps_function),
+                    "What does an orthogonal matrix do to the root mean square of a vector?",
+                    _rotation_keeps_function,
                 ),
             ),
         ),

@@ -310,11 +310,11 @@ def test_a_planned_chapter_that_is_missing_is_a_one_line_error(tmp_path):
     plan = tmp_path / "plan.yml"
     plan.write_text(
         "classes:\n  - {number: 1, title: One, minutes: 90, "
-        "chapters: [01_meet_pearl, 18_aligning_strangers]}\n"
+        "chapters: [01_meet_pearl, 99_no_such_chapter]}\n"
     )
     result = _run("--plan", str(plan), "--out", str(tmp_path / "out"))
     assert result.returncode == 2
-    assert "18_aligning_strangers" in result.stderr and "_toc.yml" in result.stderr
+    assert "99_no_such_chapter" in result.stderr and "_toc.yml" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
 

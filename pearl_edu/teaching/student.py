@@ -56,7 +56,10 @@ below it, which checks your answer and gives a hint if it is not right yet.
 # The teacher's pages that the student edition leaves out, each with the page it lists in
 # its place (None: nothing). The main book does not build the replacements: they are not in
 # its _toc.yml, and its _config.yml builds only the pages listed there.
-TEACHER_ONLY: dict[str, str | None] = {"book/course": "book/course_student"}
+TEACHER_ONLY: dict[str, str | None] = {
+    "book/course": "book/course_student",
+    "book/homework": None,  # the homework's rubrics and answer keys; course_student lists the sets
+}
 
 _OPEN = re.compile(r"^(?P<fence>:{3,}|`{3,})\{(?P<name>[a-z:-]+)\}\s*(?P<arg>\S*)")
 

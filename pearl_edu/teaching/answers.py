@@ -781,57 +781,44 @@ def _reorderings_log10() -> float:
     return natural / math.log(10)
 
 
-def _small_mistral():
-    """A random mini Mistral of two layers, its weights and its shape (alignment's)."""
+def _head_orders(num_heads: int = 8, num_kv_heads: int = 2) -> int:
+    """ex-align-split: the orders of a layer's query heads that keep its function, counted
+    one by one: each query head must read the key/value head its group is moved to, the
+    same for the whole group (``num_heads // num_kv_heads`` query heads read each one)."""
+    import itertools
+
+    group = num_heads // num_kv_heads
+    kept = 0
+    for order in itertools.permutations(range(num_heads)):
+        # The query head now at position j is order[j]; it reads key/value head j // group,
+        # which must be where its own group (order[j] // group) went, the same for all.
+        moved = {}
+        if all(
+            moved.setdefault(order[j] // group, j // group) == j // group for j in range(num_heads)
+        ):
+            kept += 1
+    return kept
+
+
+def _projections_folded() -> int:
+    """ex-align-rotation: the weight matrices of mini-Pearl that `alignment.fold_norms`
+    changes, counted on a model whose norms have weights other than one."""
+    import torch
+
     from pearl_edu.teaching import alignment, minipearl
 
-    tiny = minipearl.ModelShape(
-        num_layers=2, hidden_size=16, intermediate_size=24, num_heads=4, num_kv_heads=2
-    )
-    model = minipearl.new_model(minipearl.build_tokenizer(), tiny, seed=0)
+    model = minipearl.new_model(minipearl.build_tokenizer(), minipearl.ModelShape(), seed=0)
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return model, weights, alignment.Shape.of(model.config)
-
-
-def _same_function(model, first, second) -> bool:
-    import torch
-
-    ids = torch.arange(4, 20).reshape(2, 8)
-    with torch.no_grad():
-        model.load_state_dict(first)
-        before = model(input_ids=ids).logits
-        model.load_state_dict({k: v.float() for k, v in second.items()})
-        after = model(input_ids=ids).logits
-    return bool((before - after).abs().max() < 1e-4)
-
-
-def _split_heads_keep_function() -> bool:
-    """ex-align-split: whether swapping query heads 1 and 2 (of two key/value groups) in
-    q_proj's rows and o_proj's columns of layer 0 leaves the function as it was."""
-    import torch
-
-    model, weights, shape = _small_mistral()
-    d = shape.head_dim
-    rows = torch.cat([torch.arange(h * d, (h + 1) * d) for h in (0, 2, 1, 3)])
-    moved = dict(weights)
-    for name, axis in (("q_proj", 0), ("o_proj", 1)):
-        key = f"model.layers.0.self_attn.{name}.weight"
-        moved[key] = weights[key].index_select(axis, rows)
-    return _same_function(model, weights, moved)
-
-
-def _rotation_keeps_function() -> bool:
-    """ex-align-rotation: whether an orthogonal turn of the residual stream of a model with
-    its norms folded (`alignment.fold_norms`) leaves its function as it was."""
-    import torch
-
-    from pearl_edu.teaching import alignment
-
-    model, weights, shape = _small_mistral()
-    folded = alignment.fold_norms(weights, shape)
-    generator = torch.Generator().manual_seed(1)
-    q, _ = torch.linalg.qr(torch.randn(shape.hidden_size, shape.hidden_size, generator=generator))
-    return _same_function(model, weights, alignment.rotate_residual(folded, q, shape))
+    generator = torch.Generator().manual_seed(0)
+    for name in weights:
+        if name.endswith("norm.weight"):
+            weights[name] = 1 + torch.rand(weights[name].shape, generator=generator)
+    folded = alignment.fold_norms(weights, alignment.Shape.of(model.config))
+    return sum(
+        not torch.equal(folded[name], weights[name].float())
+        for name in weights
+        if not name.endswith("norm.weight")
+    )
 
 
 def _exercises() -> dict[str, Exercise]:
@@ -1388,11 +1375,13 @@ def _exercises() -> dict[str, Exercise]:
             "ex-align-split",
             (
                 Blank(
-                    "same_function",
-                    "whether swapping query heads 1 and 2 leaves the function: True or False",
-                    truth(_split_heads_keep_function),
-                    "Which key/value head does each query head read, before and after?",
-                    _split_heads_keep_function,
+                    "function_keeping_orders",
+                    "how many orders of a layer's 8 query heads keep its function, with 2 "
+                    "key/value heads",
+                    close_to(lambda: _head_orders(8, 2), abs_tol=0.5),
+                    "Which orders keep every query head reading the keys and values it read "
+                    "before? Count what may move, and what must move with it.",
+                    lambda: _head_orders(8, 2),
                 ),
             ),
         ),
@@ -1400,11 +1389,12 @@ def _exercises() -> dict[str, Exercise]:
             "ex-align-rotation",
             (
                 Blank(
-                    "rotation_keeps_function",
-                    "whether the turned model computes the same function: True or False",
-                    truth(_rotation_keeps_function),
-                    "What does an orthogonal matrix do to the root mean square of a vector?",
-                    _rotation_keeps_function,
+                    "matrices_folded",
+                    "how many of mini-Pearl's weight matrices folding the norms changes",
+                    close_to(_projections_folded, abs_tol=0.5),
+                    "Which projections read each norm's output? Go through one layer, then "
+                    "what reads the final norm.",
+                    _projections_folded,
                 ),
             ),
         ),

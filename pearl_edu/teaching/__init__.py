@@ -11,7 +11,9 @@
 - `answers`: the checks of the exercises' answers in the student edition;
 - `student`: the student edition, ``python -m pearl_edu.teaching.student`` (``make student``);
 - `capstone`: the last lecture's project and its automatic check;
-- `lora`: mini-Pearl's parents fine-tuned as LoRA adapters with PEFT, and cached (chapter 15).
+- `lora`: mini-Pearl's parents fine-tuned as LoRA adapters with PEFT, and cached (chapter 15);
+- `datamerge`: Fisher merging and RegMean, from each parent's statistics on a few held-out
+  items (chapter 19).
 
 ``import pearl_edu`` loads none of them, nor what only they need (matplotlib,
 transformers: the ``teaching`` extra, ``pip install "pearl-edu[teaching]"``). Import the one

@@ -13,7 +13,9 @@
 - `capstone`: the course's last project and its automatic check;
 - `lora`: mini-Pearl's parents fine-tuned as LoRA adapters with PEFT, and cached (chapter 15).
 - `alignment`: the reorderings of a Mistral's units that keep its function, and weight
-  matching to align one model with another (chapter 18).
+  matching to align one model with another (chapter 18);
+- `datamerge`: Fisher merging and RegMean, from each parent's statistics on a few held-out
+  items (chapter 19).
 
 ``import pearl_edu`` loads none of them, nor what only they need (matplotlib,
 transformers: the ``teaching`` extra, ``pip install "pearl-edu[teaching]"``). Import the one

@@ -821,6 +821,42 @@ def _projections_folded() -> int:
     )
 
 
+def _fisher_merged_weight() -> float:
+    """ex-data-fisher: one weight, 1.0 in the generalist (Fisher 3) and 3.0 in the specialist
+    (Fisher 1), merged by Fisher-weighted averaging."""
+    import torch
+
+    from pearl_edu.teaching import datamerge
+
+    weights = [{"w": torch.tensor([1.0])}, {"w": torch.tensor([3.0])}]
+    fishers = [{"w": torch.tensor([3.0])}, {"w": torch.tensor([1.0])}]
+    return datamerge.fisher_merge(weights, fishers, epsilon=0.0)["w"].item()
+
+
+def _gram_numbers() -> int:
+    """ex-data-grams: how many numbers the Gram matrices of one mini-Pearl parent hold, one
+    (in x in) matrix per linear layer, by the shapes of `minipearl.ModelShape`."""
+    import torch
+
+    from pearl_edu.teaching import minipearl
+
+    shape = minipearl.ModelShape()
+    model = minipearl.new_model(minipearl.build_tokenizer(), shape, seed=0)
+    return sum(m.in_features**2 for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def _diagonal_regmean_share() -> float:
+    """ex-data-alpha0: with alpha = 0, the specialist's share of one input column of a merged
+    layer when that input's energy is 30 in the generalist's data and 10 in the specialist's."""
+    import torch
+
+    from pearl_edu.teaching import datamerge
+
+    weights = [{"w": torch.zeros(1, 1)}, {"w": torch.ones(1, 1)}]
+    grams = [{"w": torch.tensor([[30.0]])}, {"w": torch.tensor([[10.0]])}]
+    return datamerge.regmean_merge(weights, grams, alpha=0.0)["w"].item()
+
+
 def _exercises() -> dict[str, Exercise]:
     exercises = [
         Exercise(
@@ -1395,6 +1431,45 @@ def _exercises() -> dict[str, Exercise]:
                     "Which projections read each norm's output? Go through one layer, then "
                     "what reads the final norm.",
                     _projections_folded,
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-data-fisher",
+            (
+                Blank(
+                    "merged_weight",
+                    "the Fisher-merged value of the weight (a number)",
+                    close_to(_fisher_merged_weight, abs_tol=1e-6),
+                    "Weigh each parent's value by its Fisher and divide by the summed Fishers.",
+                    _fisher_merged_weight,
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-data-grams",
+            (
+                Blank(
+                    "gram_numbers",
+                    "how many numbers one parent's Gram matrices hold (a whole number)",
+                    close_to(_gram_numbers, abs_tol=0),
+                    "One square matrix per linear layer, as wide as the layer's input: the "
+                    "attention projections and the MLP's gate and up read the hidden size, "
+                    "down_proj the MLP size; do not forget lm_head.",
+                    _gram_numbers,
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-data-alpha0",
+            (
+                Blank(
+                    "specialist_share",
+                    "the specialist's share of that input's column (a number between 0 and 1)",
+                    close_to(_diagonal_regmean_share, abs_tol=1e-6),
+                    "With alpha = 0 each Gram is diagonal, so each input column is an average "
+                    "of the parents' columns weighted by that input's energy.",
+                    _diagonal_regmean_share,
                 ),
             ),
         ),

@@ -1718,6 +1718,180 @@ def _exercises() -> dict[str, Exercise]:
             ),
         ),
         Exercise(
+            "ex-mini-carry",
+            (
+                Blank(
+                    "carrying_additions",
+                    "how many of the held-out additions have a carry",
+                    close_to(_carrying_additions, abs_tol=0),
+                    "Which function of minipearl says whether an addition carries, and "
+                    "which problems are held out?",
+                    _carrying_additions,
+                    (
+                        Mistake(
+                            lambda: _carrying_additions(carry=False),
+                            "This counts the additions without a carry.",
+                        ),
+                        Mistake(
+                            lambda: _carrying_additions(share=True),
+                            "This looks like a share; the question asks how many.",
+                        ),
+                    ),
+                ),
+                Blank(
+                    "merge_gain_on_carries",
+                    "seed 0: the uniform merge minus its base on the additions with a carry, "
+                    "in points",
+                    close_to(lambda: _points_on("slerp t=0.5", "base", True), abs_tol=0.1),
+                    "Which additions does the question keep, and which two models does it "
+                    "compare on them?",
+                    lambda: _points_on("slerp t=0.5", "base", True),
+                    (
+                        Mistake(
+                            lambda: _points_on("slerp t=0.5", "base", True) / 100,
+                            "This looks like a fraction; the question asks in points.",
+                        ),
+                        Mistake(
+                            lambda: _points_on("slerp t=0.5", "base", None),
+                            "This is the difference over all the held-out additions, not only "
+                            "those with a carry.",
+                        ),
+                        Mistake(
+                            lambda: _points_on("slerp t=0.5", "math", True),
+                            "This compares the merge with the specialist, not with its base.",
+                        ),
+                        Mistake(
+                            lambda: _points_on("base", "slerp t=0.5", True),
+                            "The sign is reversed: the question asks for the merge minus its base.",
+                        ),
+                    ),
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-mini-predict",
+            (
+                Blank(
+                    "far_text_share_half",
+                    "seed 0: the share of the far generalist's text gain kept at half its step",
+                    close_to(_half_step_share, abs_tol=0.01),
+                    "A share of a gain compares two gains over the same base: which two?",
+                    _half_step_share,
+                    (
+                        Mistake(
+                            lambda: _half_step_share("siblings"),
+                            "This is the sibling generalist's share; the question is about the "
+                            "far one.",
+                        ),
+                        Mistake(
+                            lambda: 100 * _half_step_share(),
+                            "This looks like a percentage; the question asks for a share, a "
+                            "fraction of the gain.",
+                        ),
+                        Mistake(
+                            _half_step_gain_points,
+                            "This is the half step's gain itself, in points; the question asks "
+                            "for its share of the whole step's gain.",
+                        ),
+                    ),
+                ),
+                Blank(
+                    "sibling_text_share_half",
+                    "seed 0: the same share for the sibling generalist",
+                    close_to(lambda: _half_step_share("siblings"), abs_tol=0.01),
+                    "The same measurement as for the far generalist, on the sibling regime's "
+                    "models.",
+                    lambda: _half_step_share("siblings"),
+                    (
+                        Mistake(
+                            _half_step_share,
+                            "This is the far generalist's share; the question is about the "
+                            "sibling.",
+                        ),
+                        Mistake(
+                            lambda: 100 * _half_step_share("siblings"),
+                            "This looks like a percentage; the question asks for a share, a "
+                            "fraction of the gain.",
+                        ),
+                    ),
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-lmc-chord",
+            (
+                Blank(
+                    "merge_minus_generalist",
+                    "the siblings' loss at t = 0.5 minus the generalist's, in nats",
+                    close_to(_merge_minus, abs_tol=0.005),
+                    "Which two points of the siblings' path does the question compare, and "
+                    "which is subtracted from which?",
+                    _merge_minus,
+                    (
+                        Mistake(
+                            lambda: -_merge_minus(),
+                            "The sign is reversed: the question asks for the merge minus the "
+                            "generalist.",
+                        ),
+                        Mistake(
+                            lambda: _merge_minus("specialist"),
+                            "This compares the merge with the specialist, not with the generalist.",
+                        ),
+                        Mistake(
+                            lambda: _merge_minus("chord"),
+                            "This compares the merge with the chord, the blend of both "
+                            "parents' losses; the question asks about one parent.",
+                        ),
+                    ),
+                ),
+                Blank(
+                    "merge_minus_chord",
+                    "the siblings' loss at t = 0.5 minus the chord's value there, in nats",
+                    close_to(lambda: _merge_minus("chord"), abs_tol=0.005),
+                    "What is the chord's value halfway between the two parents?",
+                    lambda: _merge_minus("chord"),
+                    (
+                        Mistake(
+                            _merge_minus,
+                            "This compares the merge with the generalist alone; the chord "
+                            "blends both parents' losses.",
+                        ),
+                        Mistake(
+                            lambda: -_merge_minus("chord"),
+                            "The sign is reversed: the question asks for the merge minus the "
+                            "chord.",
+                        ),
+                    ),
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-lmc-one-layer",
+            (
+                Blank(
+                    "first_layer_midpoint_excess",
+                    "with the first layer's MLP reordered: the loss at t = 0.5 minus the "
+                    "chord's value there, in nats",
+                    close_to(_midpoint_above_chord, abs_tol=0.01),
+                    "What are the losses at the two ends of this path, and so the chord's "
+                    "value at its middle?",
+                    _midpoint_above_chord,
+                    (
+                        Mistake(
+                            lambda: _midpoint_above_chord("all"),
+                            "This is the path to the copy with every layer's MLP reordered; "
+                            "the question reorders the first layer only.",
+                        ),
+                        Mistake(
+                            lambda: _midpoint_above_chord(raw=True),
+                            "This is the midpoint's loss itself; a barrier is measured from the "
+                            "chord.",
+                        ),
+                    ),
+                ),
+            ),
+        ),
+        Exercise(
             "ex-full-colab",
             (
                 Blank(
@@ -2321,180 +2495,6 @@ def _exercises() -> dict[str, Exercise]:
                             lambda: _cheap_cosine("layers"),
                             "This compares one expert's rows in two layers; the question "
                             "compares the two experts' rows in one layer.",
-                        ),
-                    ),
-                ),
-            ),
-        ),
-        Exercise(
-            "ex-mini-carry",
-            (
-                Blank(
-                    "carrying_additions",
-                    "how many of the held-out additions have a carry",
-                    close_to(_carrying_additions, abs_tol=0),
-                    "Which function of minipearl says whether an addition carries, and "
-                    "which problems are held out?",
-                    _carrying_additions,
-                    (
-                        Mistake(
-                            lambda: _carrying_additions(carry=False),
-                            "This counts the additions without a carry.",
-                        ),
-                        Mistake(
-                            lambda: _carrying_additions(share=True),
-                            "This looks like a share; the question asks how many.",
-                        ),
-                    ),
-                ),
-                Blank(
-                    "merge_gain_on_carries",
-                    "seed 0: the uniform merge minus its base on the additions with a carry, "
-                    "in points",
-                    close_to(lambda: _points_on("slerp t=0.5", "base", True), abs_tol=0.1),
-                    "Which additions does the question keep, and which two models does it "
-                    "compare on them?",
-                    lambda: _points_on("slerp t=0.5", "base", True),
-                    (
-                        Mistake(
-                            lambda: _points_on("slerp t=0.5", "base", True) / 100,
-                            "This looks like a fraction; the question asks in points.",
-                        ),
-                        Mistake(
-                            lambda: _points_on("slerp t=0.5", "base", None),
-                            "This is the difference over all the held-out additions, not only "
-                            "those with a carry.",
-                        ),
-                        Mistake(
-                            lambda: _points_on("slerp t=0.5", "math", True),
-                            "This compares the merge with the specialist, not with its base.",
-                        ),
-                        Mistake(
-                            lambda: _points_on("base", "slerp t=0.5", True),
-                            "The sign is reversed: the question asks for the merge minus its base.",
-                        ),
-                    ),
-                ),
-            ),
-        ),
-        Exercise(
-            "ex-mini-predict",
-            (
-                Blank(
-                    "far_text_share_half",
-                    "seed 0: the share of the far generalist's text gain kept at half its step",
-                    close_to(_half_step_share, abs_tol=0.01),
-                    "A share of a gain compares two gains over the same base: which two?",
-                    _half_step_share,
-                    (
-                        Mistake(
-                            lambda: _half_step_share("siblings"),
-                            "This is the sibling generalist's share; the question is about the "
-                            "far one.",
-                        ),
-                        Mistake(
-                            lambda: 100 * _half_step_share(),
-                            "This looks like a percentage; the question asks for a share, a "
-                            "fraction of the gain.",
-                        ),
-                        Mistake(
-                            _half_step_gain_points,
-                            "This is the half step's gain itself, in points; the question asks "
-                            "for its share of the whole step's gain.",
-                        ),
-                    ),
-                ),
-                Blank(
-                    "sibling_text_share_half",
-                    "seed 0: the same share for the sibling generalist",
-                    close_to(lambda: _half_step_share("siblings"), abs_tol=0.01),
-                    "The same measurement as for the far generalist, on the sibling regime's "
-                    "models.",
-                    lambda: _half_step_share("siblings"),
-                    (
-                        Mistake(
-                            _half_step_share,
-                            "This is the far generalist's share; the question is about the "
-                            "sibling.",
-                        ),
-                        Mistake(
-                            lambda: 100 * _half_step_share("siblings"),
-                            "This looks like a percentage; the question asks for a share, a "
-                            "fraction of the gain.",
-                        ),
-                    ),
-                ),
-            ),
-        ),
-        Exercise(
-            "ex-lmc-chord",
-            (
-                Blank(
-                    "merge_minus_generalist",
-                    "the siblings' loss at t = 0.5 minus the generalist's, in nats",
-                    close_to(_merge_minus, abs_tol=0.005),
-                    "Which two points of the siblings' path does the question compare, and "
-                    "which is subtracted from which?",
-                    _merge_minus,
-                    (
-                        Mistake(
-                            lambda: -_merge_minus(),
-                            "The sign is reversed: the question asks for the merge minus the "
-                            "generalist.",
-                        ),
-                        Mistake(
-                            lambda: _merge_minus("specialist"),
-                            "This compares the merge with the specialist, not with the generalist.",
-                        ),
-                        Mistake(
-                            lambda: _merge_minus("chord"),
-                            "This compares the merge with the chord, the blend of both "
-                            "parents' losses; the question asks about one parent.",
-                        ),
-                    ),
-                ),
-                Blank(
-                    "merge_minus_chord",
-                    "the siblings' loss at t = 0.5 minus the chord's value there, in nats",
-                    close_to(lambda: _merge_minus("chord"), abs_tol=0.005),
-                    "What is the chord's value halfway between the two parents?",
-                    lambda: _merge_minus("chord"),
-                    (
-                        Mistake(
-                            _merge_minus,
-                            "This compares the merge with the generalist alone; the chord "
-                            "blends both parents' losses.",
-                        ),
-                        Mistake(
-                            lambda: -_merge_minus("chord"),
-                            "The sign is reversed: the question asks for the merge minus the "
-                            "chord.",
-                        ),
-                    ),
-                ),
-            ),
-        ),
-        Exercise(
-            "ex-lmc-one-layer",
-            (
-                Blank(
-                    "first_layer_midpoint_excess",
-                    "with the first layer's MLP reordered: the loss at t = 0.5 minus the "
-                    "chord's value there, in nats",
-                    close_to(_midpoint_above_chord, abs_tol=0.01),
-                    "What are the losses at the two ends of this path, and so the chord's "
-                    "value at its middle?",
-                    _midpoint_above_chord,
-                    (
-                        Mistake(
-                            lambda: _midpoint_above_chord("all"),
-                            "This is the path to the copy with every layer's MLP reordered; "
-                            "the question reorders the first layer only.",
-                        ),
-                        Mistake(
-                            lambda: _midpoint_above_chord(raw=True),
-                            "This is the midpoint's loss itself; a barrier is measured from the "
-                            "chord.",
                         ),
                     ),
                 ),

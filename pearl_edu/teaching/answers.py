@@ -9,8 +9,16 @@ answer that can be computed is followed by a cell to fill in and a cell that che
     answers.check("ex-unequal", t_shortest=t_shortest, length_shortest=length_shortest)
 
 `check` works the right answer out itself, with `pearl_edu`, and says which values are
-right. For a wrong one it gives a hint towards the method, never the answer: what it prints
-depends only on which values are right, not on what the right values are.
+right. For a wrong one it gives a hint towards the idea, never the answer: what it prints
+depends only on which values are right, not on what the right values are. Each blank
+also anticipates common mistakes (`Mistake`): the wrong value that a misconception gives,
+computed from the exercise's own inputs (a variance where a standard deviation is asked,
+radians for degrees, a fraction for a percentage, the neighbouring layer, ...). A value
+that matches one, by the same tolerance as the right answer, gets the message that names
+the misconception instead of the general hint.
+
+Every answer is a number, a list of numbers or a text to build (a recipe): no answer is
+one of a few options that could be found by trying each.
 
 `EXERCISES` lists every checked exercise by its label in the book (``ex-unequal`` is
 chapter 02's). The teacher's edition keeps the worked answers in the metadata of the
@@ -33,11 +41,26 @@ Judge = Callable[[Any], tuple[bool, str]]
 
 
 @dataclass(frozen=True)
+class Mistake:
+    """An anticipated wrong answer to a blank.
+
+    ``wrong()`` computes the wrong value that the misconception gives, from the same inputs
+    as the right answer; ``message`` names the misconception, without the right answer and
+    without dictating the method.
+    """
+
+    wrong: Callable[[], Any]
+    message: str
+
+
+@dataclass(frozen=True)
 class Blank:
     """One value a student fills in: its variable name, the question, and how it is judged.
 
     ``expected`` (when the answer is one value) computes the right answer: the checks use
-    it, and the tests use it to make sure no message ever shows it.
+    it, and the tests use it to make sure no message ever shows it. ``mistakes`` are the
+    anticipated wrong answers; they need a judge that can compare a value with another
+    one by its own tolerance (a `Compare`).
     """
 
     name: str
@@ -45,6 +68,21 @@ class Blank:
     judge: Judge
     hint: str
     expected: Callable[[], Any] | None = None
+    mistakes: tuple[Mistake, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.mistakes and not hasattr(self.judge, "matches"):
+            raise TypeError(f"{self.name}: anticipated mistakes need a judge with matches()")
+
+    def anticipated(self, given: Any) -> Mistake | None:
+        """The first anticipated mistake that ``given`` matches, by the judge's tolerance."""
+        for mistake in self.mistakes:
+            try:
+                if self.judge.matches(given, mistake.wrong()):  # type: ignore[attr-defined]
+                    return mistake
+            except Exception:  # a value of another kind is not this mistake
+                continue
+        return None
 
 
 @dataclass(frozen=True)
@@ -105,7 +143,8 @@ def check(label: str, **given: Any) -> Verdict:
     """Check a student's answer to exercise ``label``; the result prints what is right.
 
     Each keyword is one blank of the exercise. A blank still ``...`` is "not answered yet";
-    a wrong value gets the blank's hint. The right answer is never shown.
+    a wrong value that matches an anticipated mistake gets that mistake's message, any
+    other wrong value the blank's hint. The right answer is never shown.
     """
     exercise = EXERCISES.get(label)
     if exercise is None:
@@ -129,7 +168,12 @@ def check(label: str, **given: Any) -> Verdict:
             ok, note = blank.judge(value)
         except Exception as error:  # an answer that cannot even be compared: say why
             ok, note = False, f"Could not be checked ({type(error).__name__}: {error})."
-        message = note if ok else f"{note} Hint: {blank.hint}"
+        if ok:
+            message = note
+        elif (mistake := blank.anticipated(value)) is not None:
+            message = mistake.message
+        else:
+            message = f"{note} Hint: {blank.hint}"
         results.append((blank.name, ok, message.strip()))
     return Verdict(label, tuple(results))
 
@@ -163,15 +207,43 @@ def _require_type(given: Any, kind: type, what: str) -> None:
         raise TypeError(f"expected {what}, got {type(given).__name__}")
 
 
+@dataclass(frozen=True)
+class Compare:
+    """A judge: ``same(given, expected())``, with ``note`` on a wrong value.
+
+    ``matches(given, value)`` applies the same comparison, tolerance included, to any
+    other value: the anticipated mistakes use it. ``shape(given, wanted)``, if given,
+    returns a note on a value of the wrong shape (a list of another length), or ``""``.
+    ``options`` counts the possible answers when they are few (True or False, the two
+    parents): such a question can be answered by trying each, and the book has none.
+    """
+
+    expected: Callable[[], Any]
+    same: Callable[[Any, Any], bool]
+    note: str
+    shape: Callable[[Any, Any], str] | None = None
+    options: int | None = None
+
+    def matches(self, given: Any, value: Any) -> bool:
+        if self.shape is not None and self.shape(given, value):
+            return False
+        return self.same(given, value)
+
+    def __call__(self, given: Any) -> tuple[bool, str]:
+        wanted = self.expected()
+        if self.shape is not None and (problem := self.shape(given, wanted)):
+            return False, problem
+        ok = self.same(given, wanted)
+        return ok, "" if ok else self.note
+
+
 def close_to(expected: Callable[[], float], *, abs_tol: float = 0.0, rel_tol: float = 0.0):
     """A judge: a number within ``abs_tol`` or ``rel_tol`` of ``expected()``."""
 
-    def judge(given: Any) -> tuple[bool, str]:
-        value = _number(given)
-        ok = math.isclose(value, expected(), abs_tol=abs_tol, rel_tol=rel_tol)
-        return ok, "" if ok else "Not this value."
+    def same(given: Any, wanted: float) -> bool:
+        return math.isclose(_number(given), wanted, abs_tol=abs_tol, rel_tol=rel_tol)
 
-    return judge
+    return Compare(expected, same, "Not this value.")
 
 
 def within_factor(expected: Callable[[], float], factor: float):
@@ -180,88 +252,115 @@ def within_factor(expected: Callable[[], float], factor: float):
     For an order of magnitude, where a measurement and the prediction are both right.
     """
 
-    def judge(given: Any) -> tuple[bool, str]:
+    def same(given: Any, wanted: float) -> bool:
         value = _number(given)
-        ok = value > 0 and expected() / factor <= value <= expected() * factor
-        return ok, "" if ok else "Not of the right size."
+        return value > 0 and wanted / factor <= value <= wanted * factor
 
-    return judge
+    return Compare(expected, same, "Not of the right size.")
+
+
+def _as_list(given: Any) -> list:
+    return given.tolist() if hasattr(given, "tolist") else list(given)
 
 
 def numbers_close(expected: Callable[[], Sequence[float]], *, abs_tol: float):
     """A judge: a sequence of numbers, each within ``abs_tol`` of ``expected()``'s."""
 
-    def judge(given: Any) -> tuple[bool, str]:
-        values = [_number(v) for v in (given.tolist() if hasattr(given, "tolist") else given)]
-        wanted = list(expected())
-        if len(values) != len(wanted):
-            return False, f"Expected {len(wanted)} numbers, got {len(values)}."
-        ok = all(math.isclose(v, w, abs_tol=abs_tol) for v, w in zip(values, wanted, strict=True))
-        return ok, "" if ok else "Not these values."
+    def shape(given: Any, wanted: Sequence[float]) -> str:
+        count = len(_as_list(given))
+        return "" if count == len(wanted) else f"Expected {len(wanted)} numbers, got {count}."
 
-    return judge
+    def same(given: Any, wanted: Sequence[float]) -> bool:
+        values = [_number(v) for v in _as_list(given)]
+        return all(math.isclose(v, w, abs_tol=abs_tol) for v, w in zip(values, wanted, strict=True))
+
+    return Compare(expected, same, "Not these values.", shape)
 
 
 def same_items(expected: Callable[[], Sequence[int]]):
     """A judge: the same whole numbers as ``expected()``, in increasing order."""
 
-    def judge(given: Any) -> tuple[bool, str]:
+    def same(given: Any, wanted: Sequence[int]) -> bool:
         if isinstance(given, str) or not isinstance(given, Sequence | set | frozenset):
             if not hasattr(given, "tolist"):
                 raise TypeError(f"expected a list of numbers, got {type(given).__name__}")
             given = given.tolist()
-        values = sorted(int(_number(v)) for v in given)
-        ok = values == sorted(expected())
-        return ok, "" if ok else "Not this list."
+        return sorted(int(_number(v)) for v in given) == sorted(wanted)
 
-    return judge
+    return Compare(expected, same, "Not this list.")
+
+
+def same_yaml(expected: Callable[[], str]):
+    """A comparison of two YAML texts by what they load to, for matching a recipe mistake."""
+    import yaml
+
+    def same(given: Any, wanted: str) -> bool:
+        _require_type(given, str, "a YAML text")
+        return yaml.safe_load(given) == yaml.safe_load(wanted)
+
+    return Compare(expected, same, "Not this text.")
+
+
+@dataclass(frozen=True)
+class Built:
+    """A judge of a text the student builds (a recipe): ``judge`` says whether it does what
+    the exercise asks; ``like`` compares it with an anticipated mistake's text."""
+
+    judge: Judge
+    like: Callable[[Any, Any], bool]
+
+    def matches(self, given: Any, value: Any) -> bool:
+        return self.like(given, value)
+
+    def __call__(self, given: Any) -> tuple[bool, str]:
+        return self.judge(given)
 
 
 def truth(expected: Callable[[], bool]):
-    """A judge: ``True`` or ``False``, as ``expected()``."""
+    """A judge: ``True`` or ``False``, as ``expected()``. Two options: no exercise uses it."""
 
-    def judge(given: Any) -> tuple[bool, str]:
+    def same(given: Any, wanted: bool) -> bool:
         _require_type(given, bool, "True or False")
-        ok = given == expected()
-        return ok, "" if ok else "Not so."
+        return given == wanted
 
-    return judge
+    return Compare(expected, same, "Not so.", options=2)
 
 
 def _words(text: str) -> str:
     return re.sub(r"[^a-z0-9]", "", text.lower())
 
 
+def same_words(expected: Callable[[], str], options: int | None = None):
+    """A judge: a text equal to ``expected()``, ignoring case, spaces and punctuation.
+
+    ``options`` counts the possible texts when they are few (a verdict word).
+    """
+
+    def same(given: Any, wanted: str) -> bool:
+        _require_type(given, str, "a text")
+        return _words(given) == _words(wanted)
+
+    return Compare(expected, same, "Not this one.", options=options)
+
+
 def one_of_the_parents(expected: Callable[[], str]):
     """A judge: the name of one of Pearl's parents (``OmniBeagle`` or ``WizardMath``).
 
-    Any spelling that names the expected parent and not the other one is right.
+    Any spelling that names the expected parent and not the other one is right. Two
+    options: no exercise uses it.
     """
 
-    def judge(given: Any) -> tuple[bool, str]:
+    def same(given: Any, wanted: str) -> bool:
         _require_type(given, str, "a model's name")
         named = [p for p in _pearl_parents() if _words(p) in _words(given)]
-        if len(named) != 1:
-            return False, f"Name one of the two parents, {' or '.join(_pearl_parents())}."
-        ok = named[0] == expected()
-        return ok, "" if ok else "Not this parent."
+        return len(named) == 1 and named[0] == wanted
 
-    return judge
-
-
-def same_words(expected: Callable[[], str]):
-    """A judge: a text equal to ``expected()``, ignoring case, spaces and punctuation."""
-
-    def judge(given: Any) -> tuple[bool, str]:
-        _require_type(given, str, "a text")
-        ok = _words(given) == _words(expected())
-        return ok, "" if ok else "Not this one."
-
-    return judge
+    return Compare(expected, same, "Not this parent.", options=2)
 
 
 # ---------------------------------------------------------------------------------------
-# The right answers, computed with pearl_edu (each once per session)
+# The right answers, and the anticipated wrong ones, computed with pearl_edu (each once
+# per session)
 
 
 @functools.cache
@@ -283,17 +382,6 @@ def _pearl_parents() -> tuple[str, ...]:
     config = _pearl_config()
     ordered = [config.base_model] + [m for m in config.models() if m != config.base_model]
     return tuple(m.split("/")[-1].split("-")[0] for m in ordered)
-
-
-def _parent_at(t: float) -> str:
-    """The parent a tensor with this ``t`` comes from (0: the base model, 1: the other)."""
-    if t not in (0, 1):
-        raise ValueError(f"t = {t} takes from both parents")
-    return _pearl_parents()[int(t)]
-
-
-def _closer_parent(t: float) -> str:
-    return _pearl_parents()[0 if t < 0.5 else 1]
 
 
 def _midpoint_length_90() -> float:
@@ -368,12 +456,6 @@ def _fallback_jump() -> float:
     p0 = torch.tensor([1.0, 0.0])
     p1 = torch.tensor([math.cos(omega), math.sin(omega)])
     return (pearl_edu.slerp(p0, p1, 0.5) - pearl_edu.lerp(p0, p1, 0.5)).norm().item()
-
-
-def _jump_visible_in_bfloat16() -> bool:
-    import torch
-
-    return _fallback_jump() > torch.finfo(torch.bfloat16).eps / 2  # bfloat16's rounding at 1
 
 
 def _equal_norm_ratio() -> float:
@@ -454,27 +536,6 @@ def _shared_list_mean_t() -> float:
         t = schedule.column("t", label)[int(layer.group(1))] if layer else 0.5
         weighted, total = weighted + size * t, total + size
     return weighted / total
-
-
-def _failing_colab_check() -> str:
-    """ex-full-colab: the one check that fails on the notebook machine of the exercise."""
-    import tempfile
-
-    from pearl_edu.teaching import fullrun, preflight
-
-    needs = preflight.requirements(
-        [fullrun.OMNIBEAGLE, fullrun.WIZARDMATH],
-        tempfile.gettempdir(),
-        published=fullrun.PUBLISHED,
-        online=False,
-    )
-    machine = preflight.Resources(
-        disk={folder: preflight.DiskSpace(70 * 10**9, 1) for folder in needs.disk_bytes},
-        ram_available_bytes=12 * 10**9,
-        gpus=(preflight.Gpu("T4", 15 * 10**9),),
-    )
-    (failed,) = [c.what for c in preflight.decide(needs, machine).checks if not c.ok]
-    return failed
 
 
 @functools.cache
@@ -573,31 +634,6 @@ def _cat_rank() -> int:
     return 2 * lora.LoraSettings().rank
 
 
-@functools.cache
-def _peft_linear_is_sum() -> bool:
-    """Whether PEFT's ``linear`` combination of two LoRA adapters changes a weight by the sum
-    of their changes, tried on one small layer with two random adapters."""
-    import torch
-
-    from pearl_edu.teaching import lora
-
-    peft = lora.peft()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(6, 5, bias=False))
-        wrapped = peft.get_peft_model(
-            model, peft.LoraConfig(r=2, lora_alpha=2, target_modules=["0"]), adapter_name="one"
-        )
-        wrapped.add_adapter("two", peft.LoraConfig(r=2, lora_alpha=2, target_modules=["0"]))
-        layer = wrapped.base_model.model[0]
-        with torch.no_grad():
-            for name in ("one", "two"):
-                layer.lora_B[name].weight.normal_()
-        wrapped.add_weighted_adapter(["one", "two"], [1.0, 1.0], "both", combination_type="linear")
-        summed = layer.get_delta_weight("one") + layer.get_delta_weight("two")
-        return bool(torch.allclose(layer.get_delta_weight("both"), summed, atol=1e-5))
-
-
 def _capstone(given: Any) -> tuple[bool, str]:
     from pearl_edu.teaching import capstone
 
@@ -606,14 +642,6 @@ def _capstone(given: Any) -> tuple[bool, str]:
     result = capstone.try_recipe(given)
     note = "Your teacher judges the recipe on the test split, which this check never uses."
     return result.beats_baseline, f"{result.summary()}\n{note}"
-
-
-def _attention_parent(layer: int) -> Callable[[], str]:
-    return lambda: _parent_at(_pearl_schedule().column("t", "self_attn")[layer])
-
-
-def _mlp_16() -> float:
-    return _pearl_schedule().column("t", "mlp")[16]
 
 
 def _items_for_one_point(p: float = 0.72, gap: float = 0.01) -> int:
@@ -756,16 +784,451 @@ def _moe_extra_parameters() -> int:
     return shape.num_layers * (mlp + 2 * shape.hidden_size)
 
 
-def _cheap_embed_rows_differ() -> bool:
-    """ex-moe-cheap: whether `cheap_embed`'s rows of one expert differ between layers."""
+# ---------------------------------------------------------------------------------------
+# Right answers of the questions that replace a choice among few options, of chapters 07
+# and 08, and the anticipated mistakes' wrong values
+
+
+def _recipe_mistake_yaml() -> str:
+    """ex-meet-recipe's anticipated mistake: Pearl's published recipe left as it is."""
+    import pearl_edu
+
+    return pearl_edu.recipe_text()
+
+
+def _same_recipe(given: Any, wanted: str) -> bool:
+    import yaml
+
+    _require_type(given, str, "a YAML text")
+    return yaml.safe_load(given) == yaml.safe_load(wanted)
+
+
+def _attention_t(layer: int) -> float:
+    return _pearl_schedule().column("t", "self_attn")[layer]
+
+
+def _mlp_t(layer: int) -> float:
+    return _pearl_schedule().column("t", "mlp")[layer]
+
+
+def _attention_nearer_second(side: int = 1) -> int:
+    """ex-meet-parent: how many layers' attention lies nearer WizardMath (t > 1/2), or with
+    ``side`` 0 nearer OmniBeagle (t < 1/2)."""
+    column = _pearl_schedule().column("t", "self_attn")
+    return sum((t > 0.5) if side else (t < 0.5) for t in column)
+
+
+def _distance_ratio(t: float = 0.3) -> float:
+    """ex-meet-recipe: on the straight path at ``t``, the distance to the model at t = 1 over
+    the distance to the base at t = 0, with pearl_edu.lerp on two points."""
     import torch
 
-    from pearl_edu.moe import router
+    import pearl_edu
 
-    embed = torch.randn(12, 8, generator=torch.Generator().manual_seed(0))
-    tokens = {"input_ids": torch.tensor([[1, 5, 7]]), "attention_mask": torch.ones(1, 3)}
-    rows = router.cheap_embedding(embed, tokens, num_layers=4)
-    return not all(torch.equal(rows[0], row) for row in rows)
+    p0, p1 = torch.tensor([0.0, 0.0]), torch.tensor([1.0, 2.0])
+    merged = pearl_edu.lerp(p0, p1, t)
+    return ((merged - p1).norm() / (merged - p0).norm()).item()
+
+
+def _midpoint_length_radians_mistake() -> float:
+    """cos(theta / 2) with theta = 90 taken as radians."""
+    return math.cos(90 / 2)
+
+
+def _angle_of_negated_in(unit: str) -> float:
+    return math.radians(_angle_of_negated()) if unit == "radians" else _angle_of_negated()
+
+
+def _straight_length(t: float, short: float = 1.0, long_: float = 3.0) -> float:
+    """ex-unequal's path length at ``t``, for perpendicular vectors of lengths 1 and 3."""
+    return math.sqrt(((1 - t) * short) ** 2 + (t * long_) ** 2)
+
+
+def _half_angle_for_5_percent() -> float:
+    """ex-hd-finetune: the angle (radians) between siblings whose midpoint keeps 95%."""
+    return 2 * math.acos(0.95)
+
+
+def _fallback_omega() -> float:
+    from pearl_edu.core.interpolation import DOT_THRESHOLD
+
+    return math.acos(DOT_THRESHOLD) * 1.005
+
+
+def _jump_over_spacing(dtype_name: str = "bfloat16", factor: float = 1.0) -> float:
+    """ex-slerp-threshold: the jump over the spacing of ``dtype``'s numbers near 1."""
+    import torch
+
+    return _fallback_jump() / (factor * torch.finfo(getattr(torch, dtype_name)).eps)
+
+
+def _equal_norm_ratio_of(method: str, rescale: bool) -> float:
+    """ex-tensor-equal-norms' ratio, with lerp for slerp or without b rescaled (mistakes)."""
+    import torch
+
+    import pearl_edu
+
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 64, 64, generator=generator)
+    if rescale:
+        b = b * (a.norm() / b.norm())
+    merge = pearl_edu.slerp if method == "slerp" else pearl_edu.lerp
+    return (merge(a, b, 0.3).norm() / a.norm()).item()
+
+
+def _kept_bits_share(dtype_name: str) -> float:
+    """The mistake of counting the mantissa bits a format keeps instead of those it drops."""
+    import torch
+
+    return torch.finfo(getattr(torch, dtype_name)).eps
+
+
+def _layer5_at(label: str, position: float) -> float:
+    """The t of layer 5's ``label`` tensor read at relative depth ``position``."""
+    from pearl_edu.layer_schedule import gradient_value
+
+    rules = {"mlp": [1, 0.5, 0.7, 0.3, 0], "self_attn": [0, 0.5, 0.3, 0.7, 1]}
+    return gradient_value(rules[label], position)
+
+
+def _layers_on_anchors_placed_at_n(num_layers: int) -> list[int]:
+    """The mistake of placing layer i at i / n instead of i / (n - 1)."""
+    return [
+        i for i in range(num_layers) if math.isclose(4 * i / num_layers, round(4 * i / num_layers))
+    ]
+
+
+def _shared_list_t(layer: int) -> float:
+    return _shared_list_schedule().column("t", "mlp")[layer]
+
+
+def _memory_to_use_gb(unit: float = 1e9, factor: bool = True) -> float:
+    """ex-full-colab: the memory that preflight asks to use the merged model, in GB."""
+    import tempfile
+
+    from pearl_edu.teaching import fullrun, preflight
+
+    needs = preflight.requirements(
+        [fullrun.OMNIBEAGLE, fullrun.WIZARDMATH],
+        tempfile.gettempdir(),
+        published=fullrun.PUBLISHED,
+        online=False,
+    )
+    needed = needs.model_bytes * (preflight.USE_MEMORY_FACTOR if factor else 1)
+    return needed / unit
+
+
+def _layer_tensors(per_layer_only: bool) -> int:
+    """ex-full-verify mistakes: the layers' catch-all tensors alone (2 per layer), or every
+    tensor that keeps its t."""
+    layers = 32
+    return 2 * layers if per_layer_only else 3 + 9 * layers + 2 * layers - _catch_all_tensors()
+
+
+def _ties_mistake(second: tuple[float, float], how: str) -> list[float]:
+    """The plain sum or mean of the two task vectors, where TIES was asked."""
+    first = (0.5, -0.2)
+    scale = 1.0 if how == "sum" else 0.5
+    return [scale * (a + b) for a, b in zip(first, second, strict=True)]
+
+
+def _items_mistake(sides: int = 2, z: float = 1.96, gap: float = 0.01, p: float = 0.72) -> int:
+    """ex-eval-items' n with one standard error instead of two, or z = 1."""
+    return math.ceil(1 + sides * p * (1 - p) * (z / gap) ** 2)
+
+
+def _lowest_low_points(which: str = "low") -> float:
+    """ex-eval-seeds: the lowest lower end of the seeds' intervals, in points (or mistakes)."""
+    differences = _seed_comparison().by_seed.values()
+    if which == "highest low":
+        return 100 * max(d.low for d in differences)
+    if which == "estimate":
+        return 100 * min(d.estimate for d in differences)
+    return 100 * min(d.low for d in differences)
+
+
+def _seeds_with_positive_estimate() -> int:
+    return sum(d.estimate > 0 for d in _seed_comparison().by_seed.values())
+
+
+def _paired_mistake(kind: str) -> float:
+    from pearl_edu.teaching import evaluation
+
+    if kind == "one-sided":
+        return _paired_gsm8k_p() / 2
+    difference = 971 - 924  # the difference taken as the problems won
+    return evaluation.mcnemar(difference, 151 - difference)
+
+
+def _lora_parameters_square_kv(rank: int = 4) -> int:
+    """The mistake of taking k_proj and v_proj as square as q_proj."""
+    from pearl_edu.teaching import minipearl
+
+    shape = minipearl.ModelShape()
+    h, m = shape.hidden_size, shape.intermediate_size
+    sides = [(h, h)] * 4 + [(m, h), (m, h), (h, m)]
+    return shape.num_layers * sum(rank * (d + k) for d, k in sides)
+
+
+def _squared_truncation_error(rank: int) -> float:
+    return _truncation_error(rank) ** 2
+
+
+def _rank_for_squared_error(limit: float) -> int:
+    values = _math_down_proj_spectrum()
+    return next(r for r in range(1, len(values) + 1) if _squared_truncation_error(r) < limit)
+
+
+@functools.cache
+def _peft_linear_off_sum() -> float:
+    """ex-lora-combine: how far PEFT's linear combination (weights 1, 1) of the chapter's two
+    rank-8 adapters changes the weights from the sum of their changes, relative to the sum."""
+    import torch
+
+    from pearl_edu.teaching import evaluation, lora, minipearl
+
+    peft = lora.peft()
+    mini = evaluation.mini_pearl(0)
+    settings = lora.LoraSettings()
+    folders = {p: lora.load_or_train_adapter(mini, p, settings) for p in minipearl.PARENTS}
+    combined = peft.PeftModel.from_pretrained(
+        minipearl.load_model(mini.base), folders["generalist"], adapter_name="generalist"
+    )
+    combined.load_adapter(folders["math"], adapter_name="math")
+    combined.add_weighted_adapter(["generalist", "math"], [1.0, 1.0], "linear", "linear")
+    off = size = 0.0
+    with torch.no_grad():
+        for module in combined.modules():
+            if isinstance(module, peft.tuners.lora.LoraLayer) and "linear" in module.lora_A:
+                summed = module.get_delta_weight("generalist") + module.get_delta_weight("math")
+                off += float((module.get_delta_weight("linear") - summed).norm() ** 2)
+                size += float(summed.norm() ** 2)
+    return math.sqrt(off / size)
+
+
+def _search_mistake(kind: str, seed: int = 1) -> float:
+    """ex-search-optimism's mistakes: the average trial's fall."""
+    trials = _search_trials()
+    return sum(_search_drop(seed, n) for n in trials) / len(trials)
+
+
+def _beaten_mistake(kind: str, seed: int = 2) -> int:
+    """ex-search-rank's mistakes: counting on validation, the winner included, or below."""
+    winner = _search_winner(seed)
+    trials = _search_trials()
+    if kind == "validation":
+        best = _search_objective(seed, winner, "validation")
+        return sum(_search_objective(seed, n, "validation") > best for n in trials)
+    best = _search_objective(seed, winner, "test")
+    if kind == "at least":
+        return sum(_search_objective(seed, n, "test") >= best for n in trials)
+    return sum(_search_objective(seed, n, "test") < best for n in trials)
+
+
+def _vocabulary_sizes() -> tuple[int, int]:
+    from pearl_edu.teaching import minipearl, numbertokens
+
+    characters = minipearl.build_tokenizer().get_vocab()
+    numbers = numbertokens.build_number_tokenizer().get_vocab()
+    return len(characters), len(numbers)
+
+
+def _moe_top2_mistake(kind: str) -> float:
+    if kind == "no softmax":
+        return 1.1 / (0.3 + 1.1)
+    return 1 - _moe_top2_weight()
+
+
+def _moe_extra_mistake(kind: str) -> int:
+    from pearl_edu.teaching import minipearl
+
+    shape = minipearl.ModelShape()
+    mlp = 3 * shape.hidden_size * shape.intermediate_size
+    if kind == "no router":
+        return shape.num_layers * mlp
+    if kind == "one layer":
+        return mlp + 2 * shape.hidden_size
+    return shape.num_layers * (
+        2 * shape.hidden_size * shape.intermediate_size + 2 * shape.hidden_size
+    )
+
+
+@functools.cache
+def _cheap_embed_rows() -> Any:
+    """The router rows, (layers, experts, hidden), of chapter 16's cheap_embed mixture."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import torch
+    import yaml
+    from safetensors.torch import load_file
+
+    from pearl_edu.moe import build_moe
+    from pearl_edu.teaching import evaluation, minipearl
+
+    mini = evaluation.mini_pearl(0)
+    corpus = mini.settings.corpus()
+    additions = [
+        minipearl.addition_prompt(a, b) + minipearl.addition_answer(a, b)
+        for a, b in corpus.train_problems[:8]
+    ]
+    prompts = {"generalist": list(corpus.train_sentences[:8]), "math": additions}
+    config = {
+        "base_model": str(mini.generalist),
+        "gate_mode": "cheap_embed",
+        "dtype": "bfloat16",
+        "experts_per_token": 1,
+        "experts": [
+            {"source_model": str(getattr(mini, p)), "positive_prompts": prompts[p]}
+            for p in ("generalist", "math")
+        ],
+    }
+    folder = Path(tempfile.mkdtemp(prefix="pearl-edu-answers-"))
+    try:
+        result = build_moe(yaml.safe_dump(config, sort_keys=False), folder / "moe", progress=False)
+        tensors = load_file(next(result.output_dir.glob("*.safetensors")))
+        layers = mini.settings.shape.num_layers
+        return torch.stack(
+            [tensors[f"model.layers.{i}.mlp.gate.weight"].float() for i in range(layers)]
+        )
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _cheap_cosine(kind: str = "experts", layer: int = 3) -> float:
+    """ex-moe-cheap: the cosine between the two experts' rows in ``layer`` (or mistakes)."""
+    import torch
+
+    rows = _cheap_embed_rows()
+    if kind == "layers":  # one expert's rows in layer 0 and in ``layer``
+        return torch.nn.functional.cosine_similarity(rows[0, 0], rows[layer, 0], dim=0).item()
+    cosine = torch.nn.functional.cosine_similarity(rows[layer, 0], rows[layer, 1], dim=0).item()
+    return math.degrees(math.acos(cosine)) if kind == "degrees" else cosine
+
+
+# Chapter 07: mini-Pearl's record (bench/mini_pearl_seeds.py), seed 0, item by item
+
+
+@functools.cache
+def _mini_record(regime: str = "siblings"):
+    from pearl_edu.teaching import evaluation
+
+    return evaluation.Record.load("mini_pearl" if regime == "siblings" else "mini_pearl_far")
+
+
+@functools.cache
+def _test_carries() -> tuple[bool, ...]:
+    from pearl_edu.teaching import minipearl
+
+    corpus = minipearl.SIBLING_SETTINGS.corpus()
+    return tuple(minipearl.carries(*p) for p in corpus.test_problems)
+
+
+def _carrying_additions(carry: bool = True, share: bool = False) -> float:
+    """ex-mini-carry: how many held-out additions carry (or not), or their share."""
+    count = sum(c == carry for c in _test_carries())
+    return count / len(_test_carries()) if share else count
+
+
+def _points_on(first: str, second: str, carry: bool | None, seed: int = 0) -> float:
+    """``first`` minus ``second`` on the held-out additions with a carry (``carry`` True),
+    without (False) or all (None), in points, from the record of chapter 07."""
+    record = _mini_record()
+    a = record.get(seed, first).addition_right
+    b = record.get(seed, second).addition_right
+    kept = [i for i, c in enumerate(_test_carries()) if carry is None or c == carry]
+    return 100 * sum(a[i] - b[i] for i in kept) / len(kept)
+
+
+def _half_step_share(regime: str = "far", seed: int = 0, skill: str = "text") -> float:
+    """ex-mini-predict: the share of the generalist's gain on ``skill`` kept at half its
+    step (`minipearl.along_task_vector` at 0.5), from chapter 07's records."""
+    record = _mini_record(regime)
+    base, half, full = (
+        getattr(record.get(seed, n), skill) for n in ("base", "half generalist step", "generalist")
+    )
+    return (half - base) / (full - base)
+
+
+def _half_step_gain_points(regime: str = "far", seed: int = 0) -> float:
+    """The mistake of giving the half step's text gain in points, not as a share."""
+    record = _mini_record(regime)
+    return 100 * (record.get(seed, "half generalist step").text - record.get(seed, "base").text)
+
+
+# Chapter 08: losses on the straight paths of mini-Pearl's seed-0 siblings
+
+
+@functools.cache
+def _sibling_losses(t: float) -> float:
+    """The held-out loss (nats) at ``t`` on the straight path from the sibling generalist
+    (t = 0) to the specialist (t = 1), as chapter 08 measures it."""
+    from pearl_edu.teaching import connectivity, minipearl
+
+    siblings = minipearl.load_or_build_mini_pearl()
+    first, second = (minipearl.load_weights(f) for f in (siblings.generalist, siblings.math))
+    corpus = minipearl.SIBLING_SETTINGS.corpus()
+    tokenizer = minipearl.load_tokenizer(siblings.base)
+    weights = connectivity.linear_path(first, second, t)
+    return connectivity.measure_point(siblings.base, weights, tokenizer, corpus, t).loss
+
+
+def _merge_minus(what: str = "generalist") -> float:
+    """ex-lmc-chord: the siblings' midpoint loss minus the generalist's (or mistakes)."""
+    middle, generalist, specialist = (_sibling_losses(t) for t in (0.5, 0.0, 1.0))
+    if what == "specialist":
+        return middle - specialist
+    if what == "chord":
+        return middle - 0.5 * (generalist + specialist)
+    return middle - generalist
+
+
+@functools.cache
+def _reordered_losses(layers: str) -> tuple[float, float, float]:
+    """The held-out losses at t = 0, 0.5 and 1 from the sibling base to a copy of it with the
+    MLP hidden units of the first layer (``layers`` "first") or of every layer ("all")
+    reordered, with chapter 08's generator (seed 0)."""
+    import torch
+
+    from pearl_edu.teaching import connectivity, minipearl
+
+    siblings = minipearl.load_or_build_mini_pearl()
+    base = minipearl.load_weights(siblings.base)
+    generator = torch.Generator().manual_seed(0)
+    if layers == "first":
+        first = {k: v for k, v in base.items() if k.startswith("model.layers.0.mlp.")}
+        reordered = dict(base, **connectivity.permute_mlp_units(first, generator))
+    else:
+        reordered = connectivity.permute_mlp_units(base, generator)
+    corpus = minipearl.SIBLING_SETTINGS.corpus()
+    tokenizer = minipearl.load_tokenizer(siblings.base)
+    return tuple(
+        connectivity.measure_point(
+            siblings.base, connectivity.linear_path(base, reordered, t), tokenizer, corpus, t
+        ).loss
+        for t in (0.0, 0.5, 1.0)
+    )
+
+
+def _midpoint_above_chord(layers: str = "first", raw: bool = False) -> float:
+    """ex-lmc-one-layer: how far the midpoint's loss lies above the chord (or its loss)."""
+    start, middle, end = _reordered_losses(layers)
+    return middle if raw else middle - 0.5 * (start + end)
+
+
+def _minipearl_layers() -> int:
+    """Mini-Pearl's number of blocks."""
+    from pearl_edu.teaching import minipearl
+
+    return minipearl.ModelShape().num_layers
+
+
+def _capstone_baseline() -> str:
+    """ex-capstone's anticipated mistake: the baseline recipe itself."""
+    from pearl_edu.teaching import capstone
+
+    return capstone.baseline_recipe(capstone.models())
 
 
 def _reorderings_log10() -> float:
@@ -863,25 +1326,43 @@ def _exercises() -> dict[str, Exercise]:
             "ex-meet-parent",
             (
                 Blank(
-                    "attention_layer_0",
-                    "the parent of layer 0's attention: OmniBeagle or WizardMath",
-                    one_of_the_parents(_attention_parent(0)),
-                    "t = 0 takes the base_model of the recipe, t = 1 the other model.",
-                    _attention_parent(0),
-                ),
-                Blank(
-                    "attention_layer_31",
-                    "the parent of layer 31's attention",
-                    one_of_the_parents(_attention_parent(31)),
-                    "Read the last value of the self_attn list: layer 31 is the last layer.",
-                    _attention_parent(31),
+                    "attention_layers_nearer_wizardmath",
+                    "how many of the 32 layers have an attention nearer WizardMath than "
+                    "OmniBeagle (a whole number)",
+                    close_to(_attention_nearer_second, abs_tol=0),
+                    "Which value of t stands for which parent, and where along the attention's "
+                    "list does it cross one half?",
+                    _attention_nearer_second,
+                    (
+                        Mistake(
+                            lambda: _attention_nearer_second(0),
+                            "This many layers lean the other way: which parent does t = 0 stand "
+                            "for in Pearl's recipe?",
+                        ),
+                        Mistake(
+                            lambda: 32 // 2,
+                            "Half the layers would lean each way if the list were symmetric "
+                            "about the middle; is it?",
+                        ),
+                    ),
                 ),
                 Blank(
                     "mlp_t_layer_16",
                     "the t of layer 16's MLP (a number)",
-                    close_to(_mlp_16, abs_tol=0.01),
-                    'Read the MLP\'s column, not the attention\'s: schedule.column("t", "mlp").',
-                    _mlp_16,
+                    close_to(lambda: _mlp_t(16), abs_tol=0.01),
+                    "Which of the recipe's lists does a tensor of the MLP follow?",
+                    lambda: _mlp_t(16),
+                    (
+                        Mistake(
+                            lambda: _attention_t(16),
+                            "This is the attention's t at that layer: the MLP follows a list "
+                            "of its own.",
+                        ),
+                        Mistake(
+                            lambda: _mlp_t(17),
+                            "This is the t of a neighbouring layer: layers are counted from 0.",
+                        ),
+                    ),
                 ),
             ),
         ),
@@ -892,9 +1373,26 @@ def _exercises() -> dict[str, Exercise]:
                     "midpoint_length",
                     "the length of the straight path's midpoint at 90 degrees",
                     close_to(_midpoint_length_90, abs_tol=1e-3),
-                    "Take p0 = (1, 0) and p1 = (0, 1) and the norm of pearl_edu.lerp(p0, p1, "
-                    "0.5); the midpoint is shorter than both ends.",
+                    "The midpoint of two unit vectors lies inside the circle: how far inside, "
+                    "for vectors at right angles?",
                     _midpoint_length_90,
+                    (
+                        Mistake(
+                            lambda: _midpoint_length_90() ** 2,
+                            "This looks like the squared length; the question asks for the "
+                            "length itself.",
+                        ),
+                        Mistake(
+                            _midpoint_length_radians_mistake,
+                            "This looks like a cosine of an angle in degrees computed as if "
+                            "it were in radians.",
+                        ),
+                        Mistake(
+                            lambda: 1.0,
+                            "This is the length the arc keeps; the question is about the "
+                            "straight path.",
+                        ),
+                    ),
                 ),
             ),
         ),
@@ -904,16 +1402,36 @@ def _exercises() -> dict[str, Exercise]:
                 Blank(
                     "recipe",
                     "the YAML text of your recipe",
-                    _flat_recipe,
-                    "Start from pearl_edu.recipe_text() and replace its whole parameters "
-                    "block by a single t.",
+                    Built(_flat_recipe, _same_recipe),
+                    "Which part of the recipe gives each tensor its t, and how short can it be?",
+                    mistakes=(
+                        Mistake(
+                            _recipe_mistake_yaml,
+                            "This is Pearl's published recipe unchanged: its tensors still "
+                            "take their t from its lists.",
+                        ),
+                    ),
                 ),
                 Blank(
-                    "closer_parent",
-                    "the parent that dominates: OmniBeagle or WizardMath",
-                    one_of_the_parents(lambda: _closer_parent(0.3)),
-                    "Which end of the path does a t below one half lie closer to?",
-                    lambda: _closer_parent(0.3),
+                    "distance_ratio",
+                    "on the straight path, the merge's distance to WizardMath over its "
+                    "distance to OmniBeagle",
+                    close_to(_distance_ratio, rel_tol=0.01),
+                    "Which parent sits at t = 0? What fraction of the path lies between the "
+                    "merge and each end?",
+                    _distance_ratio,
+                    (
+                        Mistake(
+                            lambda: 1 / _distance_ratio(),
+                            "This is the ratio the other way round: which parent does the "
+                            "recipe's base_model put at t = 0?",
+                        ),
+                        Mistake(
+                            lambda: 0.3,
+                            "This is t itself, one fraction of the path; the question asks "
+                            "for a ratio of two distances.",
+                        ),
+                    ),
                 ),
             ),
         ),
@@ -924,9 +1442,24 @@ def _exercises() -> dict[str, Exercise]:
                     "angle_negated",
                     "the angle in degrees between -2 * p0 and p1, for p0 = (3, 1), p1 = (1, 2)",
                     close_to(_angle_of_negated, abs_tol=0.5),
-                    "Take the arccos of torch.nn.functional.cosine_similarity(-2 * p0, p1, "
-                    "dim=0), in degrees: a negative factor flips the sign of the cosine.",
+                    "What does a negative factor do to the dot product, and what to the "
+                    "product of the norms?",
                     _angle_of_negated,
+                    (
+                        Mistake(
+                            lambda: 180 - _angle_of_negated(),
+                            "This is the angle between p0 and p1 themselves: the factor's sign "
+                            "changes something.",
+                        ),
+                        Mistake(
+                            lambda: _angle_of_negated_in("radians"),
+                            "This looks like an angle in radians; the question asks for degrees.",
+                        ),
+                        Mistake(
+                            lambda: math.cos(math.radians(_angle_of_negated())),
+                            "This is a cosine; the question asks for the angle.",
+                        ),
+                    ),
                 ),
             ),
         ),
@@ -937,16 +1470,43 @@ def _exercises() -> dict[str, Exercise]:
                     "t_shortest",
                     "the t at which the straight path is shortest",
                     close_to(lambda: _shortest_straight_path()[0], abs_tol=2e-3),
-                    "At 90 degrees the cross term vanishes: minimise (1 - t)**2 + 9 * t**2. "
-                    "The shortest point lies closer to the shorter vector.",
+                    "Write the squared length as a function of t: at right angles, which term "
+                    "drops out? Where is such a function smallest?",
                     lambda: _shortest_straight_path()[0],
+                    (
+                        Mistake(
+                            lambda: 0.5,
+                            "For vectors of equal length the midpoint would be shortest; these "
+                            "lengths differ.",
+                        ),
+                        Mistake(
+                            lambda: 1 - _shortest_straight_path()[0],
+                            "This point lies nearer the longer vector; which end pulls the "
+                            "shortest point towards it?",
+                        ),
+                    ),
                 ),
                 Blank(
                     "length_shortest",
                     "the path's length there",
                     close_to(lambda: _shortest_straight_path()[1], abs_tol=2e-3),
-                    "The length is the square root of (1 - t)**2 + 9 * t**2 at that t.",
+                    "Once you have the t, what is the length of (1 - t) p0 + t p1 there?",
                     lambda: _shortest_straight_path()[1],
+                    (
+                        Mistake(
+                            lambda: _shortest_straight_path()[1] ** 2,
+                            "This looks like a squared length; the question asks for the length.",
+                        ),
+                        Mistake(
+                            lambda: _straight_length(0.5),
+                            "This is the length at the path's midpoint, not at its shortest point.",
+                        ),
+                        Mistake(
+                            _midpoint_length_90,
+                            "This is the dip of two unit vectors at 90 degrees; here one "
+                            "vector is longer.",
+                        ),
+                    ),
                 ),
             ),
         ),
@@ -957,9 +1517,21 @@ def _exercises() -> dict[str, Exercise]:
                     "length_kept",
                     "the average's length over one vector's length (a fraction)",
                     close_to(_three_unrelated, abs_tol=0.03),
-                    "Unrelated vectors are nearly perpendicular: the squared length of their "
-                    "sum is about the sum of their squared lengths.",
+                    "How do the squared lengths of nearly perpendicular vectors combine in "
+                    "their sum?",
                     _three_unrelated,
+                    (
+                        Mistake(
+                            lambda: 1 / 3,
+                            "This is each vector's weight; unrelated vectors neither cancel "
+                            "nor line up.",
+                        ),
+                        Mistake(
+                            lambda: 1 / math.sqrt(2),
+                            "This is what the average of two unrelated vectors keeps; here "
+                            "there are three.",
+                        ),
+                    ),
                 ),
             ),
         ),
@@ -970,9 +1542,24 @@ def _exercises() -> dict[str, Exercise]:
                     "cosine_for_5_percent",
                     "the siblings' cosine at which the midpoint keeps 95% of its length",
                     close_to(_cosine_losing_5_percent, abs_tol=0.003),
-                    "The midpoint keeps cos(theta / 2) of the length: solve cos(theta / 2) "
-                    "= 0.95 for theta, then take cos(theta).",
+                    "The chapter relates the midpoint's length to the angle between the two: "
+                    "which angle keeps 95%, and what is its cosine?",
                     _cosine_losing_5_percent,
+                    (
+                        Mistake(
+                            lambda: 0.95,
+                            "This is the length the midpoint keeps, which depends on half the "
+                            "angle; the question asks for the cosine of the whole angle.",
+                        ),
+                        Mistake(
+                            lambda: math.degrees(_half_angle_for_5_percent()),
+                            "This looks like an angle in degrees; the question asks for a cosine.",
+                        ),
+                        Mistake(
+                            _half_angle_for_5_percent,
+                            "This looks like an angle in radians; the question asks for a cosine.",
+                        ),
+                    ),
                 ),
             ),
         ),
@@ -983,17 +1570,50 @@ def _exercises() -> dict[str, Exercise]:
                     "jump",
                     "how far the result moves at the threshold, at t = 0.5, for unit vectors",
                     close_to(_fallback_jump, rel_tol=0.1),
-                    "Just outside the threshold, compare pearl_edu.slerp and pearl_edu.lerp "
-                    "at t = 0.5: the difference is about Omega**2 / 8.",
+                    "Just outside the threshold SLERP applies, just inside it the fallback: how "
+                    "far apart are the two at t = 0.5 for such a small angle?",
                     _fallback_jump,
+                    (
+                        Mistake(
+                            lambda: math.degrees(_fallback_omega()) ** 2 / 8,
+                            "This looks like the angle entered in degrees where the formula "
+                            "wants radians.",
+                        ),
+                        Mistake(
+                            lambda: 1 - math.cos(_fallback_omega()),
+                            "This is the gap for the whole angle; at t = 0.5 the result has "
+                            "turned through only part of it.",
+                        ),
+                    ),
                 ),
                 Blank(
-                    "visible_in_bfloat16",
-                    "True or False: does the jump survive rounding to bfloat16?",
-                    truth(_jump_visible_in_bfloat16),
-                    "Compare the jump with the spacing of bfloat16 numbers near 1, "
-                    "torch.finfo(torch.bfloat16).eps.",
-                    _jump_visible_in_bfloat16,
+                    "jump_over_spacing",
+                    "the jump divided by the spacing of bfloat16 numbers near 1",
+                    close_to(_jump_over_spacing, rel_tol=0.1),
+                    "Which number does torch.finfo give for the gap between 1 and the next "
+                    "bfloat16 number?",
+                    _jump_over_spacing,
+                    (
+                        Mistake(
+                            lambda: 1 / _jump_over_spacing(),
+                            "This is the ratio upside down: the spacing over the jump.",
+                        ),
+                        Mistake(
+                            lambda: _jump_over_spacing("float16"),
+                            "This compares the jump with float16's spacing; the question is "
+                            "about bfloat16.",
+                        ),
+                        Mistake(
+                            lambda: _jump_over_spacing("float32"),
+                            "This compares the jump with float32's spacing; the question is "
+                            "about bfloat16.",
+                        ),
+                        Mistake(
+                            lambda: _jump_over_spacing(factor=0.5),
+                            "This compares the jump with half the spacing, the largest rounding "
+                            "error; the question asks about the spacing itself.",
+                        ),
+                    ),
                 ),
             ),
         ),
@@ -1004,8 +1624,20 @@ def _exercises() -> dict[str, Exercise]:
                     "norm_ratio",
                     "pearl_edu.slerp(a, b, 0.3).norm() / a.norm() for a, b of equal norms",
                     close_to(_equal_norm_ratio, abs_tol=1e-4),
-                    "Rescale b to a's norm first (b * a.norm() / b.norm()), then merge.",
+                    "What does eq:slerp-norm give when both norms are the same r?",
                     _equal_norm_ratio,
+                    (
+                        Mistake(
+                            lambda: _equal_norm_ratio_of("slerp", rescale=False),
+                            "This is the ratio for b at its own norm; the exercise merges two "
+                            "matrices of equal norms.",
+                        ),
+                        Mistake(
+                            lambda: _equal_norm_ratio_of("lerp", rescale=True),
+                            "This is the straight path's result, which shrinks; the question "
+                            "is about SLERP.",
+                        ),
+                    ),
                 ),
             ),
         ),
@@ -1016,16 +1648,40 @@ def _exercises() -> dict[str, Exercise]:
                     "unchanged_bfloat16",
                     "the fraction of random float32 values a cast to bfloat16 leaves unchanged",
                     within_factor(lambda: _survivors("bfloat16"), 2),
-                    "A value survives only if every mantissa bit that bfloat16 drops is zero: "
-                    "count the bits float32 has and bfloat16 keeps (torch.finfo).",
+                    "Which bits must a float32 value have at zero for the cast to leave it "
+                    "as it is, and how likely is that for random values?",
                     lambda: _survivors("bfloat16"),
+                    (
+                        Mistake(
+                            lambda: 1 - _survivors("bfloat16"),
+                            "This is the share that changes; the question asks for the share "
+                            "left unchanged.",
+                        ),
+                        Mistake(
+                            lambda: _kept_bits_share("bfloat16"),
+                            "This counts the mantissa bits bfloat16 keeps; a value survives "
+                            "by the bits the cast drops.",
+                        ),
+                    ),
                 ),
                 Blank(
                     "unchanged_float16",
                     "the same fraction for float16",
                     within_factor(lambda: _survivors("float16"), 2),
-                    "float16 keeps more mantissa bits than bfloat16: fewer are dropped.",
+                    "How many mantissa bits does float16 keep, compared with bfloat16?",
                     lambda: _survivors("float16"),
+                    (
+                        Mistake(
+                            lambda: _survivors("bfloat16"),
+                            "This is bfloat16's fraction; float16 keeps a different number of "
+                            "mantissa bits.",
+                        ),
+                        Mistake(
+                            lambda: _kept_bits_share("float16"),
+                            "This counts the mantissa bits float16 keeps; a value survives by "
+                            "the bits the cast drops.",
+                        ),
+                    ),
                 ),
             ),
         ),
@@ -1036,9 +1692,25 @@ def _exercises() -> dict[str, Exercise]:
                     "t_down_proj",
                     "the t of model.layers.5.mlp.down_proj.weight",
                     close_to(lambda: _layer5("mlp"), abs_tol=5e-4),
-                    "down_proj's name contains mlp: read the mlp list at x = 5 / 31 with "
-                    "eq:gradient, between its first two anchors.",
+                    "Which rule's filter does the name contain first, and at which relative "
+                    "depth does layer 5 of 32 read its list (eq:gradient)?",
                     lambda: _layer5("mlp"),
+                    (
+                        Mistake(
+                            lambda: _layer5("self_attn"),
+                            "This is the attention's t at layer 5; down_proj belongs to "
+                            "another block.",
+                        ),
+                        Mistake(
+                            lambda: _layer5_at("mlp", 5 / 32),
+                            "This places layer 5 at 5 / 32; where does a slice of 32 layers put "
+                            "its last layer?",
+                        ),
+                        Mistake(
+                            lambda: _mlp_t(4),
+                            "This is the t of a neighbouring layer: layers are counted from 0.",
+                        ),
+                    ),
                 ),
                 Blank(
                     "t_post_attention_layernorm",
@@ -1046,6 +1718,16 @@ def _exercises() -> dict[str, Exercise]:
                     close_to(lambda: _layer5("other"), abs_tol=1e-6),
                     "Does the name contain self_attn, or mlp? If neither, which rule is left?",
                     lambda: _layer5("other"),
+                    (
+                        Mistake(
+                            lambda: _layer5("mlp"),
+                            "This is the MLP's t: does this tensor's name contain mlp?",
+                        ),
+                        Mistake(
+                            lambda: _layer5("self_attn"),
+                            "This is the attention's t: does this tensor's name contain self_attn?",
+                        ),
+                    ),
                 ),
             ),
         ),
@@ -1056,17 +1738,32 @@ def _exercises() -> dict[str, Exercise]:
                     "anchor_layers_33",
                     "the list of layers that sit on an anchor when n = 33",
                     same_items(lambda: _layers_on_anchors(33)),
-                    "Anchor k sits at x = k / 4 and layer i at x = i / (n - 1): keep the i "
-                    "for which 4 * i / (n - 1) is a whole number.",
+                    "At which relative depth does each anchor sit, and at which does layer i of n?",
                     lambda: _layers_on_anchors(33),
+                    (
+                        Mistake(
+                            lambda: _layers_on_anchors_placed_at_n(33),
+                            "This places layer i at i / n; where does a slice put its last layer?",
+                        ),
+                        Mistake(
+                            lambda: _layers_on_anchors(33)[:-1],
+                            "The list stops short of the slice's last layer.",
+                        ),
+                    ),
                 ),
                 Blank(
                     "anchor_layers_32",
                     "the same list when n = 32",
                     same_items(lambda: _layers_on_anchors(32)),
-                    "With n = 32, (n - 1) / 4 is not a whole number: which layers can still "
-                    "sit on an anchor?",
+                    "With n = 32, does the spacing of the layers divide the spacing of the "
+                    "anchors? Which layers sit on an anchor whatever n is?",
                     lambda: _layers_on_anchors(32),
+                    (
+                        Mistake(
+                            lambda: _layers_on_anchors_placed_at_n(32),
+                            "This places layer i at i / n; where does a slice put its last layer?",
+                        ),
+                    ),
                 ),
             ),
         ),
@@ -1074,19 +1771,212 @@ def _exercises() -> dict[str, Exercise]:
             "ex-recipe-share",
             (
                 Blank(
-                    "early_layers_from",
-                    "the parent whole early layers now come from",
-                    one_of_the_parents(lambda: _closer_parent(0)),
-                    "With both lists equal, what t do the first layers' attention and MLP get?",
-                    lambda: _closer_parent(0),
+                    "t_down_proj_layer_5",
+                    "the t of model.layers.5.mlp.down_proj.weight in the new recipe",
+                    close_to(lambda: _shared_list_t(5), abs_tol=5e-4),
+                    "Which list does the MLP follow now, and where does layer 5 of 32 read it?",
+                    lambda: _shared_list_t(5),
+                    (
+                        Mistake(
+                            lambda: _layer5("mlp"),
+                            "This is the t the MLP had in Pearl's recipe; the new recipe gives "
+                            "it another list.",
+                        ),
+                        Mistake(
+                            lambda: _layer5_at("self_attn", 5 / 32),
+                            "This places layer 5 at 5 / 32; where does a slice of 32 layers put "
+                            "its last layer?",
+                        ),
+                        Mistake(
+                            lambda: 0.5,
+                            "This is the catch-all's t; the MLP's name contains a filter of its "
+                            "own.",
+                        ),
+                    ),
                 ),
+                # mean_t: no plausible wrong value: the usual slips (the mean of the list's
+                # anchors, Pearl's own mean, the catch-all) all give the same 0.5.
                 Blank(
                     "mean_t",
                     "the parameter-weighted mean t of the new recipe",
                     close_to(_shared_list_mean_t, abs_tol=2e-3),
-                    "Every layer has the same tensors, so weight each layer's t by its size, "
-                    "with the catch-all for the norms, embeddings and lm_head.",
+                    "Every layer has the same tensors: what is the mean of a list read at "
+                    "evenly spaced depths, and what do the other tensors get?",
                     _shared_list_mean_t,
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-mini-carry",
+            (
+                Blank(
+                    "carrying_additions",
+                    "how many of the held-out additions have a carry",
+                    close_to(_carrying_additions, abs_tol=0),
+                    "Which function of minipearl says whether an addition carries, and "
+                    "which problems are held out?",
+                    _carrying_additions,
+                    (
+                        Mistake(
+                            lambda: _carrying_additions(carry=False),
+                            "This counts the additions without a carry.",
+                        ),
+                        Mistake(
+                            lambda: _carrying_additions(share=True),
+                            "This looks like a share; the question asks how many.",
+                        ),
+                    ),
+                ),
+                Blank(
+                    "merge_gain_on_carries",
+                    "seed 0: the uniform merge minus its base on the additions with a carry, "
+                    "in points",
+                    close_to(lambda: _points_on("slerp t=0.5", "base", True), abs_tol=0.1),
+                    "Which additions does the question keep, and which two models does it "
+                    "compare on them?",
+                    lambda: _points_on("slerp t=0.5", "base", True),
+                    (
+                        Mistake(
+                            lambda: _points_on("slerp t=0.5", "base", True) / 100,
+                            "This looks like a fraction; the question asks in points.",
+                        ),
+                        Mistake(
+                            lambda: _points_on("slerp t=0.5", "base", None),
+                            "This is the difference over all the held-out additions, not only "
+                            "those with a carry.",
+                        ),
+                        Mistake(
+                            lambda: _points_on("slerp t=0.5", "math", True),
+                            "This compares the merge with the specialist, not with its base.",
+                        ),
+                        Mistake(
+                            lambda: _points_on("base", "slerp t=0.5", True),
+                            "The sign is reversed: the question asks for the merge minus its base.",
+                        ),
+                    ),
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-mini-predict",
+            (
+                Blank(
+                    "far_text_share_half",
+                    "seed 0: the share of the far generalist's text gain kept at half its step",
+                    close_to(_half_step_share, abs_tol=0.01),
+                    "A share of a gain compares two gains over the same base: which two?",
+                    _half_step_share,
+                    (
+                        Mistake(
+                            lambda: _half_step_share("siblings"),
+                            "This is the sibling generalist's share; the question is about the "
+                            "far one.",
+                        ),
+                        Mistake(
+                            lambda: 100 * _half_step_share(),
+                            "This looks like a percentage; the question asks for a share, a "
+                            "fraction of the gain.",
+                        ),
+                        Mistake(
+                            _half_step_gain_points,
+                            "This is the half step's gain itself, in points; the question asks "
+                            "for its share of the whole step's gain.",
+                        ),
+                    ),
+                ),
+                Blank(
+                    "sibling_text_share_half",
+                    "seed 0: the same share for the sibling generalist",
+                    close_to(lambda: _half_step_share("siblings"), abs_tol=0.01),
+                    "The same measurement as for the far generalist, on the sibling regime's "
+                    "models.",
+                    lambda: _half_step_share("siblings"),
+                    (
+                        Mistake(
+                            _half_step_share,
+                            "This is the far generalist's share; the question is about the "
+                            "sibling.",
+                        ),
+                        Mistake(
+                            lambda: 100 * _half_step_share("siblings"),
+                            "This looks like a percentage; the question asks for a share, a "
+                            "fraction of the gain.",
+                        ),
+                    ),
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-lmc-chord",
+            (
+                Blank(
+                    "merge_minus_generalist",
+                    "the siblings' loss at t = 0.5 minus the generalist's, in nats",
+                    close_to(_merge_minus, abs_tol=0.005),
+                    "Which two points of the siblings' path does the question compare, and "
+                    "which is subtracted from which?",
+                    _merge_minus,
+                    (
+                        Mistake(
+                            lambda: -_merge_minus(),
+                            "The sign is reversed: the question asks for the merge minus the "
+                            "generalist.",
+                        ),
+                        Mistake(
+                            lambda: _merge_minus("specialist"),
+                            "This compares the merge with the specialist, not with the generalist.",
+                        ),
+                        Mistake(
+                            lambda: _merge_minus("chord"),
+                            "This compares the merge with the chord, the blend of both "
+                            "parents' losses; the question asks about one parent.",
+                        ),
+                    ),
+                ),
+                Blank(
+                    "merge_minus_chord",
+                    "the siblings' loss at t = 0.5 minus the chord's value there, in nats",
+                    close_to(lambda: _merge_minus("chord"), abs_tol=0.005),
+                    "What is the chord's value halfway between the two parents?",
+                    lambda: _merge_minus("chord"),
+                    (
+                        Mistake(
+                            _merge_minus,
+                            "This compares the merge with the generalist alone; the chord "
+                            "blends both parents' losses.",
+                        ),
+                        Mistake(
+                            lambda: -_merge_minus("chord"),
+                            "The sign is reversed: the question asks for the merge minus the "
+                            "chord.",
+                        ),
+                    ),
+                ),
+            ),
+        ),
+        Exercise(
+            "ex-lmc-one-layer",
+            (
+                Blank(
+                    "first_layer_midpoint_excess",
+                    "with the first layer's MLP reordered: the loss at t = 0.5 minus the "
+                    "chord's value there, in nats",
+                    close_to(_midpoint_above_chord, abs_tol=0.01),
+                    "What are the losses at the two ends of this path, and so the chord's "
+                    "value at its middle?",
+                    _midpoint_above_chord,
+                    (
+                        Mistake(
+                            lambda: _midpoint_above_chord("all"),
+                            "This is the path to the copy with every layer's MLP reordered; "
+                            "the question reorders the first layer only.",
+                        ),
+                        Mistake(
+                            lambda: _midpoint_above_chord(raw=True),
+                            "This is the midpoint's loss itself; a barrier is measured from the "
+                            "chord.",
+                        ),
+                    ),
                 ),
             ),
         ),
@@ -1094,12 +1984,28 @@ def _exercises() -> dict[str, Exercise]:
             "ex-full-colab",
             (
                 Blank(
-                    "failing_check",
-                    "the name (what) of the preflight check that fails",
-                    same_words(_failing_colab_check),
-                    "Run preflight.decide on the full run's requirements and that machine, and "
-                    "read the `what` of the check whose `ok` is False.",
-                    _failing_colab_check,
+                    "memory_needed_gb",
+                    "the memory, in GB (10**9 bytes), that the failing check asks for",
+                    close_to(_memory_to_use_gb, abs_tol=0.05),
+                    "Which check's `ok` is False, and what does its `needed` say?",
+                    _memory_to_use_gb,
+                    (
+                        Mistake(
+                            lambda: _memory_to_use_gb(unit=2**30),
+                            "This looks like GiB (2**30 bytes); the question counts GB of "
+                            "10**9 bytes.",
+                        ),
+                        Mistake(
+                            lambda: _memory_to_use_gb(factor=False),
+                            "This is the size of the model's weights; using the model needs "
+                            "more than its weights.",
+                        ),
+                        Mistake(
+                            lambda: _memory_to_use_gb() - 15,
+                            "This is how much the GPU lacks; the question asks for what the "
+                            "check needs.",
+                        ),
+                    ),
                 ),
             ),
         ),
@@ -1110,9 +2016,21 @@ def _exercises() -> dict[str, Exercise]:
                     "differing_tensors",
                     "how many tensors differ from the published stand-in",
                     close_to(_catch_all_tensors, abs_tol=0),
-                    "Only the tensors that take the catch-all change: count those whose name "
-                    "contains neither self_attn nor mlp (len(report.differing)).",
+                    "Which rule of the recipe did the change touch, and which tensors does "
+                    "that rule reach?",
                     _catch_all_tensors,
+                    (
+                        Mistake(
+                            lambda: _layer_tensors(per_layer_only=True),
+                            "This counts only the layers' norms; the catch-all also reaches "
+                            "tensors outside the layers.",
+                        ),
+                        Mistake(
+                            lambda: _layer_tensors(per_layer_only=False),
+                            "This counts the tensors that keep their t; the question asks "
+                            "which differ.",
+                        ),
+                    ),
                 ),
             ),
         ),
@@ -1123,17 +2041,35 @@ def _exercises() -> dict[str, Exercise]:
                     "ties_first",
                     "TIES of (0.5, -0.2) and (-0.4, 0.3), as a list of two numbers",
                     numbers_close(lambda: _ties((-0.4, 0.3)), abs_tol=1e-4),
-                    "Elect each entry's sign from the sum of the two task vectors, then "
-                    "average only the entries that agree with it.",
+                    "What does TIES do with an entry whose sign disagrees with the elected one?",
                     lambda: _ties((-0.4, 0.3)),
+                    (
+                        Mistake(
+                            lambda: _ties_mistake((-0.4, 0.3), "sum"),
+                            "This is the plain sum of the two vectors: entries of opposite "
+                            "signs still cancel in it.",
+                        ),
+                        Mistake(
+                            lambda: _ties_mistake((-0.4, 0.3), "mean"),
+                            "This is the plain average: entries of opposite signs still "
+                            "cancel in it.",
+                        ),
+                    ),
                 ),
                 Blank(
                     "ties_second",
                     "TIES of (0.5, -0.2) and (0.3, -0.4)",
                     numbers_close(lambda: _ties((0.3, -0.4)), abs_tol=1e-4),
-                    "Here the two agree on every sign: the disjoint mean averages, it does "
-                    "not add.",
+                    "When every sign agrees, what does the disjoint mean do with the "
+                    "agreeing entries?",
                     lambda: _ties((0.3, -0.4)),
+                    (
+                        Mistake(
+                            lambda: _ties_mistake((0.3, -0.4), "sum"),
+                            "This adds the agreeing entries, as task arithmetic does; the "
+                            "disjoint mean treats them otherwise.",
+                        ),
+                    ),
                 ),
             ),
         ),
@@ -1144,8 +2080,24 @@ def _exercises() -> dict[str, Exercise]:
                     "noise_over_entry",
                     "at p = 0.1, the added noise's standard deviation over |delta_j|",
                     close_to(_dare_noise_ratio, rel_tol=0.02),
-                    "The variance is delta_j**2 * (1 - p) / p: take its square root.",
+                    "The exercise derives a variance; in which units is a standard "
+                    "deviation, and how does it compare with |delta_j|?",
                     _dare_noise_ratio,
+                    (
+                        Mistake(
+                            lambda: _dare_noise_ratio() ** 2,
+                            "This looks like a variance; the question asks for a spread in "
+                            "the units of the entry.",
+                        ),
+                        Mistake(
+                            lambda: _dare_noise_ratio(0.9),
+                            "This takes p as the fraction dropped; here p is the fraction kept.",
+                        ),
+                        Mistake(
+                            lambda: 1 / 0.1,
+                            "This is the rescaling factor, not the spread of the noise.",
+                        ),
+                    ),
                 ),
             ),
         ),
@@ -1155,9 +2107,15 @@ def _exercises() -> dict[str, Exercise]:
                 Blank(
                     "recipe",
                     "your mergekit recipe (YAML text) for mini-Pearl",
-                    _capstone,
+                    Built(_capstone, _same_recipe),
                     "Interpolating trades one skill for the other; look for a merge that "
                     "keeps more of both parents' steps than t = 0.5 does.",
+                    mistakes=(
+                        Mistake(
+                            _capstone_baseline,
+                            "This is the baseline itself: a recipe cannot beat itself.",
+                        ),
+                    ),
                 ),
             ),
         ),
@@ -1168,9 +2126,21 @@ def _exercises() -> dict[str, Exercise]:
                     "items_needed",
                     "how many items a one-point unpaired difference near 72% needs",
                     within_factor(_items_for_one_point, 1.1),
-                    "Set 1.96 * sqrt(2 * p * (1 - p) / (n - 1)) equal to 0.01 with p = 0.72 "
-                    "and solve for n.",
+                    "How does the standard error of a share shrink with the number of items, "
+                    "and how many standard errors does an unpaired difference carry?",
                     _items_for_one_point,
+                    (
+                        Mistake(
+                            lambda: _items_mistake(sides=1),
+                            "This counts one model's standard error; a difference of two "
+                            "unpaired scores carries the noise of both.",
+                        ),
+                        Mistake(
+                            lambda: _items_mistake(z=1.0),
+                            "This sets one standard error equal to the gap; the question asks "
+                            "for the 95% bound.",
+                        ),
+                    ),
                 ),
             ),
         ),
@@ -1181,16 +2151,39 @@ def _exercises() -> dict[str, Exercise]:
                     "seeds_excluding_zero",
                     "on how many seeds the paired interval excludes zero",
                     close_to(_seeds_excluding_zero, abs_tol=0),
-                    "Count the seeds of record.compare(...).by_seed whose excludes_zero is True.",
+                    "An interval excludes zero when both its ends lie on the same side of it: "
+                    "is that so for each seed?",
                     _seeds_excluding_zero,
+                    (
+                        Mistake(
+                            _seeds_with_positive_estimate,
+                            "This counts the seeds whose estimate is above zero; the question "
+                            "is about their intervals.",
+                        ),
+                    ),
                 ),
                 Blank(
-                    "verdict",
-                    'the verdict over seeds: "higher", "lower" or "indistinguishable"',
-                    same_words(lambda: _seed_comparison().verdict),
-                    "A verdict over seeds needs every seed's interval to exclude zero the "
-                    "same way.",
-                    lambda: _seed_comparison().verdict,
+                    "lowest_low_points",
+                    "the lowest of the three seeds' interval lower ends, in points",
+                    close_to(_lowest_low_points, abs_tol=0.05),
+                    "Each seed's difference has a low and a high end: which seed's interval "
+                    "reaches lowest?",
+                    _lowest_low_points,
+                    (
+                        Mistake(
+                            lambda: _lowest_low_points() / 100,
+                            "This looks like a fraction; the question asks in points.",
+                        ),
+                        Mistake(
+                            lambda: _lowest_low_points("estimate"),
+                            "This is an estimate, the middle of an interval, not its lower end.",
+                        ),
+                        Mistake(
+                            lambda: _lowest_low_points("highest low"),
+                            "This is the highest of the lower ends; the question asks for the "
+                            "lowest.",
+                        ),
+                    ),
                 ),
             ),
         ),
@@ -1201,9 +2194,21 @@ def _exercises() -> dict[str, Exercise]:
                     "p_value",
                     "the exact McNemar p-value of Pearl's wins and losses",
                     close_to(_paired_gsm8k_p, rel_tol=0.05),
-                    "Solve wins - losses = 971 - 924 and wins + losses = 151, then call "
-                    "evaluation.mcnemar(wins, losses).",
+                    "What do the difference in problems solved and the number of "
+                    "disagreements say about the wins and the losses?",
                     _paired_gsm8k_p,
+                    (
+                        Mistake(
+                            lambda: _paired_mistake("difference"),
+                            "This takes the difference in problems solved as the number won; "
+                            "the problems both solve or both miss cancel out of it.",
+                        ),
+                        Mistake(
+                            lambda: _paired_mistake("one-sided"),
+                            "This looks like a one-sided p-value; evaluation.mcnemar's is "
+                            "two-sided.",
+                        ),
+                    ),
                 ),
             ),
         ),
@@ -1214,16 +2219,39 @@ def _exercises() -> dict[str, Exercise]:
                     "lora_parameters_rank_4",
                     "how many numbers a rank-4 LoRA of every linear layer of mini-Pearl trains",
                     close_to(lambda: _lora_parameters(4), abs_tol=0),
-                    "A rank-r LoRA of a d x k layer trains B (d x r) and A (r x k): add r (d + k) "
-                    "over the seven linear layers of a block, then over the blocks.",
+                    "How many numbers do the two factors of one adapted d x k layer hold, and "
+                    "how many such layers does mini-Pearl have?",
                     lambda: _lora_parameters(4),
+                    (
+                        Mistake(
+                            lambda: _lora_parameters(8),
+                            "This is the count at the chapter's rank, 8; the question asks "
+                            "about rank 4.",
+                        ),
+                        Mistake(
+                            lambda: _lora_parameters(4) // _minipearl_layers(),
+                            "This counts one block; the adapter covers every block.",
+                        ),
+                        Mistake(
+                            _lora_parameters_square_kv,
+                            "This takes k_proj and v_proj as square; their key-value heads "
+                            "are fewer than the query heads.",
+                        ),
+                    ),
                 ),
                 Blank(
                     "break_even_rank",
                     "the smallest rank at which the adapter trains as many numbers as the layers",
                     close_to(_lora_break_even_rank, abs_tol=0),
-                    "Compare r times the sum of (d + k) with the sum of d * k over the same layers.",
+                    "How does the adapter's count grow with r, and what do the layers hold?",
                     _lora_break_even_rank,
+                    (
+                        Mistake(
+                            lambda: 64,
+                            "This is the largest rank the square layers can have, not where the "
+                            "two counts meet.",
+                        ),
+                    ),
                 ),
             ),
         ),
@@ -1234,17 +2262,46 @@ def _exercises() -> dict[str, Exercise]:
                     "relative_error_rank_8",
                     "the relative Frobenius error of the best rank-8 approximation",
                     close_to(lambda: _truncation_error(8), rel_tol=1e-3),
-                    "By Eckart-Young it is the root of the sum of the squared singular values "
-                    "left out, over the root of the sum of all of them "
-                    "(torch.linalg.svdvals of the float32 task vector).",
+                    "By Eckart and Young, which singular values does the best rank-8 "
+                    "approximation leave out, and how do they make up a Frobenius norm?",
                     lambda: _truncation_error(8),
+                    (
+                        Mistake(
+                            lambda: _squared_truncation_error(8),
+                            "This looks like a ratio of squared norms; the question compares "
+                            "the norms themselves.",
+                        ),
+                        Mistake(
+                            lambda: 1 - _squared_truncation_error(8),
+                            "This is the share of the squared norm kept; the question asks "
+                            "how far the approximation misses.",
+                        ),
+                        Mistake(
+                            lambda: _truncation_error(9),
+                            "This is the error at a neighbouring rank: how many singular "
+                            "values does rank 8 keep?",
+                        ),
+                        Mistake(
+                            lambda: _truncation_error(7),
+                            "This is the error at a neighbouring rank: how many singular "
+                            "values does rank 8 keep?",
+                        ),
+                    ),
                 ),
                 Blank(
                     "rank_for_half",
                     "the smallest rank whose relative error is below 0.5",
                     close_to(lambda: _rank_for_error(0.5), abs_tol=0),
-                    "Compute the error for every rank from 1 up and keep the first below 0.5.",
+                    "How does the error fall as the rank grows? Where does it first drop "
+                    "below one half?",
                     lambda: _rank_for_error(0.5),
+                    (
+                        Mistake(
+                            lambda: _rank_for_squared_error(0.5),
+                            "This is where the squared error falls below one half; the "
+                            "question is about the error itself.",
+                        ),
+                    ),
                 ),
             ),
         ),
@@ -1255,17 +2312,35 @@ def _exercises() -> dict[str, Exercise]:
                     "cat_rank",
                     "the rank of PEFT's cat combination of the two rank-8 adapters",
                     close_to(_cat_rank, abs_tol=0),
-                    "cat stacks the A factors of the adapters (and their B factors side by side).",
+                    "What does cat do with the A and B factors of the two adapters?",
                     _cat_rank,
+                    (
+                        Mistake(
+                            lambda: _cat_rank() // 2,
+                            "This is one adapter's rank; cat keeps the factors of both.",
+                        ),
+                    ),
                 ),
                 Blank(
-                    "linear_is_sum",
-                    "whether PEFT's linear combination (weights 1, 1) changes a weight by the "
-                    "sum of the two adapters' changes, True or False",
-                    truth(_peft_linear_is_sum),
-                    "Multiply out (B1 + B2)(A1 + A2), each scaled by the square root of its "
-                    "weight times its scale, as PEFT's linear combination builds it.",
-                    _peft_linear_is_sum,
+                    "linear_off_sum",
+                    "how far PEFT's linear combination (weights 1, 1) changes the weights from "
+                    "the sum of the two adapters' changes, relative to the sum's norm",
+                    close_to(_peft_linear_off_sum, rel_tol=0.01),
+                    "Multiply out the product that eq:linear-cross describes: which terms does "
+                    "it have that the sum has not?",
+                    _peft_linear_off_sum,
+                    (
+                        Mistake(
+                            lambda: 0.0,
+                            "This would be so if the combined change were the sum of the two; "
+                            "is it?",
+                        ),
+                        Mistake(
+                            lambda: 100 * _peft_linear_off_sum(),
+                            "This looks like a percentage; the question asks for a fraction "
+                            "of the sum's norm.",
+                        ),
+                    ),
                 ),
             ),
         ),
@@ -1276,17 +2351,35 @@ def _exercises() -> dict[str, Exercise]:
                     "winner_drop",
                     "seed 1's winner: its objective on validation minus its objective on test",
                     close_to(_winner_drop, abs_tol=0.002),
-                    "objectives(1, winner(1)) gives both; subtract the test one from the "
-                    "validation one.",
+                    "Which trial won on validation, and what does the same objective read on "
+                    "the test items?",
                     _winner_drop,
+                    (
+                        Mistake(
+                            lambda: -_winner_drop(),
+                            "This is test minus validation; the question asks how far it falls.",
+                        ),
+                    ),
                 ),
                 Blank(
                     "excess_drop",
                     "how much further the winner falls than the average trial of seed 1",
                     close_to(_excess_drop, abs_tol=0.002),
-                    "Average validation minus test over every trial of seed 1, and subtract "
-                    "that average from the winner's fall.",
+                    "Every trial falls a little between the splits: what part of the winner's "
+                    "fall does its selection alone explain?",
                     _excess_drop,
+                    (
+                        Mistake(
+                            lambda: _search_mistake("average"),
+                            "This is the average trial's fall; the question asks how much "
+                            "further the winner falls.",
+                        ),
+                        Mistake(
+                            lambda: -_excess_drop(),
+                            "The sign is reversed: the winner falls further than the average "
+                            "trial.",
+                        ),
+                    ),
                 ),
             ),
         ),
@@ -1297,16 +2390,33 @@ def _exercises() -> dict[str, Exercise]:
                     "dimensions",
                     "how many numbers the box has for Pearl's 32 layers",
                     close_to(_search_dimensions, abs_tol=0),
-                    "One t for the attention and one for the MLP of each layer, and one t "
-                    "for all the rest.",
+                    "Which tensors get a number of their own in this chapter's search, and "
+                    "which share one?",
                     _search_dimensions,
+                    (
+                        Mistake(
+                            lambda: _search_dimensions() - 1,
+                            "This leaves out the one t that all the other tensors share.",
+                        ),
+                    ),
                 ),
                 Blank(
                     "population",
                     "how many recipes cma tries in a generation by default",
                     close_to(_cma_population, abs_tol=0),
-                    "cma's default popsize is 4 + 3 ln N rounded down, for N numbers.",
+                    "How does cma's default population grow with the number of dimensions? "
+                    "(Its documentation gives the formula.)",
                     _cma_population,
+                    (
+                        Mistake(
+                            lambda: math.floor(4 + 3 * math.log10(_search_dimensions())),
+                            "This uses a base-10 logarithm; cma's formula uses the natural one.",
+                        ),
+                        Mistake(
+                            lambda: math.ceil(4 + 3 * math.log(_search_dimensions())),
+                            "This rounds up; cma rounds its population down.",
+                        ),
+                    ),
                 ),
             ),
         ),
@@ -1317,8 +2427,25 @@ def _exercises() -> dict[str, Exercise]:
                     "beaten",
                     "how many of seed 2's trials score higher on test than its validation winner",
                     close_to(_beaten_on_test, abs_tol=0),
-                    "Compare each trial's test objective with winner(2)'s, and count.",
+                    "On which split is the winner the best, and on which is the question asked?",
                     _beaten_on_test,
+                    (
+                        Mistake(
+                            lambda: _beaten_mistake("validation"),
+                            "This ranks the trials on validation, where the winner is the best "
+                            "by construction; the question is about test.",
+                        ),
+                        Mistake(
+                            lambda: _beaten_mistake("at least"),
+                            "This counts the winner itself; the question asks for the trials "
+                            "that score higher.",
+                        ),
+                        Mistake(
+                            lambda: _beaten_mistake("below"),
+                            "This counts the trials below the winner on test; the question asks "
+                            "for those above.",
+                        ),
+                    ),
                 ),
             ),
         ),
@@ -1329,16 +2456,29 @@ def _exercises() -> dict[str, Exercise]:
                     "rows_union",
                     "how many rows the union's lm_head has",
                     close_to(lambda: _union_rows()[0], abs_tol=0),
-                    "The union has every token of either tokenizer, each once: count the "
-                    "tokens of the two vocabularies together.",
+                    "The union has every token of either tokenizer once: which tokens do the "
+                    "two tokenizers share?",
                     lambda: _union_rows()[0],
+                    (
+                        Mistake(
+                            lambda: sum(_vocabulary_sizes()),
+                            "This counts the tokens both tokenizers have twice.",
+                        ),
+                    ),
                 ),
                 Blank(
                     "filled_rows",
                     "how many of the generalist's aligned rows are filled from the specialist",
                     close_to(lambda: _union_rows()[1], abs_tol=0),
-                    "A row is filled for each output token the generalist lacks.",
+                    "Which output tokens does the generalist lack, and who has them?",
                     lambda: _union_rows()[1],
+                    (
+                        Mistake(
+                            lambda: _union_rows()[0],
+                            "This counts every row of the union; the generalist has many of "
+                            "them itself.",
+                        ),
+                    ),
                 ),
             ),
         ),
@@ -1352,6 +2492,20 @@ def _exercises() -> dict[str, Exercise]:
                     "The base lacks X and two models have it: neither the base's row nor a "
                     "single owner's row applies.",
                     _fallback_row,
+                    (
+                        Mistake(
+                            lambda: [1.0, 2.0],
+                            "This is one owner's row; X has two owners here.",
+                        ),
+                        Mistake(
+                            lambda: [4.0, 0.0],
+                            "This adds the owners' rows; no rule of the union adds them.",
+                        ),
+                        Mistake(
+                            lambda: [0.0, 0.0],
+                            "This is the zero row of a tokens: entry; the first question has none.",
+                        ),
+                    ),
                 ),
             ),
         ),
@@ -1362,8 +2516,23 @@ def _exercises() -> dict[str, Exercise]:
                     "math_weight",
                     "the weight of the maths expert's output (a number)",
                     close_to(_moe_top2_weight, abs_tol=0.002),
-                    "Take the softmax of the two scores: exp(1.1) / (exp(0.3) + exp(1.1)).",
+                    "How does eq:moe-layer turn the scores of the experts that run into weights?",
                     _moe_top2_weight,
+                    (
+                        Mistake(
+                            lambda: _moe_top2_mistake("no softmax"),
+                            "This divides the raw scores by their sum; the router's weights "
+                            "come from the scores another way.",
+                        ),
+                        Mistake(
+                            lambda: _moe_top2_mistake("generalist"),
+                            "This is the generalist's weight, not the maths expert's.",
+                        ),
+                        Mistake(
+                            lambda: 1.0,
+                            "With two experts per token both run, so neither gets all the weight.",
+                        ),
+                    ),
                 ),
             ),
         ),
@@ -1374,9 +2543,23 @@ def _exercises() -> dict[str, Exercise]:
                     "extra_parameters",
                     "how many parameters the mixture has beyond one parent (a whole number)",
                     close_to(_moe_extra_parameters, abs_tol=0),
-                    "Per layer: one more MLP (gate, up and down projections, each hidden size "
-                    "by MLP size) and a router with one row of hidden size per expert.",
+                    "What does each layer of the mixture hold that a parent's layer does not?",
                     _moe_extra_parameters,
+                    (
+                        Mistake(
+                            lambda: _moe_extra_mistake("no router"),
+                            "This counts the extra MLPs but leaves out the routers.",
+                        ),
+                        Mistake(
+                            lambda: _moe_extra_mistake("one layer"),
+                            "This counts one layer; the mixture has an expert and a router in "
+                            "every layer.",
+                        ),
+                        Mistake(
+                            lambda: _moe_extra_mistake("two matrices"),
+                            "This counts two matrices per MLP; a Mistral MLP has three.",
+                        ),
+                    ),
                 ),
             ),
         ),
@@ -1384,12 +2567,25 @@ def _exercises() -> dict[str, Exercise]:
             "ex-moe-cheap",
             (
                 Blank(
-                    "rows_differ_by_layer",
-                    "whether cheap_embed's router rows differ from layer to layer: True or False",
-                    truth(_cheap_embed_rows_differ),
-                    "Where in the model do token embeddings come from, before or after the "
-                    "first layer?",
-                    _cheap_embed_rows_differ,
+                    "cosine_layer_3",
+                    "the cosine between the two experts' router rows in layer 3 of the "
+                    "cheap_embed mixture",
+                    close_to(_cheap_cosine, abs_tol=0.005),
+                    "Which tensor of the mixture holds the router's rows, and how are they "
+                    "laid out (experts by hidden size)?",
+                    _cheap_cosine,
+                    (
+                        Mistake(
+                            lambda: _cheap_cosine("degrees"),
+                            "This looks like an angle in degrees; the question asks for its "
+                            "cosine.",
+                        ),
+                        Mistake(
+                            lambda: _cheap_cosine("layers"),
+                            "This compares one expert's rows in two layers; the question "
+                            "compares the two experts' rows in one layer.",
+                        ),
+                    ),
                 ),
             ),
         ),

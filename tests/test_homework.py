@@ -170,7 +170,6 @@ def test_the_answer_key_computes_each_checked_value():
                 if blank.expected is not None:
                     assert f"`{homework.shown(blank.expected())}`" in page
     assert "`0.1`" in pages[1] and "`0.9487`" in pages[1]  # ex-unequal, by hand: 0.1, sqrt(0.9)
-    assert "`False`" in pages[7]  # ex-lora-combine: linear is not the sum
 
 
 def test_the_students_page_lists_the_sets_as_the_file_does():
@@ -283,16 +282,16 @@ def _with(tmp_path: Path, change) -> Path:
 
 def test_the_command_names_an_exercise_of_another_class(tmp_path, capsys):
     def move(classes):
-        classes[0]["homework"][0]["exercise"] = "ex-lmc-chord"  # chapter 08's, class 4's
+        classes[0]["homework"][0]["exercise"] = "ex-lmc-boundary"  # chapter 08's, class 4's
         classes[0]["homework"][0].pop("blanks")
         classes[0]["homework"][0].pop("working")
-        classes[0]["homework"][0]["rubric"] = classes[3]["homework"][0]["rubric"][:2]
+        classes[0]["homework"][0]["rubric"] = classes[3]["homework"][1]["rubric"][:2]
         classes[0]["homework"][0]["answer"] = "moved"
         classes[0]["homework"][0]["points"] = 2
 
     status, _, err = _run(capsys, "--file", str(_with(tmp_path, move)))
     assert status == 1
-    assert "class 1: ex-lmc-chord is chapter 08_when_merging_works's, not this class's" in err
+    assert "class 1: ex-lmc-boundary is chapter 08_when_merging_works's, not this class's" in err
 
 
 def test_the_command_names_points_that_do_not_add_up(tmp_path, capsys):
@@ -325,3 +324,13 @@ def test_the_command_refuses_a_file_that_is_not_yaml(tmp_path, capsys):
 def test_the_command_names_a_wrong_book_folder(tmp_path, capsys):
     status, _, err = _run(capsys, "--book", str(tmp_path))
     assert status == 2 and f"{tmp_path}: no _toc.yml" in err
+
+
+def test_the_homework_follows_the_course_plan():
+    """homework.yml's classes are the course plan's (pearl_edu/data/course_plan.yml): the
+    same numbers, titles and chapters, so that the slides, the guide and the sets agree."""
+    from pearl_edu.teaching.course_plan import load_course_plan
+
+    plan = [(c.number, c.title, list(c.chapters)) for c in load_course_plan()]
+    sets = [(c.number, c.title, list(c.chapters)) for c in homework.load_homework()]
+    assert sets == plan

@@ -1231,16 +1231,29 @@ def _capstone_baseline() -> str:
     return capstone.baseline_recipe(capstone.models())
 
 
-def _reorderings_log10() -> float:
-    """ex-align-count: log10 of the reorderings of mini-Pearl's units that keep its function:
-    the residual stream's, each layer's MLP units' and each layer's heads' (groups kept)."""
+def _mini_shape():
     from pearl_edu.teaching import minipearl
 
-    shape = minipearl.ModelShape()
+    return minipearl.ModelShape()
+
+
+def _reorderings_log10(
+    *, heads: bool = True, mlp_per_layer: bool = True, any_head_order: bool = False
+) -> float:
+    """ex-align-count: log10 of the reorderings of mini-Pearl's units that keep its function:
+    the residual stream's, each layer's MLP units' and each layer's heads' (groups kept).
+    The keywords give the counts of the anticipated mistakes: no heads, one order of the
+    MLP units for all layers, or any order of the query heads."""
+    shape = _mini_shape()
     group = shape.num_heads // shape.num_kv_heads
-    heads = math.lgamma(shape.num_kv_heads + 1) + shape.num_kv_heads * math.lgamma(group + 1)
-    per_layer = math.lgamma(shape.intermediate_size + 1) + heads
+    head_orders = math.lgamma(shape.num_kv_heads + 1) + shape.num_kv_heads * math.lgamma(group + 1)
+    if any_head_order:
+        head_orders = math.lgamma(shape.num_heads + 1)
+    mlp = math.lgamma(shape.intermediate_size + 1)
+    per_layer = (mlp if mlp_per_layer else 0.0) + (head_orders if heads else 0.0)
     natural = math.lgamma(shape.hidden_size + 1) + shape.num_layers * per_layer
+    if not mlp_per_layer:
+        natural += mlp
     return natural / math.log(10)
 
 
@@ -1296,16 +1309,26 @@ def _fisher_merged_weight() -> float:
     return datamerge.fisher_merge(weights, fishers, epsilon=0.0)["w"].item()
 
 
-def _gram_numbers() -> int:
+def _gram_numbers(*, lm_head: bool = True, side: str = "in") -> int:
     """ex-data-grams: how many numbers the Gram matrices of one mini-Pearl parent hold, one
-    (in x in) matrix per linear layer, by the shapes of `minipearl.ModelShape`."""
+    (in x in) matrix per linear layer, by the shapes of `minipearl.ModelShape`. The keywords
+    give the anticipated mistakes' counts: without the output head, the layers' weights
+    (``side="weights"``: in x out) or squares of their outputs (``side="out"``)."""
     import torch
 
     from pearl_edu.teaching import minipearl
 
-    shape = minipearl.ModelShape()
-    model = minipearl.new_model(minipearl.build_tokenizer(), shape, seed=0)
-    return sum(m.in_features**2 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    model = minipearl.new_model(minipearl.build_tokenizer(), _mini_shape(), seed=0)
+    sizes = {
+        "in": lambda m: m.in_features**2,
+        "out": lambda m: m.out_features**2,
+        "weights": lambda m: m.in_features * m.out_features,
+    }[side]
+    return sum(
+        sizes(module)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and (lm_head or name != "lm_head")
+    )
 
 
 def _diagonal_regmean_share() -> float:
@@ -2596,10 +2619,25 @@ def _exercises() -> dict[str, Exercise]:
                     "log10_reorderings",
                     "log10 of the number of reorderings that keep mini-Pearl's function",
                     close_to(_reorderings_log10, abs_tol=0.01),
-                    "Multiply the counts: 64! for the residual stream, and per layer 128! for "
-                    "the MLP units times the reorderings of heads that keep each group whole; "
-                    "math.lgamma(n + 1) is ln(n!).",
+                    "Which groups of units can each be reordered on their own, and are the "
+                    "counts of independent choices added or multiplied?",
                     _reorderings_log10,
+                    (
+                        Mistake(
+                            lambda: _reorderings_log10(heads=False),
+                            "This leaves out the reorderings of the attention heads.",
+                        ),
+                        Mistake(
+                            lambda: _reorderings_log10(mlp_per_layer=False),
+                            "Each layer's MLP units can be reordered on their own, not only "
+                            "all layers together.",
+                        ),
+                        Mistake(
+                            lambda: _reorderings_log10(any_head_order=True),
+                            "Not every order of the heads keeps the function: a query head "
+                            "must keep reading its own key/value head.",
+                        ),
+                    ),
                 ),
             ),
         ),
@@ -2614,6 +2652,23 @@ def _exercises() -> dict[str, Exercise]:
                     "Which orders keep every query head reading the keys and values it read "
                     "before? Count what may move, and what must move with it.",
                     lambda: _head_orders(8, 2),
+                    (
+                        Mistake(
+                            lambda: math.factorial(8),
+                            "This counts every order of the query heads; most of them send a "
+                            "query head to the other group's keys and values.",
+                        ),
+                        Mistake(
+                            lambda: math.factorial(4) ** 2,
+                            "The two groups can also trade places, their key/value heads "
+                            "moving with them.",
+                        ),
+                        Mistake(
+                            lambda: 2 * math.factorial(4),
+                            "Each group orders its query heads on its own: the two orders are "
+                            "independent.",
+                        ),
+                    ),
                 ),
             ),
         ),
@@ -2627,6 +2682,22 @@ def _exercises() -> dict[str, Exercise]:
                     "Which projections read each norm's output? Go through one layer, then "
                     "what reads the final norm.",
                     _projections_folded,
+                    (
+                        Mistake(
+                            lambda: _projections_folded() - 1,
+                            "The final norm has a reader too.",
+                        ),
+                        Mistake(
+                            lambda: 7 * _mini_shape().num_layers + 1,
+                            "Some projections write to the residual stream and read no norm's "
+                            "output.",
+                        ),
+                        Mistake(
+                            lambda: 2 * _mini_shape().num_layers + 1,
+                            "This counts the norms; the question asks for the matrices that "
+                            "read them.",
+                        ),
+                    ),
                 ),
             ),
         ),
@@ -2637,8 +2708,23 @@ def _exercises() -> dict[str, Exercise]:
                     "merged_weight",
                     "the Fisher-merged value of the weight (a number)",
                     close_to(_fisher_merged_weight, abs_tol=1e-6),
-                    "Weigh each parent's value by its Fisher and divide by the summed Fishers.",
+                    "Which parent is more sure of this weight, and how much more should its "
+                    "value count?",
                     _fisher_merged_weight,
+                    (
+                        Mistake(
+                            lambda: 2.0,
+                            "This is the plain average: the Fishers play no part in it.",
+                        ),
+                        Mistake(
+                            lambda: (1.0 * 1.0 + 3.0 * 3.0) / 4.0,
+                            "This weighs each value by the other parent's Fisher.",
+                        ),
+                        Mistake(
+                            lambda: 3.0 * 1.0 + 1.0 * 3.0,
+                            "A weighted average divides by the total weight.",
+                        ),
+                    ),
                 ),
             ),
         ),
@@ -2649,10 +2735,25 @@ def _exercises() -> dict[str, Exercise]:
                     "gram_numbers",
                     "how many numbers one parent's Gram matrices hold (a whole number)",
                     close_to(_gram_numbers, abs_tol=0),
-                    "One square matrix per linear layer, as wide as the layer's input: the "
-                    "attention projections and the MLP's gate and up read the hidden size, "
-                    "down_proj the MLP size; do not forget lm_head.",
+                    "A Gram matrix is square: which size of its layer sets its side, and "
+                    "which layers of the model are linear?",
                     _gram_numbers,
+                    (
+                        Mistake(
+                            lambda: _gram_numbers(lm_head=False),
+                            "The output head is a linear layer too.",
+                        ),
+                        Mistake(
+                            lambda: _gram_numbers(side="weights"),
+                            "This counts the layers' weights; a Gram matrix pairs each input "
+                            "with every input.",
+                        ),
+                        Mistake(
+                            lambda: _gram_numbers(side="out"),
+                            "A layer's Gram matrix is built from what it reads, not from what "
+                            "it writes.",
+                        ),
+                    ),
                 ),
             ),
         ),
@@ -2663,9 +2764,24 @@ def _exercises() -> dict[str, Exercise]:
                     "specialist_share",
                     "the specialist's share of that input's column (a number between 0 and 1)",
                     close_to(_diagonal_regmean_share, abs_tol=1e-6),
-                    "With alpha = 0 each Gram is diagonal, so each input column is an average "
-                    "of the parents' columns weighted by that input's energy.",
+                    "With alpha = 0 each Gram is diagonal: what does each parent's entry for "
+                    "this input measure, and how does that weigh its column?",
                     _diagonal_regmean_share,
+                    (
+                        Mistake(
+                            lambda: 1 - _diagonal_regmean_share(),
+                            "This is the generalist's share.",
+                        ),
+                        Mistake(
+                            lambda: 0.5,
+                            "This is the plain average: the energies of the input still "
+                            "weigh the parents.",
+                        ),
+                        Mistake(
+                            lambda: 10.0 / 30.0,
+                            "This divides one energy by the other rather than by their total.",
+                        ),
+                    ),
                 ),
             ),
         ),

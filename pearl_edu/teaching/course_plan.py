@@ -42,18 +42,9 @@ class CourseClass:
 def load_course_plan(path: Path = PLAN) -> list[CourseClass]:
     """The classes of a course plan file, checked: numbered 1, 2, ..., no chapter twice."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as error:
-        raise PlanError(f"{path}: cannot read the course plan ({error.strerror})") from None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f", line {mark.line + 1}" if mark is not None else ""
-        raise PlanError(f"{path}: not valid YAML{where} ({_first_line(error)})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("classes"), list):
-        raise PlanError(f"{path}: expected a mapping with a list under 'classes'")
+    entries = read_classes(path, "course plan", PlanError)
     classes, seen = [], {}
-    for index, entry in enumerate(data["classes"], start=1):
+    for index, entry in enumerate(entries, start=1):
         where = f"{path}: classes[{index}]"
         if not isinstance(entry, dict):
             raise PlanError(f"{where}: expected a mapping with number, title, minutes, chapters")
@@ -115,6 +106,22 @@ def unplanned_chapters(plan: list[CourseClass], root: Path) -> list[str]:
     """The chapter notebooks of ``_toc.yml`` that no class of the plan teaches."""
     planned = {chapter for course_class in plan for chapter in course_class.chapters}
     return [stem for stem in toc_notebooks(root) if stem not in planned]
+
+
+def read_classes(path: Path, what: str, error: type[Exception]) -> list:
+    """The list under ``classes:`` in the YAML file ``path``, or ``error`` in one line naming
+    the file and what is wrong (``what`` names the file's kind in the message)."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as problem:
+        raise error(f"{path}: cannot read the {what} ({problem.strerror})") from None
+    except yaml.YAMLError as problem:
+        mark = getattr(problem, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        raise error(f"{path}: not valid YAML{where} ({_first_line(problem)})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("classes"), list):
+        raise error(f"{path}: expected a mapping with a list under 'classes'")
+    return data["classes"]
 
 
 def _first_line(error: Exception) -> str:

@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import nbformat
-import yaml
 
 from pearl_edu.teaching.answers import EXERCISES
+from pearl_edu.teaching.course_plan import read_classes
+from pearl_edu.teaching.student import book_arguments
 from pearl_edu.teaching.student import chapters as toc_entries
 
 HOMEWORK = Path(__file__).resolve().parents[1] / "data" / "homework.yml"
@@ -107,17 +108,9 @@ class HomeworkClass:
 def load_homework(path: Path = HOMEWORK) -> list[HomeworkClass]:
     """The classes of a homework file, checked for shape and for points that add up."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as error:
-        raise HomeworkError(f"{path}: cannot read the homework file ({error.strerror})") from None
-    except yaml.YAMLError as error:
-        first = str(error).strip().splitlines()[0]
-        raise HomeworkError(f"{path}: not valid YAML ({first})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("classes"), list):
-        raise HomeworkError(f"{path}: expected a mapping with a list under 'classes'")
+    entries = read_classes(path, "homework file", HomeworkError)
     classes = []
-    for index, entry in enumerate(data["classes"], start=1):
+    for index, entry in enumerate(entries, start=1):
         where = f"{path}: classes[{index}]"
         if not isinstance(entry, dict) or set(entry) != {"number", "title", "chapters", "homework"}:
             raise HomeworkError(f"{where}: expected the keys number, title, chapters, homework")
@@ -427,18 +420,15 @@ def student_list(classes: Iterable[HomeworkClass], prefix: str = "../") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pearl_edu.teaching.homework",
-        description="Check the homework sets against the book, or print the students' list.",
-    )
-    parser.add_argument("--book", type=Path, default=ROOT, help="the book's root (_toc.yml)")
-    parser.add_argument("--file", type=Path, default=HOMEWORK, help="the homework file")
-    parser.add_argument(
-        "--student-list", action="store_true", help="print the list for book/course_student.md"
-    )
-    args = parser.parse_args(argv)
-    if not (args.book / "_toc.yml").is_file():
-        print(f"error: {args.book}: no _toc.yml; --book must be the book's root", file=sys.stderr)
+    def options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--file", type=Path, default=HOMEWORK, help="the homework file")
+        parser.add_argument(
+            "--student-list", action="store_true", help="print the list for book/course_student.md"
+        )
+
+    description = "Check the homework sets against the book, or print the students' list."
+    args = book_arguments("homework", description, argv, options)
+    if args is None:
         return 2
     try:
         classes = load_homework(args.file)

@@ -245,23 +245,20 @@ def generate(out: Path, assignments: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pearl_edu.teaching.nbgrader_course",
-        description="Write an nbgrader course of the chapters with checked exercises.",
-    )
-    parser.add_argument("--book", type=Path, default=ROOT, help="the book's root (_toc.yml)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the course folder")
-    parser.add_argument(
-        "--chapter",
-        action="append",
-        help="a chapter to include, such as 02_vectors_angles_paths (repeatable; default: all)",
-    )
-    parser.add_argument(
-        "--generate", action="store_true", help="also run nbgrader generate_assignment on each"
-    )
-    args = parser.parse_args(argv)
-    if not (args.book / "_toc.yml").is_file():
-        print(f"error: {args.book}: no _toc.yml; --book must be the book's root", file=sys.stderr)
+    def options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the course folder")
+        parser.add_argument(
+            "--chapter",
+            action="append",
+            help="a chapter to include, such as 02_vectors_angles_paths (repeatable; default: all)",
+        )
+        parser.add_argument(
+            "--generate", action="store_true", help="also run nbgrader generate_assignment on each"
+        )
+
+    description = "Write an nbgrader course of the chapters with checked exercises."
+    args = student.book_arguments("nbgrader_course", description, argv, options)
+    if args is None:
         return 2
     try:
         written = build(args.out, args.book.resolve(), args.chapter)

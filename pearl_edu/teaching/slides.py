@@ -50,7 +50,7 @@ from markdown_it import MarkdownIt
 from mdit_py_plugins.dollarmath import dollarmath_plugin
 
 from pearl_edu.teaching import course_plan
-from pearl_edu.teaching.student import _Scan, strip_solutions
+from pearl_edu.teaching.student import _Scan, book_arguments, strip_solutions
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = ROOT / "_build" / "slides"
@@ -686,16 +686,13 @@ def _book_title(root: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pearl_edu.teaching.slides",
-        description="Write one reveal.js deck per class of the course plan, from the chapters.",
-    )
-    parser.add_argument("--book", type=Path, default=ROOT, help="the book's root (_toc.yml)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the decks")
-    parser.add_argument("--plan", type=Path, default=course_plan.PLAN, help="the course plan")
-    args = parser.parse_args(argv)
-    if not (args.book / "_toc.yml").is_file():
-        print(f"error: {args.book}: no _toc.yml; --book must be the book's root", file=sys.stderr)
+    def options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write them")
+        parser.add_argument("--plan", type=Path, default=course_plan.PLAN, help="the course plan")
+
+    description = "Write one reveal.js deck per class of the course plan, from the chapters."
+    args = book_arguments("slides", description, argv, options)
+    if args is None:
         return 2
     try:
         decks = build(args.out, args.book, args.plan)

@@ -31,7 +31,7 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -443,17 +443,36 @@ def build_html(
     return html
 
 
-def main(argv: list[str] | None = None) -> int:
+def book_arguments(
+    module: str,
+    description: str,
+    argv: list[str] | None,
+    options: Callable[[argparse.ArgumentParser], None],
+) -> argparse.Namespace | None:
+    """The command line of ``python -m pearl_edu.teaching.<module>``, a command that reads
+    the book: ``--book`` (the book's root, by default this checkout's) and the ``options``
+    that the command adds. None, after a one-line error, when ``--book`` has no ``_toc.yml``.
+    """
     parser = argparse.ArgumentParser(
-        prog="python -m pearl_edu.teaching.student",
-        description="Write the student edition: chapters without solutions, with checked answers.",
+        prog=f"python -m pearl_edu.teaching.{module}", description=description
     )
     parser.add_argument("--book", type=Path, default=ROOT, help="the book's root (_toc.yml)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write it")
-    parser.add_argument("--html", action="store_true", help="also build its HTML book")
+    options(parser)
     args = parser.parse_args(argv)
     if not (args.book / "_toc.yml").is_file():
         print(f"error: {args.book}: no _toc.yml; --book must be the book's root", file=sys.stderr)
+        return None
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    def options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write it")
+        parser.add_argument("--html", action="store_true", help="also build its HTML book")
+
+    description = "Write the student edition: chapters without solutions, with checked answers."
+    args = book_arguments("student", description, argv, options)
+    if args is None:
         return 2
     written = build(args.out, args.book.resolve())
     checked = sum(len(labels) for labels in written.values())

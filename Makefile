@@ -124,7 +124,7 @@ test: setup lint
 	$(BIN)/jupyter-book build . $(JB_FLAGS) --config $(TEST_CONFIG)
 	$(BIN)/python -m pearl_edu.teaching.student --html
 	$(BIN)/python -m pytest tests notebooks --nbval --nbval-current-env \
-	  --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=600
+	  --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=600 --durations=25
 
 clean:
 	rm -rf _build .build-deps $(MATHJAX_DIR)

@@ -7,6 +7,8 @@ stdout and rich outputs are compared after the sanitizer in tests/nbval_sanitize
 
 from __future__ import annotations
 
+import pytest
+
 try:
     import nbval.plugin as _nbval_plugin
 except ImportError:  # nbval not installed: nothing to configure
@@ -56,3 +58,13 @@ def pytest_unconfigure(config):
         )
         sys.stderr.flush()
         os._exit(3)
+
+
+@pytest.fixture(scope="session")
+def student_edition(tmp_path_factory):
+    """The student edition, written once for the tests that read it (they never change it):
+    its folder, and each student notebook with the checked exercises it holds."""
+    from pearl_edu.teaching import student
+
+    out = tmp_path_factory.mktemp("student")
+    return out, student.build(out, student.ROOT)

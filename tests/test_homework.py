@@ -201,11 +201,11 @@ def test_the_homework_page_is_teacher_only_and_in_the_toc():
 # The student edition
 
 
-@pytest.fixture(scope="module")
-def edition(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("student")
-    student.build(out, ROOT)  # what `python -m pearl_edu.teaching.student --out` writes
-    return out
+@pytest.fixture
+def edition(student_edition) -> Path:
+    return student_edition[
+        0
+    ]  # conftest.py: what `python -m pearl_edu.teaching.student --out` writes
 
 
 def _teacher_only_texts() -> list[str]:

@@ -18,7 +18,6 @@ minutes on one core) and cached; then about two minutes per seed.
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 import numpy as np
@@ -119,9 +118,6 @@ def measure(seeds: tuple[int, ...]) -> evaluation.Record:
         make,
         seeds=seeds,
         meta={
-            "date": time.strftime("%Y-%m-%d"),
-            "pearl_edu": pearl_edu.__version__,
-            "torch": torch.__version__,
             "ts": list(TS),
             "strangers": {str(s): repr(stranger_settings(s)) for s in seeds},
             "paths": paths,

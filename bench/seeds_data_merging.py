@@ -19,7 +19,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
 import yaml
 
 import pearl_edu
@@ -106,9 +105,6 @@ def measure(seeds: tuple[int, ...]) -> evaluation.Record:
         make,
         seeds=seeds,
         meta={
-            "date": time.strftime("%Y-%m-%d"),
-            "pearl_edu": pearl_edu.__version__,
-            "torch": torch.__version__,
             "recipes": recipes(),
             "sizes": list(SIZES),
             "alphas": list(ALPHAS),

@@ -23,10 +23,8 @@ adapters' training, once).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-import torch
 import yaml
 
 import pearl_edu
@@ -126,9 +124,6 @@ def measure(seeds: tuple[int, ...]) -> evaluation.Record:
         make,
         seeds=seeds,
         meta={
-            "date": time.strftime("%Y-%m-%d"),
-            "pearl_edu": pearl_edu.__version__,
-            "torch": torch.__version__,
             "lora": repr(SETTINGS),
             "ranks": list(RANKS),
             "recipes": recipes(),

@@ -16,10 +16,8 @@ once the seeds' mini-Pearls are cached.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-import torch
 import yaml
 
 import pearl_edu
@@ -100,9 +98,6 @@ def measure(seeds: tuple[int, ...]) -> evaluation.Record:
         make,
         seeds=seeds,
         meta={
-            "date": time.strftime("%Y-%m-%d"),
-            "pearl_edu": pearl_edu.__version__,
-            "torch": torch.__version__,
             "configs": {moe_name(m): moe_config(m, minipearl.make_corpus()) for m in GATE_MODES},
         },
     )

@@ -15,10 +15,8 @@ side" prints; it runs seed 0 itself. A few minutes per seed on one core.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-import torch
 import yaml
 
 import pearl_edu
@@ -112,9 +110,6 @@ def measure(seeds: tuple[int, ...]) -> evaluation.Record:
         make,
         seeds=seeds,
         meta={
-            "date": time.strftime("%Y-%m-%d"),
-            "pearl_edu": pearl_edu.__version__,
-            "torch": torch.__version__,
             "recipes": recipes(),
         },
     )

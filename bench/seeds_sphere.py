@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -176,9 +175,6 @@ def measure(seeds: tuple[int, ...]) -> evaluation.Record:
         make,
         seeds=seeds,
         meta={
-            "date": time.strftime("%Y-%m-%d"),
-            "pearl_edu": pearl_edu.__version__,
-            "torch": torch.__version__,
             "recipes": {name: yaml.safe_dump(r, sort_keys=False) for name, r in RECIPES.items()},
             "task_vector_cosines": cosines,
             "slerp_errors": errors,

@@ -18,10 +18,8 @@ time (two fine-tunes), seconds once they are cached.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-import torch
 import yaml
 
 import pearl_edu
@@ -88,9 +86,6 @@ def measure(seeds: tuple[int, ...]) -> evaluation.Record:
         make,
         seeds=seeds,
         meta={
-            "date": time.strftime("%Y-%m-%d"),
-            "pearl_edu": pearl_edu.__version__,
-            "torch": torch.__version__,
             "options": OPTIONS,
         },
     )

@@ -26,6 +26,7 @@ import json
 import math
 import statistics
 import tempfile
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -537,7 +538,8 @@ def record(
 
     ``make`` gets each seed's mini-Pearl and a scratch folder, merges what it wants there,
     and returns ``{name: model folder}``; the three models of mini-Pearl itself are scored
-    too, as ``base``, ``generalist`` and ``math``.
+    too, as ``base``, ``generalist`` and ``math``. The record's meta holds the date, the
+    versions of pearl_edu and torch, the settings, and ``meta``.
     """
     scores: dict[int, dict[str, dict[str, ItemScores]]] = {}
     for seed in seeds:
@@ -550,6 +552,13 @@ def record(
                 name: {split: score_folder(folder, corpus, split) for split in splits}
                 for name, folder in folders.items()
             }
-    info = {"settings": repr(dataclasses.replace(settings or minipearl.SIBLING_SETTINGS))}
+    import pearl_edu
+
+    info = {
+        "date": time.strftime("%Y-%m-%d"),
+        "pearl_edu": pearl_edu.__version__,
+        "torch": torch.__version__,
+        "settings": repr(dataclasses.replace(settings or minipearl.SIBLING_SETTINGS)),
+    }
     info.update(meta or {})
     return Record(scores, info)

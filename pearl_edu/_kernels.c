@@ -75,53 +75,37 @@ struct pair_args {
     float s0, s1; /* weights, or norms */
 };
 
-PEARL_CLONES static void weighted_sum_bf16(const struct pair_args *p, int64_t start,
-                                           int64_t stop) {
-    const uint16_t *a = p->a, *b = p->b;
-    uint16_t *out = p->out;
-    const float w0 = p->s0, w1 = p->s1;
-    for (int64_t i = start; i < stop; i++) {
-        float x = bf16_to_f32(a[i]) * w0;
-        float y = bf16_to_f32(b[i]) * w1;
-        out[i] = f32_to_bf16(x + y);
+/* The two loops that read a pair of inputs, for one input dtype: `load` widens an element
+   to float32 and `store` writes a float32 result in the input's dtype. */
+#define PAIR_LOOPS(dtype, elem, load, store)                                                  \
+    PEARL_CLONES static void weighted_sum_##dtype(const struct pair_args *p, int64_t start,  \
+                                                  int64_t stop) {                             \
+        const elem *a = p->a, *b = p->b;                                                      \
+        elem *out = p->out;                                                                   \
+        const float w0 = p->s0, w1 = p->s1;                                                   \
+        for (int64_t i = start; i < stop; i++) {                                              \
+            float x = load(a[i]) * w0;                                                        \
+            float y = load(b[i]) * w1;                                                        \
+            out[i] = store(x + y);                                                            \
+        }                                                                                     \
+    }                                                                                         \
+                                                                                              \
+    PEARL_CLONES static void normalized_products_##dtype(const struct pair_args *p,           \
+                                                         int64_t start, int64_t stop) {       \
+        const elem *a = p->a, *b = p->b;                                                      \
+        float *out = p->out;                                                                  \
+        const float norm_a = p->s0, norm_b = p->s1;                                           \
+        for (int64_t i = start; i < stop; i++) {                                              \
+            float x = load(a[i]) / norm_a;                                                    \
+            float y = load(b[i]) / norm_b;                                                    \
+            out[i] = x * y;                                                                   \
+        }                                                                                     \
     }
-}
 
-PEARL_CLONES static void weighted_sum_f32(const struct pair_args *p, int64_t start,
-                                          int64_t stop) {
-    const float *a = p->a, *b = p->b;
-    float *out = p->out;
-    const float w0 = p->s0, w1 = p->s1;
-    for (int64_t i = start; i < stop; i++) {
-        float x = a[i] * w0;
-        float y = b[i] * w1;
-        out[i] = x + y;
-    }
-}
+static inline float f32_as_is(float f) { return f; }
 
-PEARL_CLONES static void normalized_products_bf16(const struct pair_args *p, int64_t start,
-                                                  int64_t stop) {
-    const uint16_t *a = p->a, *b = p->b;
-    float *out = p->out;
-    const float norm_a = p->s0, norm_b = p->s1;
-    for (int64_t i = start; i < stop; i++) {
-        float x = bf16_to_f32(a[i]) / norm_a;
-        float y = bf16_to_f32(b[i]) / norm_b;
-        out[i] = x * y;
-    }
-}
-
-PEARL_CLONES static void normalized_products_f32(const struct pair_args *p, int64_t start,
-                                                 int64_t stop) {
-    const float *a = p->a, *b = p->b;
-    float *out = p->out;
-    const float norm_a = p->s0, norm_b = p->s1;
-    for (int64_t i = start; i < stop; i++) {
-        float x = a[i] / norm_a;
-        float y = b[i] / norm_b;
-        out[i] = x * y;
-    }
-}
+PAIR_LOOPS(bf16, uint16_t, bf16_to_f32, f32_to_bf16)
+PAIR_LOOPS(f32, float, f32_as_is, f32_as_is)
 
 PEARL_CLONES static void widen_bf16(const struct pair_args *p, int64_t start, int64_t stop) {
     const uint16_t *a = p->a;

@@ -230,11 +230,11 @@ def similarity(
     $S_{ij}$ is the inner product, summed over every weight that the permutation ``name``
     acts on, of unit $i$ of ``first`` with unit $j$ of ``second``, the other permutations
     already applied to ``second``. For ``heads.L`` the units are whole query heads, their
-    rows of ``q_proj`` and columns of ``o_proj``; the key/value heads are matched in
-    `_match_heads`.
+    rows of ``q_proj`` and columns of ``o_proj``; for ``kv.L``, which `_match_heads` reads
+    with them, whole key/value heads, their rows of ``k_proj`` and ``v_proj``.
     """
     label_kind = name.partition(".")[0]
-    size = permutation_groups(shape)[name]
+    size = shape.num_kv_heads if label_kind == "kv" else permutation_groups(shape)[name]
     total = np.zeros((size, size))
     for weight, labels in axes(shape).items():
         for axis, label in enumerate(labels):
@@ -242,29 +242,11 @@ def similarity(
                 continue
             a = first[weight]
             b = permute_tensor(weight, second[weight], permutations, shape, skip=name)
-            if label_kind == "heads":  # one unit is head_dim rows (or columns)
+            if label_kind in ("heads", "kv"):  # one unit is head_dim rows (or columns)
                 a = a.movedim(axis, 0).reshape(size, -1)
                 b = b.movedim(axis, 0).reshape(size, -1)
                 axis = 0
             total += _unit_rows(a, axis, size) @ _unit_rows(b, axis, size).T
-    return total
-
-
-def _kv_similarity(
-    layer: int,
-    first: Mapping[str, torch.Tensor],
-    second: Mapping[str, torch.Tensor],
-    permutations: Mapping[str, np.ndarray],
-    shape: Shape,
-) -> np.ndarray:
-    """Inner products of whole key/value heads (their ``k_proj`` and ``v_proj`` rows)."""
-    total = np.zeros((shape.num_kv_heads, shape.num_kv_heads))
-    for part in ("k_proj", "v_proj"):
-        weight = f"model.layers.{layer}.self_attn.{part}.weight"
-        b = permute_tensor(weight, second[weight], permutations, shape, skip=f"heads.{layer}")
-        a_rows = first[weight].double().reshape(shape.num_kv_heads, -1).numpy()
-        b_rows = b.double().reshape(shape.num_kv_heads, -1).numpy()
-        total += a_rows @ b_rows.T
     return total
 
 
@@ -284,7 +266,7 @@ def _match_heads(
     """
     g = shape.group
     query = similarity(f"heads.{layer}", first, second, permutations, shape)
-    value = _kv_similarity(layer, first, second, permutations, shape)
+    value = similarity(f"kv.{layer}", first, second, permutations, shape)
     current = np.asarray(permutations[f"heads.{layer}"])
     old = (
         query[np.arange(len(current)), current].sum()

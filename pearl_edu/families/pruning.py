@@ -96,8 +96,12 @@ def _breadcrumbs(*, sign_election: bool):
         int8_mask: bool = False,
     ) -> torch.Tensor:
         """Trim each task vector to a band of magnitudes (no outliers), then add them."""
-        options = {"sign_election": sign_election, "normalize": normalize, "scale": lambda_}
-        options["rescale"] = rescale
+        options = {
+            "sign_election": sign_election,
+            "normalize": normalize,
+            "scale": lambda_,
+            "rescale": rescale,
+        }
         base, others = inputs.base, inputs.others
         return run.backend.breadcrumbs(base, others, weight, density, gamma, **options)
 
@@ -118,8 +122,12 @@ def _della(*, sign_election: bool, normalize: bool):
         int8_mask: bool = False,
     ) -> torch.Tensor:
         """Drop entries at random, larger ones kept more often, then add (with or without TIES)."""
-        options = {"sign_election": sign_election, "normalize": normalize, "scale": lambda_}
-        options["rescale"] = rescale
+        options = {
+            "sign_election": sign_election,
+            "normalize": normalize,
+            "scale": lambda_,
+            "rescale": rescale,
+        }
         # Drawn on the CPU, so that a seed keeps the same entries on any device.
         device = inputs.base.device
         base, others = inputs.base.cpu(), [other.cpu() for other in inputs.others]

@@ -1,8 +1,9 @@
 """The homework sets (pearl_edu/data/homework.yml): drawn from each class's own chapters,
 marked by checks and rubrics whose points add up, and kept out of the student edition.
 
-The file is read here as plain YAML and the exercises found in the notebooks by their own
-pattern, so that these tests do not lean on `pearl_edu.teaching.homework`'s reading of either.
+The file and the course plan it follows are read here as plain YAML and the exercises found
+in the notebooks by their own pattern, so that these tests do not lean on
+`pearl_edu.teaching.homework`'s reading of any of them.
 """
 
 from __future__ import annotations
@@ -14,10 +15,16 @@ import nbformat
 import pytest
 import yaml
 
-from pearl_edu.teaching import answers, homework, student
+from pearl_edu.teaching import answers, course_plan, homework, student
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = yaml.safe_load(homework.HOMEWORK.read_text())["classes"]
+PLAN = yaml.safe_load(course_plan.PLAN.read_text())["classes"]
+CHAPTERS = {c["number"]: c["chapters"] for c in PLAN}
+# The homework file's classes, each with its chapters from the course plan.
+DATA = [
+    {**c, "chapters": CHAPTERS[c["number"]]}
+    for c in yaml.safe_load(homework.HOMEWORK.read_text())["classes"]
+]
 TOC = yaml.safe_dump(yaml.safe_load((ROOT / "_toc.yml").read_text()))
 
 
@@ -89,7 +96,8 @@ def test_a_class_whose_chapters_are_not_in_the_book_yet_has_no_set():
     waiting = [c for c in DATA if c not in IN_BOOK]
     for course_class in waiting:
         assert course_class["homework"] == []
-    numbers = [c.number for c in homework.classes_in_book(homework.load_homework(), ROOT)]
+    in_book = homework.classes_in_book(homework.load_homework(), ROOT)
+    numbers = [c.course.number for c in in_book]
     assert numbers == [c["number"] for c in IN_BOOK]
 
 
@@ -160,10 +168,11 @@ def test_the_capstone_rubric_is_the_capstone_notebooks():
 
 def test_the_answer_key_computes_each_checked_value():
     classes = homework.classes_in_book(homework.load_homework(), ROOT)
-    pages = {c.number: homework.class_markdown(c, ROOT) for c in classes}
+    pages = {c.course.number: homework.class_markdown(c, ROOT) for c in classes}
     for course_class in classes:
-        page = pages[course_class.number]
-        assert f"## Class {course_class.number}: {course_class.title}" in page
+        course = course_class.course
+        page = pages[course.number]
+        assert f"## Class {course.number}: {course.title}" in page
         for assignment in course_class.homework:
             assert f"{{ref}}`{assignment.label} <{assignment.label}>`" in page
             for blank in answers.EXERCISES.get(assignment.label, answers.Exercise("", ())).blanks:
@@ -326,11 +335,27 @@ def test_the_command_names_a_wrong_book_folder(tmp_path, capsys):
     assert status == 2 and f"{tmp_path}: no _toc.yml" in err
 
 
-def test_the_homework_follows_the_course_plan():
-    """homework.yml's classes are the course plan's (pearl_edu/data/course_plan.yml): the
-    same numbers, titles and chapters, so that the slides, the guide and the sets agree."""
-    from pearl_edu.teaching.course_plan import load_course_plan
+def test_the_homework_takes_its_classes_from_the_course_plan():
+    """homework.yml gives each class's set only: its number, title and chapters are the
+    course plan's (pearl_edu/data/course_plan.yml), as the slides and the guide read them."""
+    assert [c["number"] for c in DATA] == [c["number"] for c in PLAN]
+    assert all(set(c) == {"number", "homework", "chapters"} for c in DATA)
+    assert [c.course for c in homework.load_homework()] == course_plan.load_course_plan()
 
-    plan = [(c.number, c.title, list(c.chapters)) for c in load_course_plan()]
-    sets = [(c.number, c.title, list(c.chapters)) for c in homework.load_homework()]
-    assert sets == plan
+
+def test_the_command_refuses_a_title_or_chapters_in_the_homework_file(tmp_path, capsys):
+    def titled(classes):
+        classes[0]["title"] = "What a merge is"
+
+    status, _, err = _run(capsys, "--file", str(_with(tmp_path, titled)))
+    assert status == 2
+    assert "classes[1]: expected the keys number, homework (the course plan gives" in err
+
+
+def test_the_command_refuses_a_class_the_plan_does_not_have(tmp_path, capsys):
+    def extra(classes):
+        classes.append({"number": len(classes) + 1, "homework": []})
+
+    status, _, err = _run(capsys, "--file", str(_with(tmp_path, extra)))
+    assert status == 2
+    assert "11 classes, but the course plan" in err and "has 10" in err

@@ -3,8 +3,8 @@
     python -m pearl_edu.teaching.homework [--book ROOT] [--student-list]
 
 The sets live in one data file, ``pearl_edu/data/homework.yml`` (its header says how it is
-written): for each class of the course, its chapters (notebook stems, as ``_toc.yml`` lists
-them without the folder) and 2 to 4 of their exercises, by label, each with its points. A
+written): for each class of the course plan (`pearl_edu.teaching.course_plan`, which gives
+its title and chapters), 2 to 4 of its chapters' exercises, by label, each with its points. A
 *checked* exercise (one of `pearl_edu.teaching.answers.EXERCISES`) is marked by its check,
 its points split over the values it judges, plus criteria for any working it asks for; a
 *written* one by a rubric of 2 to 4 criteria, each checkable against the chapter's folded
@@ -34,7 +34,13 @@ from typing import Any
 import nbformat
 
 from pearl_edu.teaching.answers import EXERCISES
-from pearl_edu.teaching.course_plan import read_classes
+from pearl_edu.teaching.course_plan import (
+    PLAN,
+    CourseClass,
+    PlanError,
+    load_course_plan,
+    read_classes,
+)
 from pearl_edu.teaching.student import book_arguments
 from pearl_edu.teaching.student import chapters as toc_entries
 
@@ -89,11 +95,9 @@ class Assignment:
 
 @dataclass(frozen=True)
 class HomeworkClass:
-    """One class of the course: its number, title, chapters and homework set."""
+    """One class of the course plan, and its homework set."""
 
-    number: int
-    title: str
-    chapters: tuple[str, ...]
+    course: CourseClass
     homework: tuple[Assignment, ...]
 
     @property
@@ -105,22 +109,29 @@ class HomeworkClass:
 # Reading the file
 
 
-def load_homework(path: Path = HOMEWORK) -> list[HomeworkClass]:
-    """The classes of a homework file, checked for shape and for points that add up."""
+def load_homework(path: Path = HOMEWORK, plan: Path = PLAN) -> list[HomeworkClass]:
+    """The classes of a homework file, checked for shape and for points that add up, each
+    with its class of the course plan ``plan``."""
     path = Path(path)
+    courses = load_course_plan(plan)
     entries = read_classes(path, "homework file", HomeworkError)
+    if len(entries) != len(courses):
+        raise HomeworkError(
+            f"{path}: {len(entries)} classes, but the course plan {plan} has {len(courses)}"
+        )
     classes = []
-    for index, entry in enumerate(entries, start=1):
+    for index, (entry, course) in enumerate(zip(entries, courses, strict=True), start=1):
         where = f"{path}: classes[{index}]"
-        if not isinstance(entry, dict) or set(entry) != {"number", "title", "chapters", "homework"}:
-            raise HomeworkError(f"{where}: expected the keys number, title, chapters, homework")
+        if not isinstance(entry, dict) or set(entry) != {"number", "homework"}:
+            raise HomeworkError(
+                f"{where}: expected the keys number, homework (the course plan gives the "
+                "title and chapters)"
+            )
         if entry["number"] != index or isinstance(entry["number"], bool):
             raise HomeworkError(
                 f"{where}: number is {entry['number']!r}; the classes are numbered 1, 2, ..."
             )
-        chapters, homework = entry["chapters"], entry["homework"]
-        if not _strings(chapters) or not chapters:
-            raise HomeworkError(f"{where}: chapters must be a list of notebook stems")
+        homework = entry["homework"]
         if not isinstance(homework, list):
             raise HomeworkError(f"{where}: homework must be a list (empty until it is written)")
         assignments = tuple(
@@ -129,16 +140,8 @@ def load_homework(path: Path = HOMEWORK) -> list[HomeworkClass]:
         labels = [a.label for a in assignments]
         if len(labels) != len(set(labels)):
             raise HomeworkError(f"{where}: an exercise is listed twice")
-        classes.append(
-            HomeworkClass(index, str(entry["title"]).strip(), tuple(chapters), assignments)
-        )
-    if not classes:
-        raise HomeworkError(f"{path}: no classes")
+        classes.append(HomeworkClass(course, assignments))
     return classes
-
-
-def _strings(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(v, str) and v.strip() for v in value)
 
 
 def _count(value: Any) -> bool:
@@ -246,32 +249,31 @@ def exercise_chapters(root: Path = ROOT) -> dict[str, str]:
 def classes_in_book(classes: Iterable[HomeworkClass], root: Path = ROOT) -> list[HomeworkClass]:
     """The classes with at least one chapter in the book's ``_toc.yml``, in order."""
     present = set(toc_chapters(root))
-    return [c for c in classes if present & set(c.chapters)]
+    return [c for c in classes if present & set(c.course.chapters)]
 
 
 def problems(classes: list[HomeworkClass], root: Path = ROOT) -> list[str]:
     """What is wrong with the homework against the book, one line each (none: all is well)."""
     found = []
     where = exercise_chapters(root)
-    planned = [chapter for c in classes for chapter in c.chapters]
+    planned = {chapter for c in classes for chapter in c.course.chapters}
     for chapter in toc_chapters(root):
         if chapter not in planned:
             found.append(f"chapter {chapter} belongs to no class")
-    for chapter in {c for c in planned if planned.count(c) > 1}:
-        found.append(f"chapter {chapter} belongs to more than one class")
     for course_class in classes_in_book(classes, root):
-        name = f"class {course_class.number}"
+        chapters = course_class.course.chapters
+        name = f"class {course_class.course.number}"
         size = len(course_class.homework)
-        if not SET_SIZE[0] <= size <= SET_SIZE[1] and course_class.chapters != ("capstone",):
+        if not SET_SIZE[0] <= size <= SET_SIZE[1] and chapters != ("capstone",):
             found.append(
-                f"{name} ({', '.join(course_class.chapters)}) has {size} exercises; its set "
+                f"{name} ({', '.join(chapters)}) has {size} exercises; its set "
                 f"has {SET_SIZE[0]} to {SET_SIZE[1]}"
             )
         for assignment in course_class.homework:
             label = assignment.label
             if label not in where:
                 found.append(f"{name}: {label} is no exercise of the book's chapters")
-            elif where[label] not in course_class.chapters:
+            elif where[label] not in chapters:
                 found.append(f"{name}: {label} is chapter {where[label]}'s, not this class's")
             if assignment.checked != (label in EXERCISES):
                 checked = "checked" if label in EXERCISES else "not checked"
@@ -334,12 +336,13 @@ def class_markdown(course_class: HomeworkClass, root: Path = ROOT, prefix: str =
     """
     where = exercise_chapters(root)
     present = set(where.values())
-    chapters = [c for c in course_class.chapters if c in present]
+    course = course_class.course
+    chapters = [c for c in course.chapters if c in present]
     assigned = {a.label for a in course_class.homework}
     practice = [label for label, chapter in where.items() if chapter in chapters]
     practice = [label for label in practice if label not in assigned]
     lines = [
-        f"## Class {course_class.number}: {course_class.title}",
+        f"## Class {course.number}: {course.title}",
         "",
         f"Chapters: {', '.join(_doc(c, prefix) for c in chapters)}. "
         f"The set is worth {_points(course_class.points)}.",
@@ -414,7 +417,8 @@ def student_list(classes: Iterable[HomeworkClass], prefix: str = "../") -> str:
             else:
                 parts.append(f"{_ref(a.label)} ({_points(a.points)})")
         lines.append(
-            f"- **Class {c.number}**, {c.title} ({_points(c.points)}): {'; '.join(parts)}."
+            f"- **Class {c.course.number}**, {c.course.title} ({_points(c.points)}): "
+            f"{'; '.join(parts)}."
         )
     return "\n".join(lines)
 
@@ -432,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         classes = load_homework(args.file)
-    except HomeworkError as error:
+    except (HomeworkError, PlanError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     wrong = problems(classes, args.book)

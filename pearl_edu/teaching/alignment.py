@@ -251,13 +251,14 @@ def similarity(
 
 
 def _match_heads(
-    layer: int,
+    name: str,
     first: Mapping[str, torch.Tensor],
     second: Mapping[str, torch.Tensor],
     permutations: Mapping[str, np.ndarray],
     shape: Shape,
 ) -> tuple[np.ndarray, float, float]:
-    """The best reordering of one layer's heads, groups kept together (an exact solution).
+    """The best reordering of one layer's heads (``name`` is ``heads.L``), groups kept
+    together (an exact solution).
 
     For each pair of key/value heads (one of each model), the best matching of their query
     heads is one small assignment problem; the best matching of key/value heads, each worth
@@ -265,9 +266,9 @@ def _match_heads(
     the score of the current order.
     """
     g = shape.group
-    query = similarity(f"heads.{layer}", first, second, permutations, shape)
-    value = similarity(f"kv.{layer}", first, second, permutations, shape)
-    current = np.asarray(permutations[f"heads.{layer}"])
+    query = similarity(name, first, second, permutations, shape)
+    value = similarity("kv." + name.partition(".")[2], first, second, permutations, shape)
+    current = np.asarray(permutations[name])
     old = (
         query[np.arange(len(current)), current].sum()
         + value[np.arange(shape.num_kv_heads), kv_order(current, shape)].sum()
@@ -286,6 +287,25 @@ def _match_heads(
         query[np.arange(len(order)), order].sum()
         + kv_value[np.arange(shape.num_kv_heads), groups].sum()
     )
+    return order, float(new), float(old)
+
+
+def _best_order(
+    name: str,
+    first: Mapping[str, torch.Tensor],
+    second: Mapping[str, torch.Tensor],
+    permutations: Mapping[str, np.ndarray],
+    shape: Shape,
+) -> tuple[np.ndarray, float, float]:
+    """The best order of the permutation ``name``, the others fixed, its score and the score
+    of its current order: the solution of its linear assignment problem (`similarity`), or
+    for ``heads.L`` of `_match_heads`'s."""
+    if name.startswith("heads."):
+        return _match_heads(name, first, second, permutations, shape)
+    scores = similarity(name, first, second, permutations, shape)
+    _, order = linear_sum_assignment(scores, maximize=True)
+    old = scores[np.arange(len(order)), permutations[name]].sum()
+    new = scores[np.arange(len(order)), order].sum()
     return order, float(new), float(old)
 
 
@@ -334,14 +354,7 @@ def weight_matching(
         changed = False
         for index in rng.permutation(len(names)):
             name = names[index]
-            if name.startswith("heads."):
-                layer = int(name.partition(".")[2])
-                order, new, old = _match_heads(layer, first, second, permutations, shape)
-            else:
-                scores = similarity(name, first, second, permutations, shape)
-                _, order = linear_sum_assignment(scores, maximize=True)
-                old = scores[np.arange(len(order)), permutations[name]].sum()
-                new = scores[np.arange(len(order)), order].sum()
+            order, new, old = _best_order(name, first, second, permutations, shape)
             if new <= old + 1e-9 * abs(old):
                 order = permutations[name]  # no gain: keep the old order (ties included)
             if not np.array_equal(order, permutations[name]):
@@ -539,14 +552,9 @@ def rotation_matching(
         current = rotate_residual(current, best_rotation(folded_first, current, shape), shape)
         permutations = identity(shape)
         for name in permutations:
-            if name.startswith("heads."):
-                layer = int(name.partition(".")[2])
-                permutations[name] = _match_heads(
-                    layer, folded_first, current, permutations, shape
-                )[0]
-            elif name != "residual":
-                scores = similarity(name, folded_first, current, permutations, shape)
-                permutations[name] = linear_sum_assignment(scores, maximize=True)[1]
+            if name != "residual":
+                order, _, _ = _best_order(name, folded_first, current, permutations, shape)
+                permutations[name] = order
         current = permute(current, permutations, shape)
         objectives.append(objective(folded_first, current, fixed, shape))
     return RotationMatching(folded_first, current, tuple(objectives))

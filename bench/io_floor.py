@@ -5,11 +5,13 @@
 Every merge must at least read each input tensor once and write each output tensor once.
 This script does exactly that and nothing else: for every tensor of model A it reads A's
 bytes and B's bytes into two reused buffers with positioned reads, and writes A's bytes
-into an output file of the same layout. By default the output is written the fastest way
-this machine allows, the way pearl_edu's writer does (`pearl_edu.writing.SequentialFile`:
-``O_DIRECT`` where the file system takes it, flushed to disk when complete);
-``--buffered`` writes through the page cache and leaves flushing to the kernel, as
-mergekit does. The time it takes is what a merge costs with infinitely fast math.
+into an output file of the same layout. By default it reads and writes the fastest way
+this machine allows, the way pearl_edu does: a tensor whose bytes are in the page cache
+is read from it, one that is not is read past it (``O_DIRECT``, `pearl_edu.page_cache`),
+and the output is written past it (`pearl_edu.writing.SequentialFile`: ``O_DIRECT`` where
+the file system takes it, flushed to disk when complete). ``--buffered`` reads and writes
+through the page cache and leaves flushing to the kernel, as mergekit does. The time it
+takes is what a merge costs with infinitely fast math.
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ import struct
 import sys
 from pathlib import Path
 
+import torch
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from pearl_edu.page_cache import DIRECT_SLACK, DirectReads, cached_share  # noqa: E402
 from pearl_edu.reading import read_header  # noqa: E402  (no reader: reads are below)
 from pearl_edu.writing import SequentialFile  # noqa: E402
 
@@ -33,8 +38,9 @@ def copy_through(model_a: Path, model_b: Path, out_dir: Path, *, buffered: bool 
     """Read every tensor of both models and write A's layout to ``out_dir``; return bytes written."""
     header_a, header_b = read_header(model_a), read_header(model_b)
     out_dir.mkdir(parents=True, exist_ok=False)
-    largest = max(meta.nbytes for meta in header_a.tensors.values())
+    largest = max(meta.nbytes for meta in header_a.tensors.values()) + DIRECT_SLACK
     buffer_a, buffer_b = bytearray(largest), bytearray(largest)
+    direct = None if buffered else DirectReads()
     written = 0
     for file in header_a.files:
         tensors = [m for m in header_a.tensors.values() if m.file == file]
@@ -44,9 +50,8 @@ def copy_through(model_a: Path, model_b: Path, out_dir: Path, *, buffered: bool 
         out.write(prefix)
         for meta_a in tensors:
             meta_b = header_b.tensors[meta_a.name]
-            view_a = memoryview(buffer_a)[: meta_a.nbytes]
-            pread_exactly(meta_a.file, meta_a.offset, view_a)
-            pread_exactly(meta_b.file, meta_b.offset, memoryview(buffer_b)[: meta_b.nbytes])
+            view_a = read_tensor(meta_a, buffer_a, direct)
+            read_tensor(meta_b, buffer_b, direct)
             out.write(view_a)
             written += meta_a.nbytes
         if buffered:
@@ -70,11 +75,29 @@ def file_header(source) -> bytes:
 _open_files: dict[Path, int] = {}
 
 
-def pread_exactly(file: Path, offset: int, view: memoryview) -> None:
-    """Fill ``view`` with the bytes of ``file`` from ``offset`` (positioned reads)."""
+def read_tensor(meta, buffer: bytearray, direct: DirectReads | None) -> memoryview:
+    """A tensor's bytes, read into ``buffer``: past the page cache unless they are cached."""
+    if direct is not None and cached_share(_fd(meta.file), meta.offset, meta.nbytes) < 0.5:
+        raw = direct.read(
+            meta.file, meta.offset, meta.nbytes, torch.frombuffer(buffer, dtype=torch.uint8)
+        )
+        if raw is not None:
+            return memoryview(raw.numpy())
+    view = memoryview(buffer)[: meta.nbytes]
+    pread_exactly(meta.file, meta.offset, view)
+    return view
+
+
+def _fd(file: Path) -> int:
     fd = _open_files.get(file)
     if fd is None:
         fd = _open_files[file] = os.open(file, os.O_RDONLY)
+    return fd
+
+
+def pread_exactly(file: Path, offset: int, view: memoryview) -> None:
+    """Fill ``view`` with the bytes of ``file`` from ``offset`` (positioned reads)."""
+    fd = _fd(file)
     done = 0
     while done < len(view):
         got = os.preadv(fd, [view[done:]], offset + done)
@@ -90,7 +113,7 @@ def main() -> None:
     parser.add_argument("model_b", type=Path)
     parser.add_argument("out_dir", type=Path)
     parser.add_argument(
-        "--buffered", action="store_true", help="write through the page cache, no fsync"
+        "--buffered", action="store_true", help="read and write through the page cache, no fsync"
     )
     args = parser.parse_args()
     written = copy_through(args.model_a, args.model_b, args.out_dir, buffered=args.buffered)

@@ -54,8 +54,8 @@ def math_threads(threads: int | None, device: torch.device) -> Iterator[int]:
     additions, and so the last bits of SLERP's cosine. With the same number of threads as
     mergekit on the same machine, the two agree bit for bit; another number can change a
     few elements by one unit in the last place. The reading and writing threads need
-    almost no CPU (inputs are used in place from the page cache, outputs are written by
-    direct I/O), so the math can have every core. Afterwards both of torch's settings are
+    almost no CPU (inputs are used in place from the page cache or read past it by direct
+    I/O, outputs are written by direct I/O), so the math can have every core. Afterwards both of torch's settings are
     as they were: this thread's, and the one that threads started later take.
 
     The block is also the life of the CPU math's helper thread (on a GPU too, where

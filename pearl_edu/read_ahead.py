@@ -1,8 +1,9 @@
 """Reading ahead: the next tensor's inputs are read while the current one is merged.
 
 - `read_ahead`: a background thread prepares the next tensor's inputs while the current
-  one is merged (on the CPU it maps them in place from the page cache, `load_input`; on
-  the GPU path it reads them into two sets of reused pinned buffers, `BufferSet`), never
+  one is merged (on the CPU it maps them in place from the page cache, or reads those that
+  are not cached past it into reused buffers, `load_input`; on the GPU path it reads them
+  into two sets of reused pinned buffers, `BufferSet`), never
   more than `READ_AHEAD_BYTES` ahead (`InFlightBytes`), so the embeddings of a 7B model
   are not held twice.
 - `CudaTransfers`: on a GPU, inputs go up and results come down on copy streams of their
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 
+from pearl_edu.page_cache import DIRECT_SLACK
 from pearl_edu.reading import ModelReader
 from pearl_edu.tensor_plan import TensorPlan
 
@@ -149,7 +151,7 @@ def read_ahead(
     # Jobs that fit the budget twice over are double-buffered; the largest of their
     # inputs sets the size of the buffers that are kept.
     ordinary = [job for job in jobs if 2 * job_bytes(job) <= budget_bytes]
-    keep_bytes = max((n for job in ordinary for n in input_bytes(job)), default=0)
+    keep_bytes = max((n for job in ordinary for n in input_bytes(job)), default=0) + DIRECT_SLACK
     pinned = device.type == "cuda" and torch.cuda.is_available()
     free_sets: queue.Queue[BufferSet] = queue.Queue()
     for _ in range(2):
@@ -166,7 +168,8 @@ def read_ahead(
                 # this one's are read (from a cold disk, the two reads then overlap).
                 for later in jobs[index + 1 : index + 2]:
                     for i in later.inputs:
-                        readers[i.model].prefetch(i.tensor)
+                        if not past_cache(readers[i.model], i.tensor, device, transfers):
+                            readers[i.model].prefetch(i.tensor)
                 buffers = free_sets.get()
                 buffers.wait_for_uploads()
                 in_flight.acquire(job_bytes(job), stop)
@@ -219,16 +222,19 @@ def load_input(
     """Read one input tensor, then cast it and move it for the math: ``(tensor, host)``.
 
     On the CPU a safetensors tensor is used in place, from the page cache (`ModelReader.map`):
-    no copy, and no buffer. Otherwise (pickle checkpoints, the GPU path, whose copies are
+    no copy, and no buffer; one that is not cached is read past the cache into its buffer
+    (`past_cache`). Otherwise (pickle checkpoints, the GPU path, whose copies are
     faster from pinned memory) it is read into its reused buffer; with ``transfers`` it is
     uploaded on their stream (`CudaTransfers.upload`), cast on the device. ``host`` is
     the tensor as read, in host memory, when the tensor for the math lies elsewhere (SLERP
     sums its cosine from it: `pearl_edu.backends.cpu.host_copies`), else None.
     """
-    if device.type == "cpu" and transfers is None and reader.can_map(name):
+    nbytes = reader.header.tensors[name].nbytes
+    if past_cache(reader, name, device, transfers):
+        tensor = reader.read_past_cache(name, buffers.buffer(index, nbytes + DIRECT_SLACK))
+    elif device.type == "cpu" and transfers is None and reader.can_map(name):
         tensor = reader.map(name, populate=True)
     else:
-        nbytes = reader.header.tensors[name].nbytes
         tensor = reader.read(name, out=buffers.buffer(index, nbytes))
     if transfers is not None:
         moved = transfers.upload(tensor, dtype)
@@ -238,6 +244,25 @@ def load_input(
         # SLERP sums its cosine on the CPU: from this copy, rather than one back from the GPU.
         return moved, tensor
     return moved, None
+
+
+def past_cache(
+    reader: ModelReader, name: str, device: torch.device, transfers: CudaTransfers | None
+) -> bool:
+    """Whether a CPU merge reads tensor ``name`` from the disk past the page cache.
+
+    A safetensors tensor the CPU math would map in place (`load_input`) but whose bytes are
+    mostly not cached (`ModelReader.cached`) is read with ``O_DIRECT`` into a reused buffer
+    instead (`pearl_edu.page_cache`), and is not prefetched into the cache. Measured on a
+    cold 7B pair (the book's performance appendix), this took the merge from about 1.2x
+    to about 1.0x the time of only reading and writing its bytes, at half the CPU time.
+    """
+    return (
+        device.type == "cpu"
+        and transfers is None
+        and reader.can_map(name)
+        and not reader.cached(name)
+    )
 
 
 class InFlightBytes:

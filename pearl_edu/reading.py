@@ -47,6 +47,7 @@ from pearl_edu.headers import (
     read_config,
     safetensors_metas,
 )
+from pearl_edu.page_cache import DirectReads, cached_share
 
 # Pages of a memory map stay resident once touched; a pickle checkpoint is mapped afresh
 # after this many bytes are read from it, which releases them.
@@ -212,6 +213,8 @@ class ModelReader(Closing):
         self._fds: dict[Path, int] = {}
         self._bin_states: dict[Path, dict[str, torch.Tensor]] = {}
         self._bin_bytes_read: dict[Path, int] = {}
+        self._cached: dict[str, bool] = {}
+        self._direct = DirectReads()
 
     def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """Tensor ``name`` in its stored dtype and shape.
@@ -242,6 +245,35 @@ class ModelReader(Closing):
             and meta.nbytes > 0
             and meta.offset % meta.dtype.itemsize == 0
         )
+
+    def cached(self, name: str) -> bool:
+        """Whether most of tensor ``name``'s bytes are in the page cache (`cached_share`).
+
+        Asked once per tensor and remembered, so that the engine's reader, which asks before
+        it prefetches a tensor and again when it reads it, gets the same answer both times.
+        """
+        if name not in self._cached:
+            meta = self.header.tensors[name]
+            if meta.offset is None:
+                self._cached[name] = True
+            else:
+                share = cached_share(self._fd(meta.file), meta.offset, meta.nbytes)
+                self._cached[name] = share >= 0.5
+        return self._cached[name]
+
+    def read_past_cache(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Tensor ``name`` read from the disk past the page cache (``O_DIRECT``) into ``out``.
+
+        ``out`` is a uint8 buffer of at least the tensor's size plus `DIRECT_SLACK`; the
+        result is a view into it. Where the file cannot be read that way, the usual `read`.
+        """
+        meta = self.header.tensors[name]
+        raw = None
+        if meta.offset is not None:
+            raw = self._direct.read(meta.file, meta.offset, meta.nbytes, out)
+        if raw is None:
+            return self.read(name, out=out)
+        return raw.view(meta.dtype).view(meta.shape)
 
     def prefetch(self, name: str) -> None:
         """Ask the kernel to start reading tensor ``name``'s bytes into the page cache, now.
@@ -294,6 +326,7 @@ class ModelReader(Closing):
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        self._direct.close()
         self._bin_states.clear()
 
     def _fd(self, file: Path) -> int:

@@ -244,6 +244,16 @@ class AlignedReader:
     def prefetch(self, name: str) -> None:
         self.inner.prefetch(self.header.source_name(name) if self.header.is_aligned(name) else name)
 
+    def cached(self, name: str) -> bool:
+        return self.header.is_aligned(name) or self.inner.cached(name)
+
+    def read_past_cache(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        return (
+            self.read(name, out)
+            if self.header.is_aligned(name)
+            else self.inner.read_past_cache(name, out)
+        )
+
     def close(self) -> None:
         self.inner.close()
 

@@ -28,13 +28,14 @@ from pathlib import Path
 
 import torch
 
+from pearl_edu import page_cache
 from pearl_edu.errors import OutputError
 from pearl_edu.headers import SAFETENSORS_INDEX, SAFETENSORS_NAMES, SAFETENSORS_SINGLE
+from pearl_edu.page_cache import DIRECT_ALIGNMENT
 from pearl_edu.reading import O_BINARY
 
 # Direct writes go through a staging buffer of this size, aligned for the device.
 STAGING_BYTES = 32 * 1024**2
-DIRECT_ALIGNMENT = 4096
 
 # --------------------------------------------------------------------------------------
 # What this system offers, looked up once (tests hide features before importing this)
@@ -47,7 +48,7 @@ except ImportError:
 
 # Writes past the page cache: Linux's O_DIRECT, which `SequentialFile` can also turn off
 # on an open file (with fcntl) when a file system refuses a direct write.
-O_DIRECT: int | None = getattr(os, "O_DIRECT", None) if fcntl is not None else None
+O_DIRECT: int | None = page_cache.O_DIRECT if fcntl is not None else None
 
 
 # --------------------------------------------------------------------------------------

@@ -4,13 +4,13 @@ A merge reads every input byte once. When the inputs are already in the page cac
 model just downloaded or merged, the small models of the book), the fastest read is no
 read at all: `pearl_edu.reading.ModelReader.map` shows the cached pages in place. When
 they are not (a 7B pair read from a cold disk, larger than the memory that could keep
-it), going through the cache costs more than it gives. Every page is then allocated,
-filled, mapped, unmapped and later reclaimed again, and, measured on the benchmark machine
-(the book's performance appendix), the math on freshly mapped file pages ran at half the
-speed it runs on reused buffers. So the engine asks, tensor by tensor, whether the bytes
-are cached (`cached_share`, by ``mincore(2)``, which reads nothing), and reads a tensor
-that is not with ``O_DIRECT`` (`DirectReads`): from the disk straight into a reused
-buffer, leaving the page cache, and whatever else it holds, as it was.
+it), going through the cache costs more than it gives: every page is allocated, filled,
+mapped, unmapped and later reclaimed again, and on the benchmark machine a cold 7B merge
+spent about half its CPU time on that (the book's performance appendix). So the engine
+asks, tensor by tensor, whether the bytes are cached (`cached_share`, by ``mincore(2)``,
+which reads nothing), and reads a tensor that is not with ``O_DIRECT`` (`DirectReads`):
+from the disk straight into a reused buffer, leaving the page cache, and whatever else it
+holds, as it was.
 
 Both are Linux's. Elsewhere, or where a file system refuses ``O_DIRECT`` (tmpfs), every
 tensor counts as cached and is read as before; the bytes read are the same either way.

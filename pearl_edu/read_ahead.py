@@ -253,9 +253,9 @@ def past_cache(
 
     A safetensors tensor the CPU math would map in place (`load_input`) but whose bytes are
     mostly not cached (`ModelReader.cached`) is read with ``O_DIRECT`` into a reused buffer
-    instead (`pearl_edu.page_cache`), and is not prefetched into the cache. Measured on a
-    cold 7B pair (the book's performance appendix), this took the merge from about 1.2x
-    to about 1.0x the time of only reading and writing its bytes, at half the CPU time.
+    instead (`pearl_edu.page_cache`), and is not prefetched into the cache. On a cold 7B
+    pair this halved the merge's CPU time and shortened it by about a quarter (the book's
+    performance appendix).
     """
     return (
         device.type == "cpu"

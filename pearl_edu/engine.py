@@ -22,9 +22,10 @@ Each step lives in a module of its own, and this one only puts them in order:
 - **the files beside the weights** (`pearl_edu.card`): config.json, tokenizer, model card.
 
 Around the loop, the reader thread prepares the next tensor's inputs while the current one
-is merged (in place from the page cache where they are cached, else read past it by direct
-I/O into reused buffers: `pearl_edu.page_cache`) (`pearl_edu.read_ahead.READ_AHEAD_BYTES` ahead at most); the writer thread writes
-each result, from one of two reused buffers, past the page cache while the next is merged;
+is merged, `pearl_edu.read_ahead.READ_AHEAD_BYTES` ahead at most (in place from the page
+cache where they are cached, else read past it by direct I/O into reused buffers:
+`pearl_edu.page_cache`); the writer thread writes each result, from one of two reused
+buffers, past the page cache while the next is merged;
 the CPU math's threads live as long as the merge. On a GPU, inputs go up and results come
 down on copy streams of their own, ordered by events (`CudaTransfers`), so the merging
 thread never waits for a copy. Fresh memory and the page cache are avoided because on the

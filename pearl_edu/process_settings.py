@@ -55,8 +55,9 @@ def math_threads(threads: int | None, device: torch.device) -> Iterator[int]:
     mergekit on the same machine, the two agree bit for bit; another number can change a
     few elements by one unit in the last place. The reading and writing threads need
     almost no CPU (inputs are used in place from the page cache or read past it by direct
-    I/O, outputs are written by direct I/O), so the math can have every core. Afterwards both of torch's settings are
-    as they were: this thread's, and the one that threads started later take.
+    I/O, outputs are written by direct I/O), so the math can have every core. Afterwards
+    both of torch's settings are as they were: this thread's, and the one that threads
+    started later take.
 
     The block is also the life of the CPU math's helper thread (on a GPU too, where
     ``--backend cpu`` sums SLERP's cosine on the CPU): started by the first tensor that needs

@@ -3,9 +3,8 @@
 - `read_ahead`: a background thread prepares the next tensor's inputs while the current
   one is merged (on the CPU it maps them in place from the page cache, or reads those that
   are not cached past it into reused buffers, `load_input`; on the GPU path it reads them
-  into two sets of reused pinned buffers, `BufferSet`), never
-  more than `READ_AHEAD_BYTES` ahead (`InFlightBytes`), so the embeddings of a 7B model
-  are not held twice.
+  into two sets of reused pinned buffers, `BufferSet`), never more than `READ_AHEAD_BYTES`
+  ahead (`InFlightBytes`), so the embeddings of a 7B model are not held twice.
 - `CudaTransfers`: on a GPU, inputs go up and results come down on copy streams of their
   own, ordered by events, so the merging thread never waits for a copy: it queues the
   math, and the writer (`pearl_edu.write_behind.WriteBehind`) waits for each result's

@@ -68,3 +68,20 @@ def student_edition(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("student")
     return out, student.build(out, student.ROOT)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """Tiny models in four layouts, made once for the tests that read them (never changed):
+    safetensors in one file and in three shards, pickle checkpoints in one file and two."""
+    import torch
+
+    from pearl_edu.teaching.toy import make_tiny_model
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {
+        "single": make_tiny_model(root / "single"),
+        "sharded": make_tiny_model(root / "sharded", shard_count=3, dtype=torch.float16),
+        "bin": make_tiny_model(root / "bin", fmt="bin", shard_count=2, arch="qwen2"),
+        "bin-single": make_tiny_model(root / "bin-single", fmt="bin"),
+    }

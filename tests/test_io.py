@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import pearl_edu.writing
 from pearl_edu.errors import ModelError, OutputError
 from pearl_edu.reading import ModelReader, read_header
-from pearl_edu.teaching.toy import load_state_dict, make_tiny_model
+from pearl_edu.teaching.toy import load_state_dict
 from pearl_edu.writing import (
     DIRECT_ALIGNMENT,
     STAGING_BYTES,
@@ -37,15 +37,9 @@ class CreatesMarker:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    return {
-        "single": make_tiny_model(root / "single"),
-        "sharded": make_tiny_model(root / "sharded", shard_count=3, dtype=torch.float16),
-        "bin": make_tiny_model(root / "bin", fmt="bin", shard_count=2, arch="qwen2"),
-        "bin-single": make_tiny_model(root / "bin-single", fmt="bin"),
-    }
+@pytest.fixture
+def models(tiny_checkpoints):
+    return tiny_checkpoints  # conftest.py
 
 
 @pytest.mark.parametrize("kind", ["single", "sharded", "bin", "bin-single"])

@@ -52,13 +52,9 @@ def takes_direct_io(folder: Path) -> bool:
     return True
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("page-cache")
-    return {
-        "single": make_tiny_model(root / "single"),
-        "sharded": make_tiny_model(root / "sharded", shard_count=3, dtype=torch.float16),
-    }
+@pytest.fixture
+def models(tiny_checkpoints):
+    return tiny_checkpoints  # conftest.py
 
 
 @linux

@@ -37,8 +37,9 @@ A permutation is an index array ``order``: unit ``i`` of the permuted model is u
 from __future__ import annotations
 
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -251,61 +252,52 @@ def similarity(
 
 
 def _match_heads(
-    name: str,
-    first: Mapping[str, torch.Tensor],
-    second: Mapping[str, torch.Tensor],
-    permutations: Mapping[str, np.ndarray],
-    shape: Shape,
+    query: np.ndarray, value: np.ndarray, current: np.ndarray, shape: Shape
 ) -> tuple[np.ndarray, float, float]:
-    """The best reordering of one layer's heads (``name`` is ``heads.L``), groups kept
-    together (an exact solution).
+    """The best reordering of one layer's heads, groups kept together (an exact solution).
 
-    For each pair of key/value heads (one of each model), the best matching of their query
-    heads is one small assignment problem; the best matching of key/value heads, each worth
-    its own similarity plus its query heads', is another. Returns the order, its score and
-    the score of the current order.
+    ``query`` and ``value`` are the layer's `similarity` matrices of ``heads.L`` and
+    ``kv.L``, ``current`` the heads' current order. For each pair of key/value heads (one
+    of each model), the best matching of their query heads is one small assignment
+    problem; the best matching of key/value heads, each worth its own similarity plus its
+    query heads', is another. Returns the order, its score and the score of the current
+    order.
     """
     g = shape.group
-    query = similarity(name, first, second, permutations, shape)
-    value = similarity("kv." + name.partition(".")[2], first, second, permutations, shape)
-    current = np.asarray(permutations[name])
     old = (
         query[np.arange(len(current)), current].sum()
         + value[np.arange(shape.num_kv_heads), kv_order(current, shape)].sum()
     )
-    kv_value = value.copy()
+    grouped = value.copy()
     inner: dict[tuple[int, int], np.ndarray] = {}
     for a in range(shape.num_kv_heads):
         for b in range(shape.num_kv_heads):
             block = query[a * g : (a + 1) * g, b * g : (b + 1) * g]
             _, columns = linear_sum_assignment(block, maximize=True)
             inner[a, b] = columns
-            value[a, b] += block[np.arange(g), columns].sum()
-    _, groups = linear_sum_assignment(value, maximize=True)
+            grouped[a, b] += block[np.arange(g), columns].sum()
+    _, groups = linear_sum_assignment(grouped, maximize=True)
     order = np.concatenate([b * g + inner[a, b] for a, b in enumerate(groups)])
     new = (
         query[np.arange(len(order)), order].sum()
-        + kv_value[np.arange(shape.num_kv_heads), groups].sum()
+        + value[np.arange(shape.num_kv_heads), groups].sum()
     )
     return order, float(new), float(old)
 
 
 def _best_order(
-    name: str,
-    first: Mapping[str, torch.Tensor],
-    second: Mapping[str, torch.Tensor],
-    permutations: Mapping[str, np.ndarray],
-    shape: Shape,
+    name: str, scores: Callable[[str], np.ndarray], current: np.ndarray, shape: Shape
 ) -> tuple[np.ndarray, float, float]:
     """The best order of the permutation ``name``, the others fixed, its score and the score
-    of its current order: the solution of its linear assignment problem (`similarity`), or
-    for ``heads.L`` of `_match_heads`'s."""
+    of its current order ``current``: the solution of its linear assignment problem, whose
+    matrix is ``scores(name)`` (`similarity`), or for ``heads.L`` of `_match_heads`'s."""
     if name.startswith("heads."):
-        return _match_heads(name, first, second, permutations, shape)
-    scores = similarity(name, first, second, permutations, shape)
-    _, order = linear_sum_assignment(scores, maximize=True)
-    old = scores[np.arange(len(order)), permutations[name]].sum()
-    new = scores[np.arange(len(order)), order].sum()
+        kv = "kv." + name.partition(".")[2]
+        return _match_heads(scores(name), scores(kv), current, shape)
+    matrix = scores(name)
+    _, order = linear_sum_assignment(matrix, maximize=True)
+    old = matrix[np.arange(len(order)), current].sum()
+    new = matrix[np.arange(len(order)), order].sum()
     return order, float(new), float(old)
 
 
@@ -350,11 +342,12 @@ def weight_matching(
     rng = np.random.default_rng(seed)
     objectives = [objective(first, second, permutations, shape)]
     sweeps = 0
+    scores = partial(similarity, first=first, second=second, permutations=permutations, shape=shape)
     for sweeps in range(1, max_sweeps + 1):  # noqa: B007 (reported after the loop)
         changed = False
         for index in rng.permutation(len(names)):
             name = names[index]
-            order, new, old = _best_order(name, first, second, permutations, shape)
+            order, new, old = _best_order(name, scores, permutations[name], shape)
             if new <= old + 1e-9 * abs(old):
                 order = permutations[name]  # no gain: keep the old order (ties included)
             if not np.array_equal(order, permutations[name]):
@@ -551,9 +544,12 @@ def rotation_matching(
     for _ in range(rounds):
         current = rotate_residual(current, best_rotation(folded_first, current, shape), shape)
         permutations = identity(shape)
+        scores = partial(
+            similarity, first=folded_first, second=current, permutations=permutations, shape=shape
+        )
         for name in permutations:
             if name != "residual":
-                order, _, _ = _best_order(name, folded_first, current, permutations, shape)
+                order, _, _ = _best_order(name, scores, permutations[name], shape)
                 permutations[name] = order
         current = permute(current, permutations, shape)
         objectives.append(objective(folded_first, current, fixed, shape))

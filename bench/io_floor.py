@@ -1,6 +1,6 @@
 """The I/O floor of a two-model merge: read both inputs, write one output, no math.
 
-    python bench/io_floor.py MODEL_A MODEL_B OUTPUT_DIR [--buffered]
+    python bench/io_floor.py MODEL_A MODEL_B OUTPUT_DIR [--buffered] [--pipelined]
 
 Every merge must at least read each input tensor once and write each output tensor once.
 This script does exactly that and nothing else: for every tensor of model A it reads A's
@@ -10,8 +10,15 @@ this machine allows, the way pearl_edu does: a tensor whose bytes are in the pag
 is read from it, one that is not is read past it (``O_DIRECT``, `pearl_edu.page_cache`),
 and the output is written past it (`pearl_edu.writing.SequentialFile`: ``O_DIRECT`` where
 the file system takes it, flushed to disk when complete). ``--buffered`` reads and writes
-through the page cache and leaves flushing to the kernel, as mergekit does. The time it
-takes is what a merge costs with infinitely fast math.
+through the page cache and leaves flushing to the kernel, as mergekit does.
+
+By default each step waits for the one before: read A, read B, write, next tensor.
+``--pipelined`` overlaps them as the engine does: a thread of its own reads the next
+tensor's inputs (into the second of two buffer pairs) while the current one is written.
+Which of the two is faster depends on the disk (on some, reads and writes in flight at
+once slow each other down; on others, a disk never left idle is faster), so a merge is
+compared with the faster of the two. The time it takes is what a merge costs with
+infinitely fast math.
 """
 
 from __future__ import annotations
@@ -19,9 +26,12 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import queue
 import shutil
 import struct
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -34,26 +44,32 @@ from pearl_edu.reading import read_header  # noqa: E402  (no reader: reads are b
 from pearl_edu.writing import SequentialFile  # noqa: E402
 
 
-def copy_through(model_a: Path, model_b: Path, out_dir: Path, *, buffered: bool = False) -> int:
+def copy_through(
+    model_a: Path, model_b: Path, out_dir: Path, *, buffered: bool = False, pipelined: bool = False
+) -> int:
     """Read every tensor of both models and write A's layout to ``out_dir``; return bytes written."""
     header_a, header_b = read_header(model_a), read_header(model_b)
     out_dir.mkdir(parents=True, exist_ok=False)
     largest = max(meta.nbytes for meta in header_a.tensors.values()) + DIRECT_SLACK
-    buffer_a, buffer_b = bytearray(largest), bytearray(largest)
     direct = None if buffered else DirectReads()
+    jobs = [
+        (meta_a, header_b.tensors[meta_a.name])
+        for file in header_a.files
+        for meta_a in header_a.tensors.values()
+        if meta_a.file == file
+    ]
+    reads = (read_in_thread if pipelined else read_in_turn)(jobs, largest, direct)
     written = 0
     for file in header_a.files:
-        tensors = [m for m in header_a.tensors.values() if m.file == file]
+        count = sum(meta_a.file == file for meta_a, _ in jobs)
         with open(file, "rb") as source:
             prefix = file_header(source)
         out = open(out_dir / file.name, "wb") if buffered else SequentialFile(out_dir / file.name)
         out.write(prefix)
-        for meta_a in tensors:
-            meta_b = header_b.tensors[meta_a.name]
-            view_a = read_tensor(meta_a, buffer_a, direct)
-            read_tensor(meta_b, buffer_b, direct)
+        for _ in range(count):
+            view_a = next(reads)
             out.write(view_a)
-            written += meta_a.nbytes
+            written += len(view_a)
         if buffered:
             out.close()
         else:
@@ -63,6 +79,45 @@ def copy_through(model_a: Path, model_b: Path, out_dir: Path, *, buffered: bool 
         if (model_a / name).is_file():
             shutil.copyfile(model_a / name, out_dir / name)
     return written
+
+
+def read_in_turn(jobs, largest: int, direct: DirectReads | None) -> Iterator[memoryview]:
+    """A's bytes of each job, after reading both inputs; one buffer pair, reused."""
+    buffer_a, buffer_b = bytearray(largest), bytearray(largest)
+    for meta_a, meta_b in jobs:
+        view_a = read_tensor(meta_a, buffer_a, direct)
+        read_tensor(meta_b, buffer_b, direct)
+        yield view_a
+
+
+def read_in_thread(jobs, largest: int, direct: DirectReads | None) -> Iterator[memoryview]:
+    """The same, read by a thread of its own one job ahead, into two buffer pairs in turn.
+
+    A pair is handed back to the thread when the next job is asked for, that is once the
+    caller has written the previous one.
+    """
+    free: queue.Queue[tuple[bytearray, bytearray]] = queue.Queue()
+    for _ in range(2):
+        free.put((bytearray(largest), bytearray(largest)))
+    ready: queue.Queue = queue.Queue()
+
+    def read_all() -> None:
+        try:
+            for meta_a, meta_b in jobs:
+                pair = free.get()
+                view_a = read_tensor(meta_a, pair[0], direct)
+                read_tensor(meta_b, pair[1], direct)
+                ready.put((view_a, pair))
+        except BaseException as err:  # raised in the writing thread
+            ready.put((err, None))
+
+    threading.Thread(target=read_all, name="floor-reader", daemon=True).start()
+    for _ in jobs:
+        view_a, pair = ready.get()
+        if isinstance(view_a, BaseException):
+            raise view_a
+        yield view_a
+        free.put(pair)
 
 
 def file_header(source) -> bytes:
@@ -115,8 +170,13 @@ def main() -> None:
     parser.add_argument(
         "--buffered", action="store_true", help="read and write through the page cache, no fsync"
     )
+    parser.add_argument(
+        "--pipelined", action="store_true", help="read the next tensor while writing this one"
+    )
     args = parser.parse_args()
-    written = copy_through(args.model_a, args.model_b, args.out_dir, buffered=args.buffered)
+    written = copy_through(
+        args.model_a, args.model_b, args.out_dir, buffered=args.buffered, pipelined=args.pipelined
+    )
     print(f"wrote {written / 1e9:.2f} GB")
 
 

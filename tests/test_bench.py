@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import bench_merge  # noqa: E402
+import full_merge  # noqa: E402
 import io_floor  # noqa: E402
 import mini_pearl_seeds  # noqa: E402
 import seeds_beyond_slerp  # noqa: E402
@@ -73,11 +74,52 @@ def test_model_pair_is_deterministic(tmp_path, pair):
     assert not verify(pair[0], other_seed[0]).ok
 
 
+@pytest.mark.parametrize("pipelined", [False, True])
 @pytest.mark.parametrize("buffered", [False, True])
-def test_io_floor_reads_both_and_writes_a_copy_of_a(tmp_path, pair, buffered):
-    written = io_floor.copy_through(pair[0], pair[1], tmp_path / "floor", buffered=buffered)
+def test_io_floor_reads_both_and_writes_a_copy_of_a(tmp_path, pair, buffered, pipelined):
+    out = tmp_path / "floor"
+    written = io_floor.copy_through(pair[0], pair[1], out, buffered=buffered, pipelined=pipelined)
     assert written == read_header(pair[0]).total_bytes
-    assert verify(pair[0], tmp_path / "floor").identical
+    assert verify(pair[0], out).identical
+
+
+def test_io_floor_raises_a_read_error_from_its_reading_thread(tmp_path, pair, monkeypatch):
+    def broken(meta, buffer, direct):
+        raise OSError(f"{meta.name}: unreadable")
+
+    monkeypatch.setattr(io_floor, "read_tensor", broken)
+    with pytest.raises(OSError, match="unreadable"):
+        io_floor.copy_through(pair[0], pair[1], tmp_path / "floor", pipelined=True)
+
+
+def test_full_merge_compares_with_the_faster_floor_by_median_and_in_each_round():
+    seconds = {  # per variant, rounds 0, 1, 2
+        "pearl-edu": (12.0, 11.0, 13.0),
+        "pearl-edu-torch": (14.0, 14.0, 14.0),
+        "floor": (11.0, 9.0, 12.0),
+        "floor-pipelined": (10.0, 10.0, 10.0),
+    }
+    records = [
+        {
+            "variant": variant,
+            "run": run,
+            "seconds": wall,
+            "cpu_seconds": wall / 2,
+            "peak_rss_mb": 1000.0,
+            **({} if variant in full_merge.FLOORS else {"output_sha256": {"a.safetensors": "x"}}),
+        }
+        for variant, walls in seconds.items()
+        for run, wall in enumerate(walls)
+    ]
+    summary, identical = full_merge.summarize(records)
+    # Medians: floor 11, pipelined 10: the pipelined floor is the one compared with.
+    assert summary["pearl-edu"]["over_floor_median"] == pytest.approx(1.2)
+    assert summary["floor"]["over_floor_median"] == pytest.approx(1.1)
+    # In each round, the faster of that round's two floors: 10, 9, 10.
+    assert summary["pearl-edu"]["over_floor_same_round"] == [1.2, round(11 / 9, 3), 1.3]
+    assert identical["identical"] and identical["outputs_compared"] == 6
+    assert [len(set(full_merge.run_order(run))) for run in range(4)] == [4] * 4
+    assert len({tuple(full_merge.run_order(run)) for run in range(4)}) == 4
 
 
 def test_summary_ratios_and_targets():
